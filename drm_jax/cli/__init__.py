@@ -1,0 +1,1 @@
+"""The `drm-jax` command line (top of the dependency tree: it may import everything below it)."""

@@ -1,7 +1,15 @@
 """drm_jax: Decom-Renorm-Merge and classic model merging as compiled, vmapped JAX transforms."""
 
+from drm_jax import math, methods
+from drm_jax.engine import merge
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
+from drm_jax.math.state import MergeMethod, MergeState, chain
+from drm_jax.methods import dare_linear, dare_ties, drm, knots_ties, linear, task_arithmetic, ties
 
 __version__ = "0.1.0"
 
-__all__ = ["CheckpointError", "ConfigError", "DrmJaxError", "MergeInputError", "__version__"]
+__all__ = [
+    "CheckpointError", "ConfigError", "DrmJaxError", "MergeInputError", "MergeMethod", "MergeState", "__version__",
+    "chain", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "math", "merge", "methods",
+    "task_arithmetic", "ties",
+]

@@ -1,0 +1,22 @@
+"""Pure array math of merging: every stage is a function on arrays, usable under jit and vmap.
+
+Bottom of the dependency tree: nothing here imports the engine, io or the command line.
+"""
+
+from drm_jax.math.decompose import JointSpace, choose_route, recompose as recompose_basis, stack_horizontal
+from drm_jax.math.elect import elect_sign, elected_sign
+from drm_jax.math.mean import (disjoint_mean, disjoint_mean_of, mean_tasks, scale, scale_by_coefficients,
+                               sum_tasks, weighted_mean)
+from drm_jax.math.prune import dare_drop, magnitude_mask, prune, prune_by_threshold
+from drm_jax.math.select import keep_at_least_kth, kth_smallest
+from drm_jax.math.space import joint_space, recompose, renormalize
+from drm_jax.math.state import MergeMethod, MergeState, MergeTransform, chain, init_state, merge_deltas
+from drm_jax.math.task_vectors import apply_delta, task_vectors
+
+__all__ = [
+    "JointSpace", "MergeMethod", "MergeState", "MergeTransform", "apply_delta", "chain", "choose_route",
+    "dare_drop", "disjoint_mean", "disjoint_mean_of", "elect_sign", "elected_sign", "init_state",
+    "joint_space", "keep_at_least_kth", "kth_smallest", "magnitude_mask", "mean_tasks", "merge_deltas",
+    "prune", "prune_by_threshold", "recompose", "recompose_basis", "renormalize", "scale",
+    "scale_by_coefficients", "stack_horizontal", "sum_tasks", "task_vectors", "weighted_mean",
+]

@@ -1,0 +1,218 @@
+"""`drm_jax.merge`: merge pytrees of fine-tuned weights with any named method.
+
+The engine flattens the trees, checks they fit together, gives each leaf a role (DRM linear weight,
+other leaf, ignored, kept), stacks same-shaped leaves of one role on a leading layer axis and runs each
+stack through one jitted, vmapped call of the method's transform. Results are cast back to each base
+leaf's dtype and layout and returned in the base's structure.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drm_jax.engine import roles as roles_lib
+from drm_jax.engine.compiled import merge_layers_jit
+from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves, pad_layers
+from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
+from drm_jax.errors import MergeInputError
+from drm_jax.math.select import kth_smallest
+from drm_jax.math.state import MergeMethod
+from drm_jax.methods.registry import resolve_method
+
+# Stacked inputs of one call, in bytes, before a group is cut into chunks (None: no limit).
+DEFAULT_GROUP_BYTES = 2 * 2**30
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_method(method: str, direction: str, drop_rate: float, params: tuple) -> MergeMethod:
+    # Same configuration -> same transform object -> jax.jit's cache hits across merge() calls.
+    return resolve_method(method, direction, drop_rate, **dict(params))
+
+
+def build_method(method, direction: str, drop_rate: float, params: dict) -> MergeMethod:
+    if isinstance(method, MergeMethod):
+        return resolve_method(method, **params)
+    try:
+        key = tuple(sorted(params.items()))
+        hash(key)
+    except TypeError:
+        return resolve_method(method, direction, drop_rate, **params)
+    return _cached_method(method, direction, float(drop_rate), key)
+
+
+def leaf_key(seed: int, name: str) -> jax.Array:
+    """PRNG key of one leaf: the seed folded with a stable hash of its name (independent of grouping)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float32, or float64 for float64 leaves when jax_enable_x64 is on."""
+    if np.dtype(dtype) == np.float64 and jax.config.jax_enable_x64:
+        return jnp.float64
+    return jnp.float32
+
+
+def _coefficients(coefficients, k: int) -> np.ndarray:
+    if coefficients is None:
+        return np.ones(k, np.float32)
+    c = np.asarray(coefficients, dtype=np.float64).reshape(-1)
+    if c.shape[0] != k:
+        raise MergeInputError(f"{c.shape[0]} coefficients given for {k} models")
+    if not np.all(np.isfinite(c)):
+        raise MergeInputError(f"coefficients must be finite, got {list(c)}")
+    return c.astype(np.float32)
+
+
+def _canonical(leaf, transpose: bool, dtype) -> jax.Array:
+    x = jnp.asarray(leaf).astype(dtype)
+    return x.T if transpose else x
+
+
+def _global_thresholds(deltas_by_task: list[list[jax.Array]], density: float) -> jax.Array:
+    """Per-task magnitude thresholds over the whole task vector (TIES paper's `topk_values_mask`).
+
+    Keep entries >= the k-th smallest magnitude, k = d - int(d * density), d the task vector's size.
+    """
+    thresholds = []
+    for parts in deltas_by_task:
+        flat = jnp.concatenate([jnp.abs(p).reshape(-1) for p in parts]) if parts else jnp.zeros((0,))
+        d = int(flat.shape[0])
+        k = d - int(d * density)
+        thresholds.append(kth_smallest(flat, k) if k > 0 else jnp.float32(0.0))
+    return jnp.stack(thresholds).astype(jnp.float32)
+
+
+def _raise_non_finite(finite: np.ndarray, names: list[str]) -> None:
+    bad = np.argwhere(~finite)
+    if bad.size:
+        layer, column = bad[0]
+        who = model_label(None if column == 0 else int(column) - 1)
+        raise MergeInputError(f"leaf {names[layer]!r} of {who} contains NaN or Inf")
+
+
+def merge(
+    base: Any,
+    models: Sequence[Any],
+    method: str | MergeMethod = "drm",
+    layout: str = "torch",
+    direction: str = "horizontal",
+    drop_rate: float = 0.8,
+    coefficients: Sequence[float] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
+    ignore: Sequence[str] | None = None,
+    seed: int = 0,
+    max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    **method_params: Any,
+) -> Any:
+    """Merge K fine-tuned models that share `base` into one model.
+
+    Args:
+      base: pytree of arrays (nested dict, flat dict of dotted names, Flax params, NNX State).
+      models: K pytrees with the same leaves (by name) and shapes as `base`.
+      method: "drm" (default), "knots_ties", "ties", "task_arithmetic", "linear", "dare_linear",
+        "dare_ties", or a `MergeMethod` built from `drm_jax.math` stages.
+      layout: "torch" (2-D weights stored (out, in)), "flax" (2-D kernels stored (in, out)), or a
+        callable (name, shape) -> True for weights stored (in, out). Directions refer to (out, in).
+      direction: DRM's "horizontal" (shared output-space basis) or "vertical" (shared input space).
+      drop_rate: fraction dropped (DRM pruning, DARE drop; TIES density defaults to 1 - drop_rate).
+      coefficients: per-model lambda_t (default all 1); for `linear` the weights of the average.
+      mesh: a `jax.sharding.Mesh`: stacked layers are split over its devices (see `drm_jax.engine.shard`).
+      include / exclude: regex patterns on dotted leaf names selecting the 2-D weights that go through
+        DRM (default: all 2-D weights but embeddings and LM heads, `roles.DEFAULT_EXCLUDE`).
+      ignore: patterns of leaves that keep their base value.
+      seed: seed of DARE's random drop (keys are per leaf name, so results do not depend on grouping).
+      max_group_bytes: cut stacked groups into chunks whose inputs stay under this many bytes.
+      **method_params: the method's own parameters, e.g. rank_rtol, renormalize, svd_route, density,
+        trim_scope, normalize, lambda (see `drm_jax.methods.registry.METHODS`).
+
+    Returns:
+      A pytree with the base's structure and leaf dtypes.
+
+    Raises:
+      MergeInputError: mismatched structure or shapes, NaN/Inf in any input, bad parameters; the error
+        names the leaf. Inputs are never modified.
+    """
+    models = list(models)
+    if not models:
+        raise MergeInputError("no models to merge")
+    if method in ("dare_linear", "dare_ties"):
+        method_params.setdefault("seed", seed)
+    merge_method = build_method(method, direction, drop_rate, method_params)
+    flat = flatten(base)
+    model_leaves = align_models(flat, models)
+    k = len(models)
+    coeffs = jnp.asarray(_coefficients(coefficients, k))
+    rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
+
+    leaf_roles = [rules(n, np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+                  for n, x in zip(flat.names, flat.leaves)]
+    shapes = []
+    for role, x in zip(leaf_roles, flat.leaves):
+        shape = tuple(np.shape(x))
+        shapes.append(shape[::-1] if role.transpose else shape)
+    groups = [g for g in group_leaves([r.role for r in leaf_roles], shapes) if g.role in ("linear", "other")]
+
+    threshold = None
+    if merge_method.global_density is not None:
+        per_task = [[] for _ in range(k)]
+        for g in groups:
+            for i in g.members:
+                b = jnp.asarray(flat.leaves[i], jnp.float32)
+                for t in range(k):
+                    per_task[t].append(jnp.asarray(model_leaves[t][i], jnp.float32) - b)
+        threshold = _global_thresholds(per_task, merge_method.global_density)
+
+    out = list(flat.leaves)
+    for group in groups:
+        transform = merge_method.linear if group.role == "linear" else merge_method.other
+        _merge_group(group, transform, flat, model_leaves, leaf_roles, coeffs, threshold, seed,
+                     max_group_bytes, mesh, out)
+    return unflatten(flat, out)
+
+
+def _merge_group(group: Group, transform, flat, model_leaves, leaf_roles, coeffs, threshold, seed,
+                 max_group_bytes, mesh, out) -> None:
+    """Merge every chunk of one group into `out` (leaf index -> merged array)."""
+    k = len(model_leaves)
+    dtype = compute_dtype(np.result_type(*[np.dtype(jnp.asarray(flat.leaves[i]).dtype) for i in group.members]))
+    layer_bytes = (k + 1) * math.prod(group.shape) * np.dtype(dtype).itemsize
+    length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
+    if mesh is not None:
+        from drm_jax.engine import shard
+
+        length = shard.padded_length(length, mesh)
+    for members in chunks(group.members, length):
+        names = [flat.names[i] for i in members]
+        base_stack = jnp.stack([_canonical(flat.leaves[i], leaf_roles[i].transpose, dtype) for i in members])
+        model_stack = jnp.stack([
+            jnp.stack([_canonical(model_leaves[t][i], leaf_roles[i].transpose, dtype) for t in range(k)])
+            for i in members
+        ])
+        keys = jnp.stack([leaf_key(seed, n) for n in names])
+        base_stack, model_stack, keys = (pad_layers(x, length) for x in (base_stack, model_stack, keys))
+        if mesh is None:
+            merged, finite = merge_layers_jit(transform, base_stack, model_stack, coeffs, keys, threshold)
+        else:
+            from drm_jax.engine import shard
+
+            merged, finite = shard.merge_layers_sharded(mesh, transform, base_stack, model_stack, coeffs, keys,
+                                                        threshold)
+        _raise_non_finite(np.asarray(finite)[: len(members)], names)
+        for row, i in enumerate(members):
+            leaf = merged[row]
+            if leaf_roles[i].transpose:
+                leaf = leaf.T
+            out[i] = leaf.astype(jnp.asarray(flat.leaves[i]).dtype)
+
+
+__all__ = ["DEFAULT_GROUP_BYTES", "build_method", "leaf_key", "merge"]

@@ -1,0 +1,94 @@
+"""Which leaves go through DRM, which take the other path, which keep their base value.
+
+Roles are decided on the dotted leaf name and the shape, by patterns (regular expressions searched in
+the name), as data: the defaults below exclude the token embeddings, position embeddings and LM heads of
+the common architectures (BERT, GPT-2, Llama, T5, ViT, CLIP, OPT, GPT-NeoX, Flax `Embed`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+from drm_jax.errors import MergeInputError
+
+Role = Literal["linear", "other", "ignore", "keep"]
+
+# Name components of embeddings and LM heads: a 2-D weight whose dotted name contains one of them as a
+# whole component is not a linear layer's weight.
+EMBEDDING_AND_HEAD_NAMES = (
+    # token embeddings
+    "embed_tokens", "word_embeddings", "wte", "shared", "tok_embeddings", "token_embedding",
+    "token_embeddings", "embed_in", "embedding", "embeddings_table",
+    # position and segment embeddings
+    "position_embeddings", "position_embedding", "positional_embedding", "wpe", "embed_positions",
+    "relative_attention_bias", "token_type_embeddings", "rel_embedding",
+    # LM heads
+    "lm_head", "embed_out", "output_embedding", "logits_dense",
+)
+DEFAULT_EXCLUDE = (r"(^|\.)(" + "|".join(map(re.escape, EMBEDDING_AND_HEAD_NAMES)) + r")(\.|$)",)
+
+# layout name -> whether a 2-D linear weight is stored (in, out) and must be transposed to (out, in)
+LAYOUTS = {"torch": False, "flax": True}
+Orientation = Callable[[str, tuple[int, ...]], bool]
+
+
+@dataclass(frozen=True)
+class LeafRole:
+    role: Role
+    transpose: bool  # stored (in, out): transposed to (out, in) before DRM and back after
+
+
+def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as err:
+            raise MergeInputError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
+    return compiled
+
+
+class RoleRules:
+    """include / exclude / ignore patterns and the layout, applied to (name, shape, dtype).
+
+    include: patterns a 2-D weight must match to go through DRM (default: every 2-D weight).
+    exclude: patterns that keep a 2-D weight out of DRM (default: `DEFAULT_EXCLUDE`); such leaves take
+      the other path. Pass [] to send embeddings through DRM too.
+    ignore: patterns whose leaves keep their base value (SPEC's ignore list).
+    layout: "torch" (2-D weights are (out, in)), "flax" (2-D kernels are (in, out)), or a callable
+      (name, shape) -> True where the stored weight is (in, out) (e.g. GPT-2's Conv1D).
+    """
+
+    def __init__(self, include=None, exclude=DEFAULT_EXCLUDE, ignore=None, layout: str | Orientation = "torch"):
+        self.include = _compile(include, "include")
+        self.exclude = _compile(exclude, "exclude")
+        self.ignore = _compile(ignore, "ignore")
+        if callable(layout):
+            self.transposed = layout
+        elif layout in LAYOUTS:
+            flag = LAYOUTS[layout]
+            self.transposed = lambda name, shape: flag
+        else:
+            raise MergeInputError(f"unknown layout {layout!r}; expected 'torch', 'flax' or a callable")
+
+    def __call__(self, name: str, shape: tuple[int, ...], dtype) -> LeafRole:
+        if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name != "bfloat16":
+            return LeafRole("keep", False)  # integer buffers (position ids, step counters)
+        if any(p.search(name) for p in self.ignore):
+            return LeafRole("ignore", False)
+        if len(shape) == 2 and (not self.include or any(p.search(name) for p in self.include)) and not any(
+            p.search(name) for p in self.exclude
+        ):
+            return LeafRole("linear", bool(self.transposed(name, shape)))
+        return LeafRole("other", False)
+
+
+__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules"]

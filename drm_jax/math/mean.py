@@ -1,0 +1,95 @@
+"""Reductions over the task axis, and scalings: disjoint mean, weighted mean, sum, lambda."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks
+
+# mergekit's guard for a vanishing sum of weights.
+_TINY_WEIGHT = 1e-8
+
+
+def disjoint_mean_of(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
+    """sum_t X_t / max(1, count_t(X_t != 0)) (TIES; SPEC step 8)."""
+    count = jnp.sum(values != 0, axis=0)
+    return jnp.sum(values, axis=0) / jnp.maximum(count, 1).astype(values.dtype)
+
+
+def scale_by_coefficients() -> MergeTransform:
+    """X_t *= lambda_t."""
+
+    def apply(state: MergeState) -> MergeState:
+        return state.replace(values=state.values * broadcast_tasks(state.coefficients, state.values))
+
+    return apply
+
+
+def disjoint_mean(weighting: Literal["count", "coefficients"] = "count") -> MergeTransform:
+    """Mean over the tasks that kept an entry.
+
+    weighting: "count" divides by the number of non-zero task values (SPEC, TIES paper). "coefficients"
+      divides by the sum of the coefficients of those tasks, 1 where that sum is 0 (mergekit's `ties`
+      with `normalize: true`, applied after `scale_by_coefficients`).
+    """
+    if weighting not in ("count", "coefficients"):
+        raise ValueError(f"unknown weighting {weighting!r}; expected 'count' or 'coefficients'")
+
+    def apply(state: MergeState) -> MergeState:
+        if weighting == "count":
+            return state.replace(merged=disjoint_mean_of(state.values))
+        kept = (state.values != 0).astype(state.values.dtype)
+        divisor = jnp.sum(kept * broadcast_tasks(state.coefficients, kept), axis=0)
+        divisor = jnp.where(divisor == 0, 1.0, divisor)
+        return state.replace(merged=jnp.sum(state.values, axis=0) / divisor)
+
+    return apply
+
+
+def sum_tasks() -> MergeTransform:
+    """merged = sum_t X_t (task arithmetic, after `scale_by_coefficients`)."""
+
+    def apply(state: MergeState) -> MergeState:
+        return state.replace(merged=jnp.sum(state.values, axis=0))
+
+    return apply
+
+
+def mean_tasks() -> MergeTransform:
+    """merged = mean_t X_t (plain mean)."""
+
+    def apply(state: MergeState) -> MergeState:
+        return state.replace(merged=jnp.mean(state.values, axis=0))
+
+    return apply
+
+
+def weighted_mean() -> MergeTransform:
+    """merged = sum_t lambda_t X_t / sum_t lambda_t (weight average; divisor 1 if the sum vanishes)."""
+
+    def apply(state: MergeState) -> MergeState:
+        c = state.coefficients
+        total = jnp.sum(c)
+        total = jnp.where(jnp.abs(total) < _TINY_WEIGHT, 1.0, total)
+        return state.replace(merged=jnp.sum(state.values * broadcast_tasks(c, state.values), axis=0) / total)
+
+    return apply
+
+
+def scale(factor: float) -> MergeTransform:
+    """merged *= factor (the global lambda of task arithmetic and TIES)."""
+    factor = float(factor)
+
+    def apply(state: MergeState) -> MergeState:
+        if state.merged is None:
+            raise ValueError("scale() multiplies the merged value: put a mean or sum stage before it")
+        return state.replace(merged=state.merged * factor)
+
+    return apply
+
+
+__all__ = ["disjoint_mean", "disjoint_mean_of", "mean_tasks", "scale", "scale_by_coefficients",
+           "sum_tasks", "weighted_mean"]

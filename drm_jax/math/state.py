@@ -1,0 +1,123 @@
+"""The state a merge threads through its stages, and how stages compose.
+
+As optax threads gradients through `GradientTransformation`s, drm_jax threads a `MergeState` through
+`MergeTransform`s: pure functions `MergeState -> MergeState` that run on one layer (vmap adds the layer
+axis) and compose with `chain`. A named method (see `drm_jax.methods.alias`) is a `MergeMethod`: one chain
+for DRM's linear weights and one for every other leaf.
+
+A state starts in weight space (`values` are the K task deltas). `joint_space` moves it into a shared SVD
+basis (`values` become coordinates, `basis` is set); pruning, sign election and the means work in either
+space; a mean sets `merged`; `recompose` maps `merged` back to weight space.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+
+import jax.numpy as jnp
+from flax import struct
+from jaxtyping import Array, Bool, Float
+
+
+@struct.dataclass
+class MergeState:
+    """Per-layer state of a merge.
+
+    values: (K, ...) per-task values: deltas in weight space, coordinates (K, q, m) in a joint space.
+    coefficients: (K,) per-task coefficients lambda_t (SPEC; default 1).
+    key: PRNG key (for DARE's random drop), or None.
+    threshold: (K,) externally computed per-task magnitude thresholds (TIES' whole-model trim), or None.
+    row_scale: (K, q) divisor turning |coordinates| into the magnitudes pruning compares: S_j (entries of
+      Vh, no renormalization) or S_tj (entries of the unit-norm blocks, after `renormalize`). None in
+      weight space.
+    valid: (q,) rank-cut mask of a joint space, or None.
+    basis: (n, q) shared basis U of a joint space, or None.
+    merged: the merged values once a mean has run, (q, m) in a joint space, else values.shape[1:].
+    transposed: static; the joint space was built on transposed deltas (DRM-V).
+    """
+
+    values: Float[Array, "K ..."]
+    coefficients: Float[Array, " K"]
+    key: Array | None = None
+    threshold: Float[Array, " K"] | None = None
+    row_scale: Float[Array, "K q"] | None = None
+    valid: Bool[Array, " q"] | None = None
+    basis: Float[Array, "n q"] | None = None
+    merged: Float[Array, "..."] | None = None
+    transposed: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def in_joint_space(self) -> bool:
+        return self.basis is not None
+
+
+MergeTransform = Callable[[MergeState], MergeState]
+
+
+def chain(*transforms: MergeTransform) -> MergeTransform:
+    """Apply transforms left to right, like `optax.chain`."""
+
+    def apply(state: MergeState) -> MergeState:
+        return functools.reduce(lambda s, t: t(s), transforms, state)
+
+    return apply
+
+
+class MergeMethod(NamedTuple):
+    """A named merge method: how DRM linear weights and all other leaves are merged.
+
+    linear: transform applied to 2-D weights selected for DRM (in (out, in) orientation).
+    other: transform applied to every other floating leaf (biases, norms, embeddings, N-D leaves).
+    global_density: when set, pruning uses per-task thresholds computed over the whole task vector
+      (TIES paper) at this density; the engine computes them and passes them in `MergeState.threshold`.
+    random: the method consumes `MergeState.key`.
+    """
+
+    linear: MergeTransform
+    other: MergeTransform
+    global_density: float | None = None
+    random: bool = False
+
+
+def init_state(
+    deltas: Float[Array, "K ..."],
+    coefficients: Float[Array, " K"] | None = None,
+    key: Array | None = None,
+    threshold: Float[Array, " K"] | None = None,
+) -> MergeState:
+    """A weight-space state for deltas (K, ...); coefficients default to ones."""
+    if coefficients is None:
+        coefficients = jnp.ones((deltas.shape[0],), deltas.dtype)
+    return MergeState(values=deltas, coefficients=jnp.asarray(coefficients, deltas.dtype), key=key,
+                      threshold=threshold)
+
+
+def merge_deltas(
+    transform: MergeTransform,
+    deltas: Float[Array, "K ..."],
+    coefficients: Float[Array, " K"] | None = None,
+    key: Array | None = None,
+    threshold: Float[Array, " K"] | None = None,
+) -> Float[Array, "..."]:
+    """Run a transform on one layer's deltas (K, ...) and return the merged delta (...)."""
+    state = transform(init_state(deltas, coefficients, key, threshold))
+    if state.merged is None:
+        raise ValueError("the merge transform never reduced the tasks: end it with a mean or sum stage")
+    if state.in_joint_space:
+        raise ValueError("the merge transform left the joint space: end it with `recompose()`")
+    return state.merged
+
+
+def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
+    """(K,) -> (K, 1, ..., 1) to broadcast against `like` of shape (K, ...)."""
+    return x.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "init_state",
+           "merge_deltas"]

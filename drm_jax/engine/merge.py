@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -145,74 +145,152 @@ def merge(
     models = list(models)
     if not models:
         raise MergeInputError("no models to merge")
-    if method in ("dare_linear", "dare_ties"):
-        method_params.setdefault("seed", seed)
-    merge_method = build_method(method, direction, drop_rate, method_params)
     flat = flatten(base)
     model_leaves = align_models(flat, models)
-    k = len(models)
-    coeffs = jnp.asarray(_coefficients(coefficients, k))
-    rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
-
-    leaf_roles = [rules(n, np.shape(x), jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
-                  for n, x in zip(flat.names, flat.leaves)]
-    shapes = []
-    for role, x in zip(leaf_roles, flat.leaves):
-        shape = tuple(np.shape(x))
-        shapes.append(shape[::-1] if role.transpose else shape)
-    groups = [g for g in group_leaves([r.role for r in leaf_roles], shapes) if g.role in ("linear", "other")]
-
-    threshold = None
-    if merge_method.global_density is not None:
-        per_task = [[] for _ in range(k)]
-        for g in groups:
-            for i in g.members:
-                b = jnp.asarray(flat.leaves[i], jnp.float32)
-                for t in range(k):
-                    per_task[t].append(jnp.asarray(model_leaves[t][i], jnp.float32) - b)
-        threshold = _global_thresholds(per_task, merge_method.global_density)
-
     out = list(flat.leaves)
-    for group in groups:
-        transform = merge_method.linear if group.role == "linear" else merge_method.other
-        _merge_group(group, transform, flat, model_leaves, leaf_roles, coeffs, threshold, seed,
-                     max_group_bytes, mesh, out)
+
+    def put(i, merged):
+        out[i] = merged
+
+    merge_leaves(
+        flat.names, [np.shape(x) for x in flat.leaves], [jnp.result_type(x) for x in flat.leaves],
+        get_base=lambda i: flat.leaves[i], get_model=lambda t, i: model_leaves[t][i], put=put,
+        num_models=len(models), method=method, layout=layout, direction=direction, drop_rate=drop_rate,
+        coefficients=coefficients, mesh=mesh, include=include, exclude=exclude, ignore=ignore, seed=seed,
+        max_group_bytes=max_group_bytes, **method_params,
+    )
     return unflatten(flat, out)
 
 
-def _merge_group(group: Group, transform, flat, model_leaves, leaf_roles, coeffs, threshold, seed,
-                 max_group_bytes, mesh, out) -> None:
-    """Merge every chunk of one group into `out` (leaf index -> merged array)."""
-    k = len(model_leaves)
-    dtype = compute_dtype(np.result_type(*[np.dtype(jnp.asarray(flat.leaves[i]).dtype) for i in group.members]))
-    layer_bytes = (k + 1) * math.prod(group.shape) * np.dtype(dtype).itemsize
-    length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
-    if mesh is not None:
-        from drm_jax.engine import shard
+def merge_leaves(
+    names: Sequence[str],
+    shapes: Sequence[tuple[int, ...]],
+    dtypes: Sequence[Any],
+    *,
+    get_base: Callable[[int], Any],
+    get_model: Callable[[int, int], Any],
+    put: Callable[[int, jax.Array], None],
+    num_models: int,
+    method: str | MergeMethod = "drm",
+    layout: str | roles_lib.Orientation = "torch",
+    direction: str = "horizontal",
+    drop_rate: float = 0.8,
+    coefficients: Sequence[float] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
+    ignore: Sequence[str] | None = None,
+    seed: int = 0,
+    max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    on_chunk: Callable[[Group, int], None] | None = None,
+    **method_params: Any,
+) -> dict[str, int]:
+    """The name-based core of `merge`, for callers that stream leaves (the command line).
 
-        length = shard.padded_length(length, mesh)
-    for members in chunks(group.members, length):
-        names = [flat.names[i] for i in members]
-        base_stack = jnp.stack([_canonical(flat.leaves[i], leaf_roles[i].transpose, dtype) for i in members])
-        model_stack = jnp.stack([
-            jnp.stack([_canonical(model_leaves[t][i], leaf_roles[i].transpose, dtype) for t in range(k)])
-            for i in members
-        ])
-        keys = jnp.stack([leaf_key(seed, n) for n in names])
-        base_stack, model_stack, keys = (pad_layers(x, length) for x in (base_stack, model_stack, keys))
-        if mesh is None:
-            merged, finite = merge_layers_jit(transform, base_stack, model_stack, coeffs, keys, threshold)
-        else:
+    Leaves are identified by index into `names`/`shapes`/`dtypes`; `get_base(i)` and `get_model(t, i)`
+    load leaf i of the base and of model t on demand, `put(i, array)` receives every leaf of the result
+    (the base's own value for ignored and non-floating leaves). Arguments are those of `merge`.
+
+    Returns:
+      How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.
+    """
+    if num_models < 1:
+        raise MergeInputError("no models to merge")
+    if method in ("dare_linear", "dare_ties"):
+        method_params.setdefault("seed", seed)
+    merge_method = build_method(method, direction, drop_rate, method_params)
+    k = num_models
+    coeffs = jnp.asarray(_coefficients(coefficients, k))
+    rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
+    leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
+    canonical_shapes = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
+    groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical_shapes)
+              if g.role in ("linear", "other")]
+
+    threshold = None
+    if merge_method.global_density is not None:
+        # The TIES paper trims over the whole task vector: one pass over every merged leaf first.
+        per_task = [[] for _ in range(k)]
+        for g in groups:
+            for i in g.members:
+                b = jnp.asarray(get_base(i), jnp.float32)
+                for t in range(k):
+                    per_task[t].append(jnp.asarray(get_model(t, i), jnp.float32) - b)
+        threshold = _global_thresholds(per_task, merge_method.global_density)
+
+    for i, r in enumerate(leaf_roles):
+        if r.role in ("ignore", "keep"):
+            put(i, get_base(i))
+    run_groups(
+        groups, merge_method, names, leaf_roles, get_base=get_base, get_model=get_model, put=put,
+        num_models=k, coefficients=coeffs, threshold=threshold, seed=seed, max_group_bytes=max_group_bytes,
+        mesh=mesh, on_chunk=on_chunk,
+    )
+    counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
+    for r in leaf_roles:
+        counts[r.role] += 1
+    return counts
+
+
+def run_groups(
+    groups: Sequence[Group],
+    merge_method: MergeMethod,
+    names: Sequence[str],
+    leaf_roles: Sequence[roles_lib.LeafRole],
+    *,
+    get_base: Callable[[int], Any],
+    get_model: Callable[[int, int], Any],
+    put: Callable[[int, jax.Array], None],
+    num_models: int,
+    coefficients: jax.Array,
+    threshold: jax.Array | None = None,
+    seed: int = 0,
+    max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    mesh: jax.sharding.Mesh | None = None,
+    on_chunk: Callable[[Group, int], None] | None = None,
+) -> None:
+    """Merge every group, chunk by chunk, reading leaves on demand and handing results to `put`.
+
+    The in-memory `merge` and the streaming command line share this loop: `get_base(i)` and
+    `get_model(t, i)` return leaf i of the base and of model t (arrays in their stored layout and dtype),
+    `put(i, array)` receives the merged leaf in the base's layout and dtype. Only one chunk of one group
+    is alive at a time. `on_chunk(group, n_layers)` is called after each chunk (progress reporting).
+    """
+    for group in groups:
+        transform = merge_method.linear if group.role == "linear" else merge_method.other
+        # float32 compute: 4 bytes an entry, for the base and the K models
+        layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
+        length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
+        if mesh is not None:
             from drm_jax.engine import shard
 
-            merged, finite = shard.merge_layers_sharded(mesh, transform, base_stack, model_stack, coeffs, keys,
-                                                        threshold)
-        _raise_non_finite(np.asarray(finite)[: len(members)], names)
-        for row, i in enumerate(members):
-            leaf = merged[row]
-            if leaf_roles[i].transpose:
-                leaf = leaf.T
-            out[i] = leaf.astype(jnp.asarray(flat.leaves[i]).dtype)
+            length = shard.padded_length(length, mesh)
+        for members in chunks(group.members, length):
+            chunk_names = [names[i] for i in members]
+            base_leaves = [get_base(i) for i in members]
+            dtype = compute_dtype(jnp.result_type(base_leaves[0]))
+            base_stack = jnp.stack([_canonical(b, leaf_roles[i].transpose, dtype) for b, i in zip(base_leaves, members)])
+            model_stack = jnp.stack([
+                jnp.stack([_canonical(get_model(t, i), leaf_roles[i].transpose, dtype) for t in range(num_models)])
+                for i in members
+            ])
+            keys = jnp.stack([leaf_key(seed, n) for n in chunk_names])
+            base_stack, model_stack, keys = (pad_layers(x, length) for x in (base_stack, model_stack, keys))
+            if mesh is None:
+                merged, finite = merge_layers_jit(transform, base_stack, model_stack, coefficients, keys, threshold)
+            else:
+                from drm_jax.engine import shard
+
+                merged, finite = shard.merge_layers_sharded(mesh, transform, base_stack, model_stack, coefficients,
+                                                            keys, threshold)
+            _raise_non_finite(np.asarray(finite)[: len(members)], chunk_names)
+            for row, (i, b) in enumerate(zip(members, base_leaves)):
+                leaf = merged[row]
+                if leaf_roles[i].transpose:
+                    leaf = leaf.T
+                put(i, leaf.astype(jnp.result_type(b)))
+            if on_chunk is not None:
+                on_chunk(group, len(members))
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "build_method", "leaf_key", "merge"]
+__all__ = ["DEFAULT_GROUP_BYTES", "build_method", "compute_dtype", "leaf_key", "merge", "merge_leaves", "run_groups"]

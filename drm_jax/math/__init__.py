@@ -7,7 +7,7 @@ from drm_jax.math.decompose import JointSpace, choose_route, recompose as recomp
 from drm_jax.math.elect import elect_sign, elected_sign
 from drm_jax.math.mean import (disjoint_mean, disjoint_mean_of, mean_tasks, scale, scale_by_coefficients,
                                sum_tasks, weighted_mean)
-from drm_jax.math.prune import dare_drop, magnitude_mask, prune, prune_by_threshold
+from drm_jax.math.sparsify import dare_drop, magnitude_mask, prune, prune_by_threshold
 from drm_jax.math.select import keep_at_least_kth, kth_smallest
 from drm_jax.math.space import joint_space, recompose, renormalize
 from drm_jax.math.state import MergeMethod, MergeState, MergeTransform, chain, init_state, merge_deltas

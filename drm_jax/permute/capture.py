@@ -6,6 +6,7 @@ collection: the user's `apply_fn(variables, inputs)` runs unchanged, in inferenc
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 import flax.linen as nn
@@ -36,9 +37,24 @@ def site_matrix(array: jnp.ndarray, axes: tuple[int, ...]) -> jnp.ndarray:
     return moved.reshape(-1, units).astype(jnp.promote_types(array.dtype, jnp.float32))
 
 
-def make_site_capture(apply_fn: ApplyFn, sites: Sequence[ActivationSite]) -> Callable[[Any, Any], dict]:
+def make_site_capture(apply_fn: ApplyFn, sites: tuple[ActivationSite, ...]) -> Callable[[Any, Any], dict]:
     """Jitted (variables, inputs) -> {site index: (samples, units) features}. A module called several
-    times contributes every call, stacked as samples."""
+    times contributes every call, stacked as samples. Cached per (apply_fn, sites) so repeated merges
+    of one model compile once."""
+    return _cached(_build_site_capture, apply_fn, tuple(sites))
+
+
+def _cached(builder: Callable, *key: Any) -> Any:
+    # an unhashable apply_fn (an object with __eq__ but no __hash__) just skips the cache
+    try:
+        hash(key)
+    except TypeError:
+        return builder.__wrapped__(*key)
+    return builder(*key)
+
+
+@functools.lru_cache(maxsize=16)
+def _build_site_capture(apply_fn: ApplyFn, sites: tuple[ActivationSite, ...]) -> Callable[[Any, Any], dict]:
     wanted: dict[Path, list[int]] = {}
     for index, site in enumerate(sites):
         wanted.setdefault(tuple(site.module), []).append(index)
@@ -92,7 +108,11 @@ def make_batch_norm_probe(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
     Every BatchNorm normalizes with its batch's statistics (training mode) so the layers after it see
     what they see while statistics are being collected, as in ZipIt's/PyTorch's BN reset with
     cumulative averaging."""
+    return _cached(_build_batch_norm_probe, apply_fn)
 
+
+@functools.lru_cache(maxsize=16)
+def _build_batch_norm_probe(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
     def run(variables: Any, inputs: Any) -> dict:
         stats: dict[Path, list] = {}
 

@@ -221,7 +221,8 @@ def mudsc(
       similar units, within a model too; head and GroupNorm blocks are aligned).
     alpha: weight of the weight-space similarity, default 0.5 (the paper sweeps 0.1..0.9).
     zip_alpha, zip_beta: ZipIt's alpha (similarity decay of merged features, default 0.5) and per-model
-      beta budget of within-model merges (default 1).
+      beta budget of within-model merges (default 1). With K > 2 models a unit is zipped K - 1 times and
+      zip_alpha < 1 lowers its similarity to the remaining copies each time.
     seed, max_rounds, patience: coordinate ascent order, at most 100 rounds, stop after 5 without gain.
     recompute_bn_stats: refill BatchNorm running statistics from `batches` (default True; skipped when
       apply_fn or batches are missing).

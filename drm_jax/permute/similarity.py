@@ -100,7 +100,7 @@ def activation_moments(
     accumulated in float64 on the host.
     """
     sites = [(group.name, site) for group in spec.groups for site in group.sites]
-    capture = make_site_capture(apply_fn, [site for _, site in sites])
+    capture = make_site_capture(apply_fn, tuple(site for _, site in sites))
     moments: dict[str, Moments] = {}
     for batch in batches:
         inputs = batch_inputs(batch)

@@ -1,0 +1,347 @@
+"""Merge configurations: mergekit's YAML schema, parsed and checked into a `MergeConfig`.
+
+A config written for mergekit works unchanged::
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/math
+        parameters: {weight: 0.6, density: 0.5}
+      - model: path/to/code
+        parameters: {weight: 0.4, density: 0.7}
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: float32
+    tokenizer_source: base
+
+`drm` is one line away (`merge_method: drm`, parameters `drop_rate`, `direction`, `rank_rtol`,
+`renormalize`, `include`, `exclude`, ...; a model's `weight` is its coefficient lambda_t).
+
+Everything is checked here, before any checkpoint is opened: unknown keys, unknown methods and parameters,
+wrong types, out-of-range values. Errors are `ConfigError`s whose message names the file and the key
+(`models[1].parameters.density`). What the parameters mean for each method is decided in
+`drm_jax.cli.recipe`; this module only knows which names each method accepts and their types.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from drm_jax.errors import ConfigError
+
+# Top-level keys of mergekit's schema that we read.
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+# mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
+UNSUPPORTED_KEYS = {
+    "slices": "layer slicing (passthrough / frankenmerges) is not supported; list whole models under 'models'",
+    "modules": "per-module configs are not supported; list whole models under 'models'",
+    "tokenizer": "the 'tokenizer' block (vocabulary surgery) is not supported; use tokenizer_source: base "
+                 "or a model path",
+    "chat_template": "chat_template is not supported; the tokenizer files are copied unchanged",
+}
+
+# Per-model parameters (mergekit: `models[i].parameters`, or a default for all models in `parameters`).
+PER_MODEL_KEYS = ("weight", "density")
+
+
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_fraction(v: Any) -> bool:
+    return _is_number(v) and 0.0 <= v <= 1.0
+
+
+def _is_patterns(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        return v in choices
+
+    check.choices = choices  # type: ignore[attr-defined]
+    return check
+
+
+def _false_only(v: Any) -> bool:
+    return v is False
+
+
+# name -> (check, what the value must be)
+_PARAM_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "weight": (_is_number, "a finite number"),
+    "density": (_is_fraction, "a number in [0, 1]"),
+    "drop_rate": (_is_fraction, "a number in [0, 1]"),
+    "nonlinear_density": (_is_fraction, "a number in [0, 1]"),
+    "rank_rtol": (lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "lambda": (_is_number, "a finite number"),
+    "normalize": (_is_bool, "true or false"),
+    "renormalize": (_is_bool, "true or false"),
+    "rescale": (_is_bool, "true or false"),
+    "int8_mask": (_is_bool, "true or false"),
+    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
+    "direction": (_one_of("horizontal", "vertical"), "'horizontal' or 'vertical'"),
+    "prune_scope": (_one_of("joint", "per_task"), "'joint' or 'per_task'"),
+    "svd_route": (_one_of("auto", "dense", "gram", "qr"), "'auto', 'dense', 'gram' or 'qr'"),
+    "trim_scope": (_one_of("tensor", "model", "global"), "'tensor' or 'model'"),
+    "include": (_is_patterns, "a regular expression or a list of them"),
+    "exclude": (_is_patterns, "a regular expression or a list of them"),
+    "ignore": (_is_patterns, "a regular expression or a list of them"),
+}
+
+# Which shared parameters each method accepts (besides the per-model `weight` and `density`).
+# `ignore` (leaves kept at their base value) is a drm_jax extension every method accepts.
+_DRM_PARAMS = frozenset({"direction", "drop_rate", "rank_rtol", "prune_scope", "svd_route", "nonlinear_density",
+                         "include", "exclude", "ignore"})
+METHOD_PARAMS: dict[str, frozenset[str]] = {
+    "drm": _DRM_PARAMS | {"renormalize"},
+    "knots_ties": _DRM_PARAMS,
+    "ties": frozenset({"normalize", "lambda", "int8_mask", "rescale", "trim_scope", "ignore"}),
+    "task_arithmetic": frozenset({"normalize", "lambda", "int8_mask", "rescale", "ignore"}),
+    "linear": frozenset({"normalize", "ignore"}),
+    "dare_ties": frozenset({"normalize", "lambda", "int8_mask", "rescale", "seed", "ignore"}),
+    "dare_linear": frozenset({"normalize", "lambda", "int8_mask", "rescale", "seed", "ignore"}),
+}
+# Methods that merge task vectors and so need a base model (mergekit: BasePolicy.REQUIRED).
+NEEDS_BASE = frozenset(METHOD_PARAMS) - {"linear"}
+# mergekit's `rescale` for magnitude-trimmed methods is an L1 renormalization we do not implement.
+_RESCALE_FALSE_ONLY = frozenset({"ties", "task_arithmetic"})
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One input model: its reference as written, where it came from in the config, its parameters.
+
+    `model` is a path to any checkpoint the readers support, or mergekit's `base+adapter` form for a
+    PEFT adapter applied over a model. `weight` / `density` are None where the config gives none.
+    """
+
+    model: str
+    key: str  # e.g. "models[1]", for error messages
+    weight: float | None = None
+    density: float | None = None
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """A checked merge configuration.
+
+    Attributes:
+      merge_method: one of `METHOD_PARAMS`.
+      models: the input models, in config order (the base model included if the config lists it).
+      base_model: the base's reference, or None (allowed for `linear` only).
+      parameters: shared parameters with mergekit's names (`lambda`, `normalize`, `drop_rate`, ...),
+        including defaults for `weight` / `density` if the config gives them there.
+      dtype: computation/output dtype name ("float32", "float16", "bfloat16", "float64") or None.
+      out_dtype: output dtype name, or None (then `dtype`, then each tensor's own dtype).
+      tokenizer_source: None, "base", or a model reference whose tokenizer files are copied.
+      source: the YAML file, or None for a config built from a dict.
+    """
+
+    merge_method: str
+    models: tuple[ModelEntry, ...]
+    base_model: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    source: Path | None = None
+
+    def resolve(self, reference: str) -> Path:
+        """Path of a model reference: relative paths are taken from the current directory (mergekit's
+        convention) or, where nothing exists there, from the config file's directory."""
+        path = Path(reference).expanduser()
+        if path.is_absolute() or path.exists() or self.source is None:
+            return path
+        beside = self.source.parent / path
+        return beside if beside.exists() else path
+
+
+def _where(source: Path | None) -> str:
+    return f"{source}: " if source is not None else ""
+
+
+def _fail(source: Path | None, message: str) -> ConfigError:
+    return ConfigError(_where(source) + message)
+
+
+def _check_param(source: Path | None, key: str, name: str, value: Any) -> Any:
+    if isinstance(value, (list, dict)) and name not in ("include", "exclude", "ignore"):
+        raise _fail(source, f"{key}: per-tensor values (filter lists, gradients) are not supported; "
+                            f"give one value, got {value!r}")
+    check, expected = _PARAM_TYPES[name]
+    if not check(value):
+        raise _fail(source, f"{key}: must be {expected}, got {value!r}")
+    return float(value) if name in ("weight", "density", "drop_rate", "nonlinear_density", "rank_rtol",
+                                     "lambda") else value
+
+
+def _mapping(source: Path | None, key: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(source, f"{key}: must be a mapping of names to values, got {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str):
+            raise _fail(source, f"{key}: parameter names must be strings, got {name!r}")
+    return value
+
+
+def _reference(source: Path | None, key: str, value: Any) -> str:
+    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora"}:
+        # mergekit's structured ModelReference: {model: ..., lora: ...}
+        base = _reference(source, f"{key}.model", value["model"])
+        return base if value.get("lora") is None else f"{base}+{_reference(source, f'{key}.lora', value['lora'])}"
+    if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
+        value = value["path"]
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(source, f"{key}: must be a model path, got {value!r}")
+    return value.strip()
+
+
+def _dtype(source: Path | None, key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    name = str(value)
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in DTYPES:
+        raise _fail(source, f"{key}: unknown dtype {value!r}; expected one of "
+                            f"{sorted(set(DTYPES.values()))}")
+    return DTYPES[name]
+
+
+def _model_entry(source: Path | None, index: int, raw: Any, method: str) -> ModelEntry:
+    key = f"models[{index}]"
+    if isinstance(raw, str):
+        return ModelEntry(model=_reference(source, key, raw), key=key)
+    if not isinstance(raw, dict):
+        raise _fail(source, f"{key}: must be a mapping with a 'model' key, got {raw!r}")
+    unknown = sorted(set(raw) - {"model", "parameters"})
+    if unknown:
+        raise _fail(source, f"{key}.{unknown[0]}: unknown key; a model entry has 'model' and 'parameters'")
+    if "model" not in raw:
+        raise _fail(source, f"{key}.model: missing")
+    model = _reference(source, f"{key}.model", raw["model"])
+    params = _mapping(source, f"{key}.parameters", raw.get("parameters"))
+    values: dict[str, float] = {}
+    for name, value in params.items():
+        pkey = f"{key}.parameters.{name}"
+        if name not in PER_MODEL_KEYS:
+            shared = name in METHOD_PARAMS[method]
+            hint = " (it is a shared parameter: put it under the top-level 'parameters')" if shared else ""
+            raise _fail(source, f"{pkey}: unknown per-model parameter for method {method!r}{hint}; "
+                                f"accepted: {list(PER_MODEL_KEYS)}")
+        values[name] = _check_param(source, pkey, name, value)
+    return ModelEntry(model=model, key=key, weight=values.get("weight"), density=values.get("density"))
+
+
+def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
+    """Check a config already loaded from YAML (a dict) and return it as a `MergeConfig`.
+
+    Raises:
+      ConfigError: naming the key (and the file, if `source` is given) of the first problem found.
+    """
+    if not isinstance(raw, dict):
+        raise _fail(source, f"the config must be a mapping of keys (merge_method, models, ...), "
+                            f"got {type(raw).__name__}")
+    for name in raw:
+        if name in UNSUPPORTED_KEYS:
+            raise _fail(source, f"{name}: {UNSUPPORTED_KEYS[name]}")
+        if name not in TOP_LEVEL_KEYS:
+            raise _fail(source, f"{name}: unknown key; expected one of {list(TOP_LEVEL_KEYS)}")
+
+    method = raw.get("merge_method")
+    if method is None:
+        raise _fail(source, "merge_method: missing")
+    if not isinstance(method, str) or method not in METHOD_PARAMS:
+        raise _fail(source, f"merge_method: unknown method {method!r}; expected one of {sorted(METHOD_PARAMS)}")
+
+    shared: dict[str, Any] = {}
+    for name, value in _mapping(source, "parameters", raw.get("parameters")).items():
+        key = f"parameters.{name}"
+        if name not in METHOD_PARAMS[method] and name not in PER_MODEL_KEYS:
+            accepted = sorted(METHOD_PARAMS[method] | set(PER_MODEL_KEYS))
+            raise _fail(source, f"{key}: unknown parameter for method {method!r}; accepted: {accepted}")
+        if name == "rescale" and method in _RESCALE_FALSE_ONLY and value is not False:
+            raise _fail(source, f"{key}: rescale (mergekit's L1 rescaling after the trim) is not supported "
+                                f"for {method!r}; remove it or set it to false")
+        shared[name] = _check_param(source, key, name, value)
+
+    models_raw = raw.get("models")
+    if models_raw is None:
+        raise _fail(source, "models: missing; list the models to merge")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise _fail(source, "models: must be a non-empty list of {model: PATH, parameters: {...}}")
+    models = tuple(_model_entry(source, i, m, method) for i, m in enumerate(models_raw))
+
+    base = raw.get("base_model")
+    base = None if base is None else _reference(source, "base_model", base)
+    if base is None and method in NEEDS_BASE:
+        raise _fail(source, f"base_model: missing; method {method!r} merges task vectors over a base model")
+    if method in NEEDS_BASE and not [m for m in models if m.model != base]:
+        raise _fail(source, "models: no model to merge besides the base model")
+
+    tokenizer_source = raw.get("tokenizer_source")
+    if tokenizer_source == "union":
+        raise _fail(source, "tokenizer_source: 'union' (merging vocabularies) is not supported; "
+                            "use 'base' or a model path")
+    if tokenizer_source is not None and tokenizer_source != "base":
+        tokenizer_source = _reference(source, "tokenizer_source", tokenizer_source)
+    if tokenizer_source == "base" and base is None:
+        raise _fail(source, "tokenizer_source: 'base' needs a base_model")
+
+    return MergeConfig(
+        merge_method=method,
+        models=models,
+        base_model=base,
+        parameters=shared,
+        dtype=_dtype(source, "dtype", raw.get("dtype")),
+        out_dtype=_dtype(source, "out_dtype", raw.get("out_dtype")),
+        tokenizer_source=tokenizer_source,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> MergeConfig:
+    """Read and check a YAML merge config.
+
+    Raises:
+      ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the line and
+        column), or does not follow the schema (the message names the key).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config is empty")
+    return parse_config(raw, source=path)
+
+
+__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "NEEDS_BASE", "load_config", "parse_config"]

@@ -1,0 +1,77 @@
+"""Tiny Hugging Face checkpoints for the command-line tests: random weights from tiny configs, no downloads.
+
+`llama_family` / `t5_family` (session-scoped): a base model and two "fine-tuned" models (the base plus
+seeded noise), saved with transformers' `save_pretrained` under `<root>/models/{base,task_a,task_b}`, the
+layout the example configs in `examples/configs/` expect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "configs"
+TASKS = ("task_a", "task_b")
+
+
+def _tokenizer_stub(directory: Path) -> None:
+    # A tokenizer file to check that tokenizer_source copies it (content is irrelevant to merging).
+    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "source": directory.name}))
+
+
+def _save_family(root: Path, model_cls, config, noise: float = 0.02) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    base = model_cls(config).eval()
+    base.save_pretrained(root / "models" / "base")
+    _tokenizer_stub(root / "models" / "base")
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    for t, name in enumerate(TASKS):
+        gen = torch.Generator().manual_seed(100 + t)
+        model = model_cls(config).eval()
+        tuned = {k: (v + noise * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v)
+                 for k, v in state.items()}
+        model.load_state_dict(tuned)
+        model.save_pretrained(root / "models" / name)
+        _tokenizer_stub(root / "models" / name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return _save_family(tmp_path_factory.mktemp("llama"), LlamaForCausalLM, config)
+
+
+@pytest.fixture(scope="session")
+def t5_family(tmp_path_factory) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0)
+    return _save_family(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration, config)
+
+
+def _read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a (possibly sharded) safetensors directory, as float32/int numpy arrays."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        for name, tensor in load_file(str(f)).items():
+            out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+    return out
+
+
+@pytest.fixture(scope="session")
+def read_output():
+    """read_output(directory) -> {name: array} of a (possibly sharded) safetensors directory."""
+    return _read_safetensors_dir

@@ -18,6 +18,8 @@ from drm_jax.permute.spec import AxisMember, PermGroup, PermutationSpec, get_pat
 
 # Keeps the correlation of a constant unit finite (it is then 0 with everything).
 _EPS = 1e-12
+# Relative variance below which a unit counts as constant (float64 cancellation is ~1e-16).
+_CONSTANT_RTOL = 1e-10
 
 
 def pearson_rows(features: np.ndarray) -> np.ndarray:
@@ -33,7 +35,10 @@ def pearson_from_moments(count: float, total: np.ndarray, outer: np.ndarray) -> 
     """Correlation from sum(x) (u,) and sum(x x^T) (u, u) over `count` samples; float64."""
     mean = total / count
     cov = outer / count - np.outer(mean, mean)
-    std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    var = np.diag(cov)
+    # E[x^2] - E[x]^2 cancels: a variance at rounding level of E[x^2] is a constant (e.g. dead) unit
+    constant = var <= _CONSTANT_RTOL * np.maximum(np.diag(outer) / count, _EPS)
+    std = np.where(constant, np.inf, np.sqrt(np.maximum(var, 0.0)))
     return cov / np.maximum(np.outer(std, std), _EPS)
 
 

@@ -1,0 +1,167 @@
+"""Converting a checkpoint between formats, one tensor at a time.
+
+Every name goes through the Hugging Face convention: source name -> Hugging Face name and layout ->
+target name and layout (drm_jax.io.architectures holds the maps). The whole plan (every target name) is
+computed and checked before anything is written, and the writer is atomic, so a conversion that fails
+leaves nothing behind. Only one tensor is in memory at a time for "hf" and "t5x" outputs.
+
+A PEFT adapter converts to its merged model: the base model's tensors with the adapter applied (the
+base comes from `base=` or, when it is a local directory, the adapter's base_model_name_or_path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from drm_jax.errors import CheckpointError
+from drm_jax.io.architectures import (
+    FORMAT_NAMING,
+    array_from_hf,
+    detect_architecture,
+    hf_array_from,
+    hf_name_from,
+    name_from_hf,
+    t5x_architecture,
+)
+from drm_jax.io.base import CheckpointReader
+from drm_jax.io.detect import open_checkpoint
+from drm_jax.io.peft_io import PeftReader
+from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+
+# A Flax training state often nests the parameters under "params"; the Hugging Face names do not.
+_FLAX_PARAMS_PREFIX = "params."
+
+
+def read_config(reader: CheckpointReader) -> dict:
+    """The reader's config.json as a dict ({} when there is none)."""
+    if reader.config_dir is None or not (reader.config_dir / "config.json").is_file():
+        return {}
+    path = reader.config_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read config: {err}") from err
+    return config if isinstance(config, dict) else {}
+
+
+def architecture_of(reader: CheckpointReader) -> str:
+    """The name-map table for a checkpoint: from config.json, or from the T5X tree, else "generic"."""
+    if reader.format == "t5x":
+        return t5x_architecture(reader.keys())
+    return detect_architecture(read_config(reader))
+
+
+def _source_prefix(reader: CheckpointReader, naming: str) -> str:
+    names = reader.keys()
+    if naming == "flax" and names and all(n.startswith(_FLAX_PARAMS_PREFIX) for n in names):
+        return _FLAX_PARAMS_PREFIX
+    return ""
+
+
+def plan_conversion(reader: CheckpointReader, to_format: str, arch: str) -> list[tuple[str, str]]:
+    """(source name, target name) for every tensor to write, in the source's order.
+
+    Tensors the target convention drops (T5's tied encoder/decoder embed_tokens in T5X) are left out.
+    Raises CheckpointError when a name has no counterpart or two source names map to one target name.
+    """
+    source_naming = FORMAT_NAMING[reader.format]
+    target_naming = FORMAT_NAMING[to_format]
+    prefix = _source_prefix(reader, source_naming)
+    plan: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for name in reader.keys():
+        ndim = len(reader.shape(name))
+        hf_name = hf_name_from(source_naming, arch, name[len(prefix):], ndim)
+        target = name_from_hf(target_naming, arch, hf_name, ndim)
+        if target is None:
+            continue
+        if target in seen:
+            raise CheckpointError(f"{reader.path}: tensors {seen[target]!r} and {name!r} both map to {target!r}")
+        seen[target] = name
+        plan.append((name, target))
+    return plan
+
+
+def converted_tensors(reader: CheckpointReader, to_format: str, arch: str,
+                      plan: list[tuple[str, str]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(target name, array in the target layout), read one at a time."""
+    source_naming = FORMAT_NAMING[reader.format]
+    target_naming = FORMAT_NAMING[to_format]
+    prefix = _source_prefix(reader, source_naming)
+    for source, target in plan:
+        array = reader.get(source)
+        hf_name = hf_name_from(source_naming, arch, source[len(prefix):], array.ndim)
+        hf_array = hf_array_from(source_naming, arch, source[len(prefix):], array)
+        yield target, array_from_hf(target_naming, arch, hf_name, hf_array)
+
+
+class _MergedAdapter(CheckpointReader):
+    """A base model with a PEFT adapter applied: the base's names, adapted tensors replaced."""
+
+    def __init__(self, adapter: PeftReader) -> None:
+        super().__init__(adapter.base.path, adapter.base.config_dir)
+        self.format = adapter.base.format
+        self.adapter = adapter
+        self.base = adapter.base
+        self._extra = [n for n in adapter.keys() if n not in self.base]
+
+    def keys(self) -> list[str]:
+        return [*self.base.keys(), *self._extra]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.adapter.shape(name) if name in self.adapter else self.base.shape(name)
+
+    def dtype(self, name: str):
+        return self.adapter.dtype(name) if name in self.adapter else self.base.dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.adapter.get(name) if name in self.adapter else self.base.get(name)
+
+
+def _open_source(src: Path, base: str | Path | None) -> CheckpointReader:
+    reader = open_checkpoint(src, base=base)
+    if isinstance(reader, PeftReader) and reader.base is None:
+        hinted = reader.config.get("base_model_name_or_path")
+        reader.close()
+        if not hinted or not Path(hinted).is_dir():
+            raise CheckpointError(
+                f"{src}: a PEFT adapter converts to its merged model and needs the base model (--base PATH)"
+            )
+        reader = open_checkpoint(src, base=Path(hinted))
+    return reader
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: bool = False,
+                       max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, base: str | Path | None = None,
+                       arch: str | None = None) -> Path:
+    """Convert checkpoint `src` (any readable format) to format `to` ("hf" | "flax" | "orbax" | "t5x") in `dst`.
+
+    config.json, generation config and tokenizer files are copied beside the weights. `arch` overrides the
+    architecture detected from config.json (see drm_jax.io.architectures.ARCHITECTURES). `hf -> flax -> hf`
+    returns the same tensors, bit for bit, under the same names. Returns `dst`.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination is the source checkpoint")
+    reader = _open_source(src, base)
+    try:
+        if isinstance(reader, PeftReader):
+            reader = _MergedAdapter(reader)
+        arch = arch or architecture_of(reader)
+        if to == "t5x" and arch not in ("t5", "t5_v1_1"):
+            raise CheckpointError(f"{src}: T5X output supports T5 models only, this checkpoint is {arch!r}")
+        plan = plan_conversion(reader, to, arch)
+        with CheckpointWriter(dst, to, max_shard_size=max_shard_size, overwrite=overwrite,
+                              copy_from=reader.config_dir) as writer:
+            for name, array in converted_tensors(reader, to, arch, plan):
+                writer.add(name, array)
+        return writer.path
+    finally:
+        if isinstance(reader, _MergedAdapter):
+            reader.adapter.close()
+        else:
+            reader.close()

@@ -1,0 +1,143 @@
+"""Orbax checkpoints (a PyTree of arrays saved by `orbax.checkpoint`), in Flax naming.
+
+Accepted paths: the item directory itself (it holds `_METADATA` / `manifest.ocdbt`), a step directory
+with one item subdirectory (CheckpointManager's `step/default`), or a CheckpointManager root of numbered
+step directories (the latest step is read). Shapes and dtypes come from Orbax's metadata; `get` restores
+just one array with a partial restore, so nothing else is read. Writing saves the nested dict of arrays
+with `PyTreeCheckpointer` (OCDBT + zarr, as Orbax does by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from drm_jax.errors import CheckpointError
+from drm_jax.io.base import CheckpointReader, has_config_files
+from drm_jax.io.dtypes import as_numpy_dtype
+from drm_jax.io.nested import unflatten_names
+
+ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
+
+
+def is_orbax_item(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / marker).exists() for marker in ("_METADATA", "manifest.ocdbt"))
+
+
+def find_orbax_item(path: Path) -> Path | None:
+    """The Orbax item directory at or under `path` (see module docstring), or None."""
+    if is_orbax_item(path):
+        return path
+    if not path.is_dir():
+        return None
+    items = [child for child in path.iterdir() if is_orbax_item(child)]
+    if len(items) == 1:
+        return items[0]
+    steps = sorted((child for child in path.iterdir() if child.is_dir() and child.name.isdigit()),
+                   key=lambda child: int(child.name))
+    for step in reversed(steps):
+        item = find_orbax_item(step)
+        if item is not None:
+            return item
+    return None
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.PyTreeCheckpointer()
+
+
+def _flatten_metadata(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    if isinstance(tree, dict):
+        flat: dict[tuple[str, ...], Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten_metadata(value, (*path, str(key))))
+        return flat
+    if isinstance(tree, (list, tuple)):
+        flat = {}
+        for index, value in enumerate(tree):
+            flat.update(_flatten_metadata(value, (*path, str(index))))
+        return flat
+    return {path: tree} if getattr(tree, "shape", None) is not None else {}
+
+
+class OrbaxReader(CheckpointReader):
+    """An Orbax PyTree checkpoint of arrays; names are the tree paths joined by "."."""
+
+    format = "orbax"
+
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        item = find_orbax_item(path)
+        if item is None:
+            raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA or manifest.ocdbt)")
+        config_dir = next((d for d in (item, path) if has_config_files(d)), None)
+        super().__init__(path, config_dir)
+        self.item_dir = item
+        try:
+            metadata = _checkpointer().metadata(item)
+        except Exception as err:  # orbax raises ValueError, FileNotFoundError, tensorstore errors, ...
+            raise CheckpointError(f"{item}: cannot read Orbax metadata: {err}") from err
+        # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata.tree; older versions return it bare.
+        item_metadata = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(item_metadata, "tree", item_metadata)
+        flat = _flatten_metadata(tree)
+        self._meta = {".".join(key): value for key, value in flat.items()}
+        self._paths = {".".join(key): key for key in flat}
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._meta
+
+    def _metadata(self, name: str):
+        if name not in self._meta:
+            raise self._unknown(name)
+        return self._meta[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._metadata(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return as_numpy_dtype(self._metadata(name).dtype)
+
+    def get(self, name: str) -> np.ndarray:
+        import orbax.checkpoint as ocp
+
+        self._metadata(name)
+        path = self._paths[name]
+        # A partial restore takes a tree holding only the wanted leaf, from the root down.
+        item_root: dict[str, Any] = {}
+        args_root: dict[str, Any] = {}
+        node_item, node_args = item_root, args_root
+        for key in path[:-1]:
+            node_item = node_item.setdefault(key, {})
+            node_args = node_args.setdefault(key, {})
+        node_item[path[-1]] = 0
+        node_args[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        try:
+            restored = _checkpointer().restore(
+                self.item_dir, args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root, partial_restore=True)
+            )
+        except Exception as err:
+            raise CheckpointError(f"{self.item_dir}: cannot read tensor {name!r}: {err}") from err
+        for key in path:
+            restored = restored[key]
+        array = np.asarray(restored)
+        if array.shape != self.shape(name):
+            raise CheckpointError(f"{self.item_dir}: tensor {name!r} has shape {array.shape}, metadata says {self.shape(name)}")
+        return array
+
+
+def write_orbax(tensors: Mapping[str, np.ndarray], directory: Path) -> Path:
+    """Save dotted-name tensors as a nested-dict Orbax PyTree checkpoint in `directory` (replaced)."""
+    tree = unflatten_names({name: np.asarray(array) for name, array in tensors.items()})
+    try:
+        _checkpointer().save(Path(directory), tree, force=True)
+    except Exception as err:
+        raise CheckpointError(f"{directory}: cannot write Orbax checkpoint: {err}") from err
+    return Path(directory)

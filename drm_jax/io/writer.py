@@ -1,0 +1,185 @@
+"""Writing checkpoints atomically: Hugging Face safetensors (streamed, sharded), Flax msgpack, Orbax, T5X.
+
+Everything is written into a temporary directory beside the destination, which is renamed into place by
+`close()`; any failure (or `abort()`, or an exception inside `with`) removes it, so a half-written
+checkpoint never appears. An existing non-empty destination is refused unless `overwrite=True`; then it
+is replaced only once the new checkpoint is complete.
+
+Names are written as given: Hugging Face names for "hf", dotted Flax paths for "flax" and "orbax"
+(nested on "."), "target.<path>" for "t5x". Conversion between conventions is drm_jax.io.convert's job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from drm_jax.errors import CheckpointError
+from drm_jax.io.base import CONFIG_FILE_NAMES
+from drm_jax.io.flax_io import FLAX_NAME, write_flax_msgpack
+from drm_jax.io.orbax_io import write_orbax
+from drm_jax.io.safetensors_io import SafetensorsShardWriter
+from drm_jax.io.t5x_io import T5xWriter
+
+WRITE_FORMATS = ("hf", "flax", "orbax", "t5x")
+DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
+
+
+def copy_config_files(source: Path | None, destination: Path) -> list[Path]:
+    """Copy config.json, generation config, tokenizer and processor files from `source` (if any)."""
+    if source is None:
+        return []
+    copied = []
+    for name in CONFIG_FILE_NAMES:
+        if (Path(source) / name).is_file():
+            copied.append(Path(shutil.copy2(Path(source) / name, destination / name)))
+    return copied
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+class CheckpointWriter:
+    """Writes one checkpoint into `out_dir`, atomically.
+
+    Args:
+      out_dir: destination directory (created, with missing parents, by `close()`).
+      format: "hf" (safetensors), "flax" (flax_model.msgpack), "orbax" or "t5x".
+      max_shard_size: bytes of tensor data per safetensors shard (default 5 GiB; "hf" only).
+      overwrite: replace an existing non-empty `out_dir` (default: refuse with CheckpointError).
+      copy_from: directory whose config.json / tokenizer files are copied beside the weights.
+
+    "hf" and "t5x" stream: each tensor goes to disk as shards fill (hf) or at once (t5x). "flax" and "orbax"
+    hold the added arrays until `close()` (their files need the whole tree at once).
+    """
+
+    def __init__(self, out_dir: str | Path, format: str = "hf", *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 overwrite: bool = False, copy_from: str | Path | None = None) -> None:
+        if format not in WRITE_FORMATS:
+            raise CheckpointError(f"cannot write format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
+        self.out_dir = Path(out_dir)
+        self.format = format
+        self.overwrite = overwrite
+        self.copy_from = Path(copy_from) if copy_from is not None else None
+        if self.out_dir.exists() and not overwrite and not _is_empty_dir(self.out_dir):
+            raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+        self._created_parents = self._make_parents(self.out_dir.parent)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._names: set[str] = set()
+        self._buffered: dict[str, np.ndarray] = {}
+        self._shards = SafetensorsShardWriter(self.tmp_dir, max_shard_size) if format == "hf" else None
+        self._t5x = T5xWriter(self.tmp_dir) if format == "t5x" else None
+        self._closed = False
+
+    @staticmethod
+    def _make_parents(parent: Path) -> list[Path]:
+        """Create missing parent directories; returns the ones created (removed again by abort())."""
+        missing = []
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            directory.mkdir()
+        return missing
+
+    @property
+    def path(self) -> Path:
+        return self.out_dir
+
+    def add(self, name: str, array) -> None:
+        """Add tensor `name`; numpy (or JAX) arrays of any dtype, kept as they are (bf16 stays bf16)."""
+        if self._closed:
+            raise CheckpointError(f"{self.out_dir}: writer is closed")
+        if name in self._names:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r} added twice")
+        array = np.asarray(array)
+        if array.dtype.hasobject:
+            raise CheckpointError(f"{self.out_dir}: tensor {name!r} has object dtype")
+        self._names.add(name)
+        if self._shards is not None:
+            self._shards.add(name, array)
+        elif self._t5x is not None:
+            self._t5x.add(name, array)
+        else:
+            self._buffered[name] = array
+
+    def _write_payload(self) -> None:
+        if self._shards is not None:
+            self._shards.finish()
+        elif self._t5x is not None:
+            self._t5x.finish()
+        elif self.format == "flax":
+            write_flax_msgpack(self._buffered, self.tmp_dir / FLAX_NAME)
+        else:
+            write_orbax(self._buffered, self.tmp_dir)
+        self._buffered = {}
+
+    def close(self) -> Path:
+        """Finish the files, copy config files, and move the checkpoint into place; returns `out_dir`."""
+        if self._closed:
+            return self.out_dir
+        try:
+            self._write_payload()
+            copy_config_files(self.copy_from, self.tmp_dir)
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+        return self.out_dir
+
+    def _move_into_place(self) -> None:
+        backup = None
+        if self.out_dir.exists() or self.out_dir.is_symlink():
+            if _is_empty_dir(self.out_dir) and not self.out_dir.is_symlink():
+                self.out_dir.rmdir()
+            elif not self.overwrite:  # appeared while we were writing
+                raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True to replace it)")
+            else:
+                backup = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{id(self)}"
+                os.replace(self.out_dir, backup)
+        try:
+            os.replace(self.tmp_dir, self.out_dir)
+        except OSError:
+            if backup is not None:
+                os.replace(backup, self.out_dir)  # put the old checkpoint back
+            raise
+        if backup is not None:
+            if backup.is_dir() and not backup.is_symlink():
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                backup.unlink()
+
+    def abort(self) -> None:
+        """Remove everything written so far (and parent directories this writer created)."""
+        self._closed = True
+        self._buffered = {}
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        for directory in self._created_parents:  # innermost first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None:
+            self.abort()
+        else:
+            self.close()
+
+
+def write_checkpoint(tensors: Mapping[str, np.ndarray], out_dir: str | Path, format: str = "hf", **kwargs) -> Path:
+    """Write a mapping of tensors as a checkpoint (see CheckpointWriter for the keyword arguments)."""
+    with CheckpointWriter(out_dir, format, **kwargs) as writer:
+        for name, array in tensors.items():
+            writer.add(name, array)
+    return writer.path

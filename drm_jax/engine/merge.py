@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drm_jax.engine import roles as roles_lib
+from drm_jax.engine import shard
 from drm_jax.engine.compiled import merge_layers_jit
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves, pad_layers
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
@@ -218,11 +219,12 @@ def merge_leaves(
                     per_task[t].append(jnp.asarray(get_model(t, i), jnp.float32) - b)
         threshold = _global_thresholds(per_task, merge_method.global_density)
 
-    for i, r in enumerate(leaf_roles):
-        if r.role in ("ignore", "keep"):
-            put(i, get_base(i))
+    if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
+        for i, r in enumerate(leaf_roles):
+            if r.role in ("ignore", "keep"):
+                put(i, get_base(i))
     run_groups(
-        groups, merge_method, names, leaf_roles, get_base=get_base, get_model=get_model, put=put,
+        groups, merge_method, names, dtypes, leaf_roles, get_base=get_base, get_model=get_model, put=put,
         num_models=k, coefficients=coeffs, threshold=threshold, seed=seed, max_group_bytes=max_group_bytes,
         mesh=mesh, on_chunk=on_chunk,
     )
@@ -236,6 +238,7 @@ def run_groups(
     groups: Sequence[Group],
     merge_method: MergeMethod,
     names: Sequence[str],
+    dtypes: Sequence[Any],
     leaf_roles: Sequence[roles_lib.LeafRole],
     *,
     get_base: Callable[[int], Any],
@@ -255,42 +258,70 @@ def run_groups(
     `get_model(t, i)` return leaf i of the base and of model t (arrays in their stored layout and dtype),
     `put(i, array)` receives the merged leaf in the base's layout and dtype. Only one chunk of one group
     is alive at a time. `on_chunk(group, n_layers)` is called after each chunk (progress reporting).
+    With a mesh, each process loads and receives only the layers its own devices hold.
     """
     for group in groups:
         transform = merge_method.linear if group.role == "linear" else merge_method.other
-        # float32 compute: 4 bytes an entry, for the base and the K models
+        dtype = compute_dtype(dtypes[group.members[0]])
+        # 4 bytes an entry (float32 compute) for the base and the K models
         layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
         length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
         if mesh is not None:
-            from drm_jax.engine import shard
-
             length = shard.padded_length(length, mesh)
         for members in chunks(group.members, length):
             chunk_names = [names[i] for i in members]
-            base_leaves = [get_base(i) for i in members]
-            dtype = compute_dtype(jnp.result_type(base_leaves[0]))
-            base_stack = jnp.stack([_canonical(b, leaf_roles[i].transpose, dtype) for b, i in zip(base_leaves, members)])
-            model_stack = jnp.stack([
-                jnp.stack([_canonical(get_model(t, i), leaf_roles[i].transpose, dtype) for t in range(num_models)])
-                for i in members
-            ])
-            keys = jnp.stack([leaf_key(seed, n) for n in chunk_names])
-            base_stack, model_stack, keys = (pad_layers(x, length) for x in (base_stack, model_stack, keys))
+            transposed = [leaf_roles[i].transpose for i in members]
+            key_stack = pad_layers(jnp.stack([leaf_key(seed, n) for n in chunk_names]), length)
             if mesh is None:
-                merged, finite = merge_layers_jit(transform, base_stack, model_stack, coefficients, keys, threshold)
+                base_stack = pad_layers(jnp.stack([_canonical(get_base(i), tr, dtype)
+                                                   for i, tr in zip(members, transposed)]), length)
+                model_stack = pad_layers(jnp.stack([
+                    jnp.stack([_canonical(get_model(t, i), tr, dtype) for t in range(num_models)])
+                    for i, tr in zip(members, transposed)]), length)
+                merged, finite = merge_layers_jit(transform, base_stack, model_stack, coefficients, key_stack,
+                                                  threshold)
+                rows = [(r, merged[r]) for r in range(len(members))]
+                finite_rows = np.asarray(finite)[: len(members)]
             else:
-                from drm_jax.engine import shard
-
-                merged, finite = shard.merge_layers_sharded(mesh, transform, base_stack, model_stack, coefficients,
-                                                            keys, threshold)
-            _raise_non_finite(np.asarray(finite)[: len(members)], chunk_names)
-            for row, (i, b) in enumerate(zip(members, base_leaves)):
-                leaf = merged[row]
+                merged, finite = _merge_chunk_sharded(mesh, transform, group.shape, dtype, members, transposed,
+                                                      length, get_base, get_model, num_models, coefficients,
+                                                      key_stack, threshold)
+                rows = [(r, x) for r, x in shard.owned_rows(merged) if r < len(members)]
+                finite_rows = np.ones((len(members), num_models + 1), bool)
+                for r, f in shard.owned_rows(finite):
+                    if r < len(members):
+                        finite_rows[r] = np.asarray(f)
+            _raise_non_finite(finite_rows, chunk_names)
+            for r, leaf in rows:
+                i = members[r]
                 if leaf_roles[i].transpose:
                     leaf = leaf.T
-                put(i, leaf.astype(jnp.result_type(b)))
+                put(i, leaf.astype(dtypes[i]))
             if on_chunk is not None:
                 on_chunk(group, len(members))
+
+
+def _merge_chunk_sharded(mesh, transform, shape, dtype, members, transposed, length, get_base, get_model,
+                         num_models, coefficients, key_stack, threshold):
+    """One chunk over the mesh: each process loads only the layers of its own devices."""
+    k = num_models
+
+    def host(x, tr):
+        x = np.asarray(jax.device_get(x))
+        return x.T if tr else x
+
+    def base_row(r):
+        return host(get_base(members[r]), transposed[r]) if r < len(members) else np.zeros(shape)
+
+    def models_row(r):
+        if r >= len(members):
+            return np.zeros((k,) + tuple(shape))
+        return np.stack([host(get_model(t, members[r]), transposed[r]) for t in range(k)])
+
+    base_stack = shard.stack_from_callback(mesh, length, tuple(shape), dtype, base_row)
+    model_stack = shard.stack_from_callback(mesh, length, (k,) + tuple(shape), dtype, models_row)
+    return shard.merge_layers_sharded(mesh, transform, base_stack, model_stack, coefficients,
+                                      np.asarray(key_stack), threshold)
 
 
 __all__ = ["DEFAULT_GROUP_BYTES", "build_method", "compute_dtype", "leaf_key", "merge", "merge_leaves", "run_groups"]

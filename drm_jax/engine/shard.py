@@ -1,0 +1,97 @@
+"""Merging stacked layers over a device mesh: each device decomposes and merges its own layers.
+
+The leading layer axis of every stacked group is split over all axes of a `jax.sharding.Mesh`
+(`NamedSharding(mesh, P(mesh.axis_names))`), padded with zero layers to a multiple of the device count,
+and the vmapped per-layer merge runs under `shard_map`: each device sees only its block of layers, so
+the compiled program has no collective at all (no device ever gathers another's layers).
+
+Arrays are built with `jax.make_array_from_callback`, which asks only for the shards of this process's
+devices: in a multi-host run (after `jax.distributed.initialize()`), each process loads only the
+tensors of the layers it owns, and `owned_rows` tells the writer which merged layers are local.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import jax
+
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from drm_jax.engine.compiled import merge_layers
+from drm_jax.math.state import MergeTransform
+
+
+def layer_spec(mesh: Mesh) -> P:
+    """Split the leading (layer) axis over every axis of the mesh."""
+    return P(tuple(mesh.axis_names))
+
+
+def padded_length(length: int, mesh: Mesh) -> int:
+    """Smallest multiple of the mesh's device count that holds `length` layers."""
+    devices = mesh.devices.size
+    return max(devices, math.ceil(length / devices) * devices)
+
+
+def layer_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, layer_spec(mesh))
+
+
+def stack_from_callback(
+    mesh: Mesh, length: int, tail: tuple[int, ...], dtype, load_row: Callable[[int], np.ndarray]
+) -> jax.Array:
+    """A (length, *tail) array sharded on its layer axis, loading only the rows of local devices.
+
+    load_row(r) returns row r as a host array (rows past the real layers are zero padding).
+    """
+
+    def shard(index) -> np.ndarray:
+        rows = range(*index[0].indices(length))
+        return np.stack([np.asarray(load_row(r), dtype) for r in rows]).reshape((len(rows),) + tail)
+
+    return jax.make_array_from_callback((length,) + tail, layer_sharding(mesh), shard)
+
+
+def owned_rows(array: jax.Array) -> list[tuple[int, jax.Array]]:
+    """(row, value) of every layer held by this process's devices, each row once."""
+    seen, rows = set(), []
+    for shard in array.addressable_shards:
+        start = shard.index[0].start or 0
+        for offset in range(shard.data.shape[0]):
+            if start + offset not in seen:
+                seen.add(start + offset)
+                rows.append((start + offset, shard.data[offset]))
+    return sorted(rows, key=lambda r: r[0])
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_merge_fn(mesh: Mesh, transform: MergeTransform, with_threshold: bool):
+    """jit(shard_map(vmapped merge)) for one mesh and transform, cached."""
+    spec = layer_spec(mesh)
+    threshold_spec = (P(),) if with_threshold else ()
+
+    def local(base, models, coefficients, keys, *threshold):
+        return merge_layers(transform, base, models, coefficients, keys, threshold[0] if threshold else None)
+
+    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), spec) + threshold_spec,
+                           out_specs=(spec, spec), check_vma=False)  # per-device work only: no collectives
+    return jax.jit(mapped)
+
+
+def merge_layers_sharded(mesh, transform, base, models, coefficients, keys, threshold):
+    """`merge_layers` with the layer axis split over the mesh; inputs may already be sharded."""
+    sharding = layer_sharding(mesh)
+    base, models, keys = (x if getattr(x, "sharding", None) == sharding else jax.device_put(x, sharding)
+                          for x in (base, models, keys))
+    fn = sharded_merge_fn(mesh, transform, threshold is not None)
+    replicated = NamedSharding(mesh, P())
+    extra = (jax.device_put(threshold, replicated),) if threshold is not None else ()
+    return fn(base, models, jax.device_put(coefficients, replicated), keys, *extra)
+
+
+__all__ = ["layer_sharding", "layer_spec", "merge_layers_sharded", "owned_rows", "padded_length",
+           "sharded_merge_fn", "stack_from_callback"]
+

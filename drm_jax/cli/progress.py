@@ -94,7 +94,9 @@ class MergeProgress:
     def __enter__(self) -> "MergeProgress":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None and self._bar is not None:
+            self._bar.leave = False  # erase the bar: the error is then the one line left on the terminal
         self.close()
 
 

@@ -46,8 +46,8 @@ def _save_family(root: Path, model_cls, config, noise: float = 0.02) -> Path:
 def llama_family(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
     return _save_family(tmp_path_factory.mktemp("llama"), LlamaForCausalLM, config)
 
 
@@ -55,7 +55,7 @@ def llama_family(tmp_path_factory) -> Path:
 def t5_family(tmp_path_factory) -> Path:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=64, d_model=32, d_ff=48, d_kv=8, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=64, d_model=32, d_ff=32, d_kv=8, num_layers=2, num_heads=4,
                       decoder_start_token_id=0)
     return _save_family(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration, config)
 

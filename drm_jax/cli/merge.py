@@ -1,0 +1,257 @@
+"""`drm-jax merge CONFIG OUT_DIR`: a mergekit-style YAML config in, a merged checkpoint out, streamed.
+
+    drm-jax merge examples/configs/drm.yaml merged/ [--force] [--quiet] [--device cpu|gpu|tpu]
+        [--devices N] [--max-memory 1GB] [--max-shard-size SIZE]
+
+The config is checked first (`drm_jax.cli.config`), translated into engine arguments with mergekit's
+semantics (`drm_jax.cli.recipe`), the checkpoints are opened lazily and checked against each other
+(`drm_jax.cli.streaming`), then `drm_jax.engine.merge.merge_leaves` merges one chunk of one group of
+same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output shard by
+shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
+groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never
+touches the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drm_jax.cli import naming
+from drm_jax.cli.config import MergeConfig, load_config
+from drm_jax.cli.progress import MergeProgress
+from drm_jax.cli.recipe import Recipe, build_recipe
+from drm_jax.cli.streaming import MergeSources, input_paths, split_adapter
+from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+
+DEFAULT_MAX_MEMORY = "1GB"
+# Bytes of working memory per byte of stacked float32 inputs the engine accounts for in a chunk: the
+# stacks themselves, the numpy tensors they were read from, and the method's intermediates (deltas,
+# magnitudes, masks, the SVD's factors).
+WORKSPACE_FACTOR = 6
+# Share of the memory budget one output shard may hold before it is flushed (safetensors serializes a
+# shard into one buffer, so a shard costs about twice its size while it is written).
+SHARD_SHARE = 5
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "float64": "float64", "bfloat16": "bfloat16"}
+HF_DTYPE_KEYS = ("torch_dtype", "dtype")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '2GiB' -> 2 * 2**30, '1234' or '1234B' -> 1234 bytes."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512MB, 2GiB, 1000000)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    if unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
+    size = int(number * _UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `merge` subcommand to the `drm-jax` parser."""
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge models described by a mergekit-style YAML config",
+        description="Merge fine-tuned models with a mergekit-style YAML config (merge_method: drm, knots_ties, "
+                    "ties, task_arithmetic, linear, dare_ties, dare_linear). Tensors are streamed: peak memory is "
+                    "a few tensor groups, not the models.",
+    )
+    parser.add_argument("config", type=Path, help="YAML merge configuration (mergekit schema)")
+    parser.add_argument("out_dir", type=Path, help="output directory (Hugging Face safetensors layout)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
+                        help="where to compute (default: JAX's default device)")
+    parser.add_argument("--devices", type=int, default=1, metavar="N",
+                        help="split stacked layers over N devices of that kind (default 1)")
+    parser.add_argument("--max-memory", type=parse_size, default=parse_size(DEFAULT_MAX_MEMORY), metavar="SIZE",
+                        help=f"working-memory budget that sizes the chunks of stacked layers and the output "
+                             f"shards (default {DEFAULT_MAX_MEMORY})")
+    parser.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
+                        help="largest output shard (default: a fifth of --max-memory)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+# -- devices ---------------------------------------------------------------------------------------------
+def select_devices(kind: str | None, count: int) -> list:
+    """The devices to compute on; sets JAX's default device when `kind` is given."""
+    import jax
+
+    if count < 1:
+        raise ConfigError(f"--devices must be at least 1, got {count}")
+    platform = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}.get(kind) if kind else None
+    try:
+        devices = jax.devices(platform) if platform else jax.devices()
+    except RuntimeError:
+        raise ConfigError(f"--device {kind}: no {kind.upper()} is available on this machine "
+                          f"(available: {sorted({d.platform for d in jax.devices()})})") from None
+    if count > len(devices):
+        raise ConfigError(f"--devices {count}: only {len(devices)} {devices[0].platform} device(s) available")
+    if platform:
+        jax.config.update("jax_default_device", devices[0])
+    return devices[:count]
+
+
+def build_mesh(devices: list):
+    """None for one device (no sharding); else a 1-D mesh whose axis "layers" splits stacked layers."""
+    if len(devices) <= 1:
+        return None
+    import importlib.util
+
+    import jax
+
+    if importlib.util.find_spec("drm_jax.engine.shard") is None:
+        raise ConfigError(f"--devices {len(devices)}: splitting layers over devices needs drm_jax.engine.shard, "
+                          f"which this build does not have; use --devices 1")
+
+    return jax.sharding.Mesh(np.array(devices), ("layers",))
+
+
+# -- output ----------------------------------------------------------------------------------------------
+def _inside(path: Path, other: Path) -> bool:
+    try:
+        path.relative_to(other)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output(out_dir: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse an output that would clobber data: non-empty without --force, or overlapping an input."""
+    out = out_dir.expanduser().resolve()
+    for p in inputs:
+        p = p.expanduser().resolve()
+        if _inside(out, p) or _inside(p, out):
+            raise ConfigError(f"output directory {str(out_dir)!r} overlaps the input {str(p)!r}; "
+                              f"inputs are never modified, choose another output")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {str(out_dir)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"output directory {str(out_dir)!r} exists and is not empty; "
+                              f"pass --force to replace it")
+
+
+def _numpy_dtype(name: str | None):
+    if name is None:
+        return None
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(NUMPY_DTYPES[name])
+
+
+def _tokenizer_dir(config: MergeConfig, sources: MergeSources) -> Path | None:
+    if config.tokenizer_source in (None, "base"):
+        return None
+    path, _ = split_adapter(config, config.tokenizer_source)
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer_source: {str(path)!r} is not a model directory")
+    return path
+
+
+def finish_directory(directory: Path, config_dir: Path | None, tokenizer_dir: Path | None,
+                     dtype_name: str | None) -> None:
+    """Inside the not-yet-renamed output: the reference's config and tokenizer files, the tokenizer
+    source's files instead where one is given, and the output dtype recorded in config.json."""
+    from drm_jax.io.writer import copy_config_files
+
+    copy_config_files(config_dir, directory)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (directory / name).exists():
+                (directory / name).unlink()
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, directory / name)
+    config_path = directory / "config.json"
+    if dtype_name is not None and config_path.is_file():
+        try:
+            model_config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # not ours to repair: it was copied as it is
+        if isinstance(model_config, dict):
+            keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]
+            for key in keys:
+                model_config[key] = dtype_name
+            config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# -- the command -----------------------------------------------------------------------------------------
+def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False, quiet: bool = False,
+                      devices: list | None = None, max_memory: int = parse_size(DEFAULT_MAX_MEMORY),
+                      max_shard_size: int | None = None, recipe: Recipe | None = None) -> dict[str, Any]:
+    """Run a checked config end to end; returns {"counts": ..., "summary": ..., "output": Path}.
+
+    Raises:
+      DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
+    """
+    from drm_jax.engine.merge import merge_leaves
+    from drm_jax.io.writer import CheckpointWriter
+
+    recipe = recipe or build_recipe(config)
+    out_dir = Path(out_dir)
+    check_output(out_dir, force, input_paths(config, recipe.models) + [config.resolve(recipe.reference.model)])
+    mesh = build_mesh(devices or [])
+    out_dtype_name = config.out_dtype or config.dtype
+    shard_size = max_shard_size or max(1, max_memory // SHARD_SHARE)
+    for note in recipe.warnings:
+        print(f"drm-jax: warning: {note}", file=sys.stderr)
+
+    with MergeSources(config, recipe, _numpy_dtype(out_dtype_name)) as sources:
+        tokenizer_dir = _tokenizer_dir(config, sources)
+        layout = naming.layout_for(sources.arch)
+        info = sources.info
+        method_kwargs = dict(recipe.engine_kwargs)
+        with MergeProgress(sources.merged_count(), quiet=quiet) as progress:
+            writer = CheckpointWriter(out_dir, format="hf", max_shard_size=shard_size, overwrite=force)
+            with writer:
+                counts = merge_leaves(
+                    info.names, info.shapes, info.dtypes,
+                    get_base=sources.get_base, get_model=sources.get_model, put=sources.make_put(writer.add),
+                    num_models=len(recipe.models), method=recipe.method, layout=layout, mesh=mesh,
+                    max_group_bytes=max(1, max_memory // WORKSPACE_FACTOR), on_chunk=progress.on_chunk,
+                    **method_kwargs,
+                )
+                finish_directory(writer.tmp_dir, sources.reference.config_dir, tokenizer_dir, out_dtype_name)
+                output = writer.close()
+            summary = progress.summary(counts, output=str(out_dir))
+    return {"counts": counts, "summary": summary, "output": Path(output)}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `drm-jax merge`; DrmJaxErrors propagate to `drm_jax.cli.main` (one line, exit 2)."""
+    config = load_config(args.config)
+    recipe = build_recipe(config)
+    devices = select_devices(args.device, args.devices)
+    try:
+        merge_checkpoints(config, args.out_dir, force=args.force, quiet=args.quiet, devices=devices,
+                          max_memory=args.max_memory, max_shard_size=args.max_shard_size, recipe=recipe)
+    except OSError as err:
+        if isinstance(err, DrmJaxError):
+            raise
+        # e.g. an unwritable output directory or a full disk: one line, no traceback
+        where = err.filename or args.out_dir
+        raise CheckpointError(f"{where}: {err.strerror or err}") from None
+    return 0
+
+
+__all__ = ["build_mesh", "check_output", "merge_checkpoints", "parse_size", "register", "run", "select_devices"]

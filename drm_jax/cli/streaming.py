@@ -1,0 +1,294 @@
+"""Streaming glue between checkpoint readers/writers and the engine's `merge_leaves`.
+
+`MergeSources` opens the reference checkpoint (the base) and the merged models lazily, checks before any
+tensor is read that every model has every tensor of the reference with the same shape, and provides the
+engine's callbacks: `get_base(i)` / `get_model(t, i)` read one tensor (checked for NaN/Inf, optionally
+sparsified per model), `put(i, array)` hands a merged tensor to the writer. Only the tensors of the chunk
+being merged are in memory; the writer flushes shard by shard.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from drm_jax.cli import naming
+from drm_jax.cli.config import MergeConfig, ModelEntry
+from drm_jax.cli.recipe import PreSparsify, Recipe
+from drm_jax.engine import roles as roles_lib
+from drm_jax.errors import CheckpointError, DrmJaxError, MergeInputError
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def is_floating(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
+def split_adapter(config: MergeConfig, reference: str) -> tuple[Path, Path | None]:
+    """mergekit's `model+adapter` reference -> (model path, adapter path or None).
+
+    A `+` only separates an adapter when the whole string is not itself an existing path.
+    """
+    whole = config.resolve(reference)
+    if whole.exists() or "+" not in reference:
+        return whole, None
+    model, adapter = reference.rsplit("+", 1)
+    return config.resolve(model), config.resolve(adapter)
+
+
+def open_model(config: MergeConfig, entry: ModelEntry, base_path: Path | None):
+    """Open one model lazily: any format the readers know, or a PEFT adapter over a model.
+
+    A PEFT adapter directory given alone is applied over the base model.
+    """
+    from drm_jax.io.detect import open_checkpoint
+
+    path, adapter = split_adapter(config, entry.model)
+    for p, what in ((path, "model"), (adapter, "adapter")):
+        if p is not None and not p.exists():
+            raise CheckpointError(f"{entry.key}: {what} path {str(p)!r} does not exist")
+    if adapter is not None:
+        return _open(lambda: open_checkpoint(adapter, base=path), entry, adapter)
+    if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file():
+        if base_path is None:
+            raise CheckpointError(f"{entry.key}: {str(path)!r} is a PEFT adapter and there is no base_model to "
+                                  f"apply it to")
+        return _open(lambda: open_checkpoint(path, base=base_path), entry, path)
+    return _open(lambda: open_checkpoint(path), entry, path)
+
+
+def _open(opener: Callable[[], Any], entry: ModelEntry, path: Path):
+    try:
+        reader = opener()
+    except DrmJaxError:
+        raise
+    except Exception as err:  # a reader that did not wrap its own failure
+        raise CheckpointError(f"{entry.key}: cannot open {str(path)!r}: {err}") from None
+    return AdapterOverBase(reader) if getattr(reader, "format", None) == "peft" else reader
+
+
+class AdapterOverBase:
+    """A PEFT adapter seen as a whole model: adapted weights (base + scaling B A) where the adapter has
+    them, the base's own tensors everywhere else."""
+
+    format = "peft"  # Hugging Face names
+
+    def __init__(self, adapter: Any):
+        self.adapter = adapter
+        self.base = adapter.base
+        self.path = adapter.path
+        self.config_dir = self.base.config_dir
+        self._adapted = set(adapter.keys())
+
+    def keys(self) -> list[str]:
+        return list(self.base.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base.shape(name))
+
+    def dtype(self, name: str):
+        return self.base.dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.adapter.get(name) if name in self._adapted else self.base.get(name)
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+def magnitude_trim(delta: np.ndarray, density: float) -> np.ndarray:
+    """mergekit's `magnitude` sparsification mask: the max(1, floor(density n)) largest |delta| survive.
+
+    Entries tied with the smallest survivor survive too (mergekit breaks such ties by sort order).
+    """
+    n = delta.size
+    if density >= 1.0:
+        return np.ones(delta.shape, bool)
+    if density <= 0.0 or n == 0:
+        return np.zeros(delta.shape, bool)
+    k = max(1, int(density * n))
+    magnitudes = np.abs(delta).reshape(-1)
+    threshold = np.partition(magnitudes, n - k)[n - k]
+    return np.abs(delta) >= threshold
+
+
+def random_keep(seed: int, name: str, task: int, shape: tuple[int, ...], density: float) -> np.ndarray:
+    """DARE's Bernoulli keep-mask for one model's tensor, seeded by (seed, tensor name, model index)."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()) & 0x7FFFFFFF, task])
+    return rng.random(shape) < density
+
+
+@dataclass
+class LeafInfo:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[np.dtype]
+
+
+class MergeSources:
+    """The readers of one merge and the engine callbacks over them.
+
+    Args:
+      config: the checked config (paths are resolved with `config.resolve`).
+      recipe: what to merge and how (`drm_jax.cli.recipe.build_recipe`).
+      out_dtype: numpy dtype floating outputs are cast to, or None to keep the reference's dtypes.
+    """
+
+    def __init__(self, config: MergeConfig, recipe: Recipe, out_dtype: np.dtype | None = None):
+        self.config = config
+        self.recipe = recipe
+        self.out_dtype = out_dtype
+        self.readers: list[Any] = []
+        self.reference = None
+        self.models: list[Any] = []
+        self.labels: list[str] = []
+        self._base_cache: tuple[int, np.ndarray] | None = None
+        self.info: LeafInfo | None = None
+        self.roles: list[str] = []
+        self.arch = "generic"
+
+    # -- opening and checking ------------------------------------------------------------------------
+    def open(self) -> "MergeSources":
+        base_path = None
+        if self.config.base_model is not None:
+            base_path, _ = split_adapter(self.config, self.config.base_model)
+        try:
+            for entry in (self.recipe.reference, *self.recipe.models):
+                self.readers.append(open_model(self.config, entry, base_path))
+            # One convention for all: Hugging Face names and layout (mixed formats merge together).
+            self.arch = naming.architecture_of(self.readers)
+            self.readers = [naming.HFView(r, self.arch) for r in self.readers]
+        except BaseException:
+            self.close()
+            raise
+        self.reference, self.models = self.readers[0], self.readers[1:]
+        self.labels = [f"{entry.key} ({entry.model})" for entry in self.recipe.models]
+        self.info = self._check_tensors()
+        return self
+
+    def _check_tensors(self) -> LeafInfo:
+        """Every floating tensor of the reference is in every model, with the reference's shape."""
+        ref = self.reference
+        names = list(ref.keys())
+        shapes = [tuple(ref.shape(n)) for n in names]
+        dtypes = [np.dtype(ref.dtype(n)) for n in names]
+        rules = roles_lib.RoleRules(
+            include=self.recipe.engine_kwargs.get("include"),
+            exclude=self.recipe.engine_kwargs.get("exclude", roles_lib.DEFAULT_EXCLUDE),
+            ignore=self.recipe.engine_kwargs.get("ignore"),
+        )
+        self.roles = [rules(n, s, d).role for n, s, d in zip(names, shapes, dtypes)]
+        for label, model in zip(self.labels, self.models):
+            present = set(model.keys())
+            for name, shape, role in zip(names, shapes, self.roles):
+                if role in ("keep", "ignore"):
+                    continue  # read from the reference only
+                if name not in present:
+                    raise MergeInputError(f"tensor {name!r} is missing from {label}")
+                other = tuple(model.shape(name))
+                if other != shape:
+                    raise MergeInputError(
+                        f"tensor {name!r} has shape {other} in {label} but {shape} in the "
+                        f"{self.recipe.reference.key} ({self.recipe.reference.model})")
+        return LeafInfo(names, shapes, dtypes)
+
+    def close(self) -> None:
+        for reader in self.readers:
+            try:
+                reader.close()
+            except Exception:  # closing is best effort; the merge result is already decided
+                pass
+        self.readers = []
+
+    def __enter__(self) -> "MergeSources":
+        return self.open()
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- engine callbacks ----------------------------------------------------------------------------
+    def _read(self, reader, label: str, name: str) -> np.ndarray:
+        try:
+            array = np.asarray(reader.get(name))
+        except DrmJaxError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{label}: cannot read tensor {name!r}: {err}") from None
+        if is_floating(array.dtype) and not np.all(np.isfinite(array)):
+            raise MergeInputError(f"tensor {name!r} of {label} contains NaN or Inf")
+        return array
+
+    def _reference_label(self) -> str:
+        return f"{self.recipe.reference.key} ({self.recipe.reference.model})"
+
+    def get_base(self, i: int) -> np.ndarray:
+        name = self.info.names[i]
+        if self.recipe.zero_base and self.roles[i] in ("linear", "other"):
+            # mergekit's linear averages full weights: merge against zeros.
+            return np.zeros(self.info.shapes[i], self.info.dtypes[i])
+        if self._base_cache is not None and self._base_cache[0] == i:
+            return self._base_cache[1]
+        array = self._read(self.reference, self._reference_label(), name)
+        self._base_cache = (i, array)
+        return array
+
+    def get_model(self, t: int, i: int) -> np.ndarray:
+        name = self.info.names[i]
+        array = self._read(self.models[t], self.labels[t], name)
+        pre = self.recipe.pre_sparsify[t] if self.recipe.pre_sparsify else None
+        if pre is not None:
+            array = self._pre_sparsify(pre, t, i, array)
+        return array
+
+    def _pre_sparsify(self, pre: PreSparsify, t: int, i: int, model: np.ndarray) -> np.ndarray:
+        base = self.get_base(i)
+        wide = np.float64 if model.dtype == np.float64 else np.float32
+        delta = model.astype(wide) - base.astype(wide)
+        if pre.kind == "magnitude":
+            # Surviving entries keep the model's own value, so the engine's delta is exactly the original.
+            return np.where(magnitude_trim(delta, pre.density), model, base)
+        seed = int(self.recipe.engine_kwargs.get("seed", 0))
+        keep = random_keep(seed, self.info.names[i], t, delta.shape, pre.density)
+        factor = 1.0 / pre.density if pre.rescale and pre.density > 0 else 1.0
+        dropped = np.where(keep, delta * factor, 0.0).astype(wide)
+        return (base.astype(wide) + dropped).astype(model.dtype)
+
+    def make_put(self, add: Callable[[str, np.ndarray], None]) -> Callable[[int, Any], None]:
+        """put(i, array) for the engine: cast floating tensors to the output dtype, hand them to `add`."""
+
+        def put(i: int, array: Any) -> None:
+            out = np.asarray(array)
+            if self.out_dtype is not None and is_floating(out.dtype) and out.dtype != self.out_dtype:
+                out = out.astype(self.out_dtype)
+            add(self.info.names[i], out)
+            if self._base_cache is not None and self._base_cache[0] == i:
+                self._base_cache = None
+
+        return put
+
+    def merged_count(self) -> int:
+        return sum(r in ("linear", "other") for r in self.roles)
+
+
+def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]:
+    """Every filesystem path a merge reads (models, adapters, the base, the tokenizer source)."""
+    refs = [m.model for m in models]
+    if config.base_model is not None:
+        refs.append(config.base_model)
+    if config.tokenizer_source not in (None, "base"):
+        refs.append(config.tokenizer_source)
+    paths = []
+    for ref in refs:
+        model, adapter = split_adapter(config, ref)
+        paths += [model] + ([adapter] if adapter is not None else [])
+    return paths
+
+
+__all__ = ["MergeSources", "input_paths", "is_floating", "magnitude_trim", "open_model", "random_keep",
+           "split_adapter"]

@@ -1,0 +1,224 @@
+"""`drm-jax merge` end to end on tiny Hugging Face Llama and T5 checkpoints (random weights, no downloads).
+
+- `drm` through the command line equals `drm_jax.merge` on the same tensors, tensor for tensor, and the
+  output loads in transformers and runs.
+- Every example config in examples/configs runs, and each mergekit method gives its formula's result
+  (computed here in numpy, with mergekit's rules).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from drm_jax.cli.main import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
+
+
+def _load(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _family(root: Path):
+    return tuple(_load(root / "models" / n) for n in ("base", "task_a", "task_b"))
+
+
+def _run_example(root: Path, method: str, out: Path, monkeypatch, *extra: str) -> int:
+    monkeypatch.chdir(root)  # the example configs name models/base, models/task_a, models/task_b
+    return main(["merge", str(EXAMPLES / f"{method}.yaml"), str(out), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def llama_outputs(llama_family, tmp_path_factory):
+    """Every example config run once on the tiny Llama family: {method: output dir}."""
+    outputs = {}
+    out_root = tmp_path_factory.mktemp("llama_out")
+    mp = pytest.MonkeyPatch()
+    try:
+        for path in sorted(EXAMPLES.glob("*.yaml")):
+            mp.chdir(llama_family)
+            assert main(["merge", str(path), str(out_root / path.stem), "--quiet"]) == 0
+            outputs[path.stem] = out_root / path.stem
+    finally:
+        mp.undo()
+    return outputs
+
+
+def test_drm_equals_python_api_and_runs_in_transformers_llama(llama_family, llama_outputs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import drm_jax
+
+    base, a, b = _family(llama_family)
+    expected = drm_jax.merge(base, [a, b], method="drm", drop_rate=0.8, direction="horizontal", rank_rtol=0.01,
+                             renormalize=True, coefficients=[1.0, 1.0])
+    got = _load(llama_outputs["drm"])
+    assert set(got) == set(base)
+    for name in base:
+        np.testing.assert_array_equal(got[name], np.asarray(expected[name]), err_msg=name)
+    assert any(not np.array_equal(got[n], base[n]) for n in base)  # it did merge
+
+    out = llama_outputs["drm"]
+    assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 3]])).logits
+    assert logits.shape == (1, 4, 64) and torch.isfinite(logits).all()
+
+
+def test_drm_equals_python_api_and_runs_in_transformers_t5(t5_family, tmp_path, monkeypatch):
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    import drm_jax
+
+    assert _run_example(t5_family, "drm", tmp_path / "out", monkeypatch) == 0
+    base, a, b = _family(t5_family)
+    expected = drm_jax.merge(base, [a, b], method="drm", drop_rate=0.8, coefficients=[1.0, 1.0])
+    got = _load(tmp_path / "out")
+    assert set(got) == set(base)
+    for name in base:
+        np.testing.assert_array_equal(got[name], np.asarray(expected[name]), err_msg=name)
+    model = T5ForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[4, 7, 1]]), decoder_input_ids=torch.tensor([[0, 3]])).logits
+    assert logits.shape == (1, 2, 64) and torch.isfinite(logits).all()
+
+
+def _ties_mergekit(base, models, weights, densities, lam=1.0, normalize=True):
+    """mergekit's `ties` on one tensor, written from its definition (float64)."""
+    deltas = []
+    for m, d in zip(models, densities):
+        delta = m.astype(np.float64) - base
+        k = max(1, int(d * delta.size)) if d > 0 else 0
+        keep = np.zeros(delta.size, bool)
+        keep[np.argsort(-np.abs(delta).reshape(-1), kind="stable")[:k]] = True
+        deltas.append(np.where(keep.reshape(delta.shape), delta, 0.0))
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * base.ndim)
+    weighted = np.stack(deltas) * w
+    majority = np.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(weighted) == majority
+    mixed = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        mixed = mixed / np.where(divisor == 0, 1.0, divisor)
+    return base + lam * mixed
+
+
+def test_mergekit_methods_follow_their_formulas(llama_family, llama_outputs):
+    base, a, b = _family(llama_family)
+    f64 = {n: (base[n].astype(np.float64), a[n].astype(np.float64), b[n].astype(np.float64)) for n in base}
+    linear = _load(llama_outputs["linear"])
+    ta = _load(llama_outputs["task_arithmetic"])
+    ties = _load(llama_outputs["ties"])
+    for name, (w0, w1, w2) in f64.items():
+        np.testing.assert_allclose(linear[name], (0.7 * w1 + 0.3 * w2) / 1.0, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ta[name], w0 + 0.8 * (0.5 * (w1 - w0) + 0.5 * (w2 - w0)), rtol=1e-6, atol=1e-6)
+        # examples/configs/ties.yaml: weights 0.6 / 0.4, densities 0.5 / 0.7 (differ: trimmed while reading)
+        np.testing.assert_allclose(ties[name], _ties_mergekit(w0, [w1, w2], [0.6, 0.4], [0.5, 0.7]),
+                                   rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_knots_and_dare_examples(llama_family, llama_outputs):
+    import drm_jax
+
+    base, a, b = _family(llama_family)
+    knots = _load(llama_outputs["knots_ties"])
+    expected = drm_jax.merge(base, [a, b], method="knots_ties", drop_rate=0.8, rank_rtol=0.01)
+    for name in base:
+        np.testing.assert_array_equal(knots[name], np.asarray(expected[name]), err_msg=name)
+    for method in ("dare_ties", "dare_linear"):
+        out = _load(llama_outputs[method])
+        assert set(out) == set(base)
+        # DARE keeps ~density of each delta (density 0.6 in the examples), rescaled by 1 / 0.6
+        name = "model.layers.0.mlp.up_proj.weight"
+        delta = out[name] - base[name]
+        assert np.all(np.isfinite(delta))
+        assert 0.3 < np.mean(np.abs(delta) > 1e-7) < 0.95, method
+
+
+def test_summary_progress_and_force(llama_family, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert _run_example(llama_family, "linear", out, monkeypatch) == 2  # non-empty without --force
+    err = capsys.readouterr().err
+    assert "--force" in err and str(out) in err and (out / "keep.txt").read_text() == "precious"
+
+    monkeypatch.chdir(llama_family)
+    assert main(["merge", str(EXAMPLES / "linear.yaml"), str(out), "--force", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert "merged 21 tensors" in captured.out and "peak memory" in captured.out and "time" in captured.out
+    assert "14 linear" in captured.out and "7 other" in captured.out
+    assert "tensor" in captured.err and "100%" in captured.err  # the progress bar
+    assert main(["merge", str(EXAMPLES / "linear.yaml"), str(out), "--force", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_output_dtype_and_sharding(llama_family, tmp_path, monkeypatch):
+    config = (EXAMPLES / "linear.yaml").read_text().replace("dtype: float32", "dtype: bfloat16")
+    path = tmp_path / "bf16.yaml"
+    path.write_text(config)
+    monkeypatch.chdir(llama_family)
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet", "--max-shard-size", "20KB"]) == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "out" / s).is_file() for s in shards)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / sorted(shards)[0]), "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+
+
+def test_peft_adapter_over_the_base(llama_family, tmp_path, monkeypatch):
+    """A PEFT LoRA adapter directory merges as base + scaling * B @ A."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = llama_family / "models" / "base"
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    path = tmp_path / "peft.yaml"
+    path.write_text(f"merge_method: task_arithmetic\nbase_model: {base_dir}\nmodels:\n"
+                    f"  - model: {tmp_path / 'adapter'}\n    parameters: {{weight: 0.5}}\n")
+    assert main(["merge", str(path), str(tmp_path / "out"), "--quiet"]) == 0
+    got, base = _load(tmp_path / "out"), _load(base_dir)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+    lora_a = next(v for k, v in state.items() if k.startswith(prefix + ".lora_A"))
+    lora_b = next(v for k, v in state.items() if k.startswith(prefix + ".lora_B"))
+    np.testing.assert_allclose(got[name], base[name] + 0.5 * (8 / 4) * lora_b @ lora_a, rtol=1e-5, atol=1e-6)
+    untouched = "model.layers.1.mlp.up_proj.weight"
+    np.testing.assert_array_equal(got[untouched], base[untouched])
+
+
+def test_layout_follows_the_architecture_tables():
+    from drm_jax.cli.naming import layout_for
+
+    gpt2, llama = layout_for("gpt2"), layout_for("llama")
+    assert gpt2("transformer.h.0.attn.c_attn.weight", (32, 96))  # Conv1D: stored (in, out)
+    assert gpt2("transformer.h.0.mlp.c_fc.weight", (32, 128))
+    assert not gpt2("lm_head.weight", (64, 32))
+    assert not llama("model.layers.0.self_attn.q_proj.weight", (32, 32))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from drm_jax.math import decompose, space
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks, weighted_mean
-from drm_jax.math.prune import check_fraction, dare_drop, prune, prune_by_threshold
+from drm_jax.math.sparsify import check_fraction, dare_drop, prune, prune_by_threshold
 from drm_jax.math.state import MergeMethod, MergeTransform, chain
 
 

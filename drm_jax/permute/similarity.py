@@ -16,6 +16,8 @@ from drm_jax.permute.apply import Transforms, transform_array
 from drm_jax.permute.capture import ApplyFn, batch_inputs, make_site_capture
 from drm_jax.permute.spec import AxisMember, PermGroup, PermutationSpec, get_path, normalize_axes
 
+# Variable collections that hold running statistics, not weights: left out of weight similarity.
+STATISTICS_COLLECTIONS = ("batch_stats",)
 # Keeps the correlation of a constant unit finite (it is then 0 with everything).
 _EPS = 1e-12
 # Relative variance below which a unit counts as constant (float64 cancellation is ~1e-16).
@@ -53,12 +55,12 @@ def unit_weight_vectors(
     transforms: Transforms,
     model: int,
 ) -> np.ndarray:
-    """(n, d): each unit's parameters under `params` concatenated along the group axis, after applying
+    """(n, d): each unit's parameters concatenated along the group axis, after applying
     model `model`'s current transforms of every *other* group that touches the same arrays (so rows of
     different models are comparable). Statistics collections (batch_stats) are not weights."""
     rows = []
     for member in group.members:
-        if member.path[0] != "params":
+        if member.path[0] in STATISTICS_COLLECTIONS:
             continue
         x = np.asarray(get_path(tree, member.path), np.float64)
         x = transform_array(x, table[member.path], transforms, model, out_matrix="membership", skip=group.name)

@@ -180,7 +180,7 @@ def validate_spec(spec: PermutationSpec, variables: Any) -> None:
                 raise MergeInputError(f"{where}: axes {member.axes} carry {units} units, group size is {group.size}")
             for axis in axes:
                 other = claimed.setdefault((member.path, axis), group.name)
-                if other != group.name or sum(a == axis for a in axes) > 1:
+                if other != group.name:
                     raise MergeInputError(f"{where}: axis {axis} is already claimed by group {other}")
 
 
@@ -197,10 +197,32 @@ def _numbered(names: list[str], pattern: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _params_of(variables: Any) -> Mapping:
+    """The params collection of a variables tree, or the tree itself when given bare params."""
+    if isinstance(variables, Mapping) and "params" in variables:
+        return variables["params"]
+    if not isinstance(variables, Mapping):
+        raise MergeInputError(f"expected a variables or params mapping, got {type(variables).__name__}")
+    return variables
+
+
+def _rooted(spec: PermutationSpec, variables: Any) -> PermutationSpec:
+    """Builders write paths from a {"params": ...} root; for a bare params tree drop that first key."""
+    if isinstance(variables, Mapping) and "params" in variables:
+        return spec
+    groups = []
+    for group in spec.groups:
+        members = tuple(
+            AxisMember(m.path[1:], m.axes, m.role) for m in group.members if m.path[0] == "params"
+        )
+        groups.append(PermGroup(group.name, group.size, members, group.sites, group.block_size, group.block_link))
+    return PermutationSpec(tuple(groups))
+
+
 def _norm_members(variables: Any, path: Path) -> list[AxisMember]:
     """scale/bias under params (and mean/var under batch_stats when present), all output role."""
     members = []
-    params = get_path(variables, ("params",) + path)
+    params = get_path(_params_of(variables), path)
     for leaf in ("scale", "bias"):
         if leaf in params:
             members.append(AxisMember(("params",) + path + (leaf,), (0,), "out"))
@@ -228,7 +250,7 @@ def mlp_spec(variables: Any, layers: list[str] | None = None) -> PermutationSpec
       trailing number of its name (Flax's "Dense_0", "Dense_1", ...). One group per hidden layer: the
       layer's kernel axis 1 and bias (out), the next kernel axis 0 (in); features = input of the next layer.
     """
-    params = get_path(variables, ("params",))
+    params = _params_of(variables)
     if layers is None:
         candidates = [n for n, p in params.items() if isinstance(p, Mapping) and getattr(p.get("kernel"), "ndim", 0) == 2]
         numbered = _numbered(candidates, r".*?(\d+)")
@@ -242,7 +264,7 @@ def mlp_spec(variables: Any, layers: list[str] | None = None) -> PermutationSpec
             AxisMember(("params", following, "kernel"), (0,), "in")
         ]
         groups.append(PermGroup(f"{current}.out", size, tuple(members), (ActivationSite((following,)),)))
-    return PermutationSpec(tuple(groups))
+    return _rooted(PermutationSpec(tuple(groups)), variables)
 
 
 def resnet_spec(variables: Any, norm_groups: int | None = None) -> PermutationSpec:
@@ -254,7 +276,7 @@ def resnet_spec(variables: Any, norm_groups: int | None = None) -> PermutationSp
     shortcut, every conv2/norm2 on it, every conv1/proj_conv/head reading it).
     norm_groups: GroupNorm's num_groups; channels are then permuted in blocks of C // norm_groups.
     """
-    params = get_path(variables, ("params",))
+    params = _params_of(variables)
     block_names = sorted(
         (int(m.group(1)), int(m.group(2)), name)
         for name in params
@@ -310,7 +332,7 @@ def resnet_spec(variables: Any, norm_groups: int | None = None) -> PermutationSp
     stream_members.append(AxisMember(("params", "head", "kernel"), (0,), "in"))
     stream_sites.append(ActivationSite(("head",)))
     close_stream()
-    return PermutationSpec(tuple(groups))
+    return _rooted(PermutationSpec(tuple(groups)), variables)
 
 
 def vit_spec(variables: Any) -> PermutationSpec:
@@ -322,7 +344,7 @@ def vit_spec(variables: Any) -> PermutationSpec:
     Groups: the residual stream (one group across all layers), per block a query/key group and a
     value/output group linked so heads move as whole blocks together, and the MLP hidden units.
     """
-    params = get_path(variables, ("params",))
+    params = _params_of(variables)
     blocks = [name for _, name in _numbered(list(params), r"block(\d+)")]
     if "embed" not in params or "head" not in params or not blocks:
         raise MergeInputError("ViT spec expects params 'embed', 'block{i}' and 'head'")
@@ -376,4 +398,4 @@ def vit_spec(variables: Any) -> PermutationSpec:
     if "ln_final" not in params:
         sites.append(ActivationSite(("head",)))
     groups.insert(0, PermGroup("stream", width, tuple(stream), tuple(sites)))
-    return PermutationSpec(tuple(groups))
+    return _rooted(PermutationSpec(tuple(groups)), variables)

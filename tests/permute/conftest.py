@@ -37,13 +37,37 @@ def _make_case(name: str) -> Case:
     apply = model.apply
     batches = [images[:12], images[12:]]
 
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images[:2])
+
     def init(seed: int) -> Any:
-        variables = model.init(jax.random.PRNGKey(seed), images[:2])
+        variables = _random_variables(shapes, seed)
         # statistics of the calibration data, so recomputing them reproduces the model exactly
         return recompute_batch_stats(variables, apply, batches) if "batch_stats" in variables else variables
 
     variables = init(0)
     return Case(name, apply, variables, spec_fn(variables), batches, images, init)
+
+
+def _random_variables(shapes: Any, seed: int) -> Any:
+    """Random weights from numpy for the tree of shapes (Flax's initializers compile slowly on CPU).
+    Biases and norm scales are random too, so permuting them is visible."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        shape = leaf.shape
+        if name == "mean":
+            return np.zeros(shape, np.float32)
+        if name == "var":
+            return np.ones(shape, np.float32)
+        if name == "scale":
+            return (1.0 + 0.1 * rng.normal(size=shape)).astype(np.float32)
+        if name == "bias":
+            return (0.1 * rng.normal(size=shape)).astype(np.float32)
+        fan_in = max(1, int(np.prod(shape[:-1])))
+        return (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 _CASES: dict[str, Case] = {}

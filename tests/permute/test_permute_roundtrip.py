@@ -12,6 +12,7 @@ from drm_jax.permute import (
     mudsc,
     permute_variables,
     random_permutations,
+    vit_spec,
     weight_matching,
     zipit,
 )
@@ -79,3 +80,18 @@ def test_vit_heads_move_as_blocks(case_factory):
     broken = {qk.name: swap}
     copy = permute_variables(case.variables, case.spec, broken)
     assert not np.allclose(case.apply(copy, case.x), case.apply(case.variables, case.x), atol=1e-4)
+
+
+def test_bare_params_trees_work_like_variables(case_factory, trees_equal):
+    case = case_factory("vit")
+    params = case.variables["params"]
+    spec = vit_spec(params)
+    assert all(m.path[0] != "params" for g in spec.groups for m in g.members)
+    copy = permute_variables(params, spec, random_permutations(spec, seed=5))
+
+    def apply(p, x):
+        return case.apply({"params": p}, x)
+
+    np.testing.assert_allclose(apply(copy, case.x), apply(params, case.x), atol=2e-5, rtol=1e-5)
+    assert trees_equal(mudsc([params, copy], spec, apply, case.batches), params)
+    assert trees_equal(weight_matching([params, copy], spec), params)

@@ -11,7 +11,8 @@ the regex `(.*\\.)?(key)$` over the module name). Layouts follow the base weight
 `lora_embedding_B` (dim, r) give delta = scaling * (B @ A).T of shape (num, dim); a convolution's
 A (r, in, *window) and B (out, r, 1, ...) give delta[o, i, ...] = scaling * sum_r B[o, r] A[r, i, ...].
 `lora_B.bias` (lora_bias=True) updates the module's bias by scaling * bias. Tensors saved whole
-(`modules_to_save`, biases with bias="all") replace the base tensor.
+(`modules_to_save`, biases with bias="all") replace the base tensor. A `m.base_layer.weight` saved by the
+adapter (PEFT saves adapted embedding layers whole) is the base weight the LoRA update applies to.
 
 The reader's names are the adapted base weights ("model.layers.0.self_attn.q_proj.weight", the PEFT
 prefix `base_model.model.` removed). `delta(name)` needs only the adapter; `get(name)` returns the full
@@ -109,6 +110,7 @@ class PeftReader(CheckpointReader):
         whole: dict[str, str] = {}  # base name -> adapter name of a tensor stored whole
         for key in adapter_names:
             bare = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+            bare = bare.replace(".base_layer.", ".")
             if "lora_magnitude_vector" in bare:
                 raise CheckpointError(f"{self.adapter.path}: DoRA tensor {key!r} is not supported")
             match = _LORA_KEY.match(bare)
@@ -139,12 +141,20 @@ class PeftReader(CheckpointReader):
         raise CheckpointError(f"{self.path}: adapted tensor {name!r} is not in the base model {self.base.path}")
 
     def _resolve_names(self) -> dict[str, tuple[str, str]]:
-        """base name -> (kind, key): kind "lora" (key: module), "bias" (key: module) or "whole" (adapter key)."""
+        """base name -> (kind, key): kind "lora" (key: module), "bias" (key: module) or "whole" (adapter key).
+
+        A tensor saved whole under the name of a LoRA-adapted weight (`base_layer`) is that module's base
+        weight, kept in `self._saved_base`.
+        """
         names: dict[str, tuple[str, str]] = {}
+        self._saved_base: dict[str, str] = {}
         for module, entry in self._modules.items():
-            names[self._base_name(f"{module}.weight")] = ("lora", module)
-            if entry.b_bias is not None:
-                names[self._base_name(f"{module}.bias")] = ("bias", module)
+            for leaf, kind, present in (("weight", "lora", True), ("bias", "bias", entry.b_bias is not None)):
+                if not present:
+                    continue
+                if f"{module}.{leaf}" in self._whole:
+                    self._saved_base[f"{module}.{leaf}"] = self._whole.pop(f"{module}.{leaf}")
+                names[self._base_name(f"{module}.{leaf}")] = (kind, module)
         for base_name, key in self._whole.items():
             names[self._base_name(base_name)] = ("whole", key)
         return names
@@ -234,7 +244,9 @@ class PeftReader(CheckpointReader):
         kind, key = self._lookup(name)
         if kind == "whole":
             return self.adapter.get(key)
-        base = self._require_base(name)
+        leaf = "weight" if kind == "lora" else "bias"
+        saved = self._saved_base.get(f"{key}.{leaf}")
+        base = self.adapter.get(saved) if saved is not None else self._require_base(name)
         return (base.astype(np.float32) + self.delta(name)).astype(base.dtype)
 
     def close(self) -> None:

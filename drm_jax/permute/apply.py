@@ -241,7 +241,9 @@ def recompute_batch_stats(variables: Any, apply_fn: ApplyFn, batches: Iterable[A
             mean, var = stats[path[1:-1]]
             value = mean if path[-1] == "mean" else var
             if np.shape(value) != np.shape(leaf):
-                raise MergeInputError(f"BatchNorm statistics {'/'.join(path)}: computed {np.shape(value)}, stored {np.shape(leaf)}")
+                raise MergeInputError(
+                    f"BatchNorm statistics {'/'.join(path)}: computed {np.shape(value)}, stored {np.shape(leaf)}"
+                )
             return _like(np.asarray(value), leaf)
         return leaf
 

@@ -7,7 +7,7 @@ collection: the user's `apply_fn(variables, inputs)` runs unchanged, in inferenc
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax

@@ -24,7 +24,6 @@ import numpy as np
 
 from drm_jax.errors import MergeInputError
 from drm_jax.permute.apply import (
-    GroupTransform,
     Transforms,
     check_same_structure,
     identity_transform,

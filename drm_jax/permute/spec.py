@@ -252,7 +252,9 @@ def mlp_spec(variables: Any, layers: list[str] | None = None) -> PermutationSpec
     """
     params = _params_of(variables)
     if layers is None:
-        candidates = [n for n, p in params.items() if isinstance(p, Mapping) and getattr(p.get("kernel"), "ndim", 0) == 2]
+        candidates = [
+            n for n, p in params.items() if isinstance(p, Mapping) and getattr(p.get("kernel"), "ndim", 0) == 2
+        ]
         numbered = _numbered(candidates, r".*?(\d+)")
         layers = [name for _, name in numbered]
     if len(layers) < 2:
@@ -388,7 +390,8 @@ def vit_spec(variables: Any) -> PermutationSpec:
         hidden = int(block["mlp_in"]["kernel"].shape[1])
         groups.append(PermGroup(
             f"{name}.mlp", hidden,
-            tuple(_dense_out((name, "mlp_in"), block["mlp_in"]) + [AxisMember(("params", name, "mlp_out", "kernel"), (0,), "in")]),
+            tuple(_dense_out((name, "mlp_in"), block["mlp_in"])
+                  + [AxisMember(("params", name, "mlp_out", "kernel"), (0,), "in")]),
             (ActivationSite((name, "mlp_out")),),
         ))
     if "ln_final" in params:

@@ -55,10 +55,11 @@ def test_search_beats_identity_and_is_seeded(pair, trees_equal):
     mixed = match_units(trees, case.spec, case.apply, case.batches, alpha=0.5, seed=3)
     again = match_units(trees, case.spec, case.apply, case.batches, alpha=0.5, seed=3)
     assert mixed.score == again.score
-    for name, transform in mixed.transforms.items():
+    for transform in mixed.transforms.values():
         for u in transform.unmerge:
             # alignment: each model's units go one-to-one onto merged units
-            assert np.array_equal(u.sum(axis=0), np.ones(u.shape[1])) and np.array_equal(u.sum(axis=1), np.ones(u.shape[0]))
+            np.testing.assert_array_equal(u.sum(axis=0), 1.0)
+            np.testing.assert_array_equal(u.sum(axis=1), 1.0)
 
 
 def test_zip_budget_controls_within_model_merges(case_factory):

@@ -166,7 +166,8 @@ def test_recompute_batch_stats_gives_population_statistics():
     # the second BatchNorm sees the first one normalized with each batch's statistics (training mode)
     z = []
     for hb in h:
-        nb = (hb - hb.mean(0)) / np.sqrt(hb.var(0) + 1e-5) * np.asarray(p["bn0"]["scale"]) + np.asarray(p["bn0"]["bias"])
+        nb = (hb - hb.mean(0)) / np.sqrt(hb.var(0) + 1e-5)
+        nb = nb * np.asarray(p["bn0"]["scale"]) + np.asarray(p["bn0"]["bias"])
         z.append(np.maximum(nb, 0) @ np.asarray(p["d1"]["kernel"]) + np.asarray(p["d1"]["bias"]))
     np.testing.assert_allclose(fresh["batch_stats"]["bn1"]["mean"], np.concatenate(z).mean(0), rtol=1e-4, atol=1e-5)
     assert np.all(np.asarray(variables["batch_stats"]["bn0"]["var"]) == 1.0)  # input untouched

@@ -19,7 +19,6 @@ from drm_jax.io.base import CheckpointReader, has_config_files
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.nested import unflatten_names
 
-ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA")
 
 
 def is_orbax_item(directory: Path) -> bool:
@@ -77,8 +76,9 @@ class OrbaxReader(CheckpointReader):
         config_dir = next((d for d in (item, path) if has_config_files(d)), None)
         super().__init__(path, config_dir)
         self.item_dir = item
+        self._checkpointer = _checkpointer()
         try:
-            metadata = _checkpointer().metadata(item)
+            metadata = self._checkpointer.metadata(item)
         except Exception as err:  # orbax raises ValueError, FileNotFoundError, tensorstore errors, ...
             raise CheckpointError(f"{item}: cannot read Orbax metadata: {err}") from err
         # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata.tree; older versions return it bare.
@@ -120,7 +120,7 @@ class OrbaxReader(CheckpointReader):
         node_item[path[-1]] = 0
         node_args[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
         try:
-            restored = _checkpointer().restore(
+            restored = self._checkpointer.restore(
                 self.item_dir, args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root, partial_restore=True)
             )
         except Exception as err:

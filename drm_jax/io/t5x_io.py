@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError
@@ -125,6 +126,7 @@ class T5xReader(CheckpointReader):
         target = self._target(tree)
         self._inline: dict[str, LazyArray | ChunkedLazyArray] = {}
         self._stores: dict[str, tuple[Path, Any]] = {}
+        self._declared: dict[str, str] = {}  # dtype named by the spec (T5X version 2 stored bf16 as uint16)
         self._handle = None
         leaves = flatten_tree(target, "target", is_leaf=_is_tensorstore_spec)
         for name, leaf in leaves.items():
@@ -137,6 +139,8 @@ class T5xReader(CheckpointReader):
                 except Exception as err:  # tensorstore raises ValueError on bad metadata
                     raise CheckpointError(f"{array_dir}: cannot open array for tensor {name!r}: {err}") from err
                 self._stores[name] = (array_dir, store)
+                if isinstance(leaf.get("dtype"), str):
+                    self._declared[name] = leaf["dtype"]
         self._order = [name for name in leaves if name in self._inline or name in self._stores]
 
     def _target(self, tree: Any) -> Any:
@@ -162,9 +166,12 @@ class T5xReader(CheckpointReader):
     def dtype(self, name: str) -> np.dtype:
         if name in self._inline:
             return self._inline[name].dtype
-        if name in self._stores:
-            return as_numpy_dtype(self._stores[name][1].dtype)
-        raise self._unknown(name)
+        if name not in self._stores:
+            raise self._unknown(name)
+        stored = as_numpy_dtype(self._stores[name][1].dtype)
+        if stored == np.uint16 and self._declared.get(name) == "bfloat16":
+            return np.dtype(ml_dtypes.bfloat16)
+        return stored
 
     def get(self, name: str) -> np.ndarray:
         if name in self._inline:
@@ -178,7 +185,7 @@ class T5xReader(CheckpointReader):
             array = np.asarray(store.read().result())
         except Exception as err:  # corrupt or truncated chunk
             raise CheckpointError(f"{array_dir}: cannot read tensor {name!r}: {err}") from err
-        return array.astype(as_numpy_dtype(store.dtype), copy=False)
+        return array.view(self.dtype(name))  # same itemsize: only relabels T5X v2's uint16-coded bf16
 
     def close(self) -> None:
         if self._handle is not None:

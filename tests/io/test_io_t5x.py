@@ -97,3 +97,21 @@ def test_t5x_name_table_spot_checks():
         to_t5x_name("bert.encoder.layer.0.attention.self.query.weight")
     with pytest.raises(CheckpointError, match="no Hugging Face T5 name"):
         from_t5x_name("target.something.else")
+
+
+def test_t5x_version_2_bf16_stored_as_uint16(tmp_path):
+    """T5X before version 3 wrote bfloat16 arrays as their uint16 bit patterns; the spec still says bfloat16."""
+    from flax import serialization
+
+    expected = np.random.default_rng(1).normal(size=(3, 4)).astype(ml_dtypes.bfloat16)
+    with CheckpointWriter(tmp_path / "ckpt", "t5x") as writer:
+        writer.add("target.encoder.layers_0.mlp.wo.kernel", expected.view(np.uint16))
+    path = tmp_path / "ckpt" / "checkpoint"
+    content = serialization.msgpack_restore(path.read_bytes())
+    content["version"] = 2
+    content["optimizer"]["target"]["encoder"]["layers_0"]["mlp"]["wo"]["kernel"]["dtype"] = "bfloat16"
+    path.write_bytes(serialization.msgpack_serialize(content))
+    with open_checkpoint(tmp_path / "ckpt") as reader:
+        got = reader.get("target.encoder.layers_0.mlp.wo.kernel")
+        assert got.dtype == ml_dtypes.bfloat16 == reader.dtype("target.encoder.layers_0.mlp.wo.kernel")
+        np.testing.assert_array_equal(got, expected)

@@ -34,6 +34,22 @@ EXT_NPSCALAR = 3
 CHUNKED_MARKER = "__msgpack_chunked_array__"
 _MAX_DEPTH = 128
 
+# msgpack markers (big-endian lengths and numbers).
+_CONSTANTS = {0xC0: None, 0xC2: False, 0xC3: True}
+_SIZED = {  # marker -> (kind, struct format of its length)
+    0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
+    0xD9: ("str", ">B"), 0xDA: ("str", ">H"), 0xDB: ("str", ">I"),
+    0xDC: ("array", ">H"), 0xDD: ("array", ">I"),
+    0xDE: ("map", ">H"), 0xDF: ("map", ">I"),
+    0xC7: ("ext", ">B"), 0xC8: ("ext", ">H"), 0xC9: ("ext", ">I"),
+}
+_NUMBERS = {
+    0xCA: ">f", 0xCB: ">d", 0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
+    0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+}
+_FIXEXT = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}  # marker -> payload length
+_BYTES_MARKERS = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I", 0xD9: ">B", 0xDA: ">H", 0xDB: ">I"}  # bin, or raw str
+
 
 @dataclasses.dataclass(frozen=True)
 class LazyArray:
@@ -116,18 +132,10 @@ class _Walker:
             return self._array(marker & 0x0F, depth)
         if 0xA0 <= marker <= 0xBF:
             return self._str(marker & 0x1F)
-        simple = {0xC0: None, 0xC2: False, 0xC3: True}
-        if marker in simple:
-            return simple[marker]
-        sized = {
-            0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
-            0xD9: ("str", ">B"), 0xDA: ("str", ">H"), 0xDB: ("str", ">I"),
-            0xDC: ("array", ">H"), 0xDD: ("array", ">I"),
-            0xDE: ("map", ">H"), 0xDF: ("map", ">I"),
-            0xC7: ("ext", ">B"), 0xC8: ("ext", ">H"), 0xC9: ("ext", ">I"),
-        }
-        if marker in sized:
-            kind, fmt = sized[marker]
+        if marker in _CONSTANTS:
+            return _CONSTANTS[marker]
+        if marker in _SIZED:
+            kind, fmt = _SIZED[marker]
             count = int(self._unpack(fmt))
             if kind == "bin":
                 return self._take(count)
@@ -138,15 +146,10 @@ class _Walker:
             if kind == "map":
                 return self._map(count, depth)
             return self._ext(count)
-        numbers = {
-            0xCA: ">f", 0xCB: ">d", 0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q",
-            0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
-        }
-        if marker in numbers:
-            return self._unpack(numbers[marker])
-        fixext = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
-        if marker in fixext:
-            return self._ext(fixext[marker])
+        if marker in _NUMBERS:
+            return self._unpack(_NUMBERS[marker])
+        if marker in _FIXEXT:
+            return self._ext(_FIXEXT[marker])
         raise self._corrupt(f"invalid marker byte 0x{marker:02x}")
 
     def _str(self, count: int) -> str:
@@ -198,8 +201,11 @@ class _Walker:
         if code == EXT_NATIVE_COMPLEX:
             import msgpack
 
-            real, imag = msgpack.unpackb(payload)
-            return complex(real, imag)
+            try:
+                real, imag = msgpack.unpackb(payload)
+                return complex(real, imag)
+            except (ValueError, TypeError, msgpack.UnpackException) as err:
+                raise self._corrupt(f"invalid complex number ({err})") from err
         raise self._corrupt(f"unknown msgpack extension type {code}")
 
     def _ndarray(self, end: int) -> LazyArray:
@@ -216,7 +222,7 @@ class _Walker:
         except ValueError as err:
             raise self._corrupt(str(err)) from err
         bin_marker = self._take(1)[0]
-        fmt = {0xC4: ">B", 0xC5: ">H", 0xC6: ">I", 0xD9: ">B", 0xDA: ">H", 0xDB: ">I"}.get(bin_marker)
+        fmt = _BYTES_MARKERS.get(bin_marker)
         if fmt is None:
             raise self._corrupt("array payload has no byte string")
         nbytes = int(self._unpack(fmt))

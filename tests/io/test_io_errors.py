@@ -229,3 +229,44 @@ def test_reader_errors_name_file_and_tensor(tmp_path):
         last = max(reader.keys(), key=lambda n: reader._entry(n).end)
         with pytest.raises(CheckpointError, match=rf"{path.name}: truncated: tensor '{last}'"):
             reader.get(last)
+
+
+def test_every_truncation_is_a_checkpoint_error(tmp_path):
+    """Cut a flax msgpack and a safetensors file at every length: always CheckpointError naming the file."""
+    from flax import serialization
+
+    from drm_jax.io.flax_io import FlaxReader
+    from drm_jax.io.safetensors_io import SafetensorsReader
+
+    flax_bytes = serialization.to_bytes({"a": {"kernel": np.ones((3, 2), np.float32)}, "b": np.arange(3)})
+    safetensors_bytes = (_safetensors_dir(tmp_path) / "model.safetensors").read_bytes()
+    for reader_cls, data, name in ((FlaxReader, flax_bytes, "x.msgpack"), (SafetensorsReader, safetensors_bytes, "x.safetensors")):
+        path = tmp_path / name
+        for length in range(len(data)):
+            path.write_bytes(data[:length])
+            with pytest.raises(CheckpointError, match=name):
+                reader_cls(path).close()
+
+
+def test_flipped_bytes_never_crash_the_readers(tmp_path):
+    """Random single-byte corruption: either a clean read or a CheckpointError naming the file."""
+    from flax import serialization
+
+    from drm_jax.io.flax_io import FlaxReader
+    from drm_jax.io.safetensors_io import SafetensorsReader
+
+    flax_bytes = serialization.to_bytes({"a": {"kernel": np.ones((3, 2), np.float32)}, "b": np.arange(3)})
+    safetensors_bytes = (_safetensors_dir(tmp_path) / "model.safetensors").read_bytes()
+    rng = np.random.default_rng(0)
+    for reader_cls, data, name in ((FlaxReader, flax_bytes, "x.msgpack"), (SafetensorsReader, safetensors_bytes, "x.safetensors")):
+        path = tmp_path / name
+        for _ in range(300):
+            corrupt = bytearray(data)
+            corrupt[rng.integers(len(data))] = rng.integers(256)
+            path.write_bytes(bytes(corrupt))
+            try:
+                with reader_cls(path) as reader:
+                    for key in reader.keys():
+                        reader.get(key)
+            except CheckpointError as err:
+                assert name in str(err)

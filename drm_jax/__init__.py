@@ -5,6 +5,9 @@ from drm_jax.engine import merge
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, chain
 from drm_jax.methods import dare_linear, dare_ties, drm, knots_ties, linear, task_arithmetic, ties
+from drm_jax import permute
+from drm_jax.permute import (activation_align, average, mudsc, permute_merge, weight_matching, zipit,
+                             PermutationSpec, mlp_spec, resnet_spec, vit_spec)
 
 __version__ = "0.1.0"
 
@@ -12,4 +15,7 @@ __all__ = [
     "CheckpointError", "ConfigError", "DrmJaxError", "MergeInputError", "MergeMethod", "MergeState", "__version__",
     "chain", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "math", "merge", "methods",
     "task_arithmetic", "ties",
+    # models from different initializations (MuDSC and the permutation family)
+    "PermutationSpec", "activation_align", "average", "mlp_spec", "mudsc", "permute", "permute_merge",
+    "resnet_spec", "vit_spec", "weight_matching", "zipit",
 ]

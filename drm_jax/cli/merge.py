@@ -35,10 +35,13 @@ DEFAULT_MAX_MEMORY = "1GB"
 # Bytes of working memory per byte of stacked float32 inputs the engine accounts for in a chunk: the
 # stacks themselves, the numpy tensors they were read from, and the method's intermediates (deltas,
 # magnitudes, masks, the SVD's factors).
-WORKSPACE_FACTOR = 6
+WORKSPACE_FACTOR = 10
+# A tensor whose merge is elementwise is cut into row blocks of this fraction of a chunk's inputs: its
+# whole inputs stay cached (they are read once), so the blocks themselves are kept small.
+BLOCK_DIVISOR = 4
 # Share of the memory budget one output shard may hold before it is flushed (safetensors serializes a
 # shard into one buffer, so a shard costs about twice its size while it is written).
-SHARD_SHARE = 5
+SHARD_SHARE = 10
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -85,9 +88,25 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help=f"working-memory budget that sizes the chunks of stacked layers and the output "
                              f"shards (default {DEFAULT_MAX_MEMORY})")
     parser.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
-                        help="largest output shard (default: a fifth of --max-memory)")
+                        help="largest output shard (default: a tenth of --max-memory)")
     parser.set_defaults(func=run)
     return parser
+
+
+def return_freed_memory_to_the_os() -> None:
+    """Make glibc serve allocations of 1 MiB and more with mmap, so freed tensors go back to the operating
+    system at once. With glibc's default (a threshold that grows up to 32 MiB), the tensors of one group
+    stay in the heap after it is merged and the process grows by fragmentation: streaming keeps only a few
+    tensors alive, and this keeps the resident set near that. No effect elsewhere than glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # -- devices ---------------------------------------------------------------------------------------------
@@ -219,18 +238,23 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     with MergeSources(config, recipe, _numpy_dtype(out_dtype_name)) as sources:
         tokenizer_dir = _tokenizer_dir(config, sources)
         layout = naming.layout_for(sources.arch)
-        info = sources.info
-        method_kwargs = dict(recipe.engine_kwargs)
+        group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
+        leaves = sources.plan_blocks(len(recipe.models), max(1, group_bytes // BLOCK_DIVISOR))
         with MergeProgress(sources.merged_count(), quiet=quiet) as progress:
             writer = CheckpointWriter(out_dir, format="hf", max_shard_size=shard_size, overwrite=force)
             with writer:
-                counts = merge_leaves(
-                    info.names, info.shapes, info.dtypes,
-                    get_base=sources.get_base, get_model=sources.get_model, put=sources.make_put(writer.add),
-                    num_models=len(recipe.models), method=recipe.method, layout=layout, mesh=mesh,
-                    max_group_bytes=max(1, max_memory // WORKSPACE_FACTOR), on_chunk=progress.on_chunk,
-                    **method_kwargs,
-                )
+                put = sources.make_put(writer.add)
+                for batch in sources.batches():
+                    merge_leaves(
+                        [leaves.names[j] for j in batch], [leaves.shapes[j] for j in batch],
+                        [leaves.dtypes[j] for j in batch],
+                        get_base=lambda k, b=batch: sources.get_base(b[k]),
+                        get_model=lambda t, k, b=batch: sources.get_model(t, b[k]),
+                        put=lambda k, array, b=batch: put(b[k], array),
+                        num_models=len(recipe.models), method=recipe.method, layout=layout, mesh=mesh,
+                        max_group_bytes=group_bytes, on_chunk=progress.on_chunk, **recipe.engine_kwargs,
+                    )
+                counts = sources.counts()
                 finish_directory(writer.tmp_dir, sources.reference.config_dir, tokenizer_dir, out_dtype_name)
                 output = writer.close()
             summary = progress.summary(counts, output=str(out_dir))
@@ -239,6 +263,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `drm-jax merge`; DrmJaxErrors propagate to `drm_jax.cli.main` (one line, exit 2)."""
+    return_freed_memory_to_the_os()
     config = load_config(args.config)
     recipe = build_recipe(config)
     devices = select_devices(args.device, args.devices)

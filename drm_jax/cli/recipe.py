@@ -11,9 +11,9 @@ defaults and meanings are mergekit's (0.1.x `generalized_task_arithmetic` and `l
   `normalize: false` is mergekit's plain weighted sum of the weights).
 - the base model, if it is also listed under `models`, is not one of the merged task vectors.
 
-Per-model densities that differ cannot be expressed by the engine's single trim/drop rate, so those
-models are sparsified while they are read (`PreSparsify`), with mergekit's rule, and the engine runs the
-same method without a trim. For `drm` and `knots_ties` (which prune all tasks jointly) per-model
+`ties` trims each tensor of each model while it is read (`PreSparsify`, mergekit's `magnitude` rule, each
+model at its own density) and the engine runs TIES without a trim; DARE with per-model densities that
+differ drops while reading too (the engine has one drop rate). For `drm` and `knots_ties` (which prune all tasks jointly) per-model
 densities must agree. Where a mergekit parameter has no effect (a `density` for `task_arithmetic`) we
 warn instead of ignoring it silently.
 
@@ -82,6 +82,9 @@ class Recipe:
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     pre_sparsify: tuple[PreSparsify | None, ...] = ()
     warnings: tuple[str, ...] = ()
+    # Roles whose merge is elementwise (no per-tensor statistic): a tensor too large for the memory budget
+    # may be merged in row blocks without changing the result.
+    elementwise_roles: frozenset[str] = frozenset()
 
     @property
     def coefficients(self) -> tuple[float, ...]:
@@ -165,7 +168,12 @@ def _drm_recipe(config, models, reference, coefficients) -> Recipe:
     names = ("rank_rtol", "prune_scope", "svd_route", "nonlinear_density")
     names += ("renormalize",) if config.merge_method == "drm" else ()
     kwargs.update({n: p[n] for n in names if n in p})
-    return Recipe(models, reference, False, config.merge_method, kwargs, (None,) * len(models))
+    # DRM's other path (sign election, disjoint mean) is elementwise unless it trims by magnitude. (Its
+    # "majority" tie rule for entries whose task sum is exactly 0 looks at the whole tensor; such entries
+    # only differ between row blocks when nonzero deltas cancel exactly.)
+    elementwise = frozenset() if p.get("nonlinear_density") is not None else frozenset({"other"})
+    return Recipe(models, reference, False, config.merge_method, kwargs, (None,) * len(models),
+                  elementwise_roles=elementwise)
 
 
 def _mergekit_method(method: str, densities: list[float], normalize: bool, rescale: bool, lam: float,
@@ -181,7 +189,7 @@ def _mergekit_method(method: str, densities: list[float], normalize: bool, resca
             return MergeMethod(linear=t, other=t)
         return alias.task_arithmetic(lambda_=lam)
     if method == "ties":
-        density = densities[0] if uniform else 1.0  # differing densities: trimmed while reading
+        density = 1.0 if trim_scope == "tensor" else densities[0]  # per-tensor trims happen while reading
         return alias.ties(density=density, trim_scope=trim_scope, normalize=normalize, lambda_=lam)
     drop_rate = 1.0 - densities[0] if uniform else 0.0  # differing densities: dropped while reading
     if method == "dare_ties":
@@ -207,11 +215,13 @@ def _mergekit_recipe(config, models, reference, coefficients) -> Recipe:
     if method in ("task_arithmetic", "linear"):
         for key in _given(config, models, "density"):
             warnings.append(f"{key}: {method} does not sparsify; density has no effect (as in mergekit)")
-    elif not uniform and method == "ties":
-        if trim_scope != "tensor":
-            raise _fail(config, f"parameters.trim_scope: {trim_scope!r} trims the whole task vector with one "
-                                f"density; per-model densities {densities} need trim_scope 'tensor'")
-        pre = [PreSparsify("magnitude", d) for d in densities]
+    elif method == "ties" and trim_scope == "tensor":
+        # mergekit's per-tensor trim, done while reading (each model at its own density, exactly
+        # max(1, floor(density n)) kept); the engine then elects and averages, elementwise.
+        pre = [PreSparsify("magnitude", d) if d < 1.0 else None for d in densities]
+    elif method == "ties" and not uniform:
+        raise _fail(config, f"parameters.trim_scope: {trim_scope!r} trims the whole task vector with one "
+                            f"density; per-model densities {densities} need trim_scope 'tensor'")
     elif not uniform:
         pre = [PreSparsify("random", d, rescale) for d in densities]
     kwargs: dict[str, Any] = {"coefficients": coefficients, **_roles_kwargs(config)}
@@ -221,7 +231,10 @@ def _mergekit_recipe(config, models, reference, coefficients) -> Recipe:
         merge_method = _mergekit_method(method, densities, normalize, rescale, lam, trim_scope)
     except ValueError as err:
         raise _fail(config, f"parameters: {err}") from None
-    return Recipe(models, reference, method == "linear", merge_method, kwargs, tuple(pre), tuple(warnings))
+    elementwise = frozenset({"linear", "other"}) if method in ("linear", "task_arithmetic") or (
+        method == "ties" and trim_scope == "tensor") else frozenset()  # DARE's masks are keyed per tensor
+    return Recipe(models, reference, method == "linear", merge_method, kwargs, tuple(pre), tuple(warnings),
+                  elementwise)
 
 
 def build_recipe(config: MergeConfig) -> Recipe:

@@ -113,9 +113,9 @@ def magnitude_trim(delta: np.ndarray, density: float) -> np.ndarray:
     if density <= 0.0 or n == 0:
         return np.zeros(delta.shape, bool)
     k = max(1, int(density * n))
-    magnitudes = np.abs(delta).reshape(-1)
-    threshold = np.partition(magnitudes, n - k)[n - k]
-    return np.abs(delta) >= threshold
+    magnitudes = np.abs(delta)
+    threshold = np.partition(magnitudes.reshape(-1), n - k)[n - k]  # partition works on a copy
+    return np.greater_equal(magnitudes, threshold, out=np.empty(delta.shape, bool))
 
 
 def random_keep(seed: int, name: str, task: int, shape: tuple[int, ...], density: float) -> np.ndarray:
@@ -148,7 +148,9 @@ class MergeSources:
         self.reference = None
         self.models: list[Any] = []
         self.labels: list[str] = []
-        self._base_cache: tuple[int, np.ndarray] | None = None
+        self._cache: dict[tuple[Any, int], np.ndarray] = {}
+        self.parts: list[tuple[int, int | None, int | None]] = []
+        self._parts_left: dict[int, int] = {}
         self.info: LeafInfo | None = None
         self.roles: list[str] = []
         self.arch = "generic"
@@ -227,32 +229,83 @@ class MergeSources:
     def _reference_label(self) -> str:
         return f"{self.recipe.reference.key} ({self.recipe.reference.model})"
 
-    def get_base(self, i: int) -> np.ndarray:
-        name = self.info.names[i]
+    def plan_blocks(self, num_models: int, budget_bytes: int | None) -> LeafInfo:
+        """The leaves handed to the engine: each tensor whole, or in row blocks where its merge is elementwise
+        (`Recipe.elementwise_roles`) and one layer of it, stacked over the base and the K models in float32,
+        would exceed `budget_bytes` (the engine cannot cut below one leaf). Same result, bounded memory."""
+        info = self.info
+        self.parts = []
+        for i, (shape, role) in enumerate(zip(info.shapes, self.roles)):
+            row_bytes = (num_models + 1) * 4 * int(np.prod(shape[1:], dtype=np.int64))
+            rows = shape[0] if shape else 0
+            if (budget_bytes is None or role not in self.recipe.elementwise_roles or len(shape) == 0
+                    or rows * row_bytes <= budget_bytes):
+                self.parts.append((i, None, None))
+                continue
+            step = max(1, budget_bytes // max(1, row_bytes))
+            self.parts += [(i, start, min(rows, start + step)) for start in range(0, rows, step)]
+        self._parts_left = {}
+        for i, start, _ in self.parts:
+            self._parts_left[i] = self._parts_left.get(i, 0) + 1
+        names = [info.names[i] for i, _, _ in self.parts]
+        shapes = [info.shapes[i] if a is None else (b - a,) + tuple(info.shapes[i][1:]) for i, a, b in self.parts]
+        dtypes = [info.dtypes[i] for i, _, _ in self.parts]
+        return LeafInfo(names, shapes, dtypes)
+
+    def batches(self) -> list[list[int]]:
+        """Part indices in engine calls: every whole tensor in the first call, then one call per tensor cut
+        into blocks (so its cached inputs are released before the next one is read)."""
+        whole = [j for j, (_, start, _) in enumerate(self.parts) if start is None]
+        split: dict[int, list[int]] = {}
+        for j, (i, start, _) in enumerate(self.parts):
+            if start is not None:
+                split.setdefault(i, []).append(j)
+        return ([whole] if whole else []) + list(split.values())
+
+    # Full tensors are cached while their parts are merged: the base always (the engine holds it for the
+    # chunk anyway; a per-model trim needs it again), a model's tensor only when it is cut into blocks.
+    def _full_base(self, i: int) -> np.ndarray:
         if self.recipe.zero_base and self.roles[i] in ("linear", "other"):
             # mergekit's linear averages full weights: merge against zeros.
             return np.zeros(self.info.shapes[i], self.info.dtypes[i])
-        if self._base_cache is not None and self._base_cache[0] == i:
-            return self._base_cache[1]
-        array = self._read(self.reference, self._reference_label(), name)
-        self._base_cache = (i, array)
-        return array
+        key = ("base", i)
+        if key not in self._cache:
+            self._cache[key] = self._read(self.reference, self._reference_label(), self.info.names[i])
+        return self._cache[key]
 
-    def get_model(self, t: int, i: int) -> np.ndarray:
-        name = self.info.names[i]
-        array = self._read(self.models[t], self.labels[t], name)
+    def _full_model(self, t: int, i: int) -> np.ndarray:
+        key = (t, i)
+        if key in self._cache:
+            return self._cache[key]
+        array = self._read(self.models[t], self.labels[t], self.info.names[i])
         pre = self.recipe.pre_sparsify[t] if self.recipe.pre_sparsify else None
         if pre is not None:
             array = self._pre_sparsify(pre, t, i, array)
+        if self._parts_left.get(i, 1) > 1:
+            self._cache[key] = array
         return array
 
+    def _part(self, j: int, full: np.ndarray) -> np.ndarray:
+        _, start, stop = self.parts[j]
+        return full if start is None else full[start:stop]
+
+    def get_base(self, j: int) -> np.ndarray:
+        """Engine callback: part j of the base (the reference model)."""
+        return self._part(j, self._full_base(self.parts[j][0]))
+
+    def get_model(self, t: int, j: int) -> np.ndarray:
+        """Engine callback: part j of model t (checked for NaN/Inf, sparsified per model if asked)."""
+        return self._part(j, self._full_model(t, self.parts[j][0]))
+
     def _pre_sparsify(self, pre: PreSparsify, t: int, i: int, model: np.ndarray) -> np.ndarray:
-        base = self.get_base(i)
+        base = self._full_base(i)
         wide = np.float64 if model.dtype == np.float64 else np.float32
-        delta = model.astype(wide) - base.astype(wide)
+        delta = np.subtract(model, base, dtype=wide)
         if pre.kind == "magnitude":
+            keep = magnitude_trim(delta, pre.density)
+            del delta
             # Surviving entries keep the model's own value, so the engine's delta is exactly the original.
-            return np.where(magnitude_trim(delta, pre.density), model, base)
+            return np.where(keep, model, base)
         seed = int(self.recipe.engine_kwargs.get("seed", 0))
         keep = random_keep(seed, self.info.names[i], t, delta.shape, pre.density)
         factor = 1.0 / pre.density if pre.rescale and pre.density > 0 else 1.0
@@ -260,20 +313,37 @@ class MergeSources:
         return (base.astype(wide) + dropped).astype(model.dtype)
 
     def make_put(self, add: Callable[[str, np.ndarray], None]) -> Callable[[int, Any], None]:
-        """put(i, array) for the engine: cast floating tensors to the output dtype, hand them to `add`."""
+        """put(j, array) for the engine: cast floating tensors to the output dtype, reassemble row blocks,
+        hand each finished tensor to `add` and drop its cached inputs."""
+        assembling: dict[int, np.ndarray] = {}
 
-        def put(i: int, array: Any) -> None:
+        def put(j: int, array: Any) -> None:
+            i, start, stop = self.parts[j]
             out = np.asarray(array)
             if self.out_dtype is not None and is_floating(out.dtype) and out.dtype != self.out_dtype:
                 out = out.astype(self.out_dtype)
-            add(self.info.names[i], out)
-            if self._base_cache is not None and self._base_cache[0] == i:
-                self._base_cache = None
+            if start is not None:
+                if i not in assembling:
+                    assembling[i] = np.empty(self.info.shapes[i], out.dtype)
+                assembling[i][start:stop] = out
+            self._parts_left[i] -= 1
+            if self._parts_left[i] == 0:
+                add(self.info.names[i], assembling.pop(i) if start is not None else out)
+                for key in [k for k in self._cache if k[1] == i]:
+                    del self._cache[key]
 
         return put
 
     def merged_count(self) -> int:
-        return sum(r in ("linear", "other") for r in self.roles)
+        """Engine leaves (tensors or row blocks) that go through a merge path: the progress bar's total."""
+        return sum(self.roles[i] in ("linear", "other") for i, _, _ in self.parts)
+
+    def counts(self) -> dict[str, int]:
+        """Tensors per engine path (linear, other, ignore, keep)."""
+        counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
+        for role in self.roles:
+            counts[role] += 1
+        return counts
 
 
 def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]:

@@ -43,7 +43,7 @@ def test_mergekit_schema_is_read():
     # the base listed under models is not a task vector (mergekit)
     assert [m.model for m in recipe.models] == ["a", "b"]
     assert recipe.coefficients == (0.6, 0.4)
-    assert recipe.pre_sparsify == (None, None)  # one density: the engine's own trim
+    assert recipe.pre_sparsify == (PreSparsify("magnitude", 0.5),) * 2  # trimmed while reading
     assert isinstance(recipe.method, MergeMethod)
 
 

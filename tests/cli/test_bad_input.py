@@ -126,3 +126,16 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "merge_method" in result.stderr and "slerp" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_unavailable_device_is_one_line(tmp_path, capsys):
+    import jax
+
+    platforms = {d.platform for d in jax.devices()}
+    if "tpu" in platforms:
+        pytest.skip("a TPU is present")
+    config = tmp_path / "c.yaml"
+    config.write_text("merge_method: linear\nmodels: [a, b]\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--device tpu" in err and not (tmp_path / "out").exists()

@@ -266,3 +266,14 @@ def test_row_blocks_under_a_small_memory_budget_change_nothing(method, llama_fam
             np.testing.assert_allclose(small[name], default[name], rtol=1e-4, atol=2e-5, err_msg=name)
         else:  # elementwise paths, cut into row blocks (embeddings, LM head; every tensor for ties)
             np.testing.assert_array_equal(small[name], default[name], err_msg=name)
+
+
+def test_devices_split_layers_over_a_mesh(llama_family, llama_outputs, tmp_path, monkeypatch):
+    import jax
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py forces 8 host devices)")
+    assert _run_example(llama_family, "task_arithmetic", tmp_path / "mesh", monkeypatch, "--devices", "2") == 0
+    mesh, single = _load(tmp_path / "mesh"), _load(llama_outputs["task_arithmetic"])
+    for name in single:
+        np.testing.assert_allclose(mesh[name], single[name], rtol=1e-6, atol=1e-7, err_msg=name)

@@ -102,19 +102,19 @@ def _plt():
 def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path) -> None:
     plt = _plt()
     columns = list(results[0]["tasks"]) + ["Avg"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(columns), 3.6), dpi=90)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(columns), 4.2), dpi=90)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         scores = [row_scores(r, label) for r in results]
         means = [100 * np.mean([s[c] for s in scores]) for c in columns]
-        errs = [100 * np.std([s[c] for s in scores], ddof=1) if len(scores) > 1 else 0.0 for c in columns]
+        errs = [100 * np.std([s[c] for s in scores], ddof=1) for c in columns] if len(scores) > 1 else None
         ax.bar(np.arange(len(columns)) + (i - (len(labels) - 1) / 2) * width, means, width, yerr=errs,
                label=label, capsize=1.5)
     ax.set_xticks(np.arange(len(columns)), columns, rotation=15, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     low = min(100 * min(row_scores(r, l)[c] for r in results for l in labels for c in columns), 100)
     ax.set_ylim(max(0, low - 5), 100)
-    ax.legend(fontsize=6, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax.set_title("Per-task test accuracy by method", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
@@ -142,11 +142,11 @@ def plot_counts(results: Sequence[Mapping], labels: Sequence[str], path: Path) -
 def plot_sweep(results: Sequence[Mapping], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
-    for direction, points in results[0]["sweep"].items():
+    for n, (direction, points) in enumerate(results[0]["sweep"].items()):
         rates = [p["drop_rate"] for p in points]
         for key, style in (("test_norm", "-"), ("val_norm", "--")):
             values = np.array([[p[key] for p in r["sweep"][direction]] for r in results]) * 100
-            ax.plot(rates, values.mean(0), style, marker="o",
+            ax.plot(rates, values.mean(0), style, marker="o", color=f"C{n}",
                     label=f"DRM-{direction[0].upper()} ({key.split('_')[0]})")
     ax.set_xlabel("drop rate p")
     ax.set_ylabel("normalized accuracy (%)")

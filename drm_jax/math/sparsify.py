@@ -28,8 +28,10 @@ def _static_k(n: int, keep: float, rule: Rule) -> int:
     """k for `keep_at_least_kth` over n entries (static n)."""
     if rule == "kthvalue":
         return n - round(n * keep)  # SPEC / DRM reference
-    # mergekit `magnitude`: exactly floor(keep * n) largest survive, i.e. >= the (n - kept + 1)-th smallest
-    return n - int(keep * n) + 1
+    # mergekit `magnitude`: the floor(keep * n) largest survive (at least one unless keep is 0), i.e.
+    # those >= the (n - kept + 1)-th smallest
+    kept = max(1, int(keep * n)) if keep > 0 else 0
+    return n - kept + 1
 
 
 def magnitude_mask(

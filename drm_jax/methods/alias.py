@@ -112,7 +112,8 @@ def task_arithmetic(lambda_: float = 1.0) -> MergeMethod:
 def linear(normalize: bool = True) -> MergeMethod:
     """Weight average: sum_t lambda_t W_t / sum_t lambda_t (model soups; mergekit `linear`).
 
-    With normalize=False it is the unnormalized weighted sum of the deltas (mergekit's behaviour).
+    With normalize=False it is base + sum_t lambda_t delta_t (a weighted sum of the deltas; mergekit's
+    `normalize: false` sums the full weights instead, which the command line reproduces).
     """
     transform = weighted_mean() if normalize else chain(scale_by_coefficients(), sum_tasks())
     return MergeMethod(linear=transform, other=transform)

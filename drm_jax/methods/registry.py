@@ -62,6 +62,7 @@ def resolve_method(
         raise MergeInputError(f"give the scaling once, not as {lambdas}")
     if lambdas:
         params["lambda_"] = float(params.pop(lambdas[0]))
+    density = None
     if "density" in params:
         density = _fraction("density", params.pop("density"))
         drop_rate = 1.0 - density
@@ -80,7 +81,8 @@ def resolve_method(
     if method in _USES_DROP_RATE:
         kwargs["drop_rate"] = drop_rate
     if method in _USES_DENSITY:
-        kwargs["density"] = 1.0 - drop_rate
+        # a given density is passed as is: 1 - (1 - 0.1) is not 0.1 in floating point
+        kwargs["density"] = density if density is not None else 1.0 - drop_rate
     try:
         return builder(**kwargs)
     except (TypeError, ValueError) as err:

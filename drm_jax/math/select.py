@@ -35,13 +35,17 @@ def kth_smallest(
       Undefined (returns +inf) when k exceeds the number of valid entries; callers guard k <= 0.
     """
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    valid = jnp.ones(bits.shape, bool) if where is None else where
+    if where is not None:
+        # invalid entries get bits that every candidate threshold (>= 0) exceeds: they always count,
+        # so the target rank shifts by their number and each pass is one compare-and-sum
+        k = k + jnp.sum(~where, dtype=jnp.int32)
+        bits = jnp.where(where, bits, -1)
     k = jnp.asarray(k, jnp.int32)
 
     def body(_, bounds):
         lo, hi = bounds
         mid = lo + (hi - lo) // 2  # no int32 overflow: hi - lo < 2**31
-        enough = jnp.sum(valid & (bits <= mid), dtype=jnp.int32) >= k
+        enough = jnp.sum(bits <= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     # 31 halvings of [0, 0x7f800000] reach a single candidate.

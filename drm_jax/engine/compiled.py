@@ -43,7 +43,9 @@ def merge_layers(
     def one_layer(b, ms, key):
         return b + merge_deltas(transform, task_vectors(b, ms), coefficients, key, threshold)
 
-    return jax.vmap(one_layer)(base, models, keys), finite
+    # lax.map, not vmap: DRM truncates each layer's joint space to its own rank bucket with lax.switch,
+    # which vmap would turn into computing every branch
+    return jax.lax.map(lambda args: one_layer(*args), (base, models, keys)), finite
 
 
 merge_layers_jit = jax.jit(merge_layers, static_argnums=(0,))

@@ -22,7 +22,7 @@ GPUs do not silently drop to bf16/tf32 passes):
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
@@ -56,39 +56,78 @@ def _mm(a, b):
     return jnp.matmul(a, b, precision="highest")
 
 
+def _full(m: Float[Array, "n c"], route: str) -> tuple[Array, Array, Array]:
+    u, p = factorize(m, route).take(min(m.shape))
+    # row norms of P = U^T M are the singular values (more accurate than sqrt of Gram eigenvalues)
+    return u, jnp.linalg.norm(p, axis=1), p
+
+
 def svd_dense(m: Float[Array, "n c"]) -> tuple[Array, Array, Array]:
     """(U, S, P = diag(S) Vh) by a dense thin SVD."""
-    u, s, vh = jnp.linalg.svd(m, full_matrices=False)
-    return u, s, s[:, None] * vh
+    return _full(m, "dense")
 
 
 def svd_gram(m: Float[Array, "n c"]) -> tuple[Array, Array, Array]:
     """(U, S, P = diag(S) Vh) from the eigendecomposition of the smaller Gram matrix."""
-    n, c = m.shape
-    if n <= c:
-        _, u = jnp.linalg.eigh(_mm(m, m.T))
-        u = u[:, ::-1]  # eigh is ascending; SVD order is descending
-        p = _mm(u.T, m)
-        # Row norms of U^T M are the singular values, more accurately than sqrt(eigenvalues).
-        return u, jnp.linalg.norm(p, axis=1), p
-    _, v = jnp.linalg.eigh(_mm(m.T, m))
-    v = v[:, ::-1]
-    us = _mm(m, v)
-    s = jnp.linalg.norm(us, axis=0)
-    u = us / jnp.where(s > 0, s, 1.0)
-    return u, s, s[:, None] * v.T
+    return _full(m, "gram")
 
 
 def svd_qr(m: Float[Array, "n c"]) -> tuple[Array, Array, Array]:
     """(U, S, P = diag(S) Vh) via QR of the long side and a dense SVD of the small factor."""
+    return _full(m, "qr")
+
+
+class Factors(NamedTuple):
+    """A decomposition of M (n, c) from which the leading b singular triplets are taken on demand.
+
+    singular_values: estimates of all q = min(n, c) singular values, descending (from the SVD itself,
+      or the square roots of the Gram matrix's eigenvalues); used to size b.
+    take: b -> (U_b (n, b), P_b = U_b^T M (b, c)) for the b leading triplets, b static. Taking fewer
+      than q rows skips the part of the projection, and every later stage's work, on the rows past b.
+    """
+
+    singular_values: Float[Array, " q"]
+    take: Callable[[int], tuple[Array, Array]]
+
+
+def factorize(m: Float[Array, "n c"], route: str) -> Factors:
+    """Factors of M by one route ("dense", "gram" or "qr"; see the module docstring)."""
     n, c = m.shape
-    if n <= c:
-        q, r = jnp.linalg.qr(m.T)  # M = R^T Q^T, R^T is (n, n)
-        u, s, wh = jnp.linalg.svd(r.T)
-        return u, s, s[:, None] * _mm(wh, q.T)
-    q, r = jnp.linalg.qr(m)  # M = Q R, R is (c, c)
-    ur, s, vh = jnp.linalg.svd(r)
-    return _mm(q, ur), s, s[:, None] * vh
+    if route == "dense":
+        u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+        return Factors(s, lambda b: (u[:, :b], s[:b, None] * vh[:b]))
+    if route == "gram":
+        if n <= c:
+            w, u = jnp.linalg.eigh(_mm(m, m.T))
+            u, w = u[:, ::-1], w[::-1]
+            return Factors(jnp.sqrt(jnp.maximum(w, 0.0)), lambda b: (u[:, :b], _mm(u[:, :b].T, m)))
+        w, v = jnp.linalg.eigh(_mm(m.T, m))
+        v, w = v[:, ::-1], w[::-1]
+
+        def take_right(b):
+            us = _mm(m, v[:, :b])
+            s = jnp.linalg.norm(us, axis=0)
+            return us / jnp.where(s > 0, s, 1.0), s[:, None] * v[:, :b].T
+
+        return Factors(jnp.sqrt(jnp.maximum(w, 0.0)), take_right)
+    if route == "qr":
+        if n <= c:
+            q, r = jnp.linalg.qr(m.T)  # M = R^T Q^T, R^T is (n, n)
+            u, s, wh = jnp.linalg.svd(r.T)
+            return Factors(s, lambda b: (u[:, :b], s[:b, None] * _mm(wh[:b], q.T)))
+        q, r = jnp.linalg.qr(m)  # M = Q R, R is (c, c)
+        ur, s, vh = jnp.linalg.svd(r)
+        return Factors(s, lambda b: (_mm(q, ur[:, :b]), s[:b, None] * vh[:b]))
+    raise ValueError(f"unknown SVD route {route!r}; expected one of {ROUTES}")
+
+
+def rank_buckets(q: int) -> tuple[int, ...]:
+    """Static row counts a joint space is truncated to: 8, 32, 128, ... below q, then q."""
+    sizes, b = [], 8
+    while b < q:
+        sizes.append(b)
+        b *= 4
+    return tuple(sizes) + (q,)
 
 
 def choose_route(shape: tuple[int, int], rank_rtol: float, route: Route = "auto") -> str:
@@ -140,12 +179,15 @@ def recompose(basis: Float[Array, "n q"], merged: Float[Array, "q m"]) -> Float[
 
 
 __all__ = [
+    "Factors",
     "GRAM_MIN_ASPECT",
     "GRAM_MIN_RTOL",
     "JointSpace",
     "ROUTES",
     "Route",
     "choose_route",
+    "factorize",
+    "rank_buckets",
     "joint_space",
     "recompose",
     "stack_horizontal",

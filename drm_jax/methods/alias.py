@@ -53,14 +53,15 @@ def drm(
       nonlinear_density: optional magnitude trim density for non-linear leaves (default: no trim).
     """
     keep = 1.0 - check_fraction("drop_rate", drop_rate)
-    linear = chain(
-        space.joint_space(direction, rank_rtol, svd_route),
+    # = chain(joint_space, renormalize, prune, elect_sign, scale_by_coefficients, disjoint_mean, recompose),
+    # computed on the leading rows of the joint space only
+    linear = space.within_joint_space(
         space.renormalize() if renormalize else _identity,
         prune(keep, scope=prune_scope, rule="kthvalue"),
         elect_sign("majority"),
         scale_by_coefficients(),
         disjoint_mean("count"),
-        space.recompose(),
+        direction=direction, rank_rtol=rank_rtol, route=svd_route,
     )
     return MergeMethod(linear=linear, other=ties_like(nonlinear_density))
 

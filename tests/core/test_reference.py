@@ -140,3 +140,31 @@ def test_dare_is_seeded():
     c = merged_delta(base, deltas, method="dare_ties", seed=2)
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
+
+
+@pytest.mark.parametrize("direction", ["horizontal", "vertical"])
+@pytest.mark.parametrize("rank", [3, 9, 40])
+def test_low_rank_deltas_take_a_truncated_joint_space(direction, rank):
+    """Rank 3 and 9 run in the 8- and 32-row branches of the 40-row joint space, rank 40 in the full one."""
+    rng = np.random.default_rng(rank)
+    k, n, m = 4, 40, 12
+    left = rng.standard_normal((n, rank)) if direction == "horizontal" else rng.standard_normal((k * n, rank))
+    right = rng.standard_normal((rank, k * m)) if direction == "horizontal" else rng.standard_normal((rank, m))
+    stacked = (left * np.geomspace(1.0, 0.05, rank)) @ right
+    if direction == "horizontal":
+        deltas = np.stack(np.split(stacked, k, axis=1)).astype(np.float32)
+    else:
+        deltas = np.stack(np.split(stacked, k, axis=0)).astype(np.float32)
+    base = np.zeros((n, m), np.float32)
+    got = merged_delta(base, deltas, method="drm", direction=direction)
+    d = deltas.astype(np.float64)
+    want = ref.drm_h(d) if direction == "horizontal" else ref.drm_v(d)
+    assert ref.relative_error(got, want) < TOL
+    # and the plain, untruncated chain of stages gives the same delta
+    from drm_jax.math import chain, disjoint_mean, elect_sign, joint_space, merge_deltas, prune, recompose
+    from drm_jax.math import renormalize, scale_by_coefficients
+
+    plain = chain(joint_space(direction), renormalize(), prune(0.2), elect_sign(), scale_by_coefficients(),
+                  disjoint_mean(), recompose())
+    untruncated = np.asarray(jax.jit(lambda x: merge_deltas(plain, x))(jnp.asarray(deltas)), np.float64)
+    assert ref.relative_error(got, untruncated) < TOL

@@ -21,6 +21,14 @@ def check_direction(direction: str) -> str:
     return direction
 
 
+def horizontal_view(deltas: Float[Array, "K n m"], direction: str, stage: str) -> tuple[Array, bool]:
+    """Deltas as the horizontal form works on them: transposed for DRM-V (SPEC: V on W is H on W^T)."""
+    if deltas.ndim != 3:
+        raise ValueError(f"{stage} needs deltas of shape (K, n, m), got {deltas.shape}")
+    transposed = direction == "vertical"
+    return (jnp.swapaxes(deltas, 1, 2) if transposed else deltas), transposed
+
+
 def joint_space(
     direction: Direction = "horizontal", rank_rtol: float = 0.01, route: decompose.Route = "auto"
 ) -> MergeTransform:
@@ -39,12 +47,7 @@ def joint_space(
     decompose.choose_route((1, 1), rank_rtol, route)  # validate the route name eagerly
 
     def apply(state: MergeState) -> MergeState:
-        deltas = state.values
-        if deltas.ndim != 3:
-            raise ValueError(f"joint_space needs deltas of shape (K, n, m), got {deltas.shape}")
-        transposed = direction == "vertical"
-        if transposed:
-            deltas = jnp.swapaxes(deltas, 1, 2)
+        deltas, transposed = horizontal_view(state.values, direction, "joint_space")
         space = decompose.joint_space(deltas, rank_rtol, route)
         coords = jnp.where(space.valid[None, :, None], space.coordinates, 0.0)
         row_scale = jnp.broadcast_to(space.singular_values[None, :], coords.shape[:2])
@@ -74,12 +77,7 @@ def within_joint_space(
     rest = chain(*stages, recompose())
 
     def apply(state: MergeState) -> MergeState:
-        deltas = state.values
-        if deltas.ndim != 3:
-            raise ValueError(f"within_joint_space needs deltas of shape (K, n, m), got {deltas.shape}")
-        transposed = direction == "vertical"
-        if transposed:
-            deltas = jnp.swapaxes(deltas, 1, 2)
+        deltas, transposed = horizontal_view(state.values, direction, "within_joint_space")
         k, n, m = deltas.shape
         stacked = decompose.stack_horizontal(deltas)
         factors = decompose.factorize(stacked, decompose.choose_route(stacked.shape, rank_rtol, route))

@@ -1,7 +1,8 @@
 """Tokenising, batching by length, pooled features, frozen linear heads and full fine-tuning.
 
-Parameters are Flax trees (drm_jax.models.bert). The token-embedding table (vocab x hidden) and the
-pooler (unused by mean pooling) are kept frozen; every other encoder weight is trained and merged.
+Parameters are Flax trees (drm_jax.models.bert). Every encoder weight is fine-tuned and merged, the
+token-embedding table included; only the pooler, which mean pooling never reads, is kept frozen (it would
+get no gradient, only weight decay).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from drm_jax.models import BertConfig, BertModel, mean_pool
 
-FROZEN_PREFIXES = (("embeddings", "word_embeddings"), ("pooler",))
+FROZEN_PREFIXES = (("pooler",),)
 LENGTH_BUCKET = 16  # pad each batch to a multiple of this: few compiled shapes, little padding
 
 
@@ -61,7 +62,7 @@ def length_batches(seqs: Sequence[np.ndarray], batch_size: int) -> list[np.ndarr
 
 # ----------------------------------------------------------------------------------------- params
 def split_frozen(params: Mapping) -> tuple[dict, dict]:
-    """(trainable, frozen) nested dicts; frozen = the token-embedding table and the pooler."""
+    """(trainable, frozen) nested dicts; frozen = the pooler."""
     flat = traverse_util.flatten_dict(params)
     frozen = {k: v for k, v in flat.items() if any(k[: len(p)] == p for p in FROZEN_PREFIXES)}
     trainable = {k: v for k, v in flat.items() if k not in frozen}

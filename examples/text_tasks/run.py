@@ -39,7 +39,7 @@ from text_tasks.profiles import PROFILES, Profile  # noqa: E402
 from text_tasks.tasks import Task, available_tasks, load_task, split_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE_VERSION = 1  # bump when the training code changes in a way that invalidates cached checkpoints
+CACHE_VERSION = 2  # bump when the training code changes in a way that invalidates cached checkpoints
 
 
 def log(message: str) -> None:

@@ -99,8 +99,15 @@ def _plt():
     return plt
 
 
-def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path) -> None:
+def _colors(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per method, the same in every plot."""
+    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+
+
+def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path,
+                  colors: Mapping[str, str] | None = None) -> None:
     plt = _plt()
+    colors = colors or _colors(labels)
     columns = list(results[0]["tasks"]) + ["Avg"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(columns), 4.2), dpi=90)
     width = 0.8 / len(labels)
@@ -109,7 +116,7 @@ def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path)
         means = [100 * np.mean([s[c] for s in scores]) for c in columns]
         errs = [100 * np.std([s[c] for s in scores], ddof=1) for c in columns] if len(scores) > 1 else None
         ax.bar(np.arange(len(columns)) + (i - (len(labels) - 1) / 2) * width, means, width, yerr=errs,
-               label=label, capsize=1.5)
+               label=label, capsize=1.5, color=colors[label])
     ax.set_xticks(np.arange(len(columns)), columns, rotation=15, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     low = min(100 * min(row_scores(r, l)[c] for r in results for l in labels for c in columns), 100)
@@ -121,14 +128,18 @@ def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path)
     plt.close(fig)
 
 
-def plot_counts(results: Sequence[Mapping], labels: Sequence[str], path: Path) -> None:
+def plot_counts(results: Sequence[Mapping], labels: Sequence[str], path: Path,
+                colors: Mapping[str, str] | None = None) -> None:
     plt = _plt()
+    colors = colors or _colors(labels)
     counts = sorted(results[0]["counts"], key=int)
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
-    for label in labels:
+    for i, label in enumerate(labels):
         values = np.array([[r["counts"][k][label]["test_norm"] for k in counts] for r in results]) * 100
-        ax.errorbar([int(k) for k in counts], values.mean(0), yerr=values.std(0, ddof=1) if len(results) > 1 else None,
-                    marker="o", label=label, capsize=2)
+        shift = 0.06 * (i - (len(labels) - 1) / 2)  # side by side, so the error bars stay readable
+        ax.errorbar([int(k) + shift for k in counts], values.mean(0),
+                    yerr=values.std(0, ddof=1) if len(results) > 1 else None,
+                    marker="o", label=label, capsize=2, color=colors[label])
     ax.set_xlabel("number of merged tasks")
     ax.set_ylabel("normalized test accuracy (%)")
     ax.set_xticks([int(k) for k in counts])
@@ -160,11 +171,12 @@ def plot_sweep(results: Sequence[Mapping], path: Path) -> None:
 def write_plots(results: Sequence[Mapping], labels: Sequence[str], directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     merge_labels = [l for l in labels if l not in (PRETRAINED, FINETUNED)]
+    colors = _colors(labels)
     paths = [directory / "per_task.png"]
-    plot_per_task(results, labels, paths[0])
+    plot_per_task(results, labels, paths[0], colors)
     if results[0].get("counts"):
         paths.append(directory / "num_tasks.png")
-        plot_counts(results, merge_labels, paths[-1])
+        plot_counts(results, merge_labels, paths[-1], colors)
     if results[0].get("sweep"):
         paths.append(directory / "drop_rate_sweep.png")
         plot_sweep(results, paths[-1])

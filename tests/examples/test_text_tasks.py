@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import json
 import sys
 import zipfile
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_readers_parse_the_shipped_formats(tmp_path):
     (tmp_path / "f" / "riddles").write_text("Q one\nA\n%\nQ two\n%\n")
     (tmp_path / "f" / "riddles.dat").write_bytes(b"\x00")
     assert tasks.read_fortunes(tmp_path / "f") == (["Q one A", "Q two"], ["riddles", "riddles"])
+    spam = tmp_path / "spam"  # the npm package's layout: data/<group>/<id>.<md5>.json
+    for group, text in (("easy-ham-1", "From: a\nSubject: hi\n\nsee you at  noon"), ("spam-2", "From: b\n\nWIN now")):
+        (spam / group).mkdir(parents=True)
+        (spam / group / "00001.abc.json").write_text(json.dumps({"id": "00001", "group": group, "text": text}))
+    assert tasks.read_spam_assassin(spam) == (["see you at noon", "WIN now"], ["ham", "spam"])
 
 
 def test_extract_members_reads_only_named_files(tmp_path):

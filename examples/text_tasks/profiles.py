@@ -37,8 +37,9 @@ PROFILES = {
         task_counts=(2, 4), reselect_per_count=False, seeds=(0,),
     ),
     # Every task present on the machine (6 from the wheels, up to 9 with the optional sources), 2 seeds.
-    # Budget (idle 2-core CPU, estimated from the default profile's rates): fine-tuning ~1.3 min per task and
-    # seed, merging+evaluation ~15 min per seed; later runs reuse the cached heads and checkpoints.
+    # Measured on an idle 2-core CPU with the 6 wheel tasks: 45 min from an empty cache (fine-tuning ~53 s
+    # per task and seed, merging+evaluation 14-17 min per seed); later runs reuse the cached heads and
+    # checkpoints and only merge and evaluate (RESULTS.md).
     "full": Profile(
         tasks=("rt_sentiment", "rt_subjectivity", "election_tweets", "reuters_r8", "newsgroups20",
                "reuters_r52", "wordnet_supersense", "fortunes", "spam_assassin"),

@@ -11,7 +11,7 @@ import abc
 import io
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -138,3 +138,24 @@ class CheckpointReader(abc.ABC):
 
     def _unknown(self, name: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: no tensor named {name!r}")
+
+
+class IndexedReader(CheckpointReader):
+    """A reader that lists its tensors in one dict, `self._by_name`: name -> the format's record of it.
+
+    The names, membership and the unknown-name error all come from that dict, in its (the checkpoint's)
+    order; `_record(name)` is the lookup every accessor goes through.
+    """
+
+    _by_name: dict[str, Any]
+
+    def keys(self) -> list[str]:
+        return list(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def _record(self, name: str) -> Any:
+        if name not in self._by_name:
+            raise self._unknown(name)
+        return self._by_name[name]

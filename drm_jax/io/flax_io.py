@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, has_config_files, open_binary
+from drm_jax.io.base import IndexedReader, has_config_files, open_binary
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
 
@@ -33,7 +33,7 @@ def _array_leaves(tree: object) -> dict[str, LazyArray | ChunkedLazyArray]:
     }
 
 
-class FlaxReader(CheckpointReader):
+class FlaxReader(IndexedReader):
     """A Flax msgpack checkpoint: a .msgpack file, or a directory with flax_model.msgpack (or its index)."""
 
     format = "flax"
@@ -42,15 +42,15 @@ class FlaxReader(CheckpointReader):
         path = Path(path)
         directory = path.parent if path.is_file() else path
         super().__init__(path, directory if has_config_files(directory) else None)
-        self._leaves: dict[str, LazyArray | ChunkedLazyArray] = {}
+        self._by_name: dict[str, LazyArray | ChunkedLazyArray] = {}
         self._handles: dict[Path, object] = {}
         index_path = path if path.name.endswith(".index.json") else directory / FLAX_INDEX_NAME
         if path.is_file() and not path.name.endswith(".index.json"):
-            self._leaves = _array_leaves(scan_msgpack(path))
+            self._by_name = _array_leaves(scan_msgpack(path))
         elif index_path.is_file():
-            self._leaves = self._scan_index(index_path)
+            self._by_name = self._scan_index(index_path)
         elif (directory / FLAX_NAME).is_file():
-            self._leaves = _array_leaves(scan_msgpack(directory / FLAX_NAME))
+            self._by_name = _array_leaves(scan_msgpack(directory / FLAX_NAME))
         else:
             raise CheckpointError(f"{path}: no {FLAX_NAME}")
 
@@ -73,25 +73,14 @@ class FlaxReader(CheckpointReader):
             raise CheckpointError(f"{index_path}: tensor {missing[0]!r} is in the index but in none of its shards")
         return leaves
 
-    def keys(self) -> list[str]:
-        return list(self._leaves)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._leaves
-
-    def _leaf(self, name: str) -> LazyArray | ChunkedLazyArray:
-        if name not in self._leaves:
-            raise self._unknown(name)
-        return self._leaves[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._leaf(name).shape
+        return self._record(name).shape
 
     def dtype(self, name: str) -> np.dtype:
-        return self._leaf(name).dtype
+        return self._record(name).dtype
 
     def get(self, name: str) -> np.ndarray:
-        leaf = self._leaf(name)
+        leaf = self._record(name)
         file = leaf.chunks[0].path if isinstance(leaf, ChunkedLazyArray) else leaf.path
         if file not in self._handles:
             self._handles[file] = open_binary(file)

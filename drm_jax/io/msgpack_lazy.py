@@ -92,13 +92,18 @@ class _Walker:
     def _corrupt(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: corrupt msgpack at byte {self.handle.tell()}: {what}")
 
-    def _take(self, count: int) -> bytes:
+    def _position_with_room(self, count: int, what: str) -> int:
+        """The current offset, after checking that `count` more bytes (of `what`) fit in the file."""
         position = self.handle.tell()
         if position + count > self.size:
             raise CheckpointError(
-                f"{self.path}: truncated: msgpack needs bytes {position}..{position + count} but the file has "
+                f"{self.path}: truncated: {what} needs bytes {position}..{position + count} but the file has "
                 f"{self.size}"
             )
+        return position
+
+    def _take(self, count: int) -> bytes:
+        position = self._position_with_room(count, "msgpack")
         data = self.handle.read(count)
         if len(data) != count:
             raise CheckpointError(f"{self.path}: truncated at byte {position + len(data)}")
@@ -106,12 +111,7 @@ class _Walker:
 
     def _skip(self, count: int) -> int:
         """Skip `count` bytes; returns the offset where they start."""
-        position = self.handle.tell()
-        if position + count > self.size:
-            raise CheckpointError(
-                f"{self.path}: truncated: an array needs bytes {position}..{position + count} but the file has "
-                f"{self.size}"
-            )
+        position = self._position_with_room(count, "an array")
         self.handle.seek(position + count)
         return position
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, has_config_files
+from drm_jax.io.base import IndexedReader, has_config_files
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.nested import unflatten_names
 
@@ -63,7 +63,7 @@ def _flatten_metadata(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, 
     return {path: tree} if getattr(tree, "shape", None) is not None else {}
 
 
-class OrbaxReader(CheckpointReader):
+class OrbaxReader(IndexedReader):
     """An Orbax PyTree checkpoint of arrays; names are the tree paths joined by "."."""
 
     format = "orbax"
@@ -85,30 +85,19 @@ class OrbaxReader(CheckpointReader):
         item_metadata = getattr(metadata, "item_metadata", metadata)
         tree = getattr(item_metadata, "tree", item_metadata)
         flat = _flatten_metadata(tree)
-        self._meta = {".".join(key): value for key, value in flat.items()}
+        self._by_name = {".".join(key): value for key, value in flat.items()}  # name -> array metadata
         self._paths = {".".join(key): key for key in flat}
 
-    def keys(self) -> list[str]:
-        return list(self._meta)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._meta
-
-    def _metadata(self, name: str):
-        if name not in self._meta:
-            raise self._unknown(name)
-        return self._meta[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in self._metadata(name).shape)
+        return tuple(int(d) for d in self._record(name).shape)
 
     def dtype(self, name: str) -> np.dtype:
-        return as_numpy_dtype(self._metadata(name).dtype)
+        return as_numpy_dtype(self._record(name).dtype)
 
     def get(self, name: str) -> np.ndarray:
         import orbax.checkpoint as ocp
 
-        self._metadata(name)
+        self._record(name)
         path = self._paths[name]
         # A partial restore takes a tree holding only the wanted leaf, from the root down.
         item_root: dict[str, Any] = {}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader
+from drm_jax.io.base import CheckpointReader, IndexedReader
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -60,7 +60,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-class PeftReader(CheckpointReader):
+class PeftReader(IndexedReader):
     """A PEFT LoRA adapter, presented as the base weights it changes (see module docstring)."""
 
     format = "peft"
@@ -80,7 +80,7 @@ class PeftReader(CheckpointReader):
         self.adapter = open_checkpoint(weights)
         try:
             self._modules, self._whole = self._index(self.adapter.keys())
-            self._names = self._resolve_names()
+            self._by_name = self._resolve_names()
         except BaseException:
             self.adapter.close()
             raise
@@ -186,20 +186,9 @@ class PeftReader(CheckpointReader):
 
     # -- the reader interface ---------------------------------------------------------------------------
 
-    def keys(self) -> list[str]:
-        return list(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
-
-    def _lookup(self, name: str) -> tuple[str, str]:
-        if name not in self._names:
-            raise self._unknown(name)
-        return self._names[name]
-
     def delta(self, name: str) -> np.ndarray:
         """float32 update of base weight `name`, in the base weight's layout (see module docstring)."""
-        kind, key = self._lookup(name)
+        kind, key = self._record(name)
         if kind == "lora":
             delta = self._lora_delta(key)
         elif kind == "bias":
@@ -218,7 +207,7 @@ class PeftReader(CheckpointReader):
         return self.base.get(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        kind, key = self._lookup(name)
+        kind, key = self._record(name)
         if self.base is not None:
             return self.base.shape(name)
         if kind == "whole":
@@ -234,14 +223,14 @@ class PeftReader(CheckpointReader):
         return (b[0], *a[1:])
 
     def dtype(self, name: str) -> np.dtype:
-        kind, key = self._lookup(name)
+        kind, key = self._record(name)
         if self.base is not None:
             return self.base.dtype(name)
         return self.adapter.dtype(key if kind == "whole" else self._modules[key].a)
 
     def get(self, name: str) -> np.ndarray:
         """The adapted weight: base + delta (cast back to the base dtype), or the tensor stored whole."""
-        kind, key = self._lookup(name)
+        kind, key = self._record(name)
         if kind == "whole":
             return self.adapter.get(key)
         leaf = "weight" if kind == "lora" else "bias"

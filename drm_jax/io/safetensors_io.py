@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, file_size, has_config_files, open_binary, read_exact
+from drm_jax.io.base import IndexedReader, file_size, has_config_files, open_binary, read_exact
 from drm_jax.io.dtypes import SAFETENSORS_DTYPES
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -150,7 +150,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
-class SafetensorsReader(CheckpointReader):
+class SafetensorsReader(IndexedReader):
     """A Hugging Face safetensors checkpoint: one file, a directory, or a sharded directory with an index."""
 
     format = "hf"
@@ -164,9 +164,9 @@ class SafetensorsReader(CheckpointReader):
         try:
             if index_path is None:
                 self._open_file(files[0])
-                self._where = {name: files[0] for name in self._files[files[0]].entries}
+                self._by_name = {name: files[0] for name in self._files[files[0]].entries}  # name -> its file
             else:
-                self._where = self._open_index(index_path)
+                self._by_name = self._open_index(index_path)
         except BaseException:
             self.close()
             raise
@@ -205,16 +205,8 @@ class SafetensorsReader(CheckpointReader):
             where[name] = shard
         return where
 
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._where
-
     def _entry(self, name: str) -> TensorEntry:
-        if name not in self._where:
-            raise self._unknown(name)
-        return self._files[self._where[name]].entries[name]
+        return self._files[self._record(name)].entries[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
@@ -223,8 +215,7 @@ class SafetensorsReader(CheckpointReader):
         return self._entry(name).dtype
 
     def get(self, name: str) -> np.ndarray:
-        self._entry(name)
-        return self._files[self._where[name]].read(name)
+        return self._files[self._record(name)].read(name)
 
     def close(self) -> None:
         for handle in self._files.values():

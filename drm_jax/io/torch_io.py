@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, has_config_files
+from drm_jax.io.base import IndexedReader, has_config_files
 
 TORCH_NAME = "pytorch_model.bin"
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -97,7 +97,7 @@ def load_torch_file(path: Path) -> dict[str, Any]:
     return _flatten_tensors(_unwrap(obj))
 
 
-class TorchReader(CheckpointReader):
+class TorchReader(IndexedReader):
     """A PyTorch checkpoint file, a directory with pytorch_model.bin, or a sharded one with its index."""
 
     format = "torch"
@@ -106,10 +106,10 @@ class TorchReader(CheckpointReader):
         path = Path(path)
         directory = path.parent if path.is_file() else path
         super().__init__(path, directory if has_config_files(directory) else None)
-        self._tensors: dict[str, Any] = {}
+        self._by_name: dict[str, Any] = {}  # name -> (file, tensor)
         for file in self._files(path, directory):
             for name, tensor in load_torch_file(file).items():
-                self._tensors[name] = (file, tensor)
+                self._by_name[name] = (file, tensor)
 
     @staticmethod
     def _files(path: Path, directory: Path) -> list[Path]:
@@ -136,29 +136,18 @@ class TorchReader(CheckpointReader):
             return candidates
         raise CheckpointError(f"{path}: no {TORCH_NAME} (or several .bin/.pt files without {TORCH_INDEX_NAME})")
 
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def _tensor(self, name: str):
-        if name not in self._tensors:
-            raise self._unknown(name)
-        return self._tensors[name][1]
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensor(name).shape)
+        return tuple(self._record(name)[1].shape)
 
     def dtype(self, name: str) -> np.dtype:
-        return _numpy_dtype(self._tensor(name).dtype)
+        return _numpy_dtype(self._record(name)[1].dtype)
 
     def get(self, name: str) -> np.ndarray:
-        tensor = self._tensor(name)
+        file, tensor = self._record(name)
         try:
             return tensor_to_numpy(tensor)
         except (RuntimeError, OSError) as err:  # e.g. the mapped file shrank under us
-            raise CheckpointError(f"{self._tensors[name][0]}: cannot read tensor {name!r}: {err}") from err
+            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {err}") from err
 
     def close(self) -> None:
-        self._tensors.clear()
+        self._by_name.clear()

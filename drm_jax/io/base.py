@@ -44,6 +44,11 @@ def has_config_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in CONFIG_FILE_NAMES)
 
 
+def config_dir(*candidates: Path) -> Path | None:
+    """The first of `candidates` holding config or tokenizer files (`CheckpointReader.config_dir`), else None."""
+    return next((d for d in candidates if has_config_files(d)), None)
+
+
 def open_binary(path: Path) -> io.RawIOBase:
     """An unbuffered binary file: every read is exactly the bytes asked for (no read-ahead)."""
     try:

@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, has_config_files, open_binary
+from drm_jax.io.base import IndexedReader, config_dir, open_binary
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
 
@@ -41,7 +41,7 @@ class FlaxReader(IndexedReader):
     def __init__(self, path: Path) -> None:
         path = Path(path)
         directory = path.parent if path.is_file() else path
-        super().__init__(path, directory if has_config_files(directory) else None)
+        super().__init__(path, config_dir(directory))
         self._by_name: dict[str, LazyArray | ChunkedLazyArray] = {}
         self._handles: dict[Path, object] = {}
         index_path = path if path.name.endswith(".index.json") else directory / FLAX_INDEX_NAME

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, has_config_files
+from drm_jax.io.base import IndexedReader, config_dir
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.nested import unflatten_names
 
@@ -73,8 +73,7 @@ class OrbaxReader(IndexedReader):
         item = find_orbax_item(path)
         if item is None:
             raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA or manifest.ocdbt)")
-        config_dir = next((d for d in (item, path) if has_config_files(d)), None)
-        super().__init__(path, config_dir)
+        super().__init__(path, config_dir(item, path))
         self.item_dir = item
         self._checkpointer = _checkpointer()
         try:

@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, file_size, has_config_files, open_binary, read_exact
+from drm_jax.io.base import IndexedReader, config_dir, file_size, open_binary, read_exact
 from drm_jax.io.dtypes import SAFETENSORS_DTYPES
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -159,7 +159,7 @@ class SafetensorsReader(IndexedReader):
         path = Path(path)
         files, index_path = self._locate(path)
         directory = files[0].parent if files else index_path.parent
-        super().__init__(path, directory if has_config_files(directory) else None)
+        super().__init__(path, config_dir(directory))
         self._files: dict[Path, SafetensorsFile] = {}
         try:
             if index_path is None:

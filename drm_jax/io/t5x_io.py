@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, has_config_files, open_binary
+from drm_jax.io.base import CheckpointReader, config_dir, open_binary
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
@@ -120,7 +120,7 @@ class T5xReader(CheckpointReader):
         if checkpoint_file is None:
             raise CheckpointError(f"{path}: not a T5X checkpoint (no msgpack file named {T5X_CHECKPOINT_FILE!r})")
         directory = checkpoint_file.parent
-        super().__init__(path, directory if has_config_files(directory) else None)
+        super().__init__(path, config_dir(directory))
         self.checkpoint_file = checkpoint_file
         tree = scan_msgpack(checkpoint_file)
         target = self._target(tree)

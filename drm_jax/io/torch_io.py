@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, has_config_files
+from drm_jax.io.base import IndexedReader, config_dir
 
 TORCH_NAME = "pytorch_model.bin"
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -105,7 +105,7 @@ class TorchReader(IndexedReader):
     def __init__(self, path: Path) -> None:
         path = Path(path)
         directory = path.parent if path.is_file() else path
-        super().__init__(path, directory if has_config_files(directory) else None)
+        super().__init__(path, config_dir(directory))
         self._by_name: dict[str, Any] = {}  # name -> (file, tensor)
         for file in self._files(path, directory):
             for name, tensor in load_torch_file(file).items():

@@ -30,6 +30,11 @@ def is_floating(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
+def dtype_kind(dtype) -> str:
+    """"float" for every floating dtype (bfloat16 included), else numpy's kind letter: "i", "u", "b", "c"."""
+    return "float" if is_floating(dtype) else np.dtype(dtype).kind
+
+
 def split_adapter(config: MergeConfig, reference: str) -> tuple[Path, Path | None]:
     """mergekit's `model+adapter` reference -> (model path, adapter path or None).
 
@@ -175,9 +180,14 @@ class MergeSources:
         return self
 
     def _check_tensors(self) -> LeafInfo:
-        """Every floating tensor of the reference is in every model, with the reference's shape."""
+        """Every merged tensor of the reference is in every model, with the reference's shape, and every
+        tensor a model shares with the reference has the reference's kind of dtype (floating, signed or
+        unsigned integer, bool; float precisions may differ). A reference without tensors is refused."""
         ref = self.reference
         names = list(ref.keys())
+        if not names:
+            raise CheckpointError(f"{self._reference_label()}: the reference model has no tensors "
+                                  f"(empty or corrupt checkpoint)")
         shapes = [tuple(ref.shape(n)) for n in names]
         dtypes = [np.dtype(ref.dtype(n)) for n in names]
         rules = roles_lib.RoleRules(
@@ -188,7 +198,12 @@ class MergeSources:
         self.roles = [rules(n, s, d).role for n, s, d in zip(names, shapes, dtypes)]
         for label, model in zip(self.labels, self.models):
             present = set(model.keys())
-            for name, shape, role in zip(names, shapes, self.roles):
+            for name, shape, dtype, role in zip(names, shapes, dtypes, self.roles):
+                if name in present and dtype_kind(model.dtype(name)) != dtype_kind(dtype):
+                    # Same byte size, other kind: merging would treat the bits as numbers of another kind.
+                    raise MergeInputError(
+                        f"tensor {name!r} has dtype {np.dtype(model.dtype(name)).name} in {label} but "
+                        f"{dtype.name} in the {self._reference_label()}")
                 if role in ("keep", "ignore"):
                     continue  # read from the reference only
                 if name not in present:
@@ -321,7 +336,12 @@ class MergeSources:
             i, start, stop = self.parts[j]
             out = np.asarray(array)
             if self.out_dtype is not None and is_floating(out.dtype) and out.dtype != self.out_dtype:
-                out = out.astype(self.out_dtype)
+                with np.errstate(over="ignore"):  # an overflow is refused just below, in one line
+                    out = out.astype(self.out_dtype)
+            if is_floating(out.dtype) and not np.all(np.isfinite(out)):
+                # Finite inputs can still overflow (large weights, or a cast to a narrower dtype).
+                raise MergeInputError(f"merged tensor {self.info.names[i]!r} contains Inf or NaN (the merge "
+                                      f"overflowed {out.dtype.name}); nothing was written")
             if start is not None:
                 if i not in assembling:
                     assembling[i] = np.empty(self.info.shapes[i], out.dtype)
@@ -360,5 +380,5 @@ def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]
     return paths
 
 
-__all__ = ["MergeSources", "input_paths", "is_floating", "magnitude_trim", "open_model", "random_keep",
+__all__ = ["MergeSources", "dtype_kind", "input_paths", "is_floating", "magnitude_trim", "open_model", "random_keep",
            "split_adapter"]

@@ -196,6 +196,11 @@ class MergeSources:
             ignore=self.recipe.engine_kwargs.get("ignore"),
         )
         self.roles = [rules(n, s, d).role for n, s, d in zip(names, shapes, dtypes)]
+        for name, shape, role in zip(names, shapes, self.roles):
+            if role not in ("keep", "ignore") and 0 in shape:
+                # The methods' reductions (max, SVD) have no value on zero elements.
+                raise MergeInputError(f"tensor {name!r} has no elements (shape {shape}) in the "
+                                      f"{self._reference_label()}; an empty tensor cannot be merged")
         for label, model in zip(self.labels, self.models):
             present = set(model.keys())
             for name, shape, dtype, role in zip(names, shapes, dtypes, self.roles):

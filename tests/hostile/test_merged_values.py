@@ -106,3 +106,24 @@ def test_cast_to_narrower_dtype_that_overflows_is_refused(family, tmp_path, capf
                                 extra="dtype: float16\n")
     out = tmp_path / "out"
     refused(capfd, ["merge", config, out, "--quiet"], out, [family, config], [NAME, "float16"])
+
+
+def _add_empty_tensor(directory: Path, name: str, shape) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(directory / "model.safetensors"))
+    tensors[name] = np.zeros(shape, np.float32)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("method, shape", [("drm", (0, 16)), ("knots_ties", (16, 0)), ("ties", (0,))])
+def test_zero_size_tensor_is_refused(family, tmp_path, capfd, method, shape):
+    # Issue 15, class 8: a zero-size tensor gave a traceback from the method's reductions.
+    empty = "model.layers.0.mlp.extra.weight"
+    for model in ("base", "task_a", "task_b"):
+        _add_empty_tensor(family / model, empty, shape)
+    config = write_merge_config(tmp_path, family / "base", family / "task_a", family / "task_b",
+                                "0.5, density: 0.5", "0.5, density: 0.5")
+    config.write_text(config.read_text().replace("task_arithmetic", method).replace("parameters: {lambda: 1.0}\n", ""))
+    out = tmp_path / "out"
+    refused(capfd, ["merge", config, out, "--quiet"], out, [family, config], [empty, "no elements"])

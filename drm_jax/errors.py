@@ -22,3 +22,23 @@ class CheckpointError(DrmJaxError, OSError):
 
 class ConfigError(DrmJaxError, ValueError):
     """A merge configuration is invalid (YAML, unknown method or parameter)."""
+
+
+# Longest quotation of a user's value in an error message: enough to recognise it, never a flood (a YAML
+# alias bomb expands a few hundred bytes into hundreds of megabytes).
+QUOTE_LIMIT = 80
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """repr(value) cut to about `limit` characters, computed without building the whole repr.
+
+    Strings are cut before quoting; containers show their first few items and levels ("..." marks a cut).
+    """
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= limit + 3 else text[:limit] + "..."

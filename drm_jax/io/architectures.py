@@ -121,11 +121,15 @@ def detect_architecture(config: Mapping | None) -> str:
 
     T5 configs whose feed_forward_proj is gated ("gated-gelu", T5 v1.1) give "t5_v1_1".
     """
-    if not config:
+    if not config or not isinstance(config, Mapping):
         return "generic"
     model_type = str(config.get("model_type", "")).lower()
     if not model_type:
-        names = " ".join(str(a) for a in config.get("architectures") or ()).lower()
+        # A config.json with wrong types (architectures: 5) tells us nothing: generic names.
+        architectures = config.get("architectures")
+        if not isinstance(architectures, (list, tuple)):
+            architectures = ()
+        names = " ".join(str(a) for a in architectures).lower()
         model_type = next((t for t in ("t5", "llama", "bert", "gpt2", "vit", "clip") if t in names), "")
     arch = _MODEL_TYPES.get(model_type, "generic")
     if arch == "t5" and str(config.get("feed_forward_proj", "relu")).startswith("gated"):

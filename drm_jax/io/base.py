@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import abc
 import io
+import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,12 +51,91 @@ def config_dir(*candidates: Path) -> Path | None:
     return next((d for d in candidates if has_config_files(d)), None)
 
 
+def require_regular_file(path: Path) -> os.stat_result:
+    """os.stat of `path` (links followed), refusing anything but a regular file.
+
+    Checked before opening: opening a FIFO blocks until someone writes to it, and a device or socket named
+    like a checkpoint is never one.
+    """
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot stat: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode) else \
+            "not a regular file"
+        raise CheckpointError(f"{path}: {kind}, not a checkpoint file; refused")
+    return info
+
+
 def open_binary(path: Path) -> io.RawIOBase:
-    """An unbuffered binary file: every read is exactly the bytes asked for (no read-ahead)."""
+    """An unbuffered binary file: every read is exactly the bytes asked for (no read-ahead).
+
+    Only regular files are opened (`require_regular_file`)."""
+    require_regular_file(path)
     try:
         return open(path, "rb", buffering=0)
     except OSError as err:
-        raise CheckpointError(f"{path}: cannot open: {err.strerror or err}") from err
+        raise CheckpointError(f"{path}: cannot open: {err.strerror or err}") from None
+
+
+def parse_json(text: str | bytes, path: Path, what: str) -> Any:
+    """json.loads with every failure (bad syntax, bad UTF-8, nesting too deep for the parser) as one
+    CheckpointError naming `path` and `what` ("index", "adapter config", ...)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise CheckpointError(f"{path}: cannot read {what}: JSON nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read {what}: {err}") from None
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The JSON value in file `path` (a regular file only; see `parse_json` for the errors)."""
+    require_regular_file(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read {what}: {err.strerror or err}") from None
+    return parse_json(raw, path, what)
+
+
+# A claimed array size is checked against the bytes on disk before anything is allocated: at most
+# `ratio` times the stored bytes (the codec's best compression), or this floor for arrays left mostly to
+# their fill value (zarr stores no chunk that equals it).
+CLAIM_FLOOR_BYTES = 64 * 2**20
+
+
+def check_claimed_size(path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, stored_bytes: int,
+                       ratio: int) -> None:
+    """Refuse tensor `name` when its header-claimed size cannot come from `stored_bytes` bytes on disk."""
+    claimed = 1
+    for d in shape:
+        claimed *= int(d)
+    claimed *= np.dtype(dtype).itemsize
+    if claimed > max(CLAIM_FLOOR_BYTES, ratio * stored_bytes):
+        raise CheckpointError(f"{path}: header lies about sizes: tensor {name!r} claims shape {tuple(shape)} "
+                              f"({claimed} bytes) but only {stored_bytes} bytes are stored for it")
+
+
+def tree_bytes(directory: Path, root: Path) -> int:
+    """Bytes of the regular files under `directory`, refusing a FIFO, device or socket among them and a
+    symbolic link whose target is outside `root` (a checkpoint reads only its own files)."""
+    total = 0
+    root = Path(root).resolve()
+    for folder, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            entry = Path(folder) / name
+            if entry.is_symlink():
+                target = entry.resolve()
+                if target != root and root not in target.parents:
+                    raise CheckpointError(f"{entry}: symbolic link to {str(target)!r}, outside the checkpoint "
+                                          f"directory {str(root)!r}; refused")
+                if target.is_dir():
+                    raise CheckpointError(f"{entry}: symbolic link to a directory inside a checkpoint; refused")
+        for name in files:
+            total += require_regular_file(Path(folder) / name).st_size
+    return total
 
 
 def read_exact(handle: io.RawIOBase, offset: int, nbytes: int, *, path: Path, what: str) -> np.ndarray:
@@ -78,10 +159,8 @@ def read_exact(handle: io.RawIOBase, offset: int, nbytes: int, *, path: Path, wh
 
 
 def file_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot stat: {err.strerror or err}") from err
+    """Size in bytes of regular file `path` (anything else is refused, see `require_regular_file`)."""
+    return require_regular_file(path).st_size
 
 
 class CheckpointReader(abc.ABC):

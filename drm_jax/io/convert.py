@@ -11,7 +11,6 @@ base comes from `base=` or, when it is a local directory, the adapter's base_mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -27,10 +26,10 @@ from drm_jax.io.architectures import (
     name_from_hf,
     t5x_architecture,
 )
-from drm_jax.io.base import CheckpointReader
+from drm_jax.io.base import CheckpointReader, read_json
 from drm_jax.io.detect import open_checkpoint
 from drm_jax.io.peft_io import PeftReader
-from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter
+from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, refuse_overlap
 
 # A Flax training state often nests the parameters under "params"; the Hugging Face names do not.
 _FLAX_PARAMS_PREFIX = "params."
@@ -40,11 +39,7 @@ def read_config(reader: CheckpointReader) -> dict:
     """The reader's config.json as a dict ({} when there is none)."""
     if reader.config_dir is None or not (reader.config_dir / "config.json").is_file():
         return {}
-    path = reader.config_dir / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read config: {err}") from err
+    config = read_json(reader.config_dir / "config.json", "config")
     return config if isinstance(config, dict) else {}
 
 
@@ -127,7 +122,7 @@ def _open_source(src: Path, base: str | Path | None) -> CheckpointReader:
     if isinstance(reader, PeftReader) and reader.base is None:
         hinted = reader.config.get("base_model_name_or_path")
         reader.close()
-        if not hinted or not Path(hinted).is_dir():
+        if not isinstance(hinted, str) or not hinted or not Path(hinted).is_dir():
             raise CheckpointError(
                 f"{src}: a PEFT adapter converts to its merged model and needs the base model (--base PATH)"
             )
@@ -145,10 +140,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
     returns the same tensors, bit for bit, under the same names. Returns `dst`.
     """
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination is the source checkpoint")
+    # Before anything is read or written: --overwrite replaces dst, so no input may lie in or around it.
+    refuse_overlap(dst, [src] + ([Path(base)] if base is not None else []), what="destination")
     reader = _open_source(src, base)
     try:
+        inputs = [src, reader.path, getattr(getattr(reader, "base", None), "path", None), reader.config_dir]
+        refuse_overlap(dst, [p for p in inputs if p is not None], what="destination")
         if isinstance(reader, PeftReader):
             reader = _MergedAdapter(reader)
         arch = arch or architecture_of(reader)

@@ -70,6 +70,8 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if not path.is_file() and not path.is_dir():
+        raise CheckpointError(f"{path}: not a regular file or directory (a FIFO, device or socket); refused")
     found = _detect_file(path) if path.is_file() else _detect_directory(path)
     if found is None:
         raise CheckpointError(f"{path}: unknown checkpoint format (expected {_EXPECTED})")

@@ -11,14 +11,13 @@ Reading is lazy (see msgpack_lazy); writing buffers the tree and serializes it w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, config_dir, open_binary
+from drm_jax.io.base import IndexedReader, config_dir, open_binary, read_json
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
 
@@ -56,10 +55,10 @@ class FlaxReader(IndexedReader):
 
     @staticmethod
     def _scan_index(index_path: Path) -> dict[str, LazyArray | ChunkedLazyArray]:
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index_path}: cannot read index: {err}") from err
+        index = read_json(index_path, "index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: index has no weight_map")
         leaves: dict[str, LazyArray | ChunkedLazyArray] = {}
         for shard_name in dict.fromkeys(weight_map.values()):
             if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:

@@ -9,16 +9,19 @@ with `PyTreeCheckpointer` (OCDBT + zarr, as Orbax does by default).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, config_dir
+from drm_jax.io.base import IndexedReader, check_claimed_size, config_dir, tree_bytes
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.nested import unflatten_names
 
+# zstd (Orbax's OCDBT codec) on constant data reaches ratios in the tens of thousands.
+_MAX_EXPANSION = 2**15
 
 
 def is_orbax_item(directory: Path) -> bool:
@@ -86,6 +89,10 @@ class OrbaxReader(IndexedReader):
         flat = _flatten_metadata(tree)
         self._by_name = {".".join(key): value for key, value in flat.items()}  # name -> array metadata
         self._paths = {".".join(key): key for key in flat}
+        # Before any restore allocates: every file is the item's own, and the metadata's sizes fit them.
+        stored = tree_bytes(item, item)
+        for name in self._by_name:
+            check_claimed_size(item, name, self.shape(name), self.dtype(name), stored, _MAX_EXPANSION)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self._record(name).shape)
@@ -124,8 +131,16 @@ class OrbaxReader(IndexedReader):
 def write_orbax(tensors: Mapping[str, np.ndarray], directory: Path) -> Path:
     """Save dotted-name tensors as a nested-dict Orbax PyTree checkpoint in `directory` (replaced)."""
     tree = unflatten_names({name: np.asarray(array) for name, array in tensors.items()})
+    # Orbax wants an absolute path and stages beside its target: save into a folder inside `directory`
+    # (its staging folder lands inside too, and goes with it on failure), then move the files up.
+    directory = Path(directory).absolute()
+    item = directory / ".orbax-item"
     try:
-        _checkpointer().save(Path(directory), tree, force=True)
+        _checkpointer().save(item, tree, force=True)
     except Exception as err:
-        raise CheckpointError(f"{directory}: cannot write Orbax checkpoint: {err}") from err
-    return Path(directory)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{directory}: cannot write Orbax checkpoint: {first[:300]}") from None
+    for child in item.iterdir():
+        os.replace(child, directory / child.name)
+    item.rmdir()
+    return directory

@@ -23,18 +23,21 @@ weight's dtype. Reference: Hu et al., "LoRA" (arXiv 2106.09685); PEFT's LoraLaye
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, IndexedReader
+from drm_jax.errors import CheckpointError, quote
+from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
+from drm_jax.io.safetensors_io import SafetensorsReader
+from drm_jax.io.torch_io import TorchReader
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+# The adapter's weight files, in the order PEFT prefers them, and their readers.
+ADAPTER_WEIGHT_READERS = {"adapter_model.safetensors": SafetensorsReader, "adapter_model.bin": TorchReader}
+ADAPTER_WEIGHT_NAMES = tuple(ADAPTER_WEIGHT_READERS)
 _PEFT_PREFIX = "base_model.model."
 # module.lora_A[.adapter].weight, module.lora_embedding_A[.adapter], module.lora_B[.adapter].bias
 _LORA_KEY = re.compile(
@@ -53,6 +56,26 @@ class _LoraModule:
     embedding: bool = False
 
 
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check_pattern(config_path: Path, field: str, patterns: object) -> None:
+    """`rank_pattern` / `alpha_pattern`: absent, or a mapping of module regexes to positive numbers."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{config_path}: {field} must be a mapping of module patterns to numbers, "
+                              f"got {quote(patterns)}")
+    for key, value in patterns.items():
+        if not _positive_number(value):
+            raise CheckpointError(f"{config_path}: {field}[{quote(key)}] must be a positive number, got {quote(value)}")
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except (re.error, RecursionError, OverflowError) as err:
+            raise CheckpointError(f"{config_path}: {field}: key {quote(key)} is not a valid pattern: {err}") from None
+
+
 def _pattern_value(patterns: dict, module: str, default):
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -66,8 +89,6 @@ class PeftReader(IndexedReader):
     format = "peft"
 
     def __init__(self, path: Path, base: CheckpointReader | None = None, *, owns_base: bool = False) -> None:
-        from drm_jax.io.detect import open_checkpoint  # the adapter weights are a safetensors/torch file
-
         path = Path(path)
         directory = path.parent if path.is_file() else path
         super().__init__(path, base.config_dir if base is not None else None)
@@ -77,7 +98,7 @@ class PeftReader(IndexedReader):
         weights = next((directory / n for n in ADAPTER_WEIGHT_NAMES if (directory / n).is_file()), None)
         if weights is None:
             raise CheckpointError(f"{directory}: adapter_config.json without {' or '.join(ADAPTER_WEIGHT_NAMES)}")
-        self.adapter = open_checkpoint(weights)
+        self.adapter = ADAPTER_WEIGHT_READERS[weights.name](weights)
         try:
             self._modules, self._whole = self._index(self.adapter.keys())
             self._by_name = self._resolve_names()
@@ -89,10 +110,7 @@ class PeftReader(IndexedReader):
 
     @staticmethod
     def _read_config(config_path: Path) -> dict:
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{config_path}: cannot read adapter config: {err}") from err
+        config = read_json(config_path, "adapter config")
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_path}: adapter config is not a JSON object")
         peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -101,8 +119,10 @@ class PeftReader(IndexedReader):
         if config.get("use_dora"):
             raise CheckpointError(f"{config_path}: DoRA adapters (use_dora) are not supported")
         for field in ("r", "lora_alpha"):
-            if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
-                raise CheckpointError(f"{config_path}: {field} must be a positive number, got {config.get(field)!r}")
+            if not _positive_number(config.get(field)):
+                raise CheckpointError(f"{config_path}: {field} must be a positive number, got {quote(config.get(field))}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            _check_pattern(config_path, field, config.get(field))
         return config
 
     def _index(self, adapter_names: list[str]) -> tuple[dict[str, _LoraModule], dict[str, str]]:

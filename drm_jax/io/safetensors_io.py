@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, config_dir, file_size, open_binary, read_exact
+from drm_jax.io.base import IndexedReader, config_dir, file_size, open_binary, parse_json, read_exact, read_json
 from drm_jax.io.dtypes import SAFETENSORS_DTYPES
 
 SAFETENSORS_NAME = "model.safetensors"
@@ -109,10 +109,7 @@ class SafetensorsFile:
                 "the length field"
             )
         raw_header = bytes(read_exact(self._handle, 8, header_len, path=self.path, what="header"))
-        try:
-            header = json.loads(raw_header.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{self.path}: corrupt header (not JSON): {err}") from err
+        header = parse_json(raw_header, self.path, "header (corrupt, not JSON)")
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: corrupt header: not a JSON object")
         metadata = header.pop("__metadata__", None) or {}
@@ -140,10 +137,7 @@ def _shard_path(index_path: Path, shard_name: object) -> Path:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{index_path}: cannot read index: {err}") from err
+    index = read_json(index_path, "index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: index has no weight_map")
@@ -259,7 +253,11 @@ class SafetensorsShardWriter:
         from safetensors.numpy import save_file
 
         part = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors.part"
-        save_file(self._pending, str(part), metadata={"format": "pt"})
+        try:
+            save_file(self._pending, str(part), metadata={"format": "pt"})
+        except Exception as err:  # SafetensorError (not an OSError) on a full disk, OSError, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{self.directory}: cannot write a safetensors shard: {first}") from None
         self._shards.append((part, list(self._pending)))
         self._pending = {}
         self._pending_bytes = 0

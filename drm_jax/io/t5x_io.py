@@ -11,7 +11,9 @@ Layout (t5x.checkpoints, VERSION 3), in a directory `checkpoint_<step>/`:
 Read with tensorstore (not with t5x). Only the model parameters (`optimizer.target`) are exposed, named
 "target.<path>". Every array path is checked at open time: it must be a relative path that stays inside
 the checkpoint directory (no "..", no absolute path, no symlink out) and exist, and it must be a local
-file store (a checkpoint never makes us read elsewhere or over the network).
+file store (a checkpoint never makes us read elsewhere or over the network). The files inside an array
+directory are checked the same way (regular files, no link leaving the checkpoint directory), and the
+shape its metadata claims must fit the bytes stored (`drm_jax.io.base.check_claimed_size`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader, config_dir, open_binary
+from drm_jax.io.base import CheckpointReader, check_claimed_size, config_dir, open_binary, tree_bytes
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
@@ -35,6 +37,8 @@ T5X_VERSION = 3
 _CHUNK_BYTES = 64 * 2**20
 _ARRAY_DRIVERS = ("zarr", "zarr3", "n5")
 _LOCAL_KVSTORES = ("file", "gfile")
+# Deflate (zarr's gzip and zlib codecs) expands at most 1032-fold; a little headroom for chunk headers.
+_MAX_EXPANSION = 1100
 
 
 def is_msgpack_map(path: Path) -> bool:
@@ -134,10 +138,14 @@ class T5xReader(CheckpointReader):
                 self._inline[name] = leaf
             elif _is_tensorstore_spec(leaf):
                 driver, array_dir = resolve_array_dir(checkpoint_file, name, leaf)
+                # Chunk files too must be the checkpoint's own regular files (no link out, no FIFO).
+                stored = tree_bytes(array_dir, directory)
                 try:
                     store = _open_store(driver, array_dir)
                 except Exception as err:  # tensorstore raises ValueError on bad metadata
-                    raise CheckpointError(f"{array_dir}: cannot open array for tensor {name!r}: {err}") from err
+                    raise CheckpointError(f"{array_dir}: cannot open array for tensor {name!r}: {err}") from None
+                check_claimed_size(array_dir, name, tuple(store.domain.shape), as_numpy_dtype(store.dtype), stored,
+                                   _MAX_EXPANSION)
                 self._stores[name] = (array_dir, store)
                 if isinstance(leaf.get("dtype"), str):
                     self._declared[name] = leaf["dtype"]

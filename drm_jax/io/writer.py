@@ -41,6 +41,33 @@ def copy_config_files(source: Path | None, destination: Path) -> list[Path]:
     return copied
 
 
+def refuse_overlap(out_dir: str | Path, inputs, *, what: str = "output directory") -> None:
+    """Raise CheckpointError when `out_dir` and any of `inputs` lie inside one another (or are one).
+
+    Both are resolved with symbolic links followed, so a link cannot hide an input inside the output: an
+    output that is, holds or sits inside an input would be written into or (with --force) deleted.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    for given in inputs:
+        path = Path(given).expanduser().resolve()
+        if out == path or out in path.parents or path in out.parents:
+            raise CheckpointError(f"{what} {str(out_dir)!r} overlaps the input {str(given)!r}; inputs are never "
+                                  f"written or removed, choose another output")
+
+
+def umask_mode() -> int:
+    """The mode a directory created now gets from the process umask (mkdtemp's 0700 ignores it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def write_failure(out_dir: Path, err: BaseException) -> CheckpointError:
+    """One line for an OSError (full disk, read-only or unwritable directory) while writing `out_dir`."""
+    where = getattr(err, "filename", None) or out_dir
+    return CheckpointError(f"{where}: cannot write: {getattr(err, 'strerror', None) or err}")
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
@@ -69,8 +96,15 @@ class CheckpointWriter:
         self.copy_from = Path(copy_from) if copy_from is not None else None
         if self.out_dir.exists() and not overwrite and not _is_empty_dir(self.out_dir):
             raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-        self._created_parents = self._make_parents(self.out_dir.parent)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._created_parents: list[Path] = []
+        self.tmp_dir = None
+        try:
+            self._created_parents = self._make_parents(self.out_dir.parent)
+            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+            os.chmod(self.tmp_dir, umask_mode())  # becomes out_dir: the user's umask, not mkdtemp's 0700
+        except OSError as err:
+            self.abort()
+            raise write_failure(self.out_dir.parent, err) from None
         self._names: set[str] = set()
         self._buffered: dict[str, np.ndarray] = {}
         self._shards = SafetensorsShardWriter(self.tmp_dir, max_shard_size) if format == "hf" else None
@@ -102,12 +136,17 @@ class CheckpointWriter:
         if array.dtype.hasobject:
             raise CheckpointError(f"{self.out_dir}: tensor {name!r} has object dtype")
         self._names.add(name)
-        if self._shards is not None:
-            self._shards.add(name, array)
-        elif self._t5x is not None:
-            self._t5x.add(name, array)
-        else:
-            self._buffered[name] = array
+        try:
+            if self._shards is not None:
+                self._shards.add(name, array)
+            elif self._t5x is not None:
+                self._t5x.add(name, array)
+            else:
+                self._buffered[name] = array
+        except OSError as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise write_failure(self.out_dir, err) from None
 
     def _write_payload(self) -> None:
         if self._shards is not None:
@@ -128,6 +167,11 @@ class CheckpointWriter:
             self._write_payload()
             copy_config_files(self.copy_from, self.tmp_dir)
             self._move_into_place()
+        except OSError as err:
+            self.abort()
+            if isinstance(err, CheckpointError):
+                raise
+            raise write_failure(self.out_dir, err) from None
         except BaseException:
             self.abort()
             raise
@@ -160,7 +204,8 @@ class CheckpointWriter:
         """Remove everything written so far (and parent directories this writer created)."""
         self._closed = True
         self._buffered = {}
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
         for directory in self._created_parents:  # innermost first
             try:
                 directory.rmdir()

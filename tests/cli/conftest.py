@@ -1,8 +1,8 @@
 """Tiny Hugging Face checkpoints for the command-line tests: random weights from tiny configs, no downloads.
 
-`llama_family` / `t5_family` (session-scoped): a base model and two "fine-tuned" models (the base plus
-seeded noise), saved with transformers' `save_pretrained` under `<root>/models/{base,task_a,task_b}`, the
-layout the example configs in `examples/configs/` expect.
+`llama_family` / `t5_family` / `gpt2_family` (session-scoped): a base model and two "fine-tuned" models
+(the base plus seeded noise), saved with transformers' `save_pretrained` under
+`<root>/models/{base,task_a,task_b}`, the layout the example configs in `examples/configs/` expect.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def t5_family(tmp_path_factory) -> Path:
     config = T5Config(vocab_size=64, d_model=32, d_ff=32, d_kv=8, num_layers=2, num_heads=4,
                       decoder_start_token_id=0)
     return _save_family(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration, config)
+
+
+@pytest.fixture(scope="session")
+def gpt2_family(tmp_path_factory) -> Path:
+    """GPT-2: its attention and MLP weights are Conv1D, stored (in, out) under Hugging Face names."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    return _save_family(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel, config)
 
 
 def _read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:

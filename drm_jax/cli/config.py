@@ -321,27 +321,60 @@ def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
 def load_config(path: str | Path) -> MergeConfig:
     """Read and check a YAML merge config.
 
+    The file must be a regular file (a FIFO would block) of at most 1 MiB; YAML aliases may expand to at
+    most `drm_jax.io.bounded_yaml.MAX_NODES` values; an error message quotes at most a few hundred
+    characters of the config.
+
     Raises:
       ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the line and
-        column), or does not follow the schema (the message names the key).
+        column), expands past the bounds, or does not follow the schema (the message names the key).
     """
+    import os
+    import stat
+
+    from drm_jax.errors import quote
+    from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
+
+    max_bytes, max_message = 2**20, 400
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        info = os.stat(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file does not exist") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read the config: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"{path}: not a regular file; a config is a YAML file")
+    if info.st_size > max_bytes:
+        raise ConfigError(f"{path}: {info.st_size} bytes; a merge config is at most {max_bytes}")
     try:
-        raw = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config: {quote(str(err), 120)}") from None
+    try:
+        raw = load_bounded_yaml(text)
+    except YamlBoundError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: not valid YAML{where}: {quote(problem, 120)}") from None
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
-    return parse_config(raw, source=path)
+    try:
+        config = parse_config(raw, source=path)
+    except ConfigError as err:
+        message = str(err)
+        if len(message) <= max_message:
+            raise
+        # A schema error quoting a huge value: keep the file and key (they come first), drop the flood.
+        raise ConfigError(f"{message[:max_message]}... ({len(message)} characters)") from None
+    seed = config.parameters.get("seed")
+    if isinstance(seed, int) and not 0 <= seed < 2**32:
+        # JAX's PRNG takes a 32-bit seed; a larger one overflowed deep inside the merge.
+        raise ConfigError(f"{path}: parameters.seed: must be an integer from 0 to {2**32 - 1}, got {quote(seed)}")
+    return config
 
 
 __all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "NEEDS_BASE", "load_config", "parse_config"]

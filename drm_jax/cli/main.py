@@ -2,14 +2,21 @@
 
 Each subcommand lives in its own module exposing `register(subparsers)`, which adds its parser and sets
 `func` (a callable taking the parsed arguments and returning an exit code). Errors a user can cause are
-`DrmJaxError`s: they are printed as one line on stderr, with exit status 2 and no traceback.
+`DrmJaxError`s: they are printed as one line on stderr, with exit status 2 and no traceback; so are an
+OSError from the system (a full disk, a read-only directory) and input nested too deeply to parse.
+
+SIGINT and SIGTERM are handled alike: the command unwinds, every temporary directory is removed (outputs
+appear only whole, by a rename), and the exit status is 128 + the signal number: 130 for SIGINT, 143 for
+SIGTERM. A second signal during that cleanup is ignored.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from drm_jax.errors import DrmJaxError
 
@@ -36,17 +43,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so every `with` block cleans up the same way."""
+
+
+def _on_signal(signum, frame) -> None:
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)  # the cleanup that follows must not be cut short
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from drm_jax.io.writer import abort_unfinished
+
     try:
         return int(args.func(args) or 0)
     except DrmJaxError as err:
         print(f"drm-jax: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the system's, not ours: a full disk, a read-only or vanished directory
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"drm-jax: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("drm-jax: error: input nested too deeply to parse", file=sys.stderr)
+        return 2
+    except Terminated:
+        abort_unfinished()
+        print("drm-jax: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        abort_unfinished()
         print("drm-jax: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        abort_unfinished()  # a failure of any kind leaves no temporary directory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

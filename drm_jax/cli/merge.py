@@ -161,13 +161,12 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def check_output(out_dir: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse an output that would clobber data: non-empty without --force, or overlapping an input."""
+    """Refuse an output that would clobber data: non-empty without --force, or overlapping an input
+    (models, adapters, the config file: resolved, links followed, in both directions)."""
+    from drm_jax.io.writer import refuse_overlap
+
+    refuse_overlap(out_dir, inputs)
     out = out_dir.expanduser().resolve()
-    for p in inputs:
-        p = p.expanduser().resolve()
-        if _inside(out, p) or _inside(p, out):
-            raise ConfigError(f"output directory {str(out_dir)!r} overlaps the input {str(p)!r}; "
-                              f"inputs are never modified, choose another output")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output {str(out_dir)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -273,6 +272,9 @@ def run(args: argparse.Namespace) -> int:
     return_freed_memory_to_the_os()
     config = load_config(args.config)
     recipe = build_recipe(config)
+    # The config file is an input too: --force must never remove the folder holding it.
+    check_output(Path(args.out_dir), args.force,
+                 [Path(args.config), *input_paths(config, recipe.models), config.resolve(recipe.reference.model)])
     devices = select_devices(args.device, args.devices)
     try:
         merge_checkpoints(config, args.out_dir, force=args.force, quiet=args.quiet, devices=devices,

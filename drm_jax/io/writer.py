@@ -11,9 +11,12 @@ Names are written as given: Hugging Face names for "hf", dotted Flax paths for "
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -39,6 +42,31 @@ def copy_config_files(source: Path | None, destination: Path) -> list[Path]:
         if (Path(source) / name).is_file():
             copied.append(Path(shutil.copy2(Path(source) / name, destination / name)))
     return copied
+
+
+# Writers whose temporary directory exists: the command line aborts them when it is interrupted, so a
+# signal landing between a writer's creation and its `with` leaves nothing behind either.
+_UNFINISHED: set["CheckpointWriter"] = set()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM wait until the block ends, so a directory created or renamed and our record of
+    it never come apart (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def abort_unfinished() -> None:
+    """Remove the temporary directories of every writer not yet closed (after an interrupt)."""
+    for writer in list(_UNFINISHED):
+        writer.abort()
 
 
 def refuse_overlap(out_dir: str | Path, inputs, *, what: str = "output directory") -> None:
@@ -98,13 +126,15 @@ class CheckpointWriter:
             raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
         self._created_parents: list[Path] = []
         self.tmp_dir = None
-        try:
-            self._created_parents = self._make_parents(self.out_dir.parent)
-            self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-            os.chmod(self.tmp_dir, umask_mode())  # becomes out_dir: the user's umask, not mkdtemp's 0700
-        except OSError as err:
-            self.abort()
-            raise write_failure(self.out_dir.parent, err) from None
+        with signals_deferred():
+            try:
+                self._created_parents = self._make_parents(self.out_dir.parent)
+                self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+                _UNFINISHED.add(self)
+                os.chmod(self.tmp_dir, umask_mode())  # becomes out_dir: the user's umask, not mkdtemp's 0700
+            except OSError as err:
+                self.abort()
+                raise write_failure(self.out_dir.parent, err) from None
         self._names: set[str] = set()
         self._buffered: dict[str, np.ndarray] = {}
         self._shards = SafetensorsShardWriter(self.tmp_dir, max_shard_size) if format == "hf" else None
@@ -179,6 +209,11 @@ class CheckpointWriter:
         return self.out_dir
 
     def _move_into_place(self) -> None:
+        with signals_deferred():  # an interrupt lands before the swap or after it, never inside
+            self._swap_into_place()
+            _UNFINISHED.discard(self)
+
+    def _swap_into_place(self) -> None:
         backup = None
         if self.out_dir.exists() or self.out_dir.is_symlink():
             if _is_empty_dir(self.out_dir) and not self.out_dir.is_symlink():
@@ -190,7 +225,7 @@ class CheckpointWriter:
                 os.replace(self.out_dir, backup)
         try:
             os.replace(self.tmp_dir, self.out_dir)
-        except OSError:
+        except BaseException:
             if backup is not None:
                 os.replace(backup, self.out_dir)  # put the old checkpoint back
             raise
@@ -206,6 +241,7 @@ class CheckpointWriter:
         self._buffered = {}
         if self.tmp_dir is not None:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        _UNFINISHED.discard(self)
         for directory in self._created_parents:  # innermost first
             try:
                 directory.rmdir()

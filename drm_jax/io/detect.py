@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import CheckpointReader
+from drm_jax.io.base import CheckpointReader, require_regular_file
 from drm_jax.io.flax_io import FLAX_INDEX_NAME, FLAX_NAME, FlaxReader
 from drm_jax.io.orbax_io import OrbaxReader, find_orbax_item
 from drm_jax.io.peft_io import ADAPTER_CONFIG_NAME, PeftReader
@@ -42,7 +42,16 @@ def _detect_file(path: Path) -> str | None:
     return None
 
 
+# File names that make a directory a checkpoint: one of them that is not a regular file is refused here
+# (a FIFO would block its reader; skipping it would hide the problem behind "unknown format").
+_MARKER_NAMES = (ADAPTER_CONFIG_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, TORCH_INDEX_NAME, TORCH_NAME,
+                 FLAX_INDEX_NAME, FLAX_NAME)
+
+
 def _detect_directory(path: Path) -> str | None:
+    for name in _MARKER_NAMES:
+        if (path / name).exists() and not (path / name).is_file():
+            require_regular_file(path / name)
     if (path / ADAPTER_CONFIG_NAME).is_file():
         return "peft"
     if (path / SAFETENSORS_INDEX_NAME).is_file() or (path / SAFETENSORS_NAME).is_file():

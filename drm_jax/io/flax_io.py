@@ -64,7 +64,7 @@ class FlaxReader(IndexedReader):
             if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:
                 raise CheckpointError(f"{index_path}: invalid shard file name {shard_name!r}")
             shard = index_path.parent / shard_name
-            if not shard.is_file():
+            if not shard.exists():
                 raise CheckpointError(f"{index_path}: missing shard {shard_name!r}")
             leaves.update(_array_leaves(scan_msgpack(shard)))
         missing = [name for name in weight_map if name.replace("/", ".") not in leaves]

@@ -192,7 +192,7 @@ class SafetensorsReader(IndexedReader):
         where: dict[str, Path] = {}
         for name, shard_name in weight_map.items():
             shard = _shard_path(index_path, shard_name)
-            if not shard.is_file():
+            if not shard.exists():
                 raise CheckpointError(f"{index_path}: missing shard {shard_name!r} (named for tensor {name!r})")
             if name not in self._open_file(shard).entries:
                 raise CheckpointError(f"{shard}: tensor {name!r} is listed in {index_path.name} but not in this shard")

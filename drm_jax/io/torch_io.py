@@ -213,7 +213,7 @@ class TorchReader(IndexedReader):
             for shard_name in dict.fromkeys(weight_map.values()):
                 if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:
                     raise CheckpointError(f"{index_path}: invalid shard file name {shard_name!r}")
-                if not (directory / shard_name).is_file():
+                if not (directory / shard_name).exists():
                     raise CheckpointError(f"{index_path}: missing shard {shard_name!r}")
                 files.append(directory / shard_name)
             return files

@@ -19,8 +19,13 @@ the singular vectors of zero singular values arbitrary, and the papers' formulas
 SVD solver returns. Here a singular value counts as zero when it is at most max(n, m) * eps * sigma_ref
 (NumPy's `matrix_rank` rule; sigma_ref is the largest singular value of the same SVD, see each function),
 and its triplet is dropped: its columns are zeroed before the orthogonalization and its weight in the
-middle factor is 0. Because polar([U_1 | 0]) = [polar(U_1) | anything], the result is then unique: it is
-the method applied to the nonzero triplets only. On full-rank inputs nothing is dropped and the result is
+middle factor is 0. Because polar([U_1 | 0]) = [polar(U_1) | anything], the result is the method applied
+to the nonzero triplets only, and unique as long as those triplets' vectors are linearly independent
+(always for Iso-C; for TSV-M when the tasks' kept directions are independent). Where they are not (TSV-M
+on tasks sharing directions, Iso-CTS on low-rank deltas whose task-specific residuals overlap, since
+c + K p = r columns then lie in a space of lower dimension), polar() of the dependent columns is again
+whatever the SVD returns, as in fusion-bench; no rank cut is applied there, because on full-rank layers
+the smallest singular values of U* are genuine. On full-rank inputs nothing is dropped and the result is
 the papers' (and fusion-bench's).
 
 Per-task coefficients (fusion-bench's alpha list for TSV-M: each D_t scaled before its SVD) are
@@ -109,6 +114,7 @@ def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array
     alike). K = 1 returns alpha * D (k = r and polar(U_1) = U_1). Rank-deficient tasks: triplets with
     s_tj <= max(n, m) * eps * max_j s_tj are dropped (module docstring), so a task of rank below k
     contributes only its nonzero triplets; K = 1 still returns alpha * D. If k = 0 (K > r) the result is 0.
+    Tasks whose kept directions are linearly dependent make polar(U) non-unique (module docstring).
     """
     k_tasks, n, m = _check_deltas(deltas, "tsv_merge")
     k = tsv_budget(min(n, m), k_tasks)
@@ -184,7 +190,9 @@ def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction:
     Task order does not matter (block columns permute alike). K = 1 gives Iso-C of D (the residual's top
     p triplets are D's remaining ones). Rank-deficient inputs: triplets with a singular value at most
     max(n, m) * eps * sigma_ref are dropped from U* and V* (sigma_ref: the largest of D_TA's and the
-    residuals' singular values); sigma_bar still averages all r values, zeros included.
+    residuals' singular values); sigma_bar still averages all r values, zeros included. If the kept
+    nonzero columns are linearly dependent (low-rank deltas whose residuals overlap) the result is not
+    unique (module docstring).
     """
     k_tasks, n, m = _check_deltas(deltas, "iso_cts")
     c, p = iso_cts_sizes(min(n, m), k_tasks, common_fraction)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from drm_jax.engine.compiled import merge_layers
+from drm_jax.engine.compiled import _merge_layers, _prepare_layers, _sanitize, merge_layers
 from drm_jax.math.state import MergeTransform
 
 
@@ -92,6 +92,59 @@ def merge_layers_sharded(mesh, transform, base, models, coefficients, keys, thre
     return fn(base, models, jax.device_put(coefficients, replicated), keys, *extra)
 
 
-__all__ = ["layer_sharding", "layer_spec", "merge_layers_sharded", "owned_rows", "padded_length",
+@functools.lru_cache(maxsize=None)
+def sharded_prepare_fn(mesh: Mesh, rule):
+    """jit(shard_map(vmapped prepare)) of a registry rule: (base, models) -> (base, prepared, finite)."""
+    spec = layer_spec(mesh)
+
+    def local(base, models):
+        base, models, finite = _sanitize(base, models, True)
+        return base, _prepare_layers(rule, base, models), finite
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec, spec),
+                                 check_vma=False))
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_rule_merge_fn(mesh: Mesh, rule, with_threshold: bool):
+    """jit(shard_map(vmapped merge)) of a registry rule; hyperparameters and threshold replicated."""
+    spec = layer_spec(mesh)
+
+    def local(prepared, base, coefficients, keys, hparams, *threshold):
+        return _merge_layers(rule, prepared, base, coefficients, keys, threshold[0] if threshold else None, hparams)
+
+    extra = (P(),) if with_threshold else ()
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()) + extra,
+                                 out_specs=(spec, spec), check_vma=False))
+
+
+def prepare_chunk(mesh: Mesh, rule, length: int, shape: tuple[int, ...], num_models: int,
+                  base_row: Callable[[int], np.ndarray], model_row: Callable[[int], np.ndarray]):
+    """Stacked (length, ...) inputs built from this process's rows only, prepared on the mesh.
+
+    base_row(r) / model_row(r) give row r in (out, in) orientation ((K, ...) for the models); rows past
+    the real layers are zero padding. Returns (base, prepared, finite), all split on the layer axis.
+    """
+    base = stack_from_callback(mesh, length, tuple(shape), np.float32, base_row)
+    models = stack_from_callback(mesh, length, (num_models,) + tuple(shape), np.float32, model_row)
+    return sharded_prepare_fn(mesh, rule)(base, models)
+
+
+def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold, hparams):
+    """The merged layers (length, ...) and their finite flags, split on the layer axis."""
+    sharding = layer_sharding(mesh)
+    length = base.shape[0]
+    rows = np.zeros((length,) + tuple(np.shape(coefficients)[1:]), np.float32)
+    rows[: np.shape(coefficients)[0]] = np.asarray(coefficients)
+    pad_keys = np.zeros((length,) + tuple(np.shape(keys)[1:]), np.uint32)
+    pad_keys[: np.shape(keys)[0]] = np.asarray(keys)
+    replicated = NamedSharding(mesh, P())
+    extra = (jax.device_put(threshold, replicated),) if threshold is not None else ()
+    fn = sharded_rule_merge_fn(mesh, rule, threshold is not None)
+    return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding),
+              jax.device_put(hparams, replicated), *extra)
+
+
+__all__ = ["merge_chunk", "prepare_chunk", "sharded_prepare_fn", "sharded_rule_merge_fn", "layer_sharding", "layer_spec", "merge_layers_sharded", "owned_rows", "padded_length",
            "sharded_merge_fn", "stack_from_callback"]
 

@@ -7,7 +7,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper
 
 # mergekit's guard for a vanishing sum of weights.
 _TINY_WEIGHT = 1e-8
@@ -79,14 +79,17 @@ def weighted_mean() -> MergeTransform:
     return apply
 
 
-def scale(factor: float) -> MergeTransform:
-    """merged *= factor (the global lambda of task arithmetic and TIES)."""
-    factor = float(factor)
+def scale(factor: float | None = None) -> MergeTransform:
+    """merged *= factor (the global lambda of task arithmetic and TIES).
+
+    factor: a fixed number, or None to read the traced `state.hparams["lambda_"]`.
+    """
+    factor = None if factor is None else float(factor)
 
     def apply(state: MergeState) -> MergeState:
         if state.merged is None:
             raise ValueError("scale() multiplies the merged value: put a mean or sum stage before it")
-        return state.replace(merged=state.merged * factor)
+        return state.replace(merged=state.merged * jnp.asarray(hyper(state, factor, "lambda_"), state.merged.dtype))
 
     return apply
 

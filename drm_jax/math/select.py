@@ -9,6 +9,7 @@ is a fused compare-and-sum, which vectorises on CPU and is bandwidth-bound on GP
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -69,20 +70,41 @@ def keep_at_least_kth(
     return valid & ((k <= 0) | (magnitude >= threshold))
 
 
+def pruning_counts(keep, rows: int, row_size: int, rule: str = "kthvalue"):
+    """k of `keep_at_least_kth` for every possible number of valid rows, n = 0 .. rows.
+
+    N = n * row_size entries compete; "kthvalue" gives k = N - round(N keep) (docs/methods.md#drm, the
+    TIES/DRM reference rule), "top_k" gives k = N - max(1, floor(keep N)) + 1 (the floor(keep N) largest,
+    at least one unless keep is 0: mergekit's `magnitude`). keep has shape () or (T,) (one density per
+    task); the table has shape keep.shape + (rows + 1,).
+
+    Concrete densities are rounded on the host in float64, exactly as Python rounds (so a traced density
+    gives the same count as a fixed one). A traced density (a merge inside the caller's own jit) is rounded
+    on the device in float32, which can differ by one entry where N * keep is within rounding of x.5.
+    """
+    n = np.arange(rows + 1, dtype=np.int64) * row_size
+    if isinstance(keep, jax.core.Tracer):
+        xp, n, keep = jnp, jnp.asarray(n, jnp.float32), jnp.asarray(keep, jnp.float32)[..., None]
+    else:
+        xp, keep = np, np.asarray(keep, np.float64)[..., None]
+    if rule == "kthvalue":
+        k = n - xp.round(n * keep)
+    else:
+        kept = xp.where(keep > 0, xp.maximum(1, xp.floor(keep * n)), 0)
+        k = n - kept + 1
+    if xp is np:
+        if n[-1] >= 2**31:
+            raise ValueError(f"{int(n[-1])} entries exceed the int32 range of the pruning count")
+        return jnp.asarray(k.astype(np.int32))
+    return k.astype(jnp.int32)
+
+
 def drop_count(
     n_rows: Int[Array, ""] | int, row_size: int, max_rows: int, keep: float
 ) -> Int[Array, ""]:
-    """k = N - round(N * keep) of SPEC for N = n_rows * row_size, exact for n_rows in [0, max_rows].
-
-    N may be traced (the rank mask sets n_rows), so SPEC's Python-float rounding is precomputed on the
-    host for each possible row count and looked up: exact even where N exceeds float32's integers.
-    """
-    table = np.array(
-        [n * row_size - round(n * row_size * keep) for n in range(max_rows + 1)], dtype=np.int64
-    )
-    if table.max(initial=0) >= 2**31:
-        raise ValueError(f"{max_rows * row_size} entries exceed the int32 range of the pruning count")
-    return jnp.asarray(table.astype(np.int32))[jnp.asarray(n_rows, jnp.int32)]
+    """k = N - round(N * keep) for N = n_rows * row_size, exact for n_rows in [0, max_rows] (a lookup in
+    the host-computed `pruning_counts` table, so N may be traced)."""
+    return pruning_counts(keep, max_rows, row_size, "kthvalue")[jnp.asarray(n_rows, jnp.int32)]
 
 
-__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest"]
+__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "pruning_counts"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float
 
 from drm_jax.math import decompose
-from drm_jax.math.state import MergeState, MergeTransform, chain
+from drm_jax.math.state import MergeState, MergeTransform, chain, hyper
 
 Direction = Literal["horizontal", "vertical"]
 DIRECTIONS = ("horizontal", "vertical")
@@ -104,6 +104,47 @@ def within_joint_space(
     return apply
 
 
+class PreparedSpace(NamedTuple):
+    """One layer's joint space, decomposed once and truncated to b leading rows (the prepare step of DRM).
+
+    basis: U (n, b), orthonormal columns; singular_values: S (b,), descending (the row norms of P);
+    coordinates: P_t = U^T D_t, shape (K, b, m). For DRM-V all of it is of the transposed deltas.
+    """
+
+    basis: Float[Array, "n b"]
+    singular_values: Float[Array, " b"]
+    coordinates: Float[Array, "K b m"]
+
+
+def prepared_space(deltas: Float[Array, "K n m"], direction: Direction, route: str, rows: int) -> PreparedSpace:
+    """The joint space of one layer's deltas, its b = `rows` leading triplets (decompose once)."""
+    deltas, _ = horizontal_view(deltas, direction, "prepared_space")
+    k, n, m = deltas.shape
+    stacked = decompose.stack_horizontal(deltas)
+    u, p = decompose.factorize(stacked, route).take(rows)
+    s = jnp.linalg.norm(p, axis=1)
+    return PreparedSpace(u, s, jnp.transpose(p.reshape(rows, k, m), (1, 0, 2)))
+
+
+def enter_prepared(space: PreparedSpace, direction: Direction, rank_rtol: float | None = None) -> MergeTransform:
+    """Put a layer's `PreparedSpace` in the merge state: DRM steps 1-3 without decomposing again.
+
+    The rank cut S_j > rank_rtol * max(S) is applied here, from a fixed `rank_rtol` or the traced
+    `state.hparams["rank_rtol"]`, so a new cut reuses the decomposition and the compiled program.
+    """
+    check_direction(direction)
+
+    def apply(state: MergeState) -> MergeState:
+        rtol = jnp.asarray(hyper(state, rank_rtol, "rank_rtol"), space.singular_values.dtype)
+        s = space.singular_values
+        valid = s > rtol * jnp.max(s)
+        coords = jnp.where(valid[None, :, None], space.coordinates, 0.0)
+        return state.replace(values=coords, basis=space.basis, valid=valid, transposed=direction == "vertical",
+                             row_scale=jnp.broadcast_to(s[None, :], coords.shape[:2]))
+
+    return apply
+
+
 def row_norms(coordinates: Float[Array, "K q m"]) -> Float[Array, "K q"]:
     """c_tj * S_j = ||P_t[j, :]||: the per-task singular values S_tj of DRM step 4."""
     return jnp.linalg.norm(coordinates, axis=-1)
@@ -151,5 +192,5 @@ def recompose() -> MergeTransform:
     return apply
 
 
-__all__ = ["DIRECTIONS", "Direction", "check_direction", "joint_space", "recompose", "renormalize",
-           "row_norms", "unit_magnitudes", "within_joint_space"]
+__all__ = ["DIRECTIONS", "Direction", "PreparedSpace", "check_direction", "enter_prepared", "joint_space",
+           "prepared_space", "recompose", "renormalize", "row_norms", "unit_magnitudes", "within_joint_space"]

@@ -35,6 +35,9 @@ class MergeState:
     valid: (q,) rank-cut mask of a joint space, or None.
     basis: (n, q) shared basis U of a joint space, or None.
     merged: the merged values once a mean has run, (q, m) in a joint space, else values.shape[1:].
+    hparams: the traced hyperparameters stages read when they were built without a fixed number (the
+      way optax's `inject_hyperparams` makes numbers state): "density", "drop_rate", "lambda_",
+      "rank_rtol", and exact integer pruning counts ("prune_counts"); see `hyper`.
     transposed: static; the joint space was built on transposed deltas (DRM-V).
     """
 
@@ -46,6 +49,7 @@ class MergeState:
     valid: Bool[Array, " q"] | None = None
     basis: Float[Array, "n q"] | None = None
     merged: Float[Array, "..."] | None = None
+    hparams: dict = struct.field(default_factory=dict)
     transposed: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -90,12 +94,13 @@ def init_state(
     coefficients: Float[Array, " K"] | None = None,
     key: Array | None = None,
     threshold: Float[Array, " K"] | None = None,
+    hparams: dict | None = None,
 ) -> MergeState:
     """A weight-space state for deltas (K, ...); coefficients default to ones."""
     if coefficients is None:
         coefficients = jnp.ones((deltas.shape[0],), deltas.dtype)
     return MergeState(values=deltas, coefficients=jnp.asarray(coefficients, deltas.dtype), key=key,
-                      threshold=threshold)
+                      threshold=threshold, hparams=dict(hparams or {}))
 
 
 def merge_deltas(
@@ -104,9 +109,14 @@ def merge_deltas(
     coefficients: Float[Array, " K"] | None = None,
     key: Array | None = None,
     threshold: Float[Array, " K"] | None = None,
+    hparams: dict | None = None,
 ) -> Float[Array, "..."]:
     """Run a transform on one layer's deltas (K, ...) and return the merged delta (...)."""
-    state = transform(init_state(deltas, coefficients, key, threshold))
+    return merged_of(transform(init_state(deltas, coefficients, key, threshold, hparams)))
+
+
+def merged_of(state: MergeState) -> Float[Array, "..."]:
+    """The merged delta of a finished state (checks that the chain reduced and left the joint space)."""
     if state.merged is None:
         raise ValueError("the merge transform never reduced the tasks: end it with a mean or sum stage")
     if state.in_joint_space:
@@ -114,10 +124,20 @@ def merge_deltas(
     return state.merged
 
 
+def hyper(state: MergeState, fixed, name: str):
+    """A stage's number: `fixed` where the stage was built with one, else the traced `state.hparams[name]`."""
+    if fixed is not None:
+        return fixed
+    if name not in state.hparams:
+        raise ValueError(f"this stage was built without a value for {name!r} and the merge state has none: "
+                         f"pass {name} when merging")
+    return state.hparams[name]
+
+
 def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
     """(K,) -> (K, 1, ..., 1) to broadcast against `like` of shape (K, ...)."""
     return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "init_state",
-           "merge_deltas"]
+__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state",
+           "merge_deltas", "merged_of"]

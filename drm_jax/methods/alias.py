@@ -53,15 +53,14 @@ def drm(
       nonlinear_density: optional magnitude trim density for non-linear leaves (default: no trim).
     """
     keep = 1.0 - check_fraction("drop_rate", drop_rate)
-    # = chain(joint_space, renormalize, prune, elect_sign, scale_by_coefficients, disjoint_mean, recompose),
-    # computed on the leading rows of the joint space only
-    linear = space.within_joint_space(
+    linear = chain(
+        space.joint_space(direction, rank_rtol, svd_route),
         space.renormalize() if renormalize else _identity,
         prune(keep, scope=prune_scope, rule="kthvalue"),
         elect_sign("majority"),
         scale_by_coefficients(),
         disjoint_mean("count"),
-        direction=direction, rank_rtol=rank_rtol, route=svd_route,
+        space.recompose(),
     )
     return MergeMethod(linear=linear, other=ties_like(nonlinear_density))
 

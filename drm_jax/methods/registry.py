@@ -1,92 +1,96 @@
-"""From `merge(method="...", drop_rate=..., **method_params)` to a `MergeMethod`.
+"""The one method registry: name -> `MethodSpec`, and parameter resolution from it.
 
-Each method lists the parameters it accepts; aliases follow mergekit's YAML names (`density`,
-`lambda`, `normalize`) so a mergekit config maps onto the Python API one to one. An unknown method or
-parameter is a `MergeInputError` that names it.
+Adding a method is one module (its parameters, rules and facts in a `MethodSpec`) plus one entry in
+`METHODS`. `drm_jax.merge` / `drm_jax.prepare`, the YAML config checker, the command line and
+`drm-jax methods` all read the specs here; no other place lists a method's parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod
 from drm_jax.methods import alias
+from drm_jax.methods.base import MethodSpec, UnknownParameter
+from drm_jax.methods.dare import DARE_LINEAR, DARE_TIES
+from drm_jax.methods.drm import DRM, KNOTS_TIES
+from drm_jax.methods.linear import LINEAR, TASK_ARITHMETIC
+from drm_jax.methods.ties import TIES
 
-# method name -> (builder, parameters it takes besides direction / drop_rate)
-METHODS: dict[str, tuple[Callable[..., MergeMethod], frozenset[str]]] = {
-    "drm": (alias.drm, frozenset({"rank_rtol", "renormalize", "prune_scope", "svd_route", "nonlinear_density"})),
-    "knots_ties": (alias.knots_ties, frozenset({"rank_rtol", "svd_route", "nonlinear_density"})),
-    "ties": (alias.ties, frozenset({"trim_scope", "normalize", "lambda_"})),
-    "task_arithmetic": (alias.task_arithmetic, frozenset({"lambda_"})),
-    "linear": (alias.linear, frozenset({"normalize"})),
-    "dare_linear": (alias.dare_linear, frozenset({"seed", "rescale", "lambda_"})),
-    "dare_ties": (alias.dare_ties, frozenset({"seed", "rescale", "normalize", "lambda_"})),
-}
-_USES_DROP_RATE = {"drm", "knots_ties", "dare_linear", "dare_ties"}
-_USES_DENSITY = {"ties"}
-_USES_DIRECTION = {"drm", "knots_ties"}
-_LAMBDA_ALIASES = ("lambda", "lambda_", "scaling")
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES,
+)}
 
 
-def _fraction(name: str, value: Any) -> float:
+def get_method(name: str) -> MethodSpec:
+    """The spec of a registered method; MergeInputError naming the known ones otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise MergeInputError(f"unknown merge method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def split_params(spec: MethodSpec, given: dict, where=str) -> tuple[dict, dict]:
+    """Given parameters (names or aliases) -> (static values, traced values), each checked.
+
+    Raises MergeInputError naming an unknown parameter (with the accepted ones) or a bad value.
+    """
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise MergeInputError(f"parameter {name!r} must be a number, got {value!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise MergeInputError(f"parameter {name!r} must be in [0, 1], got {value}")
-    return value
+        values = spec.canonical(given, where)
+    except UnknownParameter as err:
+        raise MergeInputError(str(err)) from None
+    except ValueError as err:
+        raise MergeInputError(f"method {spec.name!r}: {err}") from None
+    static = {p.name: values[p.name] for p in spec.static if p.name in values}
+    traced = {p.name: values[p.name] for p in spec.traced if p.name in values}
+    return static, traced
 
 
-def resolve_method(
-    method: str | MergeMethod, direction: str = "horizontal", drop_rate: float = 0.8, **params: Any
-) -> MergeMethod:
-    """Build the `MergeMethod` named by `method` with the given parameters.
+def static_values(spec: MethodSpec, given: dict) -> dict:
+    """Every static parameter, the given value or the default."""
+    return {p.name: given.get(p.name, p.default) for p in spec.static}
 
-    `drop_rate` is the fraction dropped: DRM's pruning rate, DARE's drop probability; for `ties` the
-    default density is 1 - drop_rate (0.2, the TIES paper's k). `density` may be given instead
-    (mergekit's name): drop_rate = 1 - density. `lambda` (or `lambda_`, `scaling`) is the global scaling.
-    A `MergeMethod` passes through unchanged (a researcher's own composition).
+
+def traced_values(spec: MethodSpec, given: dict) -> dict:
+    """Every traced parameter, the given value or the default."""
+    return {p.name: given.get(p.name, p.default) for p in spec.traced}
+
+
+# -- one-shot transforms (the first design's `MergeMethod`s), kept for compositions and their tests ----
+_LEGACY = {
+    "drm": alias.drm, "knots_ties": alias.knots_ties, "ties": alias.ties,
+    "task_arithmetic": alias.task_arithmetic, "linear": alias.linear,
+    "dare_linear": alias.dare_linear, "dare_ties": alias.dare_ties,
+}
+
+
+def resolve_method(method: str | MergeMethod, direction: str = "horizontal", drop_rate: float | None = None,
+                   **params: Any) -> MergeMethod:
+    """The method as a `MergeMethod` of one-shot per-layer transforms with fixed numbers.
+
+    For researchers composing stages and for tests that run a method on raw stacked deltas; the engine
+    itself runs the registry's prepare / merge rules. Parameters are checked against the registry.
     """
     if isinstance(method, MergeMethod):
         if params:
             raise MergeInputError(f"parameters {sorted(params)} given with a custom MergeMethod")
         return method
-    if method not in METHODS:
-        raise MergeInputError(f"unknown merge method {method!r}; expected one of {sorted(METHODS)}")
-    builder, accepted = METHODS[method]
-    params = dict(params)
-    lambdas = [k for k in _LAMBDA_ALIASES if k in params]
-    if len(lambdas) > 1:
-        raise MergeInputError(f"give the scaling once, not as {lambdas}")
-    if lambdas:
-        params["lambda_"] = float(params.pop(lambdas[0]))
-    density = None
-    if "density" in params:
-        density = _fraction("density", params.pop("density"))
-        drop_rate = 1.0 - density
-    drop_rate = _fraction("drop_rate", drop_rate)
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise MergeInputError(
-            f"unknown parameter {unknown[0]!r} for method {method!r}; accepted: "
-            f"{sorted(accepted | {'drop_rate', 'density', 'direction', 'coefficients'})}"
-        )
-    kwargs = dict(params)
-    if method in _USES_DIRECTION:
-        if direction not in ("horizontal", "vertical"):
-            raise MergeInputError(f"unknown direction {direction!r}; expected 'horizontal' or 'vertical'")
-        kwargs["direction"] = direction
-    if method in _USES_DROP_RATE:
-        kwargs["drop_rate"] = drop_rate
-    if method in _USES_DENSITY:
-        # a given density is passed as is: 1 - (1 - 0.1) is not 0.1 in floating point
-        kwargs["density"] = density if density is not None else 1.0 - drop_rate
+    spec = get_method(method)
+    given = dict(params)
+    if "direction" in spec.names:
+        given["direction"] = direction
+    if drop_rate is not None:
+        given["drop_rate"] = drop_rate
+    static, traced = split_params(spec, given)
+    values = {**static, **traced}
+    values.pop("coefficients", None)
+    values.pop("precision", None)
+    if "lambda_" in values and method in ("drm", "knots_ties"):
+        values.pop("lambda_")
     try:
-        return builder(**kwargs)
+        return _LEGACY[method](**values)
     except (TypeError, ValueError) as err:
         raise MergeInputError(f"method {method!r}: {err}") from None
 
 
-__all__ = ["METHODS", "resolve_method"]
+__all__ = ["METHODS", "get_method", "resolve_method", "split_params", "static_values", "traced_values"]

@@ -1,0 +1,491 @@
+"""`drm_jax.prepare`: prepare once, merge many.
+
+`prepare(base, models, method=..., **structural_params)` checks the trees, gives every leaf a role,
+stacks same-shaped leaves of a role into groups (cut into chunks under a memory budget) and runs each
+method's `prepare` over them: the work that does not depend on the numeric hyperparameters (for DRM the
+joint decompositions, truncated to one rank bucket per group). `Prepared.merge(drop_rate=...,
+lambda_=..., coefficients=..., density=...)` then runs only the traced part, vmapped over layers, and
+returns a tree in the base's structure: a sweep is a loop over `merge` and compiles nothing new.
+
+`merge` is differentiable in its coefficients (shape (K,), or (K, num_layers) for one coefficient per
+model and merged leaf, in the order of `Prepared.layer_names`): under `jax.grad` the host-side checks are
+skipped and the result is the tree of traced arrays. For the masked methods the gradient is the
+derivative at fixed masks.
+
+Methods whose rules prepare nothing (the elementwise ones) keep references to the input leaves and run
+one fused program per chunk at each merge: their deltas are never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from drm_jax.engine import roles as roles_lib
+from drm_jax.engine import shard
+from drm_jax.engine.compiled import Layout, is_traced, merge_layers_jit, merge_once, prepare_group
+from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
+from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
+from drm_jax.errors import MergeInputError
+from drm_jax.math.select import kth_smallest
+from drm_jax.methods.base import MethodSpec, Rules, per_model_values
+from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
+
+# Stacked inputs of one call, in bytes, before a group is cut into chunks (None: no limit).
+DEFAULT_GROUP_BYTES = 2 * 2**30
+
+
+@functools.lru_cache(maxsize=128)
+def _rules(method: str, static: tuple) -> Rules:
+    # Same static parameters -> the same rule objects -> jax.jit's caches hit across prepare/merge calls.
+    return get_method(method).build(dict(static))
+
+
+def rules_for(spec: MethodSpec, static: dict) -> Rules:
+    return _rules(spec.name, tuple(sorted(static.items())))
+
+
+def leaf_key(seed: int, name: str) -> jax.Array:
+    """PRNG key of one leaf: the seed folded with a stable hash of its name (independent of grouping)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def compute_dtype(dtype) -> str:
+    """float32, or float64 for float64 leaves when jax_enable_x64 is on."""
+    if np.dtype(dtype) == np.float64 and jax.config.jax_enable_x64:
+        return "float64"
+    return "float32"
+
+
+def _dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def coefficient_matrix(coefficients, k: int, num_layers: int):
+    """(num_layers, K) coefficients from None (ones), (K,) or (K, num_layers); traced values pass through."""
+    if coefficients is None:
+        return jnp.ones((num_layers, k), jnp.float32)
+    if is_traced(coefficients):
+        c = jnp.asarray(coefficients, jnp.float32)
+    else:
+        c = np.asarray(coefficients, dtype=np.float64)
+        if c.ndim == 0 or c.shape[0] != k:
+            raise MergeInputError(f"{c.shape[0] if c.ndim else 'a scalar as'} coefficients given for {k} models")
+        if c.ndim == 2 and c.shape[1] != num_layers:
+            raise MergeInputError(f"per-layer coefficients of shape {c.shape}: expected ({k}, {num_layers}), one "
+                                  f"column per merged leaf (Prepared.layer_names)")
+        if c.ndim > 2:
+            raise MergeInputError(f"coefficients must have shape ({k},) or ({k}, {num_layers}), got {c.shape}")
+        if not np.all(np.isfinite(c)):
+            raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
+        c = jnp.asarray(c.astype(np.float32))
+    if c.ndim == 1:
+        return jnp.broadcast_to(c[None, :], (num_layers, k))
+    return c.T
+
+
+@dataclass
+class Chunk:
+    """Members of one call: leaf indices, their static layout, keys; once prepared, the stacked base and
+    the method's prepared state (both with a leading layer axis of the chunk's padded length)."""
+
+    group: Group
+    members: list[int]
+    layout: Layout
+    keys: jax.Array
+    base: Any = None
+    state: Any = None
+    layer_rows: Any = None  # positions of the members in Prepared.layer_names
+    length: int = 0  # the padded length of a chunk split over a mesh
+
+
+def raise_non_finite_inputs(finite: np.ndarray, names: Sequence[str]) -> None:
+    bad = np.argwhere(~finite)
+    if bad.size:
+        layer, column = bad[0]
+        who = model_label(None if column == 0 else int(column) - 1)
+        raise MergeInputError(f"leaf {names[layer]!r} of {who} contains NaN or Inf")
+
+
+def raise_non_finite_outputs(finite: np.ndarray, names: Sequence[str]) -> None:
+    bad = np.flatnonzero(~finite)
+    if bad.size:
+        raise MergeInputError(f"leaf {names[bad[0]]!r}: the merged value overflows (Inf or NaN) although every "
+                              f"input is finite; lower the coefficients or lambda")
+
+
+class Source(NamedTuple):
+    """Where the planner reads leaves: get_base(i) and get_model(t, i) return leaf i of the base and of
+    model t (arrays in their stored layout and dtype). In memory: the trees' leaves; on disk: readers."""
+
+    get_base: Callable[[int], Any]
+    get_model: Callable[[int, int], Any]
+
+
+class Prepared:
+    """The merge planner's state: call `merge(**hyperparameters)` as often as needed.
+
+    One planner serves two sinks: `merge` puts results in a tree in memory (`drm_jax.merge`,
+    `drm_jax.prepare`), `run(..., put=...)` hands each merged leaf to a callback (the command line's
+    on-disk writer). With `store=False` (streaming) nothing is kept between chunks: each chunk is read,
+    prepared, merged and handed over before the next is read.
+
+    Attributes:
+      method: the method's registry name. static: its static parameters. defaults: the traced values
+        given to `prepare` (they apply to every `merge` that does not override them).
+      layer_names: the merged leaves (DRM linear weights and other leaves), in leaf order: the columns
+        of per-layer coefficients.
+      num_models: K.
+    """
+
+    def __init__(self, spec: MethodSpec, static: dict, defaults: dict, rules: Rules, names: Sequence[str],
+                 source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True):
+        self.spec, self.method, self.static, self.defaults, self.rules = spec, spec.name, static, defaults, rules
+        self.names, self._source, self._flat = list(names), source, flat
+        self._chunks, self.mesh, self.store = chunks_, mesh, store
+        self.num_models = num_models
+        self.layer_names = [self.names[i] for c in chunks_ for i in c.members]
+        start = 0
+        for c in chunks_:
+            c.layer_rows = np.arange(start, start + len(c.members))
+            start += len(c.members)
+        self.fused = all(r.prepare is None and r.shrink is None for r in (rules.linear, rules.other)) and mesh is None
+        if store and not self.fused:
+            for c in chunks_:
+                self._prepare_chunk(c)
+
+    # -- the traced part -----------------------------------------------------------------------------
+    def merge(self, coefficients=None, **hyperparameters) -> Any:
+        """The merged tree for these numbers (any traced parameter of the method; see `drm-jax methods`).
+
+        coefficients: (K,) or (K, num_layers); default: the ones given to `prepare`, else all 1.
+        """
+        spec = self.spec
+        given = dict(hyperparameters)
+        if coefficients is not None:
+            given["coefficients"] = coefficients
+        static, traced = split_params(spec, given)
+        if static:
+            raise MergeInputError(f"{sorted(static)} of method {spec.name!r} are structure: give them to "
+                                  f"drm_jax.prepare, not to merge")
+        if self._flat is None:
+            raise MergeInputError("this plan streams to a sink: call run(put=...)")
+        out = [self._source.get_base(i) for i in range(len(self.names))]
+
+        def put(i, leaf):
+            out[i] = leaf
+
+        self.run(put, **given)
+        return unflatten(self._flat, out)
+
+    def run(self, put: Callable[[int, Any], None], on_chunk: Callable[[Group, int], None] | None = None,
+            **given) -> None:
+        """Merge every chunk and hand each merged leaf to `put(i, array)` (the leaves of the other roles are
+        not put: the sink has them from the base). `on_chunk(group, n)` reports progress."""
+        static, traced = split_params(self.spec, given)
+        if static:
+            raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
+                                  f"drm_jax.prepare, not to merge")
+        values = traced_values(self.spec, {**self.defaults, **traced})
+        coeffs = values.pop("coefficients")
+        if isinstance(coeffs, (int, float)):  # the default: all ones
+            coeffs = None
+        self._run(coeffs, values, put, on_chunk)
+
+    def _hparams(self, chunk: Chunk, values: dict) -> dict:
+        role = chunk.group.role
+        return self.spec.layer_hparams(values, role, chunk.group.shape, self.num_models, self.static)
+
+    def _thresholds(self, values: dict, traced_mode: bool):
+        """Per-task magnitude thresholds over the whole task vector (TIES' model-scope trim)."""
+        name = self.rules.whole_model_density
+        if name is None:
+            return None
+        density = per_model_values(values[name], self.num_models, name)
+        if not self.store and not traced_mode:
+            return streamed_thresholds(self, np.asarray(density, np.float64))
+        deltas = []
+        for c in self._chunks:
+            d = c.state
+            if d is None:
+                _, d, _ = run_prepare(self._rule(c), c.layout, *self._inputs(c))
+            n = len(c.members)
+            deltas.append(jnp.swapaxes(d[:n], 0, 1).reshape(self.num_models, -1))
+        return whole_model_thresholds(tuple(deltas), jnp.asarray(density, jnp.float32) if traced_mode
+                                      else np.asarray(density, np.float64))
+
+    def _rule(self, chunk: Chunk):
+        return self.rules.linear if chunk.group.role == "linear" else self.rules.other
+
+    def _inputs(self, chunk: Chunk):
+        base = tuple(self._source.get_base(i) for i in chunk.members)
+        models = tuple(tuple(self._source.get_model(t, i) for t in range(self.num_models)) for i in chunk.members)
+        return base, models
+
+    def _prepare_chunk(self, c: Chunk) -> None:
+        rule = self._rule(c)
+        names = [self.names[i] for i in c.members]
+        if self.mesh is not None:
+            c.base, c.state, finite = self._prepare_sharded(rule, c)
+            flags = np.ones((len(c.members), self.num_models + 1), bool)
+            for r, f in shard.owned_rows(finite):
+                if r < len(c.members):
+                    flags[r] = np.asarray(f)
+            raise_non_finite_inputs(flags, names)
+            return
+        base, models = self._inputs(c)
+        c.base, c.state, finite = run_prepare(rule, c.layout, base, models)
+        raise_non_finite_inputs(np.asarray(finite)[: len(c.members)], names)
+        if rule.shrink is not None and self.mesh is None:
+            c.state = rule.shrink(c.state)
+
+    def _prepare_sharded(self, rule, c: Chunk):
+        """Each process loads only the rows (layers) of its own devices."""
+        n, k, shape = len(c.members), self.num_models, c.group.shape
+
+        def canonical(x, r):
+            x = np.asarray(jax.device_get(x), np.float32)
+            return x.T if c.layout.transposed[r] else x
+
+        def base_row(r):
+            return canonical(self._source.get_base(c.members[r]), r) if r < n else np.zeros(shape, np.float32)
+
+        def model_row(r):
+            if r >= n:
+                return np.zeros((k,) + tuple(shape), np.float32)
+            return np.stack([canonical(self._source.get_model(t, c.members[r]), r) for t in range(k)])
+
+        with x64_scope(rule):
+            return shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row)
+
+    def _run(self, coeffs, values: dict, put, on_chunk=None) -> None:
+        traced_mode = is_traced(coeffs, values)
+        k = self.num_models
+        coeff_rows = coefficient_matrix(coeffs, k, len(self.layer_names))
+        threshold = self._thresholds(values, traced_mode)
+        for c in self._chunks:
+            rule = self._rule(c)
+            hparams = self._hparams(c, values)
+            rows = coeff_rows[c.layer_rows]
+            names = [self.names[i] for i in c.members]
+            prepared_now = not self.fused and c.state is None
+            if prepared_now:
+                self._prepare_chunk(c)
+            if self.mesh is not None:
+                stacked, flags = shard.merge_chunk(self.mesh, rule, c.state, c.base, rows, c.keys, threshold, hparams)
+                owned = [(r, x) for r, x in shard.owned_rows(stacked) if r < len(c.members)]
+                finite = np.ones(len(c.members), bool)
+                for r, f in shard.owned_rows(flags):
+                    if r < len(c.members):
+                        finite[r] = bool(f)
+                members = [c.members[r] for r, _ in owned]
+                merged = [(x.T if c.layout.transposed[r] else x).astype(c.layout.dtypes[r]) for r, x in owned]
+                finite_in = None
+            elif self.fused:
+                merged, finite, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
+                                                       hparams, check_inputs=not self.rules.linear_combination)
+            else:
+                merged, finite = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams)
+                finite_in = None
+            if not traced_mode:
+                if finite_in is not None:
+                    raise_non_finite_inputs(np.asarray(finite_in), names)
+                finite = np.asarray(finite)
+                if not finite.all():
+                    self._locate_non_finite_input(c, names)
+                    raise_non_finite_outputs(finite, names)
+            for i, leaf in zip(members if self.mesh is not None else c.members, merged):
+                put(i, leaf)
+            if prepared_now:  # streaming: nothing is kept
+                c.base = c.state = None
+            if on_chunk is not None:
+                on_chunk(c.group, len(c.members))
+
+    def _locate_non_finite_input(self, chunk: Chunk, names: Sequence[str]) -> None:
+        base, models = self._inputs(chunk)
+        for r in range(len(chunk.members)):
+            flags = [bool(np.all(np.isfinite(np.asarray(base[r]))))]
+            flags += [bool(np.all(np.isfinite(np.asarray(m)))) for m in models[r]]
+            raise_non_finite_inputs(np.array([flags]), [names[r]])
+
+
+def _count_at_most(deltas: tuple, bits_threshold):
+    """Per task, how many |delta| entries have float bits <= the threshold (K,)."""
+    total = 0
+    for d in deltas:
+        bits = jax.lax.bitcast_convert_type(jnp.abs(d).astype(jnp.float32), jnp.int32)
+        total = total + jnp.sum(bits <= bits_threshold[:, None], axis=1, dtype=jnp.int32)
+    return total
+
+
+@jax.jit
+def _whole_model_kth(deltas: tuple, k):
+    """Per task, the exact k-th smallest |delta| over all given arrays (K, N_i) (bisection on float bits)."""
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = _count_at_most(deltas, mid) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    kk = deltas[0].shape[0]
+    lo, _ = jax.lax.fori_loop(0, 31, body, (jnp.zeros(kk, jnp.int32), jnp.full(kk, 0x7F800000, jnp.int32)))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def whole_model_thresholds(deltas: tuple, density) -> jax.Array:
+    """The TIES paper's per-task threshold: keep |delta| >= the k-th smallest, k = d - int(d density),
+    over the whole task vector (d entries per task, all merged leaves). deltas: arrays (K, N_i)."""
+    d = sum(int(x.shape[1]) for x in deltas)
+    if isinstance(density, np.ndarray):
+        k = d - np.floor(d * density).astype(np.int64)
+        k = jnp.asarray(np.maximum(k, 1).astype(np.int32))
+        nothing = jnp.asarray(d - np.floor(d * density) <= 0)
+    else:
+        k = jnp.maximum(d - jnp.floor(d * density), 1).astype(jnp.int32)
+        nothing = d - jnp.floor(d * density) <= 0
+    if d == 0:
+        return jnp.zeros(k.shape, jnp.float32)
+    return jnp.where(nothing, 0.0, _whole_model_kth(deltas, k))
+
+
+# Float bits of a magnitude, shifted: 2**19 bins per task for the first pass of the streamed threshold.
+_HIST_SHIFT = 12
+
+
+def _magnitude_bits(plan: Prepared, c: Chunk, t: int, i: int) -> np.ndarray:
+    base = np.asarray(plan._source.get_base(i), np.float32)
+    model = np.asarray(plan._source.get_model(t, i), np.float32)
+    return np.abs(model - base).reshape(-1).view(np.int32)
+
+
+def streamed_thresholds(plan: Prepared, density: np.ndarray) -> jax.Array:
+    """The whole-model thresholds of `whole_model_thresholds`, exact, with one tensor in memory at a time.
+
+    Two statistics passes over the inputs: a histogram of the magnitudes' float bits (2**19 bins per task)
+    finds the bin holding each task's k-th smallest magnitude; the second pass keeps only the magnitudes
+    in that bin, whose k'-th smallest is the exact threshold. Then the merge itself streams.
+    """
+    k = plan.num_models
+    members = [(c, i) for c in plan._chunks for i in c.members]
+    d = sum(int(np.prod(np.shape(plan._source.get_base(i)))) for _, i in members) if members else 0
+    kth = d - np.floor(d * density).astype(np.int64)  # (K,)
+    if d == 0:
+        return jnp.zeros((k,), jnp.float32)
+    bins = (0x7F800000 >> _HIST_SHIFT) + 1
+    hist = np.zeros((k, bins), np.int64)
+    for c, i in members:
+        for t in range(k):
+            hist[t] += np.bincount(_magnitude_bits(plan, c, t, i) >> _HIST_SHIFT, minlength=bins)
+    cum = np.cumsum(hist, axis=1)
+    target = np.maximum(kth, 1)
+    chosen = np.array([int(np.searchsorted(cum[t], target[t])) for t in range(k)])
+    below = np.array([cum[t, chosen[t] - 1] if chosen[t] > 0 else 0 for t in range(k)])
+    inside: list[list[np.ndarray]] = [[] for _ in range(k)]
+    for c, i in members:
+        for t in range(k):
+            bits = _magnitude_bits(plan, c, t, i)
+            inside[t].append(bits[(bits >> _HIST_SHIFT) == chosen[t]])
+    out = np.zeros(k, np.float32)
+    for t in range(k):
+        if kth[t] <= 0:
+            continue  # nothing to trim: keep everything
+        values = np.concatenate(inside[t])
+        out[t] = np.partition(values, target[t] - below[t] - 1)[target[t] - below[t] - 1].view(np.float32)
+    return jnp.asarray(out)
+
+
+def plan_roles(names, shapes, dtypes, *, include, exclude, ignore, layout):
+    rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
+    leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
+    canonical = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
+    groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("linear", "other")]
+    return leaf_roles, groups
+
+
+def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_bytes, mesh=None) -> list[Chunk]:
+    """Every group cut into chunks of at most `max_group_bytes` of stacked float32 inputs."""
+    out = []
+    for group in groups:
+        layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
+        length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
+        if mesh is not None:
+            length = shard.padded_length(length, mesh)
+        for members in chunks(group.members, length):
+            layout = Layout(tuple(leaf_roles[i].transpose for i in members),
+                            tuple(_dtype_name(dtypes[i]) for i in members),
+                            compute_dtype(dtypes[members[0]]))
+            keys = jnp.stack([leaf_key(seed, names[i]) for i in members])
+            out.append(Chunk(group, list(members), layout, keys, length=length))
+    return out
+
+
+def _resolve(method, params: dict, direction):
+    if not isinstance(method, str):
+        raise MergeInputError(f"method must be a registered name or a MergeMethod, got {type(method).__name__}")
+    spec = get_method(method)
+    given = dict(params)
+    if direction is not None and "direction" in spec.names:  # methods without one ignore it
+        given["direction"] = direction
+    static, traced = split_params(spec, given)
+    return spec, static_values(spec, static), traced
+
+
+def prepare(
+    base: Any,
+    models: Sequence[Any],
+    method: str = "drm",
+    layout: str | roles_lib.Orientation = "torch",
+    direction: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
+    ignore: Sequence[str] | None = None,
+    max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    **params: Any,
+) -> Prepared:
+    """Check, group and prepare a merge once (see the module docstring); returns a `Prepared`.
+
+    Args are those of `drm_jax.merge`: static parameters (the method's structure, e.g. `direction`,
+    `prune_scope`, `trim_scope`, `normalize`, `svd_route`, `precision`, `seed`) are fixed here; traced
+    ones (`drop_rate`, `density`, `lambda_`, `rank_rtol`, `coefficients`) may be given here as defaults
+    and changed at every `Prepared.merge`. `drm-jax methods` lists which is which.
+    """
+    models = list(models)
+    if not models:
+        raise MergeInputError("no models to merge")
+    spec, static, traced = _resolve(method, params, direction)
+    flat = flatten(base)
+    model_leaves = align_models(flat, models)
+    shapes = [np.shape(x) for x in flat.leaves]
+    dtypes = [jnp.result_type(x) for x in flat.leaves]
+    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
+                                    layout=layout)
+    rules = rules_for(spec, static)
+    seed = static.get("seed", 0)
+    plan = plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed, max_group_bytes, mesh)
+    source = Source(lambda i: flat.leaves[i], lambda t, i: model_leaves[t][i])
+    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=mesh)
+
+
+def x64_scope(rule):
+    """Float64 enabled while a rule that decomposes in float64 is traced and run (its outputs are float32)."""
+    return jax.enable_x64(True) if rule.x64 and not jax.config.jax_enable_x64 else contextlib.nullcontext()
+
+
+def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: bool = True):
+    """`prepare_group`, in float64 where the rule asks for it."""
+    with x64_scope(rule):
+        return prepare_group(rule, layout, base, models, check_inputs=check_inputs)
+
+
+__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "streamed_thresholds", "coefficient_matrix", "leaf_key", "plan_chunks", "plan_roles",
+           "prepare", "rules_for", "run_prepare", "whole_model_thresholds", "compute_dtype"]

@@ -1,0 +1,304 @@
+"""How a merge method declares itself: its parameters once, its per-layer rules, its facts.
+
+As mergekit's methods each declare their parameters in one place and optax's `inject_hyperparams`
+turns numbers into state, a drm_jax method is a `MethodSpec`:
+
+- `params`: every parameter once (`Param`): name, kind and range, default (and mergekit's default where
+  the command line follows mergekit), whether it may be given per model, whether it is traced (a value
+  the compiled programs take as input: changing it never compiles again) or static (structure: the
+  programs depend on it), its mergekit name. Config validation, `drm_jax.merge` / `drm_jax.prepare`, the
+  command line and `drm-jax methods` all read this; nothing else lists parameters.
+- `build(static) -> Rules`: the per-layer functions for the static parameters, built from `drm_jax.math`
+  stages. `Rules.linear` merges the 2-D weights selected for the method's linear path (DRM's joint space),
+  `Rules.other` every other floating leaf. Each `LayerRule` has a `prepare(deltas)` (the work that does
+  not depend on the traced numbers: task vectors, joint decompositions) and a `merge(prepared, ctx)` that
+  is pure and traced in every number; the engine vmaps both over stacked layers.
+
+The method reference (equations, defaults, papers) is docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+from drm_jax.math.state import MergeTransform
+
+Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed"]
+_NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method, declared once.
+
+    name: the Python keyword (`drm_jax.merge(..., name=value)`), also accepted in YAML configs.
+    kind: "fraction" (a number in [0, 1]), "float" (finite), "nonnegative", "rtol" (in [0, 1)),
+      "bool", "choice" (one of `choices`), "seed" (an integer in [0, 2**31)).
+    default: the Python API's default; None means "off" where `optional`.
+    doc: one line for `drm-jax methods` and the docs.
+    traced: True where the value is an input of the compiled programs (a sweep does not recompile);
+      False where it is structure (the method's stages depend on it).
+    per_model: the value may also be a list with one entry per model (YAML: `models[i].parameters`).
+    aliases: other names accepted for it (mergekit's name first, if it differs), each mapped by `to_self`.
+    mergekit_default: the command line's default where it follows mergekit and differs from `default`.
+    optional: None is a valid value (the stage it controls is left out: structure).
+    """
+
+    name: str
+    kind: Kind
+    default: Any
+    doc: str
+    traced: bool = False
+    per_model: bool = False
+    choices: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    mergekit_default: Any = None
+    optional: bool = False
+    # alias -> function turning the alias's value into this parameter's (density -> drop_rate: 1 - x)
+    alias_maps: tuple[tuple[str, Callable[[float], float]], ...] = ()
+
+    def check(self, value: Any, where: str) -> Any:
+        """The value, checked (and made a float / bool / str); raises ValueError naming `where`."""
+        if value is None and self.optional:
+            return None
+        if self.per_model and isinstance(value, (list, tuple)):
+            return tuple(self.check(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if self.per_model and getattr(value, "ndim", 0) >= 1:
+            return value  # an array of per-model (or per-model, per-layer) values: its consumer checks it
+        return check_value(self, value, where)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return " | ".join(self.choices)
+        return {"fraction": "number in [0, 1]", "float": "finite number", "nonnegative": "number >= 0",
+                "rtol": "number in [0, 1)", "bool": "true | false", "seed": "integer >= 0"}[self.kind]
+
+
+def _is_number(v: Any) -> bool:
+    if hasattr(v, "shape") and getattr(v, "shape", None) == () and not isinstance(v, bool):
+        v = v.item() if hasattr(v, "item") else v  # a 0-d array or numpy scalar
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_value(param: Param, value: Any, where: str) -> Any:
+    kind = param.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: must be true or false, got {short(value)}")
+        return value
+    if kind == "choice":
+        if value not in param.choices:
+            raise ValueError(f"{where}: must be one of {list(param.choices)}, got {short(value)}")
+        return value
+    if kind == "seed":
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
+        return value
+    if _is_tracer(value):
+        return value  # a traced value inside the caller's own jit: checked by nobody, used as is
+    if not _is_number(value):
+        raise ValueError(f"{where}: must be a finite number, got {short(value)}")
+    value = float(value)
+    if kind == "fraction" and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: must be in [0, 1], got {value}")
+    if kind == "rtol" and not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}: must be in [0, 1), got {value}")
+    if kind == "nonnegative" and value < 0:
+        raise ValueError(f"{where}: must be >= 0, got {value}")
+    return value
+
+
+def _is_tracer(value: Any) -> bool:
+    import jax
+
+    return isinstance(value, jax.core.Tracer)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr of a value, cut to `limit` characters (error messages never quote unbounded input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class LayerContext(NamedTuple):
+    """What a layer's merge receives besides its prepared state (all arrays; vmapped per layer).
+
+    coefficients: (K,) lambda_t of this layer. key: PRNG key of this leaf. threshold: (K,) whole-model
+    magnitude thresholds (TIES' model-scope trim) or None. hparams: the traced hyperparameters, a dict of
+    arrays shared by the layers of a group (see `MethodSpec.layer_hparams`).
+    """
+
+    coefficients: Any
+    key: Any
+    threshold: Any
+    hparams: dict
+
+
+class LayerRule(NamedTuple):
+    """One role's per-layer functions (the engine vmaps them over a stacked group).
+
+    prepare: deltas (K, ...) -> prepared state (a pytree of arrays); None keeps the deltas themselves.
+    merge: (prepared, LayerContext) -> merged delta (...). Pure; traced in every number.
+    shrink: optional, the prepared states of a whole group (stacked on a leading layer axis) -> the same
+      truncated to the rows that matter (DRM's rank buckets: one row count for the group, chosen on the
+      host outside the vmap, so the vmapped program stays batched over layers).
+    x64: run `prepare` in float64 (its outputs are cast back: the merge stays float32).
+    """
+
+    prepare: Callable[[Any], Any] | None
+    merge: Callable[[Any, LayerContext], Any]
+    shrink: Callable[[Any], Any] | None = None
+    x64: bool = False
+
+
+class Rules(NamedTuple):
+    """The per-layer rules of a method for one choice of static parameters.
+
+    linear: 2-D weights on the method's linear path (DRM's joint space); other: every other leaf.
+    linear_only_2d: whether `linear` needs (K, n, m) deltas (the engine then routes 2-D weights there).
+    whole_model_density: the name of the traced parameter that sets per-task thresholds over the whole
+      task vector (TIES' model-scope trim), else None.
+    exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
+    linear_combination: the merge is a linear combination of the inputs (a non-finite input always
+      makes a non-finite output, so the engine checks the outputs only).
+    """
+
+    linear: LayerRule
+    other: LayerRule
+    whole_model_density: str | None = None
+    exact_if_blocked: frozenset[str] = frozenset()
+    linear_combination: bool = False
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method: parameters, facts and how to build its rules.
+
+    name: the registry name (`method="..."`, YAML `merge_method`).
+    summary: one line. paper: "Authors, title, arXiv id" (empty for weight averaging).
+    params: every parameter (`Param`), in display order.
+    needs_base: merges task vectors over a base model (mergekit: BasePolicy.REQUIRED).
+    elementwise: every entry of the output depends only on the same entry of the inputs.
+    random: draws random numbers (seeded per tensor by `seed`).
+    build: static parameters (a dict of name -> value for every non-traced parameter) -> `Rules`.
+    layer_hparams: (traced values dict, role, canonical shape, K, static) -> dict of arrays for the
+      group's merge program (exact integer counts are computed on the host where values are concrete).
+    reference: the anchor of the method in docs/methods.md.
+    """
+
+    name: str
+    summary: str
+    paper: str
+    params: tuple[Param, ...]
+    needs_base: bool
+    elementwise: bool
+    random: bool
+    build: Callable[[dict], Rules]
+    layer_hparams: Callable[..., dict]
+    reference: str = ""
+    mergekit: bool = False  # the command line gives mergekit's meaning to its parameters
+    _by_name: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        for p in self.params:
+            self._by_name[p.name] = p
+
+    def param(self, name: str) -> Param:
+        return self._by_name[name]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the method accepts: parameters and their aliases."""
+        return tuple(n for p in self.params for n in (p.name,) + p.aliases)
+
+    @property
+    def traced(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.traced)
+
+    @property
+    def static(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.traced)
+
+    def canonical(self, given: dict, where: Callable[[str], str] = str) -> dict:
+        """Aliases mapped to parameter names and values checked; unknown names raise ValueError."""
+        out: dict[str, Any] = {}
+        owners = {a: p for p in self.params for a in p.aliases}
+        for name, value in given.items():
+            if name in self._by_name:
+                p, key = self._by_name[name], name
+                value = p.check(value, where(name))
+            elif name in owners:
+                p, key = owners[name], owners[name].name
+                value = p.check(value, where(name)) if not dict(p.alias_maps).get(name) else \
+                    _mapped(p, name, value, where(name))
+            else:
+                raise UnknownParameter(name, self)
+            if key in out:
+                raise ValueError(f"{where(name)}: {p.name} given twice (as {key!r} and {name!r})")
+            out[key] = value
+        return out
+
+    def with_defaults(self, values: dict) -> dict:
+        return {p.name: values.get(p.name, p.default) for p in self.params}
+
+
+def _mapped(p: Param, alias: str, value: Any, where: str):
+    fn = dict(p.alias_maps)[alias]
+    if isinstance(value, (list, tuple)) and p.per_model:
+        return tuple(_mapped(p, alias, v, f"{where}[{i}]") for i, v in enumerate(value))
+    checked = check_value(Param(alias, p.kind, None, ""), value, where)
+    return fn(checked)
+
+
+class UnknownParameter(ValueError):
+    def __init__(self, name: str, spec: MethodSpec):
+        self.name = name
+        super().__init__(f"unknown parameter {name!r} for method {spec.name!r}; accepted: {sorted(spec.names)}")
+
+
+def one_minus(x: float) -> float:
+    """density -> drop rate (and back): the one place `drop_rate = 1 - density` is written."""
+    return 1.0 - x
+
+
+def per_model_values(value: Any, k: int, name: str) -> Sequence[Any]:
+    """A scalar broadcast to K models, or a per-model list checked for length K."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            raise ValueError(f"{name}: {len(value)} values given for {k} models")
+        return list(value)
+    return [value] * k
+
+
+
+
+# -- pieces every method module uses -------------------------------------------------------------------
+COEFFICIENTS = Param("coefficients", "float", 1.0, "per-model coefficient lambda_t (the weights of an average)",
+                     traced=True, per_model=True, aliases=("weight",))
+LAMBDA = Param("lambda_", "float", 1.0, "global scaling of the merged delta", traced=True,
+               aliases=("lambda", "scaling"))
+SEED = Param("seed", "seed", 0, "seed of the random draws (each tensor's key folds in its name)")
+
+
+def chain_rule(transform: MergeTransform) -> LayerRule:
+    """A rule that prepares nothing (the deltas themselves) and merges with one chain of stages."""
+    from drm_jax.math.state import init_state, merged_of
+
+    def merge(deltas, ctx: LayerContext):
+        return merged_of(transform(init_state(deltas, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)))
+
+    return LayerRule(prepare=None, merge=merge)
+
+
+def scalar(value) -> Any:
+    """A traced hyperparameter as a float32 array (a Python number becomes a constant-shaped input)."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(value, jnp.float32)
+
+
+__all__ = ["COEFFICIENTS", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param", "Rules", "SEED",
+           "UnknownParameter", "chain_rule", "check_value", "one_minus", "per_model_values", "scalar", "short"]

@@ -1,0 +1,65 @@
+"""DARE: random drop and rescale, then task arithmetic or TIES' sign consensus (docs/methods.md#dare).
+
+The drop probability (one for all models or one per model) is traced; the masks are drawn from each
+tensor's own key (the seed folded with a hash of the tensor's name), so they do not depend on grouping,
+chunking or sharding, and a new drop rate reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+from drm_jax.math.elect import elect_sign
+from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks, weighted_mean
+from drm_jax.math.sparsify import dare_drop, dare_factors
+from drm_jax.math.state import chain
+from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, one_minus,
+                                  per_model_values, scalar)
+
+DROP_RATE = Param("drop_rate", "fraction", 0.8, "probability of dropping each delta entry (= 1 - density)",
+                  traced=True, per_model=True, aliases=("density",), alias_maps=(("density", one_minus),),
+                  mergekit_default=0.0)
+RESCALE = Param("rescale", "bool", True, "rescale the surviving entries by 1 / (1 - drop_rate)")
+LINEAR_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
+TIES_NORMALIZE = Param("normalize", "bool", True, "divide by the weighted count of agreeing models",
+                       mergekit_default=False)
+
+
+def _build_linear(static: dict) -> Rules:
+    drop = dare_drop(None, static["rescale"])
+    reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
+    rule = chain_rule(chain(drop, reduce, scale()))
+    return Rules(linear=rule, other=rule)
+
+
+def _build_ties(static: dict) -> Rules:
+    reduce = disjoint_mean("coefficients") if static["normalize"] else sum_tasks()
+    rule = chain_rule(chain(dare_drop(None, static["rescale"]), scale_by_coefficients(), elect_sign("positive"),
+                            reduce, scale()))
+    return Rules(linear=rule, other=rule)
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
+    keep, factor = dare_factors(per_model_values(values["drop_rate"], k, "drop_rate"))
+    return {"lambda_": scalar(values["lambda_"]), "dare_keep": keep, "dare_scale": factor}
+
+
+_COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE)
+
+DARE_LINEAR = MethodSpec(
+    name="dare_linear",
+    summary="DARE drop and rescale, then task arithmetic",
+    paper="Yu et al., Language Models are Super Mario (DARE), arXiv 2311.03099",
+    params=_COMMON + (LINEAR_NORMALIZE,),
+    needs_base=True, elementwise=True, random=True, mergekit=True,
+    build=_build_linear, layer_hparams=layer_hparams, reference="docs/methods.md#dare",
+)
+
+DARE_TIES = MethodSpec(
+    name="dare_ties",
+    summary="DARE drop and rescale, then TIES' sign election and weighted disjoint mean",
+    paper="Yu et al., Language Models are Super Mario (DARE), arXiv 2311.03099",
+    params=_COMMON + (TIES_NORMALIZE,),
+    needs_base=True, elementwise=True, random=True, mergekit=True,
+    build=_build_ties, layer_hparams=layer_hparams, reference="docs/methods.md#dare",
+)
+
+__all__ = ["DARE_LINEAR", "DARE_TIES"]

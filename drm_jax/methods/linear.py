@@ -1,0 +1,54 @@
+"""Weight averaging and task arithmetic (docs/methods.md#linear, docs/methods.md#task-arithmetic).
+
+Both are linear combinations of the inputs: nothing is prepared besides the task vectors, coefficients
+and lambda are traced, and the merge is one fused elementwise pass.
+"""
+
+from __future__ import annotations
+
+from drm_jax.math.mean import scale, scale_by_coefficients, sum_tasks, weighted_mean
+from drm_jax.math.state import chain
+from drm_jax.methods.base import COEFFICIENTS, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
+
+LINEAR_NORMALIZE = Param("normalize", "bool", True, "divide by the sum of the weights (false: a weighted sum)")
+TA_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
+
+
+def _build_linear(static: dict) -> Rules:
+    rule = chain_rule(weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks()))
+    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True)
+
+
+def _build_task_arithmetic(static: dict) -> Rules:
+    reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
+    rule = chain_rule(chain(reduce, scale()))
+    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True)
+
+
+def _no_hparams(values, role, shape, k, static) -> dict:
+    return {}
+
+
+def _lambda_only(values, role, shape, k, static) -> dict:
+    return {"lambda_": scalar(values["lambda_"])}
+
+
+LINEAR = MethodSpec(
+    name="linear",
+    summary="weighted average of the models (model soups)",
+    paper="Wortsman et al., Model soups, arXiv 2203.05482",
+    params=(COEFFICIENTS, LINEAR_NORMALIZE),
+    needs_base=False, elementwise=True, random=False, mergekit=True,
+    build=_build_linear, layer_hparams=_no_hparams, reference="docs/methods.md#linear",
+)
+
+TASK_ARITHMETIC = MethodSpec(
+    name="task_arithmetic",
+    summary="base + lambda * sum_t lambda_t delta_t",
+    paper="Ilharco et al., Editing Models with Task Arithmetic, arXiv 2212.04089",
+    params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE),
+    needs_base=True, elementwise=True, random=False, mergekit=True,
+    build=_build_task_arithmetic, layer_hparams=_lambda_only, reference="docs/methods.md#task-arithmetic",
+)
+
+__all__ = ["LINEAR", "TASK_ARITHMETIC"]

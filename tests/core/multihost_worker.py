@@ -1,6 +1,7 @@
 """One process of a two-process merge over a CPU mesh (run by test_shard.py, not collected by pytest).
 
-argv: process_id, num_processes, coordinator port, output .npz. Each process has 4 CPU devices; the
+argv: process_id, num_processes, coordinator port, output .npz, method (or "probe": start the
+distributed backend, check it, stop; nothing of drm_jax runs). Each process has 4 CPU devices; the
 mesh spans all 8. Writes the merged leaves this process received and the names of the leaves it read.
 """
 
@@ -17,6 +18,11 @@ pid, nproc, port, out_path = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid,
                            initialization_timeout=60)
+
+if sys.argv[5] == "probe":  # only the distributed backend: every process sees the devices of all
+    assert jax.device_count() == nproc * jax.local_device_count(), (jax.device_count(), jax.local_device_count())
+    jax.distributed.shutdown()
+    sys.exit(0)
 
 from drm_jax.engine.merge import merge_leaves  # noqa: E402
 from multihost_data import make_models  # noqa: E402

@@ -84,3 +84,35 @@ def _read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:
 def read_output():
     """read_output(directory) -> {name: array} of a (possibly sharded) safetensors directory."""
     return _read_safetensors_dir
+
+
+def _save_lora_adapter(model_dir: Path, out: Path, targets: list[str], r: int, alpha: int, seed: int):
+    """A PEFT LoRA adapter over the model in `model_dir`, with random B (PEFT starts it at zero), saved to
+    `out`; returns lora_delta(module) -> (alpha / r) * B @ A of that module ("model.layers.0.self_attn.v_proj")."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+    def lora_delta(module: str) -> np.ndarray:
+        prefix = f"base_model.model.{module}"
+        lora_a = next(v for k, v in state.items() if k.startswith(prefix + ".lora_A"))
+        lora_b = next(v for k, v in state.items() if k.startswith(prefix + ".lora_B"))
+        return (alpha / r) * lora_b @ lora_a
+
+    return lora_delta
+
+
+@pytest.fixture(scope="session")
+def lora_adapter():
+    """lora_adapter(model_dir, out, targets, r, alpha, seed) -> lora_delta(module); see _save_lora_adapter."""
+    return _save_lora_adapter

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 
 from drm_jax.cli.config import METHOD_PARAMS, load_config, parse_config
 from drm_jax.cli.merge import parse_size
-from drm_jax.cli.recipe import PreSparsify, build_recipe
+from drm_jax.cli.recipe import build_recipe
 from drm_jax.errors import ConfigError
 from drm_jax.math.state import MergeMethod
 
@@ -43,18 +44,19 @@ def test_mergekit_schema_is_read():
     # the base listed under models is not a task vector (mergekit)
     assert [m.model for m in recipe.models] == ["a", "b"]
     assert recipe.coefficients == (0.6, 0.4)
-    assert recipe.pre_sparsify == (PreSparsify("magnitude", 0.5),) * 2  # trimmed while reading
-    assert isinstance(recipe.method, MergeMethod)
+    assert recipe.engine_kwargs["density"] == (0.5, 0.5)  # per model, trimmed by the engine per tensor
+    assert recipe.method == "ties" and recipe.engine_kwargs["normalize"] is False
 
 
 def test_mergekit_defaults():
     # ties: density defaults to 1 (no trim) in mergekit, weight to 1 here
     recipe = build_recipe(_config("ties", models=["a", "b"]))
     assert recipe.coefficients == (1.0, 1.0)
-    # differing per-model densities are trimmed while reading, with mergekit's rule
+    assert recipe.engine_kwargs["density"] == 1.0
+    # differing per-model densities reach the engine as one value per model
     recipe = build_recipe(_config("ties", models=[{"model": "a", "parameters": {"density": 0.3}},
                                                   {"model": "b", "parameters": {"density": 0.6}}]))
-    assert recipe.pre_sparsify == (PreSparsify("magnitude", 0.3), PreSparsify("magnitude", 0.6))
+    assert recipe.engine_kwargs["density"] == (0.3, 0.6)
     # linear averages full weights: no base needed, zero base in the engine
     recipe = build_recipe(parse_config({"merge_method": "linear", "models": ["a", "b"]}))
     assert recipe.zero_base and recipe.reference.model == "a"
@@ -70,7 +72,8 @@ def test_drm_parameters_reach_the_engine():
     assert recipe.method == "drm"
     kw = recipe.engine_kwargs
     assert kw["drop_rate"] == 0.7 and kw["direction"] == "vertical" and kw["rank_rtol"] == 0.05
-    assert kw["renormalize"] is False and kw["include"] == ["mlp"] and kw["exclude"] == ["lm_head"]
+    assert kw["renormalize"] is False
+    assert recipe.role_kwargs["include"] == ["mlp"] and recipe.role_kwargs["exclude"] == ["lm_head"]
     assert kw["coefficients"] == [0.6, 0.4]
     # a density shared by all models is 1 - drop_rate
     recipe = build_recipe(_config("drm", parameters={"density": 0.25}))
@@ -93,7 +96,8 @@ def test_drm_parameters_reach_the_engine():
      "models[0].parameters.weight"),
     ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"direction": "diagonal"}},
      "parameters.direction"),
-    ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"lambda": 0.5}}, "parameters.lambda"),
+    ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"rescale": True}}, "parameters.rescale"),
+    ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"lambda": "x"}}, "parameters.lambda"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "slices": []}, "slices"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "dtype": "float8"}, "dtype"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "wat": 1}, "wat"),
@@ -122,9 +126,10 @@ def test_contradictory_parameters_name_the_key(raw, key):
     assert str(err.value).startswith(key + ":"), str(err.value)
 
 
-def test_parameters_without_effect_warn():
-    recipe = build_recipe(_config("task_arithmetic", models=[{"model": "a", "parameters": {"density": 0.5}}]))
-    assert recipe.warnings and "models[0].parameters.density" in recipe.warnings[0]
+def test_parameters_the_method_lacks_are_refused():
+    # task arithmetic does not sparsify: a density is an unknown per-model parameter (the registry's rule)
+    with pytest.raises(ConfigError, match=r"^models\[0\]\.parameters\.density: unknown per-model parameter"):
+        _config("task_arithmetic", models=[{"model": "a", "parameters": {"density": 0.5}}])
 
 
 def test_yaml_errors_name_file_and_line(tmp_path):
@@ -160,5 +165,6 @@ def test_parse_size():
     assert parse_size("512MB") == 512 * 10**6
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1234") == 1234
-    with pytest.raises(Exception):
-        parse_size("lots")
+    for bad, message in (("lots", "not a size"), ("2 parsecs", "not a size"), ("0", "must be positive")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            parse_size(bad)

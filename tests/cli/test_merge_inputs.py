@@ -59,31 +59,17 @@ def test_other_input_formats_merge_like_their_hugging_face_originals(family, sou
         np.testing.assert_array_equal(other[name], hf[name], err_msg=name)
 
 
-def test_model_plus_adapter_reference(llama_family, tmp_path, read_output):
+def test_model_plus_adapter_reference(llama_family, lora_adapter, tmp_path, read_output):
     """`base+adapter` (mergekit's form) is the adapter merged into that model: here, as a task model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     models = llama_family / "models"
-    torch.manual_seed(5)
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(models / "task_a"),
-                                LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"]))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    peft_model.save_pretrained(tmp_path / "adapter")
-    state = {k: v.detach().numpy() for k, v in peft_model.state_dict().items()}
+    lora_delta = lora_adapter(models / "task_a", tmp_path / "adapter", ["v_proj"], r=2, alpha=4, seed=5)
     got = read_output(_merge(tmp_path, "out", models / "base", f"{models / 'task_a'}+{tmp_path / 'adapter'}",
                              models / "task_b"))
     plain = read_output(_merge(tmp_path, "plain", models / "base", models / "task_a", models / "task_b"))
     name = "model.layers.0.self_attn.v_proj.weight"
-    prefix = "base_model.model.model.layers.0.self_attn.v_proj"
-    lora_a = next(v for k, v in state.items() if k.startswith(prefix + ".lora_A"))
-    lora_b = next(v for k, v in state.items() if k.startswith(prefix + ".lora_B"))
     # task_a's delta gains scaling * B @ A, weighted 0.7
-    np.testing.assert_allclose(got[name], plain[name] + 0.7 * (4 / 2) * lora_b @ lora_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[name], plain[name] + 0.7 * lora_delta("model.layers.0.self_attn.v_proj"),
+                               rtol=1e-5, atol=1e-6)
     untouched = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(got[untouched], plain[untouched])
 

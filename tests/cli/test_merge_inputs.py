@@ -131,3 +131,17 @@ def test_interrupt_exits_130_and_leaves_nothing(llama_family, tmp_path, monkeypa
     assert len(added) == 3
     assert "interrupted" in capsys.readouterr().err
     assert list(out_parent.iterdir()) == []  # neither the output nor a temporary directory
+
+
+def test_convert_arch_overrides_the_detected_architecture(llama_family, tmp_path, capsys):
+    """Without config.json nothing says the weights are Llama's: --arch llama gives the same Flax file
+    as the conversion that detects it, and the generic table gives another."""
+    source = llama_family / "models" / "task_a"
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare, ignore=shutil.ignore_patterns("config.json"))
+    for label, src, extra in (("detected", source, []), ("arch", bare, ["--arch", "llama"]), ("generic", bare, [])):
+        assert main(["convert", str(src), str(tmp_path / label), "--to", "flax", *extra]) == 0
+    capsys.readouterr()
+    read = lambda label: (tmp_path / label / "flax_model.msgpack").read_bytes()  # noqa: E731
+    assert read("arch") == read("detected")
+    assert read("generic") != read("detected")

@@ -51,16 +51,25 @@ _UNFINISHED: set["CheckpointWriter"] = set()
 
 @contextlib.contextmanager
 def signals_deferred():
-    """SIGINT and SIGTERM wait until the block ends, so a directory created or renamed and our record of
-    it never come apart (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """SIGINT and SIGTERM received inside the block are re-raised when it ends, so a directory created or
+    renamed and our record of it never come apart (main thread only; elsewhere a no-op).
+
+    Python-level: blocking the signals at the OS level would not do, since another thread (XLA's) then
+    receives them and Python runs the handler in the main thread anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # now, to the handler that was in place before the block
 
 
 def abort_unfinished() -> None:

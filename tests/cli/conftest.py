@@ -23,9 +23,13 @@ def _tokenizer_stub(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "source": directory.name}))
 
 
-def _save_family(root: Path, model_cls, config, noise: float = 0.02) -> Path:
-    import torch
+def _save_family(root: Path, model_class: str, config_class: str, noise: float = 0.02, **config) -> Path:
+    """Save transformers' `model_class` (a torch model) built from `config_class(**config)` as a family."""
+    torch = pytest.importorskip("torch")  # the optional torch extra
+    import transformers
 
+    model_cls = getattr(transformers, model_class)
+    config = getattr(transformers, config_class)(**config)
     torch.manual_seed(0)
     base = model_cls(config).eval()
     base.save_pretrained(root / "models" / "base")
@@ -44,29 +48,22 @@ def _save_family(root: Path, model_cls, config, noise: float = 0.02) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-    return _save_family(tmp_path_factory.mktemp("llama"), LlamaForCausalLM, config)
+    return _save_family(tmp_path_factory.mktemp("llama"), "LlamaForCausalLM", "LlamaConfig", vocab_size=64,
+                        hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, max_position_embeddings=64)
 
 
 @pytest.fixture(scope="session")
 def t5_family(tmp_path_factory) -> Path:
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    config = T5Config(vocab_size=64, d_model=32, d_ff=32, d_kv=8, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0)
-    return _save_family(tmp_path_factory.mktemp("t5"), T5ForConditionalGeneration, config)
+    return _save_family(tmp_path_factory.mktemp("t5"), "T5ForConditionalGeneration", "T5Config", vocab_size=64,
+                        d_model=32, d_ff=32, d_kv=8, num_layers=2, num_heads=4, decoder_start_token_id=0)
 
 
 @pytest.fixture(scope="session")
 def gpt2_family(tmp_path_factory) -> Path:
     """GPT-2: its attention and MLP weights are Conv1D, stored (in, out) under Hugging Face names."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    return _save_family(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel, config)
+    return _save_family(tmp_path_factory.mktemp("gpt2"), "GPT2LMHeadModel", "GPT2Config", vocab_size=64,
+                        n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
 
 def _read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:

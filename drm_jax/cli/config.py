@@ -18,20 +18,23 @@ A config written for mergekit works unchanged::
 
 Everything is checked here, before any checkpoint is opened: unknown keys, unknown methods and parameters,
 wrong types, out-of-range values. Errors are `ConfigError`s whose message names the file and the key
-(`models[1].parameters.density`). What the parameters mean for each method is decided in
-`drm_jax.cli.recipe`; this module only knows which names each method accepts and their types.
+(`models[1].parameters.density`). Which parameters a method accepts, their types and ranges, come from
+the method registry (`drm_jax.methods.registry`), the one place they are declared; what they mean is the
+method's.
 """
 
 from __future__ import annotations
 
-import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
 from drm_jax.errors import ConfigError
+from drm_jax.methods.base import Param, clip, short
+from drm_jax.methods.registry import METHODS, get_method
 
 # Top-level keys of mergekit's schema that we read.
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
@@ -43,78 +46,27 @@ UNSUPPORTED_KEYS = {
                  "or a model path",
     "chat_template": "chat_template is not supported; the tokenizer files are copied unchanged",
 }
-
-# Per-model parameters (mergekit: `models[i].parameters`, or a default for all models in `parameters`).
-PER_MODEL_KEYS = ("weight", "density")
-
-
-def _is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
+# Leaf-selection patterns every method accepts (keywords of drm_jax.merge itself, not method parameters).
+ROLE_PARAMS = ("include", "exclude", "ignore")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def accepted_names(method: str) -> frozenset[str]:
+    """Every parameter name a config may give for the method: the registry's names and aliases, and the
+    leaf-selection patterns."""
+    return frozenset(get_method(method).names) | frozenset(ROLE_PARAMS)
 
 
-def _is_fraction(v: Any) -> bool:
-    return _is_number(v) and 0.0 <= v <= 1.0
+def per_model_names(method: str) -> frozenset[str]:
+    """Names a model entry may give (mergekit's `models[i].parameters`): per-model parameters and their
+    aliases, and `density` where it names a drop rate shared by all models (DRM: the values must agree)."""
+    spec = get_method(method)
+    names = {n for p in spec.params if p.per_model for n in (p.name,) + p.aliases}
+    names |= {"density"} & set(spec.names)
+    return frozenset(names)
 
 
-def _is_patterns(v: Any) -> bool:
-    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
-
-
-def _one_of(*choices: str) -> Callable[[Any], bool]:
-    def check(v: Any) -> bool:
-        return v in choices
-
-    check.choices = choices  # type: ignore[attr-defined]
-    return check
-
-
-def _false_only(v: Any) -> bool:
-    return v is False
-
-
-# name -> (check, what the value must be)
-_PARAM_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "weight": (_is_number, "a finite number"),
-    "density": (_is_fraction, "a number in [0, 1]"),
-    "drop_rate": (_is_fraction, "a number in [0, 1]"),
-    "nonlinear_density": (_is_fraction, "a number in [0, 1]"),
-    "rank_rtol": (lambda v: _is_number(v) and 0.0 <= v < 1.0, "a number in [0, 1)"),
-    "lambda": (_is_number, "a finite number"),
-    "normalize": (_is_bool, "true or false"),
-    "renormalize": (_is_bool, "true or false"),
-    "rescale": (_is_bool, "true or false"),
-    "int8_mask": (_is_bool, "true or false"),
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a non-negative integer"),
-    "direction": (_one_of("horizontal", "vertical"), "'horizontal' or 'vertical'"),
-    "prune_scope": (_one_of("joint", "per_task"), "'joint' or 'per_task'"),
-    "svd_route": (_one_of("auto", "dense", "gram", "qr"), "'auto', 'dense', 'gram' or 'qr'"),
-    "trim_scope": (_one_of("tensor", "model", "global"), "'tensor' or 'model'"),
-    "include": (_is_patterns, "a regular expression or a list of them"),
-    "exclude": (_is_patterns, "a regular expression or a list of them"),
-    "ignore": (_is_patterns, "a regular expression or a list of them"),
-}
-
-# Which shared parameters each method accepts (besides the per-model `weight` and `density`).
-# `ignore` (leaves kept at their base value) is a drm_jax extension every method accepts.
-_DRM_PARAMS = frozenset({"direction", "drop_rate", "rank_rtol", "prune_scope", "svd_route", "nonlinear_density",
-                         "include", "exclude", "ignore"})
-METHOD_PARAMS: dict[str, frozenset[str]] = {
-    "drm": _DRM_PARAMS | {"renormalize"},
-    "knots_ties": _DRM_PARAMS,
-    "ties": frozenset({"normalize", "lambda", "int8_mask", "rescale", "trim_scope", "ignore"}),
-    "task_arithmetic": frozenset({"normalize", "lambda", "int8_mask", "rescale", "ignore"}),
-    "linear": frozenset({"normalize", "ignore"}),
-    "dare_ties": frozenset({"normalize", "lambda", "int8_mask", "rescale", "seed", "ignore"}),
-    "dare_linear": frozenset({"normalize", "lambda", "int8_mask", "rescale", "seed", "ignore"}),
-}
-# Methods that merge task vectors and so need a base model (mergekit: BasePolicy.REQUIRED).
-NEEDS_BASE = frozenset(METHOD_PARAMS) - {"linear"}
-# mergekit's `rescale` for magnitude-trimmed methods is an L1 renormalization we do not implement.
-_RESCALE_FALSE_ONLY = frozenset({"ties", "task_arithmetic"})
+METHOD_PARAMS: dict[str, frozenset[str]] = {name: accepted_names(name) for name in METHODS}
+NEEDS_BASE = frozenset(name for name, spec in METHODS.items() if spec.needs_base)
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -129,13 +81,21 @@ class ModelEntry:
     """One input model: its reference as written, where it came from in the config, its parameters.
 
     `model` is a path to any checkpoint the readers support, or mergekit's `base+adapter` form for a
-    PEFT adapter applied over a model. `weight` / `density` are None where the config gives none.
+    PEFT adapter applied over a model. `parameters` holds the per-model values the config gives (names as
+    written: `weight`, `density`, ...).
     """
 
     model: str
     key: str  # e.g. "models[1]", for error messages
-    weight: float | None = None
-    density: float | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def weight(self) -> float | None:
+        return self.parameters.get("weight", self.parameters.get("coefficients"))
+
+    @property
+    def density(self) -> float | None:
+        return self.parameters.get("density")
 
 
 @dataclass(frozen=True)
@@ -143,11 +103,11 @@ class MergeConfig:
     """A checked merge configuration.
 
     Attributes:
-      merge_method: one of `METHOD_PARAMS`.
+      merge_method: a registered method (`drm_jax.methods.METHODS`).
       models: the input models, in config order (the base model included if the config lists it).
-      base_model: the base's reference, or None (allowed for `linear` only).
-      parameters: shared parameters with mergekit's names (`lambda`, `normalize`, `drop_rate`, ...),
-        including defaults for `weight` / `density` if the config gives them there.
+      base_model: the base's reference, or None (allowed for methods that need no base only).
+      parameters: shared parameters with the names given (`lambda`, `normalize`, `drop_rate`, ...),
+        including defaults for per-model parameters (`weight`, `density`) if the config gives them there.
       dtype: computation/output dtype name ("float32", "float16", "bfloat16", "float64") or None.
       out_dtype: output dtype name, or None (then `dtype`, then each tensor's own dtype).
       tokenizer_source: None, "base", or a model reference whose tokenizer files are copied.
@@ -181,15 +141,34 @@ def _fail(source: Path | None, message: str) -> ConfigError:
     return ConfigError(_where(source) + message)
 
 
-def _check_param(source: Path | None, key: str, name: str, value: Any) -> Any:
-    if isinstance(value, (list, dict)) and name not in ("include", "exclude", "ignore"):
+def _is_patterns(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v))
+
+
+def _param_of(method: str, name: str):
+    """The registry's Param behind a name (or alias) of the method."""
+    spec = get_method(method)
+    for p in spec.params:
+        if name == p.name or name in p.aliases:
+            return p
+    return None
+
+
+def _check_param(source: Path | None, key: str, method: str, name: str, value: Any) -> Any:
+    if name in ROLE_PARAMS:
+        if not _is_patterns(value):
+            raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
+        return value
+    if isinstance(value, (list, dict)):
         raise _fail(source, f"{key}: per-tensor values (filter lists, gradients) are not supported; "
-                            f"give one value, got {value!r}")
-    check, expected = _PARAM_TYPES[name]
-    if not check(value):
-        raise _fail(source, f"{key}: must be {expected}, got {value!r}")
-    return float(value) if name in ("weight", "density", "drop_rate", "nonlinear_density", "rank_rtol",
-                                     "lambda") else value
+                            f"give one value, got {short(value)}")
+    param = _param_of(method, name)
+    if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
+        param = Param(name, param.kind, None, "")
+    try:
+        return param.check(value, key)
+    except ValueError as err:
+        raise _fail(source, str(err)) from None
 
 
 def _mapping(source: Path | None, key: str, value: Any) -> dict:
@@ -199,7 +178,7 @@ def _mapping(source: Path | None, key: str, value: Any) -> dict:
         raise _fail(source, f"{key}: must be a mapping of names to values, got {type(value).__name__}")
     for name in value:
         if not isinstance(name, str):
-            raise _fail(source, f"{key}: parameter names must be strings, got {name!r}")
+            raise _fail(source, f"{key}: parameter names must be strings, got {short(name)}")
     return value
 
 
@@ -211,7 +190,7 @@ def _reference(source: Path | None, key: str, value: Any) -> str:
     if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
         value = value["path"]
     if not isinstance(value, str) or not value.strip():
-        raise _fail(source, f"{key}: must be a model path, got {value!r}")
+        raise _fail(source, f"{key}: must be a model path, got {short(value)}")
     return value.strip()
 
 
@@ -221,7 +200,7 @@ def _dtype(source: Path | None, key: str, value: Any) -> str | None:
     name = str(value)
     name = name[len("torch."):] if name.startswith("torch.") else name
     if name not in DTYPES:
-        raise _fail(source, f"{key}: unknown dtype {value!r}; expected one of "
+        raise _fail(source, f"{key}: unknown dtype {short(value)}; expected one of "
                             f"{sorted(set(DTYPES.values()))}")
     return DTYPES[name]
 
@@ -231,24 +210,25 @@ def _model_entry(source: Path | None, index: int, raw: Any, method: str) -> Mode
     if isinstance(raw, str):
         return ModelEntry(model=_reference(source, key, raw), key=key)
     if not isinstance(raw, dict):
-        raise _fail(source, f"{key}: must be a mapping with a 'model' key, got {raw!r}")
+        raise _fail(source, f"{key}: must be a mapping with a 'model' key, got {short(raw)}")
     unknown = sorted(set(raw) - {"model", "parameters"})
     if unknown:
-        raise _fail(source, f"{key}.{unknown[0]}: unknown key; a model entry has 'model' and 'parameters'")
+        raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a model entry has 'model' and 'parameters'")
     if "model" not in raw:
         raise _fail(source, f"{key}.model: missing")
     model = _reference(source, f"{key}.model", raw["model"])
     params = _mapping(source, f"{key}.parameters", raw.get("parameters"))
-    values: dict[str, float] = {}
+    per_model = per_model_names(method)
+    values: dict[str, Any] = {}
     for name, value in params.items():
         pkey = f"{key}.parameters.{name}"
-        if name not in PER_MODEL_KEYS:
+        if name not in per_model:
             shared = name in METHOD_PARAMS[method]
             hint = " (it is a shared parameter: put it under the top-level 'parameters')" if shared else ""
             raise _fail(source, f"{pkey}: unknown per-model parameter for method {method!r}{hint}; "
-                                f"accepted: {list(PER_MODEL_KEYS)}")
-        values[name] = _check_param(source, pkey, name, value)
-    return ModelEntry(model=model, key=key, weight=values.get("weight"), density=values.get("density"))
+                                f"accepted: {sorted(per_model)}")
+        values[name] = _check_param(source, pkey, method, name, value)
+    return ModelEntry(model=model, key=key, parameters=values)
 
 
 def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
@@ -264,24 +244,21 @@ def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
         if name in UNSUPPORTED_KEYS:
             raise _fail(source, f"{name}: {UNSUPPORTED_KEYS[name]}")
         if name not in TOP_LEVEL_KEYS:
-            raise _fail(source, f"{name}: unknown key; expected one of {list(TOP_LEVEL_KEYS)}")
+            raise _fail(source, f"{clip(name)}: unknown key; expected one of {list(TOP_LEVEL_KEYS)}")
 
     method = raw.get("merge_method")
     if method is None:
         raise _fail(source, "merge_method: missing")
     if not isinstance(method, str) or method not in METHOD_PARAMS:
-        raise _fail(source, f"merge_method: unknown method {method!r}; expected one of {sorted(METHOD_PARAMS)}")
+        raise _fail(source, f"merge_method: unknown method {short(method)}; expected one of {sorted(METHOD_PARAMS)}")
 
     shared: dict[str, Any] = {}
     for name, value in _mapping(source, "parameters", raw.get("parameters")).items():
         key = f"parameters.{name}"
-        if name not in METHOD_PARAMS[method] and name not in PER_MODEL_KEYS:
-            accepted = sorted(METHOD_PARAMS[method] | set(PER_MODEL_KEYS))
-            raise _fail(source, f"{key}: unknown parameter for method {method!r}; accepted: {accepted}")
-        if name == "rescale" and method in _RESCALE_FALSE_ONLY and value is not False:
-            raise _fail(source, f"{key}: rescale (mergekit's L1 rescaling after the trim) is not supported "
-                                f"for {method!r}; remove it or set it to false")
-        shared[name] = _check_param(source, key, name, value)
+        if name not in METHOD_PARAMS[method]:
+            raise _fail(source, f"{clip(key)}: unknown parameter for method {method!r}; accepted: "
+                                f"{sorted(METHOD_PARAMS[method])}")
+        shared[name] = _check_param(source, key, method, name, value)
 
     models_raw = raw.get("models")
     if models_raw is None:

@@ -22,7 +22,7 @@ from drm_jax.errors import DrmJaxError
 
 # Subcommand modules, imported lazily so `drm-jax --help` stays fast and one broken optional
 # dependency does not take the other subcommands down.
-_SUBCOMMANDS = ("merge", "convert")
+_SUBCOMMANDS = ("merge", "convert", "methods")
 
 
 def build_parser() -> argparse.ArgumentParser:

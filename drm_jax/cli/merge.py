@@ -28,7 +28,7 @@ from drm_jax.cli import naming
 from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
-from drm_jax.cli.streaming import MergeSources, input_paths, split_adapter
+from drm_jax.cli.streaming import input_paths, open_sources, split_adapter
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
 
 DEFAULT_MAX_MEMORY = "1GB"
@@ -184,7 +184,7 @@ def _numpy_dtype(name: str | None):
     return np.dtype(NUMPY_DTYPES[name])
 
 
-def _tokenizer_dir(config: MergeConfig, sources: MergeSources) -> Path | None:
+def _tokenizer_dir(config: MergeConfig, sources) -> Path | None:
     if config.tokenizer_source in (None, "base"):
         return None
     path, _ = split_adapter(config, config.tokenizer_source)
@@ -229,7 +229,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
     """
-    from drm_jax.engine.merge import merge_leaves
+    from drm_jax.engine.sources import stream_merge
     from drm_jax.io.writer import CheckpointWriter
 
     recipe = recipe or build_recipe(config)
@@ -241,27 +241,17 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     for note in recipe.warnings:
         print(f"drm-jax: warning: {note}", file=sys.stderr)
 
-    with MergeSources(config, recipe, _numpy_dtype(out_dtype_name)) as sources:
+    with open_sources(config, recipe, _numpy_dtype(out_dtype_name)) as (sources, arch, reference):
         tokenizer_dir = _tokenizer_dir(config, sources)
-        layout = naming.layout_for(sources.arch)
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
-        leaves = sources.plan_blocks(len(recipe.models), max(1, group_bytes // BLOCK_DIVISOR))
+        sources.plan_blocks(len(recipe.models), max(1, group_bytes // BLOCK_DIVISOR))
         with MergeProgress(sources.merged_count(), quiet=quiet) as progress:
             writer = CheckpointWriter(out_dir, format="hf", max_shard_size=shard_size, overwrite=force)
             with writer:
-                put = sources.make_put(writer.add)
-                for batch in sources.batches():
-                    merge_leaves(
-                        [leaves.names[j] for j in batch], [leaves.shapes[j] for j in batch],
-                        [leaves.dtypes[j] for j in batch],
-                        get_base=lambda k, b=batch: sources.get_base(b[k]),
-                        get_model=lambda t, k, b=batch: sources.get_model(t, b[k]),
-                        put=lambda k, array, b=batch: put(b[k], array),
-                        num_models=len(recipe.models), method=recipe.method, layout=layout, mesh=mesh,
-                        max_group_bytes=group_bytes, on_chunk=progress.on_chunk, **recipe.engine_kwargs,
-                    )
-                counts = sources.counts()
-                finish_directory(writer.tmp_dir, sources.reference.config_dir, tokenizer_dir, out_dtype_name)
+                counts = stream_merge(sources, writer.add, method=recipe.method, params=recipe.engine_kwargs,
+                                      layout=naming.layout_for(arch), mesh=mesh, max_group_bytes=group_bytes,
+                                      block_bytes=max(1, group_bytes // BLOCK_DIVISOR), on_chunk=progress.on_chunk)
+                finish_directory(writer.tmp_dir, reference.config_dir, tokenizer_dir, out_dtype_name)
                 output = writer.close()
             summary = progress.summary(counts, output=str(out_dir))
     return {"counts": counts, "summary": summary, "output": Path(output)}

@@ -35,7 +35,6 @@ from drm_jax.engine.compiled import Layout, is_traced, merge_layers_jit, merge_o
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
 from drm_jax.errors import MergeInputError
-from drm_jax.math.select import kth_smallest
 from drm_jax.methods.base import MethodSpec, Rules, per_model_values
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
 
@@ -72,9 +71,9 @@ def _dtype_name(dtype) -> str:
 def coefficient_matrix(coefficients, k: int, num_layers: int):
     """(num_layers, K) coefficients from None (ones), (K,) or (K, num_layers); traced values pass through."""
     if coefficients is None:
-        return jnp.ones((num_layers, k), jnp.float32)
+        return jnp.ones((num_layers, k))
     if is_traced(coefficients):
-        c = jnp.asarray(coefficients, jnp.float32)
+        c = jnp.asarray(coefficients)
     else:
         c = np.asarray(coefficients, dtype=np.float64)
         if c.ndim == 0 or c.shape[0] != k:
@@ -86,7 +85,7 @@ def coefficient_matrix(coefficients, k: int, num_layers: int):
             raise MergeInputError(f"coefficients must have shape ({k},) or ({k}, {num_layers}), got {c.shape}")
         if not np.all(np.isfinite(c)):
             raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
-        c = jnp.asarray(c.astype(np.float32))
+        c = jnp.asarray(c)  # float64 where jax_enable_x64 is on, else float32
     if c.ndim == 1:
         return jnp.broadcast_to(c[None, :], (num_layers, k))
     return c.T

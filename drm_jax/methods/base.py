@@ -119,7 +119,12 @@ def _is_tracer(value: Any) -> bool:
 
 def short(value: Any, limit: int = 80) -> str:
     """repr of a value, cut to `limit` characters (error messages never quote unbounded input)."""
-    text = repr(value)
+    return clip(repr(value), limit)
+
+
+def clip(text: str, limit: int = 80) -> str:
+    """A name or key as it is, cut to `limit` characters."""
+    text = str(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -281,6 +286,8 @@ COEFFICIENTS = Param("coefficients", "float", 1.0, "per-model coefficient lambda
 LAMBDA = Param("lambda_", "float", 1.0, "global scaling of the merged delta", traced=True,
                aliases=("lambda", "scaling"))
 SEED = Param("seed", "seed", 0, "seed of the random draws (each tensor's key folds in its name)")
+INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its masks; accepted for mergekit "
+                  "configs, no effect on the result (masks here are boolean)")
 
 
 def chain_rule(transform: MergeTransform) -> LayerRule:
@@ -300,5 +307,5 @@ def scalar(value) -> Any:
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param", "Rules", "SEED",
-           "UnknownParameter", "chain_rule", "check_value", "one_minus", "per_model_values", "scalar", "short"]
+__all__ = ["COEFFICIENTS", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param", "Rules", "SEED",
+           "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]

@@ -11,7 +11,7 @@ from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks, weighted_mean
 from drm_jax.math.sparsify import dare_drop, dare_factors
 from drm_jax.math.state import chain
-from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, one_minus,
+from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, one_minus,
                                   per_model_values, scalar)
 
 DROP_RATE = Param("drop_rate", "fraction", 0.8, "probability of dropping each delta entry (= 1 - density)",
@@ -42,7 +42,7 @@ def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, stati
     return {"lambda_": scalar(values["lambda_"]), "dare_keep": keep, "dare_scale": factor}
 
 
-_COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE)
+_COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE, INT8_MASK)
 
 DARE_LINEAR = MethodSpec(
     name="dare_linear",

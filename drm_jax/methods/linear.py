@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from drm_jax.math.mean import scale, scale_by_coefficients, sum_tasks, weighted_mean
 from drm_jax.math.state import chain
-from drm_jax.methods.base import COEFFICIENTS, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
+from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
 
 LINEAR_NORMALIZE = Param("normalize", "bool", True, "divide by the sum of the weights (false: a weighted sum)")
 TA_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
@@ -46,7 +46,7 @@ TASK_ARITHMETIC = MethodSpec(
     name="task_arithmetic",
     summary="base + lambda * sum_t lambda_t delta_t",
     paper="Ilharco et al., Editing Models with Task Arithmetic, arXiv 2212.04089",
-    params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE),
+    params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE, INT8_MASK),
     needs_base=True, elementwise=True, random=False, mergekit=True,
     build=_build_task_arithmetic, layer_hparams=_lambda_only, reference="docs/methods.md#task-arithmetic",
 )

@@ -15,7 +15,7 @@ from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_t
 from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry
 from drm_jax.math.state import chain
-from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
+from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
                                   per_model_values, scalar)
 
 DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept by the trim (= 1 - drop_rate)",
@@ -49,7 +49,7 @@ TIES = MethodSpec(
     name="ties",
     summary="TIES-Merging: trim each task vector, elect the sign by mass, disjoint mean",
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708",
-    params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE),
+    params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE, INT8_MASK),
     needs_base=True, elementwise=False, random=False, mergekit=True,
     build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties",
 )

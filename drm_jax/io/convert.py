@@ -152,6 +152,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
         if to == "t5x" and arch not in ("t5", "t5_v1_1"):
             raise CheckpointError(f"{src}: T5X output supports T5 models only, this checkpoint is {arch!r}")
         plan = plan_conversion(reader, to, arch)
+        if not plan:
+            raise CheckpointError(f"{src}: no tensors to convert (empty or corrupt checkpoint)")
         with CheckpointWriter(dst, to, max_shard_size=max_shard_size, overwrite=overwrite,
                               copy_from=reader.config_dir) as writer:
             for name, array in converted_tensors(reader, to, arch, plan):

@@ -9,6 +9,8 @@ with `PyTreeCheckpointer` (OCDBT + zarr, as Orbax does by default).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +48,18 @@ def find_orbax_item(path: Path) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax logs its own warnings through absl on failures we report ourselves in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _checkpointer():
     import orbax.checkpoint as ocp
 
@@ -80,13 +94,16 @@ class OrbaxReader(IndexedReader):
         self.item_dir = item
         self._checkpointer = _checkpointer()
         try:
-            metadata = self._checkpointer.metadata(item)
+            with _quiet_absl():
+                metadata = self._checkpointer.metadata(item)
         except Exception as err:  # orbax raises ValueError, FileNotFoundError, tensorstore errors, ...
-            raise CheckpointError(f"{item}: cannot read Orbax metadata: {err}") from err
+            raise CheckpointError(f"{item}: cannot read Orbax metadata: {str(err)[:200]}") from None
         # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata.tree; older versions return it bare.
         item_metadata = getattr(metadata, "item_metadata", metadata)
         tree = getattr(item_metadata, "tree", item_metadata)
         flat = _flatten_metadata(tree)
+        if not flat:
+            raise CheckpointError(f"{item}: the Orbax metadata lists no arrays (corrupt or empty _METADATA)")
         self._by_name = {".".join(key): value for key, value in flat.items()}  # name -> array metadata
         self._paths = {".".join(key): key for key in flat}
         # Before any restore allocates: every file is the item's own, and the metadata's sizes fit them.
@@ -115,9 +132,10 @@ class OrbaxReader(IndexedReader):
         node_item[path[-1]] = 0
         node_args[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
         try:
-            restored = self._checkpointer.restore(
-                self.item_dir, args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root, partial_restore=True)
-            )
+            with _quiet_absl():
+                restored = self._checkpointer.restore(
+                    self.item_dir,
+                    args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root, partial_restore=True))
         except Exception as err:
             raise CheckpointError(f"{self.item_dir}: cannot read tensor {name!r}: {err}") from err
         for key in path:

@@ -102,6 +102,32 @@ def test_zarr_shape_beyond_the_stored_bytes_is_refused(tmp_path, capfd, shape):
     convert_refused(capfd, src, tmp_path / "out", [EMBEDDING, "claims shape"])
 
 
+# -- class 6 (convert side): a checkpoint with no tensors -------------------------------------------------
+@pytest.mark.parametrize("corruption", ["empty tree", "no tree"])
+def test_orbax_with_corrupt_metadata_is_refused(tmp_path, capfd, corruption):
+    from drm_jax.io import CheckpointWriter
+
+    src = tmp_path / "in" / "orbax"
+    with CheckpointWriter(src, "orbax") as writer:
+        writer.add("params.dense.kernel", np.ones((4, 4), np.float32))
+    metadata = json.loads((src / "_METADATA").read_text())
+    if corruption == "empty tree":
+        metadata["tree_metadata"] = {}
+    else:
+        del metadata["tree_metadata"]
+    (src / "_METADATA").write_text(json.dumps(metadata))
+    convert_refused(capfd, src, tmp_path / "out", [str(src), "Orbax metadata"])
+
+
+def test_empty_safetensors_is_refused_by_convert(tmp_path, capfd):
+    from safetensors.numpy import save_file
+
+    model = tmp_path / "in" / "model"
+    model.mkdir(parents=True)
+    save_file({}, str(model / "model.safetensors"))
+    convert_refused(capfd, model, tmp_path / "out", [str(model), "no tensors"])
+
+
 # -- class 3: torch zip records that do not hold their tensors ---------------------------------------------
 def _torch_file(directory: Path, compress: bool = False) -> Path:
     import torch

@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import IndexedReader, config_dir, open_binary, read_json
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
@@ -62,10 +62,10 @@ class FlaxReader(IndexedReader):
         leaves: dict[str, LazyArray | ChunkedLazyArray] = {}
         for shard_name in dict.fromkeys(weight_map.values()):
             if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:
-                raise CheckpointError(f"{index_path}: invalid shard file name {shard_name!r}")
+                raise CheckpointError(f"{index_path}: invalid shard file name {quote(shard_name)}")
             shard = index_path.parent / shard_name
             if not shard.exists():
-                raise CheckpointError(f"{index_path}: missing shard {shard_name!r}")
+                raise CheckpointError(f"{index_path}: missing shard {quote(shard_name)}")
             leaves.update(_array_leaves(scan_msgpack(shard)))
         missing = [name for name in weight_map if name.replace("/", ".") not in leaves]
         if missing:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import file_size, read_exact
 from drm_jax.io.dtypes import dtype_from_name
 
@@ -216,7 +216,7 @@ class _Walker:
         shape = self.value()
         dtype_name = self.value()
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise self._corrupt(f"invalid array shape {shape!r}")
+            raise self._corrupt(f"invalid array shape {quote(shape)}")
         try:
             dtype = dtype_from_name(dtype_name if isinstance(dtype_name, (str, bytes)) else "?")
         except ValueError as err:

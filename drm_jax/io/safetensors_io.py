@@ -23,7 +23,7 @@ from typing import Mapping
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import IndexedReader, config_dir, file_size, open_binary, parse_json, read_exact, read_json
 from drm_jax.io.dtypes import SAFETENSORS_DTYPES
 
@@ -49,18 +49,18 @@ def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_size:
         raise CheckpointError(f"{path}: corrupt header: entry for tensor {name!r} is not an object")
     code = raw.get("dtype")
     if code not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {quote(code)}")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid shape {shape!r}")
+        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid shape {quote(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid data_offsets {quote(offsets)}")
     dtype = SAFETENSORS_DTYPES[code]
     needed = math.prod(shape) * dtype.itemsize
     stored = offsets[1] - offsets[0]
@@ -132,7 +132,7 @@ class SafetensorsFile:
 def _shard_path(index_path: Path, shard_name: object) -> Path:
     """The shard file named by an index, refusing names that leave the checkpoint directory."""
     if not isinstance(shard_name, str) or not shard_name or Path(shard_name).name != shard_name:
-        raise CheckpointError(f"{index_path}: invalid shard file name {shard_name!r} in weight_map")
+        raise CheckpointError(f"{index_path}: invalid shard file name {quote(shard_name)} in weight_map")
     return index_path.parent / shard_name
 
 
@@ -193,7 +193,7 @@ class SafetensorsReader(IndexedReader):
         for name, shard_name in weight_map.items():
             shard = _shard_path(index_path, shard_name)
             if not shard.exists():
-                raise CheckpointError(f"{index_path}: missing shard {shard_name!r} (named for tensor {name!r})")
+                raise CheckpointError(f"{index_path}: missing shard {quote(shard_name)} (named for tensor {name!r})")
             if name not in self._open_file(shard).entries:
                 raise CheckpointError(f"{shard}: tensor {name!r} is listed in {index_path.name} but not in this shard")
             where[name] = shard

@@ -25,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import CheckpointReader, check_claimed_size, config_dir, open_binary, tree_bytes
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
@@ -79,10 +79,10 @@ def resolve_array_dir(checkpoint_file: Path, name: str, spec: dict) -> tuple[str
     local path inside the checkpoint directory."""
     driver = spec.get("driver")
     if driver not in _ARRAY_DRIVERS:
-        raise CheckpointError(f"{checkpoint_file}: tensor {name!r} uses unsupported TensorStore driver {driver!r}")
+        raise CheckpointError(f"{checkpoint_file}: tensor {name!r} uses unsupported TensorStore driver {quote(driver)}")
     kvstore = spec.get("kvstore")
     if isinstance(kvstore, str):
-        raise CheckpointError(f"{checkpoint_file}: tensor {name!r} points to {kvstore!r}; only relative local paths are read")
+        raise CheckpointError(f"{checkpoint_file}: tensor {name!r} points to {quote(kvstore)}; only relative local paths are read")
     kvstore = kvstore or {}
     if not isinstance(kvstore, dict) or kvstore.get("driver", "file") not in _LOCAL_KVSTORES:
         raise CheckpointError(
@@ -95,15 +95,15 @@ def resolve_array_dir(checkpoint_file: Path, name: str, spec: dict) -> tuple[str
     root = checkpoint_file.parent.resolve()
     if Path(relative).is_absolute() or "://" in relative:
         raise CheckpointError(
-            f"{checkpoint_file}: tensor {name!r} array path {relative!r} points outside the checkpoint directory {root}"
+            f"{checkpoint_file}: tensor {name!r} array path {quote(relative)} points outside the checkpoint directory {root}"
         )
     target = (root / relative).resolve()
     if target != root and root not in target.parents:
         raise CheckpointError(
-            f"{checkpoint_file}: tensor {name!r} array path {relative!r} points outside the checkpoint directory {root}"
+            f"{checkpoint_file}: tensor {name!r} array path {quote(relative)} points outside the checkpoint directory {root}"
         )
     if target == root or not target.is_dir():
-        raise CheckpointError(f"{checkpoint_file}: tensor {name!r}: array directory {relative!r} is missing")
+        raise CheckpointError(f"{checkpoint_file}: tensor {name!r}: array directory {quote(relative)} is missing")
     return driver, target
 
 

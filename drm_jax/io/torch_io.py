@@ -20,7 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import IndexedReader, config_dir, read_json, require_regular_file
 
 TORCH_NAME = "pytorch_model.bin"
@@ -212,9 +212,9 @@ class TorchReader(IndexedReader):
             files = []
             for shard_name in dict.fromkeys(weight_map.values()):
                 if not isinstance(shard_name, str) or Path(shard_name).name != shard_name:
-                    raise CheckpointError(f"{index_path}: invalid shard file name {shard_name!r}")
+                    raise CheckpointError(f"{index_path}: invalid shard file name {quote(shard_name)}")
                 if not (directory / shard_name).exists():
-                    raise CheckpointError(f"{index_path}: missing shard {shard_name!r}")
+                    raise CheckpointError(f"{index_path}: missing shard {quote(shard_name)}")
                 files.append(directory / shard_name)
             return files
         if (directory / TORCH_NAME).is_file():

@@ -93,6 +93,7 @@ class OrbaxReader(IndexedReader):
         super().__init__(path, config_dir(item, path))
         self.item_dir = item
         self._checkpointer = _checkpointer()
+        stored = tree_bytes(item, item)  # before Orbax reads a byte: every file is the item's own
         try:
             with _quiet_absl():
                 metadata = self._checkpointer.metadata(item)
@@ -106,8 +107,7 @@ class OrbaxReader(IndexedReader):
             raise CheckpointError(f"{item}: the Orbax metadata lists no arrays (corrupt or empty _METADATA)")
         self._by_name = {".".join(key): value for key, value in flat.items()}  # name -> array metadata
         self._paths = {".".join(key): key for key in flat}
-        # Before any restore allocates: every file is the item's own, and the metadata's sizes fit them.
-        stored = tree_bytes(item, item)
+        # Before any restore allocates: the metadata's sizes fit the stored bytes.
         for name in self._by_name:
             check_claimed_size(item, name, self.shape(name), self.dtype(name), stored, _MAX_EXPANSION)
 

@@ -91,6 +91,24 @@ def test_t5x_link_inside_the_checkpoint_is_read(tmp_path):
         np.testing.assert_array_equal(reader.get(EMBEDDING), np.arange(40, dtype=np.float32).reshape(10, 4))
 
 
+@pytest.mark.parametrize("target", ["copy outside", "absolute system file"])
+def test_orbax_links_leaving_the_checkpoint_are_refused(tmp_path, capfd, target):
+    from drm_jax.io import CheckpointWriter
+
+    src = tmp_path / "in" / "orbax"
+    with CheckpointWriter(src, "orbax") as writer:
+        writer.add("params.dense.kernel", np.ones((4, 4), np.float32))
+    victim = next(p for p in sorted(src.rglob("*")) if p.is_file() and p.parent != src)
+    if target == "copy outside":
+        shutil.copy(victim, tmp_path / "in" / "stolen")
+        destination = tmp_path / "in" / "stolen"
+    else:
+        destination = Path("/etc/hostname")
+    victim.unlink()
+    victim.symlink_to(destination)
+    convert_refused(capfd, src, tmp_path / "out", [str(victim), "symbolic link"])
+
+
 # -- class 10: header-claimed sizes beyond the bytes present -----------------------------------------------
 @pytest.mark.parametrize("shape", [[2**40, 2**20], [2**24, 64]])
 def test_zarr_shape_beyond_the_stored_bytes_is_refused(tmp_path, capfd, shape):

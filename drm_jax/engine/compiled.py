@@ -74,8 +74,14 @@ def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold
     def one(p, b, c, key):
         return b + rule.merge(p, LayerContext(c, key, threshold, hparams))
 
-    merged = jax.vmap(one)(prepared, base, coefficients, keys)
-    return merged, _finite_rows(merged, 1)
+    return jax.vmap(one)(prepared, base, coefficients, keys)
+
+
+@jax.jit
+def finite_flags(outputs: tuple) -> Array:
+    """(L,) whether each output is free of Inf/NaN. A program of its own: inside the merge's program XLA
+    would recompute the merge for the check instead of reading its result once."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in outputs])
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs"))
@@ -88,20 +94,35 @@ def prepare_group(rule: LayerRule, layout: Layout, base: tuple, models: tuple, *
 
 @functools.partial(jax.jit, static_argnames=("rule", "layout"))
 def merge_layers_jit(rule: LayerRule, layout: Layout, prepared, base, coefficients, keys, threshold, hparams):
-    """Merged members (a tuple in their stored layout and dtype) and output finite flags (L,)."""
-    merged, finite = _merge_layers(rule, prepared, base, coefficients, keys, threshold, hparams)
-    return unstack_outputs(layout, merged), finite
+    """Merged members (a tuple in their stored layout and dtype); check them with `finite_flags`."""
+    return unstack_outputs(layout, _merge_layers(rule, prepared, base, coefficients, keys, threshold, hparams))
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs"))
 def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
                *, check_inputs: bool = True):
-    """prepare then merge in one program (methods with no group-level step between the two): an
-    elementwise merge is one fused pass over the inputs. Returns (members, output flags, input flags)."""
-    b, m = stack_inputs(layout, base, models, layout.compute)
-    b, m, finite_in = _sanitize(b, m, check_inputs)
-    merged, finite = _merge_layers(rule, _prepare_layers(rule, b, m), b, coefficients, keys, threshold, hparams)
-    return unstack_outputs(layout, merged), finite, finite_in
+    """Merge the members of a rule that prepares nothing (the elementwise family, TIES, DARE) in one
+    program, straight from their stored arrays. Returns (members, input flags (L, K + 1) or None).
+
+    Each member is merged on its own (L is static: the program has one fused kernel per member, no
+    loop): the K inputs of a member are stacked and sliced back by the task sums, which XLA folds away,
+    so an elementwise merge reads each input once and writes each output once. (Stacking the members on a
+    layer axis first, as the vmapped programs do, would make XLA write the whole (L, K, ...) stack.)
+    """
+    merged, flags = [], []
+    for r, transposed in enumerate(layout.transposed):
+        b = _canonical(base[r], transposed, layout.compute)
+        ms = [_canonical(x, transposed, layout.compute) for x in models[r]]
+        if check_inputs:
+            flags.append(jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms]))
+            b, ms = (jnp.where(jnp.isfinite(x), x, 0.0) for x in [b]), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
+            b = next(b)
+        # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
+        deltas = jnp.stack([x - b for x in ms])
+        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold, hparams))
+        merged.append((b + delta).T if transposed else b + delta)
+    outputs = tuple(x.astype(d) for x, d in zip(merged, layout.dtypes))
+    return outputs, (jnp.stack(flags) if check_inputs else None)
 
 
 # -- the first design's one-shot transforms (a `MergeMethod` of `MergeTransform`s) ----------------------
@@ -136,5 +157,5 @@ def is_traced(*values: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
-__all__ = ["Layout", "is_traced", "merge_layers", "merge_layers_jit", "merge_once", "merge_transform_jit",
+__all__ = ["Layout", "finite_flags", "is_traced", "merge_layers", "merge_layers_jit", "merge_once", "merge_transform_jit",
            "prepare_group", "stack_inputs", "unstack_outputs"]

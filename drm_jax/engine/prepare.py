@@ -31,7 +31,7 @@ import numpy as np
 
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine import shard
-from drm_jax.engine.compiled import Layout, is_traced, merge_layers_jit, merge_once, prepare_group
+from drm_jax.engine.compiled import Layout, finite_flags, is_traced, merge_layers_jit, merge_once, prepare_group
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
 from drm_jax.errors import MergeInputError
@@ -104,6 +104,12 @@ class Chunk:
     state: Any = None
     layer_rows: Any = None  # positions of the members in Prepared.layer_names
     length: int = 0  # the padded length of a chunk split over a mesh
+
+
+def to_device(x):
+    """A host array as a device array: zero-copy on CPU where numpy's buffer is 64-byte aligned, one copy
+    otherwise (device_put copies several times faster than the implicit conversion of a jit argument)."""
+    return jax.device_put(x) if isinstance(x, np.ndarray) else x
 
 
 def raise_non_finite_inputs(finite: np.ndarray, names: Sequence[str]) -> None:
@@ -225,8 +231,9 @@ class Prepared:
         return self.rules.linear if chunk.group.role == "linear" else self.rules.other
 
     def _inputs(self, chunk: Chunk):
-        base = tuple(self._source.get_base(i) for i in chunk.members)
-        models = tuple(tuple(self._source.get_model(t, i) for t in range(self.num_models)) for i in chunk.members)
+        base = tuple(to_device(self._source.get_base(i)) for i in chunk.members)
+        models = tuple(tuple(to_device(self._source.get_model(t, i)) for t in range(self.num_models))
+                       for i in chunk.members)
         return base, models
 
     def _prepare_chunk(self, c: Chunk) -> None:
@@ -289,15 +296,15 @@ class Prepared:
                 merged = [(x.T if c.layout.transposed[r] else x).astype(c.layout.dtypes[r]) for r, x in owned]
                 finite_in = None
             elif self.fused:
-                merged, finite, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
-                                                       hparams, check_inputs=not self.rules.linear_combination)
+                merged, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
+                                               hparams, check_inputs=not self.rules.linear_combination)
             else:
-                merged, finite = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams)
+                merged = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams)
                 finite_in = None
             if not traced_mode:
                 if finite_in is not None:
                     raise_non_finite_inputs(np.asarray(finite_in), names)
-                finite = np.asarray(finite)
+                finite = np.asarray(finite if self.mesh is not None else finite_flags(tuple(merged)))
                 if not finite.all():
                     self._locate_non_finite_input(c, names)
                     raise_non_finite_outputs(finite, names)

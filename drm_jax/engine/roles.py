@@ -62,7 +62,7 @@ class RoleRules:
     include: patterns a 2-D weight must match to go through DRM (default: every 2-D weight).
     exclude: patterns that keep a 2-D weight out of DRM (default: `DEFAULT_EXCLUDE`); such leaves take
       the other path. Pass [] to send embeddings through DRM too.
-    ignore: patterns whose leaves keep their base value (SPEC's ignore list).
+    ignore: patterns whose leaves keep their base value (docs/methods.md#leaf-roles).
     layout: "torch" (2-D weights are (out, in)), "flax" (2-D kernels are (in, out)), or a callable
       (name, shape) -> True where the stored weight is (in, out) (e.g. GPT-2's Conv1D).
     """

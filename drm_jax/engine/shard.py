@@ -17,6 +17,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -111,7 +112,8 @@ def sharded_rule_merge_fn(mesh: Mesh, rule, with_threshold: bool):
     spec = layer_spec(mesh)
 
     def local(prepared, base, coefficients, keys, hparams, *threshold):
-        return _merge_layers(rule, prepared, base, coefficients, keys, threshold[0] if threshold else None, hparams)
+        merged = _merge_layers(rule, prepared, base, coefficients, keys, threshold[0] if threshold else None, hparams)
+        return merged, jnp.all(jnp.isfinite(merged), axis=tuple(range(1, merged.ndim)))
 
     extra = (P(),) if with_threshold else ()
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()) + extra,

@@ -2,7 +2,7 @@
 
 DRM-H (arXiv 2505.23117) concatenates the deltas side by side, M = [D_1 | ... | D_K] of shape (n, K*m),
 and takes a thin SVD M = U S Vh. Task t's block of Vh is V_t (q, m), and its coordinates in the shared
-output-space basis U are P_t = U^T D_t = diag(S) V_t. DRM-V is DRM-H on the transposed deltas (SPEC:
+output-space basis U are P_t = U^T D_t = diag(S) V_t. DRM-V is DRM-H on the transposed deltas (docs/methods.md#drm-v:
 the two directions are each other's transpose), so only the horizontal form is written here.
 
 Everything downstream needs only U, S and the coordinates P_t, which lets the decomposition pick the
@@ -154,11 +154,11 @@ def stack_horizontal(deltas: Float[Array, "K n m"]) -> Float[Array, "n Km"]:
 def joint_space(
     deltas: Float[Array, "K n m"], rank_rtol: float = 0.01, route: Route = "auto"
 ) -> JointSpace:
-    """Shared output-space basis of K deltas (DRM-H steps 1-3 of SPEC).
+    """Shared output-space basis of K deltas (docs/methods.md#drm-h, steps 1-3).
 
     Args:
       deltas: task deltas D_t, shape (K, n, m), in the (out, in) orientation.
-      rank_rtol: keep singular triplets with S_j > rank_rtol * max(S) (default 0.01, SPEC's 1% cut).
+      rank_rtol: keep singular triplets with S_j > rank_rtol * max(S) (default 0.01, the 1% cut of docs/methods.md#drm-h).
       route: decomposition route, see the module docstring.
 
     Returns:
@@ -174,7 +174,7 @@ def joint_space(
 
 
 def recompose(basis: Float[Array, "n q"], merged: Float[Array, "q m"]) -> Float[Array, "n m"]:
-    """delta = U @ X_merged (SPEC step 9)."""
+    """delta = U @ X_merged (docs/methods.md#drm-h step 9)."""
     return _mm(basis, merged)
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from drm_jax.math.state import MergeState, MergeTransform
+from drm_jax.math.state import MergeState, MergeTransform, task_sum
 
 Tie = Literal["majority", "positive"]
 
@@ -15,10 +15,10 @@ Tie = Literal["majority", "positive"]
 def elected_sign(values: Float[Array, "K ..."], tie: Tie = "majority") -> Float[Array, "..."]:
     """Per entry, the sign of the summed mass over the K tasks.
 
-    tie: what an entry whose sum is exactly 0 gets. "majority" (TIES and DRM reference, SPEC step 7): the
+    tie: what an entry whose sum is exactly 0 gets. "majority" (TIES and DRM reference, docs/methods.md#drm-h step 7): the
       sign of the sum of the elected signs over all entries. "positive" (mergekit): +1.
     """
-    s = jnp.sign(jnp.sum(values, axis=0))
+    s = jnp.sign(task_sum(values))
     if tie == "majority":
         return jnp.where(s == 0, jnp.sign(jnp.sum(s)), s)
     if tie == "positive":

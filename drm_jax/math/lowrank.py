@@ -2,7 +2,7 @@
 
 A PEFT LoRA delta is D_t = s_t B_t A_t (B_t: (n, r), A_t: (r, m), s_t = lora_alpha / r or as given).
 DRM-H's stack M = [D_1 | ... | D_K] (n, K m) factors as Bc Ab with Bc = [B_1 ... B_K] (n, K r) and
-Ab = blockdiag(s_1 A_1, ..., s_K A_K) (K r, K m) (SPEC, LoRA paragraph). With Bc = Q_1 R_1 and
+Ab = blockdiag(s_1 A_1, ..., s_K A_K) (K r, K m) (docs/methods.md#drm-lora). With Bc = Q_1 R_1 and
 Ab^T = Q_2 R_2 (block diagonal: one QR of s_t A_t^T per task), M = Q_1 (R_1 R_2^T) Q_2^T, and the SVD of
 the small core W S Z^T gives M's thin SVD U = Q_1 W, S, Vh = (Q_2 Z)^T at cost O((n + K m)(K r)^2), with
 no n x m matrix formed. DRM-V's vertical stack is DRM-H's on the transposed deltas s_t A_t^T B_t^T, i.e.
@@ -55,7 +55,7 @@ def joint_space_lora(
       direction: "horizontal" (DRM-H: M = [D_1 | ... | D_K], (n, K m)) or "vertical" (DRM-V: the vertical
         stack (K n, m), returned as `drm_jax.math.space.joint_space("vertical")` works on it: the horizontal
         form of the transposed deltas, so n and m swap below).
-      rank_rtol: the rank cut of `JointSpace.valid`, S_j > rank_rtol * max(S) (default 0.01, SPEC's 1%).
+      rank_rtol: the rank cut of `JointSpace.valid`, S_j > rank_rtol * max(S) (default 0.01, the 1% of docs/methods.md#drm-h).
 
     Returns:
       JointSpace as `drm_jax.math.decompose.joint_space` returns for the dense stack: basis U (n, q),

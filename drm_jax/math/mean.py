@@ -7,16 +7,16 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, task_sum
 
 # mergekit's guard for a vanishing sum of weights.
 _TINY_WEIGHT = 1e-8
 
 
 def disjoint_mean_of(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
-    """sum_t X_t / max(1, count_t(X_t != 0)) (TIES; SPEC step 8)."""
-    count = jnp.sum(values != 0, axis=0)
-    return jnp.sum(values, axis=0) / jnp.maximum(count, 1).astype(values.dtype)
+    """sum_t X_t / max(1, count_t(X_t != 0)) (TIES; docs/methods.md#drm-h step 8)."""
+    count = task_sum((values != 0).astype(values.dtype))
+    return task_sum(values) / jnp.maximum(count, 1)
 
 
 def scale_by_coefficients() -> MergeTransform:
@@ -31,7 +31,7 @@ def scale_by_coefficients() -> MergeTransform:
 def disjoint_mean(weighting: Literal["count", "coefficients"] = "count") -> MergeTransform:
     """Mean over the tasks that kept an entry.
 
-    weighting: "count" divides by the number of non-zero task values (SPEC, TIES paper). "coefficients"
+    weighting: "count" divides by the number of non-zero task values (docs/methods.md#ties-model, the TIES paper). "coefficients"
       divides by the sum of the coefficients of those tasks, 1 where that sum is 0 (mergekit's `ties`
       with `normalize: true`, applied after `scale_by_coefficients`).
     """
@@ -42,9 +42,9 @@ def disjoint_mean(weighting: Literal["count", "coefficients"] = "count") -> Merg
         if weighting == "count":
             return state.replace(merged=disjoint_mean_of(state.values))
         kept = (state.values != 0).astype(state.values.dtype)
-        divisor = jnp.sum(kept * broadcast_tasks(state.coefficients, kept), axis=0)
+        divisor = task_sum(kept, state.coefficients)
         divisor = jnp.where(divisor == 0, 1.0, divisor)
-        return state.replace(merged=jnp.sum(state.values, axis=0) / divisor)
+        return state.replace(merged=task_sum(state.values) / divisor)
 
     return apply
 
@@ -53,7 +53,7 @@ def sum_tasks() -> MergeTransform:
     """merged = sum_t X_t (task arithmetic, after `scale_by_coefficients`)."""
 
     def apply(state: MergeState) -> MergeState:
-        return state.replace(merged=jnp.sum(state.values, axis=0))
+        return state.replace(merged=task_sum(state.values))
 
     return apply
 
@@ -62,7 +62,7 @@ def mean_tasks() -> MergeTransform:
     """merged = mean_t X_t (plain mean)."""
 
     def apply(state: MergeState) -> MergeState:
-        return state.replace(merged=jnp.mean(state.values, axis=0))
+        return state.replace(merged=task_sum(state.values) / state.values.shape[0])
 
     return apply
 
@@ -74,7 +74,7 @@ def weighted_mean() -> MergeTransform:
         c = state.coefficients
         total = jnp.sum(c)
         total = jnp.where(jnp.abs(total) < _TINY_WEIGHT, 1.0, total)
-        return state.replace(merged=jnp.sum(state.values * broadcast_tasks(c, state.values), axis=0) / total)
+        return state.replace(merged=task_sum(state.values, c) / total)
 
     return apply
 

@@ -1,4 +1,4 @@
-"""Stages that enter and leave DRM's joint space, and renormalization (SPEC, DRM steps 1-4 and 9)."""
+"""Stages that enter and leave DRM's joint space, and renormalization (docs/methods.md#drm-h, steps 1-4 and 9)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def check_direction(direction: str) -> str:
 
 
 def horizontal_view(deltas: Float[Array, "K n m"], direction: str, stage: str) -> tuple[Array, bool]:
-    """Deltas as the horizontal form works on them: transposed for DRM-V (SPEC: V on W is H on W^T)."""
+    """Deltas as the horizontal form works on them: transposed for DRM-V (docs/methods.md#drm-v: V on W is H on W^T)."""
     if deltas.ndim != 3:
         raise ValueError(f"{stage} needs deltas of shape (K, n, m), got {deltas.shape}")
     transposed = direction == "vertical"
@@ -37,7 +37,7 @@ def joint_space(
     horizontal: M = [D_1 | ... | D_K] (n, K m); shared output-space basis U (n, q); values become the
       coordinates P_t = U^T D_t, shape (K, q, m).
     vertical: M = [D_1; ...; D_K] (K n, m); shared input-space basis. Computed as the horizontal form of
-      the transposed deltas (SPEC: DRM-V on W is DRM-H on W^T, transposed), so values are (K, q, n).
+      the transposed deltas (docs/methods.md#drm-v: DRM-V on W is DRM-H on W^T, transposed), so values are (K, q, n).
 
     Rows past the rank cut (S_j <= rank_rtol * max S) are zeroed and marked invalid; they take no part in
     pruning counts. `row_scale` is set to S_j, so pruning sees the entries of Vh unless `renormalize`

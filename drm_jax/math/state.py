@@ -26,7 +26,7 @@ class MergeState:
     """Per-layer state of a merge.
 
     values: (K, ...) per-task values: deltas in weight space, coordinates (K, q, m) in a joint space.
-    coefficients: (K,) per-task coefficients lambda_t (SPEC; default 1).
+    coefficients: (K,) per-task coefficients lambda_t (docs/methods.md#conventions; default 1).
     key: PRNG key (for DARE's random drop), or None.
     threshold: (K,) externally computed per-task magnitude thresholds (TIES' whole-model trim), or None.
     row_scale: (K, q) divisor turning |coordinates| into the magnitudes pruning compares: S_j (entries of
@@ -134,10 +134,21 @@ def hyper(state: MergeState, fixed, name: str):
     return state.hparams[name]
 
 
+def task_sum(values: Array, weights: Array | None = None) -> Array:
+    """sum_t w_t values[t] over the leading task axis, written as K - 1 additions of slices.
+
+    Same value as jnp.sum(values, axis=0) (summed in task order); written out because XLA then fuses the
+    whole merge into one elementwise pass over the inputs, where a reduction over the stacked task axis
+    makes it materialize the stack first (K is static and small).
+    """
+    terms = [values[t] if weights is None else values[t] * weights[t] for t in range(values.shape[0])]
+    return functools.reduce(lambda a, b: a + b, terms)
+
+
 def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
     """(K,) -> (K, 1, ..., 1) to broadcast against `like` of shape (K, ...)."""
     return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 __all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state",
-           "merge_deltas", "merged_of"]
+           "merge_deltas", "merged_of", "task_sum"]

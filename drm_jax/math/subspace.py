@@ -3,7 +3,7 @@
 All three work on one layer's K task deltas D_t, shape (K, n, m), in the (out, in) orientation
 (r = min(n, m)), and return the merged delta (n, m). K, n and m are static; `alpha` may be a traced
 scalar, so the functions run under `jit` and `vmap` (a leading layer axis). Matmuls use HIGHEST precision.
-The formulas are SPEC's section "The subspace family beside DRM", as fusion-bench 0.2.33 and the authors'
+The formulas are docs/methods.md#subspace-family, as fusion-bench 0.2.33 and the authors'
 code compute them:
 
 * TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",

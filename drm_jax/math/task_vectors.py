@@ -1,4 +1,4 @@
-"""Task vectors: delta_t = W_t - W_base (SPEC)."""
+"""Task vectors: delta_t = W_t - W_base (docs/methods.md#task-vectors)."""
 
 from __future__ import annotations
 

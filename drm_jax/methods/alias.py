@@ -21,7 +21,7 @@ def _identity(state):
 
 
 def ties_like(density: float | None = None) -> MergeTransform:
-    """SPEC's path for leaves that are not DRM linear weights (biases, norms, embeddings, N-D).
+    """The path (docs/methods.md#other-leaves) of leaves that are not DRM linear weights (biases, norms, embeddings, N-D).
 
     Optional magnitude trim per task (default none), sign election by mass (majority tie rule),
     lambda_t, disjoint mean.
@@ -48,7 +48,7 @@ def drm(
       rank_rtol: rank cut, keep singular triplets with S_j > rank_rtol * max(S) (default 0.01).
       renormalize: renormalize each task's block of singular vectors (default True; False is the
         KnOTS-TIES ablation).
-      prune_scope: "joint" (SPEC: all tasks ranked together) or "per_task" (the paper's other ablation).
+      prune_scope: "joint" (docs/methods.md#drm: all tasks ranked together) or "per_task" (the paper's other ablation).
       svd_route: "auto", "dense", "gram" or "qr" (see `drm_jax.math.decompose`).
       nonlinear_density: optional magnitude trim density for non-linear leaves (default: no trim).
     """
@@ -72,7 +72,7 @@ def knots_ties(
     svd_route: decompose.Route = "auto",
     nonlinear_density: float | None = None,
 ) -> MergeMethod:
-    """KnOTS-TIES (Stoica et al., arXiv 2410.19735): DRM-H without renormalization (SPEC)."""
+    """KnOTS-TIES (Stoica et al., arXiv 2410.19735): DRM-H without renormalization (docs/methods.md#knots-ties)."""
     return drm(direction, drop_rate, rank_rtol, renormalize=False, svd_route=svd_route,
                nonlinear_density=nonlinear_density)
 

@@ -98,6 +98,21 @@ def merge_layers_jit(rule: LayerRule, layout: Layout, prepared, base, coefficien
     return unstack_outputs(layout, _merge_layers(rule, prepared, base, coefficients, keys, threshold, hparams))
 
 
+@functools.partial(jax.jit, static_argnames=("rule",))
+def merge_deltas_jit(rule: LayerRule, prepared, coefficients, keys, threshold, hparams):
+    """The merged deltas (L, ...) of a prepared chunk, in (out, in) orientation and the compute dtype."""
+    def one(p, c, key):
+        return rule.merge(p, LayerContext(c, key, threshold, hparams))
+
+    return jax.vmap(one)(prepared, coefficients, keys)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def combine_jit(layout: Layout, base, deltas, scale):
+    """base + scale * delta per member, in its stored layout and dtype (the last stage of `merge`)."""
+    return unstack_outputs(layout, base + jnp.asarray(scale, deltas.dtype) * deltas)
+
+
 @functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs"))
 def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
                *, check_inputs: bool = True):
@@ -157,5 +172,5 @@ def is_traced(*values: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
-__all__ = ["Layout", "finite_flags", "is_traced", "merge_layers", "merge_layers_jit", "merge_once", "merge_transform_jit",
+__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "merge_layers", "merge_layers_jit", "merge_once", "merge_transform_jit",
            "prepare_group", "stack_inputs", "unstack_outputs"]

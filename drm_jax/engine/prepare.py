@@ -31,7 +31,8 @@ import numpy as np
 
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine import shard
-from drm_jax.engine.compiled import Layout, finite_flags, is_traced, merge_layers_jit, merge_once, prepare_group
+from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_traced, merge_deltas_jit, merge_layers_jit,
+                                     merge_once, prepare_group)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
 from drm_jax.errors import MergeInputError
@@ -104,6 +105,17 @@ class Chunk:
     state: Any = None
     layer_rows: Any = None  # positions of the members in Prepared.layer_names
     length: int = 0  # the padded length of a chunk split over a mesh
+    delta: Any = None  # the unscaled merged delta of the last numbers (see Prepared._merge_cached)
+    delta_key: Any = None
+
+
+def _hashable(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    array = np.asarray(value)
+    return (array.shape, array.dtype.str, array.tobytes())
 
 
 def to_device(x):
@@ -298,6 +310,9 @@ class Prepared:
             elif self.fused:
                 merged, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
                                                hparams, check_inputs=not self.rules.linear_combination)
+            elif self.rules.scaled_by is not None and self.store and not traced_mode:
+                merged = self._merge_cached(c, rule, values, coeffs, rows, threshold, hparams)
+                finite_in = None
             else:
                 merged = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams)
                 finite_in = None
@@ -314,6 +329,18 @@ class Prepared:
                 c.base = c.state = None
             if on_chunk is not None:
                 on_chunk(c.group, len(c.members))
+
+    def _merge_cached(self, c: Chunk, rule, values: dict, coeffs, rows, threshold, hparams):
+        """A method whose last stage multiplies by a global scale (`Rules.scaled_by`): the unscaled merged
+        delta of the last numbers is kept per chunk, so a sweep over the scale alone (lambda after a drop
+        rate) is one elementwise pass per merge instead of pruning, election and recomposition again."""
+        scale_name = self.rules.scaled_by
+        key = (tuple(sorted((n, _hashable(v)) for n, v in values.items() if n != scale_name)), _hashable(coeffs))
+        if c.delta_key != key:
+            c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold,
+                                       {**hparams, scale_name: jnp.ones_like(hparams[scale_name])})
+            c.delta_key = key
+        return combine_jit(c.layout, c.base, c.delta, hparams[scale_name])
 
     def _locate_non_finite_input(self, chunk: Chunk, names: Sequence[str]) -> None:
         base, models = self._inputs(chunk)

@@ -169,6 +169,8 @@ class Rules(NamedTuple):
     exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
     linear_combination: the merge is a linear combination of the inputs (a non-finite input always
       makes a non-finite output, so the engine checks the outputs only).
+    scaled_by: the traced parameter both rules multiply the merged delta by as their last stage (the
+      engine may then keep the unscaled delta across a sweep of that parameter alone), else None.
     """
 
     linear: LayerRule
@@ -176,6 +178,7 @@ class Rules(NamedTuple):
     whole_model_density: str | None = None
     exact_if_blocked: frozenset[str] = frozenset()
     linear_combination: bool = False
+    scaled_by: str | None = None
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def build(static: dict) -> Rules:
 
     linear = LayerRule(prepare=prepare, merge=merge, shrink=shrink, x64=x64)
     return Rules(linear=linear, other=chain_rule(chain(ties_like(static["nonlinear_density"]), scale())),
-                 exact_if_blocked=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}))
+                 exact_if_blocked=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
+                 scaled_by="lambda_")  # both chains end with scale()
 
 
 def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:

@@ -11,7 +11,7 @@ from flax.core import freeze
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.engine.compiled import merge_layers_jit
+from drm_jax.engine.compiled import merge_deltas_jit
 from drm_jax.errors import MergeInputError
 
 METHODS = sorted(drm_jax.methods.METHODS)
@@ -216,9 +216,9 @@ def test_same_shaped_layers_compile_once_per_group():
     jax.clear_caches()
     drm_jax.merge(base, models, method="drm")
     # 4 groups (q, up, down: DRM; norm: other) -> 4 programs, not 48
-    assert merge_layers_jit._cache_size() == 4
+    assert merge_deltas_jit._cache_size() == 4
     drm_jax.merge(base, models, method="drm")  # a second merge reuses them
-    assert merge_layers_jit._cache_size() == 4
+    assert merge_deltas_jit._cache_size() == 4
 
 
 def test_chunked_groups_equal_one_stacked_call():

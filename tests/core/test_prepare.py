@@ -274,3 +274,23 @@ def test_drm_jax_methods_lists_every_method_and_refuses_an_unknown_one(capsys):
         assert spec.paper.split(",")[-1].strip() in out
     assert main(["methods", "nope"]) == 2
     assert "unknown merge method 'nope'" in capsys.readouterr().err
+
+
+def test_a_lambda_sweep_after_a_drop_rate_reuses_the_unscaled_delta():
+    base, models = layered_trees(11)
+    prepared = drm_jax.prepare(base, models, method="drm")
+    first = prepared.merge(drop_rate=0.6, lambda_=1.0)
+    for lam in (0.5, 2.0):
+        scaled = prepared.merge(drop_rate=0.6, lambda_=lam)
+        fresh = drm_jax.merge(base, models, method="drm", drop_rate=0.6, lambda_=lam)
+        for n in base:
+            np.testing.assert_array_equal(np.asarray(scaled[n]), np.asarray(fresh[n]))
+            delta = np.asarray(first[n], np.float64) - base[n]
+            assert ref.relative_error(np.asarray(scaled[n], np.float64) - base[n], lam * delta) < 1e-5
+    # another drop rate (or coefficients) is merged anew, not scaled from the kept delta
+    other = prepared.merge(drop_rate=0.9, lambda_=2.0)
+    fresh = drm_jax.merge(base, models, method="drm", drop_rate=0.9, lambda_=2.0)
+    for n in base:
+        np.testing.assert_array_equal(np.asarray(other[n]), np.asarray(fresh[n]))
+    again = prepared.merge(drop_rate=0.9, lambda_=2.0, coefficients=[1.0, 0.0, 0.0])
+    assert not np.allclose(np.asarray(again["layers.0.w"]), np.asarray(other["layers.0.w"]))

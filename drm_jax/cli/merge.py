@@ -152,14 +152,6 @@ def build_mesh(devices: list):
 
 
 # -- output ----------------------------------------------------------------------------------------------
-def _inside(path: Path, other: Path) -> bool:
-    try:
-        path.relative_to(other)
-        return True
-    except ValueError:
-        return False
-
-
 def check_output(out_dir: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse an output that would clobber data: non-empty without --force, or overlapping an input
     (models, adapters, the config file: resolved, links followed, in both directions)."""
@@ -211,7 +203,7 @@ def finish_directory(directory: Path, config_dir: Path | None, tokenizer_dir: Pa
     if dtype_name is not None and config_path.is_file():
         try:
             model_config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return  # not ours to repair: it was copied as it is
         if isinstance(model_config, dict):
             keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]

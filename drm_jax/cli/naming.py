@@ -11,7 +11,6 @@ Hugging Face names, and DRM must see their (out, in) transpose.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from drm_jax.errors import CheckpointError
 from drm_jax.io import architectures as arch_lib
+from drm_jax.io.base import read_json
 
 
 def read_model_config(reader: Any) -> dict | None:
@@ -29,10 +29,7 @@ def read_model_config(reader: Any) -> dict | None:
     path = Path(directory) / "config.json"
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read the model config: {err}") from None
+    config = read_json(path, "the model config")  # one line naming the file, deep nesting included
     return config if isinstance(config, dict) else None
 
 

@@ -136,4 +136,19 @@ def dare_ties(drop_rate: float = 0.9, seed: int = 0, rescale: bool = True, norma
     return MergeMethod(linear=transform, other=transform, random=True)
 
 
-__all__ = ["dare_linear", "dare_ties", "drm", "knots_ties", "linear", "task_arithmetic", "ties", "ties_like"]
+def subspace_method(name: str):
+    """TSV-M, Iso-C or Iso-CTS as a `MergeMethod` with a fixed alpha (docs/methods.md#subspace-family):
+    coefficients scale each task's delta, 2-D weights take the method, other leaves the task mean."""
+    from drm_jax.math import subspace
+    from drm_jax.math.mean import mean_tasks
+
+    def build(alpha: float = 1.0, common_fraction: float = 0.8) -> MergeMethod:
+        stage = {"tsv_m": lambda: subspace.tsv_m_stage(alpha), "iso_c": lambda: subspace.iso_c_stage(alpha),
+                 "iso_cts": lambda: subspace.iso_cts_stage(alpha, common_fraction)}[name]()
+        return MergeMethod(linear=chain(scale_by_coefficients(), stage),
+                           other=chain(scale_by_coefficients(), mean_tasks(), scale(alpha)))
+
+    return build
+
+
+__all__ = ["subspace_method", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "task_arithmetic", "ties", "ties_like"]

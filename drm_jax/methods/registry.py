@@ -16,10 +16,11 @@ from drm_jax.methods.base import MethodSpec, UnknownParameter
 from drm_jax.methods.dare import DARE_LINEAR, DARE_TIES
 from drm_jax.methods.drm import DRM, KNOTS_TIES
 from drm_jax.methods.linear import LINEAR, TASK_ARITHMETIC
+from drm_jax.methods.subspace import ISO_C, TSV_M
 from drm_jax.methods.ties import TIES
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES,
+    DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES, TSV_M, ISO_C,
 )}
 
 
@@ -61,6 +62,8 @@ _LEGACY = {
     "drm": alias.drm, "knots_ties": alias.knots_ties, "ties": alias.ties,
     "task_arithmetic": alias.task_arithmetic, "linear": alias.linear,
     "dare_linear": alias.dare_linear, "dare_ties": alias.dare_ties,
+    "tsv_m": alias.subspace_method("tsv_m"), "iso_c": alias.subspace_method("iso_c"),
+    # iso_cts waits for a polar decomposition whose gradient is finite at repeated singular values
 }
 
 

@@ -75,7 +75,8 @@ def test_prepare_then_merge_equals_merge(method):
     base, models = layered_trees(3)
     values = {"drm": {"drop_rate": 0.7, "lambda_": 1.3}, "knots_ties": {"drop_rate": 0.6},
               "ties": {"density": 0.4, "lambda_": 0.8}, "task_arithmetic": {"lambda_": 0.4},
-              "linear": {}, "dare_linear": {"drop_rate": 0.5}, "dare_ties": {"drop_rate": 0.3}}[method]
+              "linear": {}, "dare_linear": {"drop_rate": 0.5}, "dare_ties": {"drop_rate": 0.3},
+              "tsv_m": {"alpha": 1.2}, "iso_c": {"alpha": 0.9}}[method]
     coefficients = [0.5, 1.0, 1.5]
     prepared = drm_jax.prepare(base, models, method=method)
     merged = drm_jax.merge(base, models, method=method, coefficients=coefficients, **values)
@@ -294,3 +295,21 @@ def test_a_lambda_sweep_after_a_drop_rate_reuses_the_unscaled_delta():
         np.testing.assert_array_equal(np.asarray(other[n]), np.asarray(fresh[n]))
     again = prepared.merge(drop_rate=0.9, lambda_=2.0, coefficients=[1.0, 0.0, 0.0])
     assert not np.allclose(np.asarray(again["layers.0.w"]), np.asarray(other["layers.0.w"]))
+
+
+@pytest.mark.parametrize("method, per_layer", [("tsv_m", "tsv_merge"), ("iso_c", "iso_c")])
+def test_subspace_methods_merge_linear_weights_by_their_layer_function(method, per_layer):
+    from drm_jax.math import subspace
+
+    base, models = layered_trees(12, layers=2)
+    coefficients = [0.5, 1.0, 2.0]
+    merged = drm_jax.merge(base, models, method=method, alpha=1.5, coefficients=coefficients)
+    c = np.asarray(coefficients, np.float32)[:, None, None]
+    for i in range(2):
+        w = f"layers.{i}.w"
+        deltas = np.stack([m[w] - base[w] for m in models]) * c
+        expected = base[w] + np.asarray(getattr(subspace, per_layer)(jnp.asarray(deltas), 1.5))
+        assert ref.relative_error(merged[w], expected) < 1e-5
+        n = f"layers.{i}.norm"  # other leaves: 1.5 times the mean of the scaled task deltas
+        other = base[n] + 1.5 * np.mean(np.stack([m[n] - base[n] for m in models]) * c[:, :, 0], axis=0)
+        assert ref.relative_error(merged[n], other) < 1e-5

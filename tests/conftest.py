@@ -13,3 +13,5 @@ if DEVICE_COUNT_FLAG not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_COUNT_FLAG}=8".strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `drm-jax merge` keeps compiled programs on disk between runs; tests compile afresh, in no shared folder
+os.environ.setdefault("DRM_JAX_CACHE_DIR", "off")

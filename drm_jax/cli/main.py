@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -53,6 +54,26 @@ def _on_signal(signum, frame) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _redeliver_unraisable(previous_hook):
+    """sys.unraisablehook that takes back our own interrupt where Python could not raise it.
+
+    A signal that arrives while Python runs a callback it cannot raise from (JAX's garbage-collection
+    callback, a finalizer) would be printed as "Exception ignored ..." with a traceback and lost, and the
+    merge would go on with signals ignored. Instead the handler is put back and the signal sent again: it
+    is raised at the next point where an exception can propagate."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, _on_signal)
+            os.kill(os.getpid(), signum)
+            return
+        previous_hook(unraisable)
+
+    return hook
+
+
 def _run(args: argparse.Namespace) -> int:
     from drm_jax.io.writer import abort_unfinished
 
@@ -86,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():
         return _run(args)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_unraisable(previous_hook)
     try:
         return _run(args)
     finally:
+        sys.unraisablehook = previous_hook
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -109,6 +109,29 @@ def return_freed_memory_to_the_os() -> None:
         pass
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled merge programs on disk between runs (JAX's persistent compilation cache), so a second
+    `drm-jax merge` of models of the same shapes compiles nothing. DRM_JAX_CACHE_DIR sets the folder
+    (default: $XDG_CACHE_HOME/drm_jax/xla or ~/.cache/drm_jax/xla); DRM_JAX_CACHE_DIR=off disables it.
+    Best effort: an unwritable folder only costs the compilations."""
+    import os
+
+    import jax
+
+    where = os.environ.get("DRM_JAX_CACHE_DIR")
+    if where == "off":
+        return
+    if where is None:
+        where = str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "drm_jax" / "xla")
+    try:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 # -- devices ---------------------------------------------------------------------------------------------
 def select_devices(kind: str | None, count: int | None = None) -> list:
     """The devices to compute on (count None: every local device of the kind); sets JAX's default device
@@ -252,6 +275,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 def run(args: argparse.Namespace) -> int:
     """Entry point of `drm-jax merge`; DrmJaxErrors propagate to `drm_jax.cli.main` (one line, exit 2)."""
     return_freed_memory_to_the_os()
+    enable_compilation_cache()
     config = load_config(args.config)
     recipe = build_recipe(config)
     # The config file is an input too: --force must never remove the folder holding it.

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from drm_jax.math.state import MergeTransform, merge_deltas
@@ -78,10 +79,15 @@ def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold
 
 
 @jax.jit
-def finite_flags(outputs: tuple) -> Array:
-    """(L,) whether each output is free of Inf/NaN. A program of its own: inside the merge's program XLA
-    would recompute the merge for the check instead of reading its result once."""
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in outputs])
+def _all_finite(x: Array) -> Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def finite_flags(outputs: tuple) -> np.ndarray:
+    """(L,) whether each output is free of Inf/NaN. Programs of their own (one per shape and dtype):
+    inside the merge's program XLA would recompute the merge for the check instead of reading its result."""
+    flags = [_all_finite(x) for x in outputs]  # dispatched together, then read
+    return np.array([bool(f) for f in flags])
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs"))

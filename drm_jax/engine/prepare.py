@@ -70,26 +70,28 @@ def _dtype_name(dtype) -> str:
 
 
 def coefficient_matrix(coefficients, k: int, num_layers: int):
-    """(num_layers, K) coefficients from None (ones), (K,) or (K, num_layers); traced values pass through."""
-    if coefficients is None:
-        return jnp.ones((num_layers, k))
+    """(num_layers, K) coefficients from None (ones), (K,) or (K, num_layers).
+
+    Concrete values stay on the host (numpy: no small device program per shape); traced ones pass through.
+    """
     if is_traced(coefficients):
         c = jnp.asarray(coefficients)
-    else:
-        c = np.asarray(coefficients, dtype=np.float64)
-        if c.ndim == 0 or c.shape[0] != k:
-            raise MergeInputError(f"{c.shape[0] if c.ndim else 'a scalar as'} coefficients given for {k} models")
-        if c.ndim == 2 and c.shape[1] != num_layers:
-            raise MergeInputError(f"per-layer coefficients of shape {c.shape}: expected ({k}, {num_layers}), one "
-                                  f"column per merged leaf (Prepared.layer_names)")
-        if c.ndim > 2:
-            raise MergeInputError(f"coefficients must have shape ({k},) or ({k}, {num_layers}), got {c.shape}")
-        if not np.all(np.isfinite(c)):
-            raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
-        c = jnp.asarray(c)  # float64 where jax_enable_x64 is on, else float32
-    if c.ndim == 1:
-        return jnp.broadcast_to(c[None, :], (num_layers, k))
-    return c.T
+        return jnp.broadcast_to(c[None, :], (num_layers, k)) if c.ndim == 1 else c.T
+    if coefficients is None:
+        return np.ones((num_layers, k), np.float32)
+    c = np.asarray(coefficients, dtype=np.float64)
+    if c.ndim == 0 or c.shape[0] != k:
+        raise MergeInputError(f"{c.shape[0] if c.ndim else 'a scalar as'} coefficients given for {k} models")
+    if c.ndim == 2 and c.shape[1] != num_layers:
+        raise MergeInputError(f"per-layer coefficients of shape {c.shape}: expected ({k}, {num_layers}), one "
+                              f"column per merged leaf (Prepared.layer_names)")
+    if c.ndim > 2:
+        raise MergeInputError(f"coefficients must have shape ({k},) or ({k}, {num_layers}), got {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
+    # float64 where jax_enable_x64 is on (the programs then see float64), else float32
+    c = c.astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
+    return np.broadcast_to(c[None, :], (num_layers, k)) if c.ndim == 1 else np.ascontiguousarray(c.T)
 
 
 @dataclass
@@ -455,7 +457,7 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_b
             layout = Layout(tuple(leaf_roles[i].transpose for i in members),
                             tuple(_dtype_name(dtypes[i]) for i in members),
                             compute_dtype(dtypes[members[0]]))
-            keys = jnp.stack([leaf_key(seed, names[i]) for i in members])
+            keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
             out.append(Chunk(group, list(members), layout, keys, length=length))
     return out
 

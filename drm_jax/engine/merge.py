@@ -20,11 +20,11 @@ import numpy as np
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.compiled import merge_transform_jit, stack_inputs, unstack_outputs
 from drm_jax.engine.prepare import (DEFAULT_GROUP_BYTES, Prepared, Source, _resolve, coefficient_matrix,
-                                    compute_dtype, leaf_key, plan_chunks, plan_roles, prepare,
+                                    compute_dtype, leaf_key, plan_chunks, plan_roles, plan_trees, prepare,
                                     raise_non_finite_inputs, raise_non_finite_outputs, rules_for,
                                     whole_model_thresholds)
 from drm_jax.engine.stack import Group
-from drm_jax.engine.tree import align_models, flatten, unflatten
+from drm_jax.engine.tree import unflatten
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod
 from drm_jax.methods.registry import get_method
@@ -159,17 +159,9 @@ def _merge_composed(base, models, method: MergeMethod, layout, coefficients, *, 
     """A `MergeMethod` of one-shot transforms: grouped, stacked and vmapped like the registry's methods."""
     if params:
         raise MergeInputError(f"parameters {sorted(params)} given with a custom MergeMethod")
-    models = list(models)
-    if not models:
-        raise MergeInputError("no models to merge")
-    flat = flatten(base)
-    model_leaves = align_models(flat, models)
-    shapes = [np.shape(x) for x in flat.leaves]
-    dtypes = [jnp.result_type(x) for x in flat.leaves]
-    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
-                                    layout=layout)
-    plan = plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed, max_group_bytes)
-    k = len(models)
+    flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
+                                          layout=layout, seed=seed, max_group_bytes=max_group_bytes)
+    k = len(model_leaves)
     coeff_rows = coefficient_matrix(coefficients, k, 1)[0]
     threshold = None
     if method.global_density is not None:

@@ -462,6 +462,22 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_b
     return out
 
 
+def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_group_bytes, mesh=None):
+    """Trees checked against each other, roles given and chunks planned: (flat base, model leaves in the
+    base's leaf order, chunks)."""
+    models = list(models)
+    if not models:
+        raise MergeInputError("no models to merge")
+    flat = flatten(base)
+    model_leaves = align_models(flat, models)
+    shapes = [np.shape(x) for x in flat.leaves]
+    dtypes = [jnp.result_type(x) for x in flat.leaves]
+    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
+                                    layout=layout)
+    return flat, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
+                                           max_group_bytes, mesh)
+
+
 def _resolve(method, params: dict, direction):
     if not isinstance(method, str):
         raise MergeInputError(f"method must be a registered name or a MergeMethod, got {type(method).__name__}")
@@ -494,19 +510,11 @@ def prepare(
     ones (`drop_rate`, `density`, `lambda_`, `rank_rtol`, `coefficients`) may be given here as defaults
     and changed at every `Prepared.merge`. `drm-jax methods` lists which is which.
     """
-    models = list(models)
-    if not models:
-        raise MergeInputError("no models to merge")
     spec, static, traced = _resolve(method, params, direction)
-    flat = flatten(base)
-    model_leaves = align_models(flat, models)
-    shapes = [np.shape(x) for x in flat.leaves]
-    dtypes = [jnp.result_type(x) for x in flat.leaves]
-    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
-                                    layout=layout)
     rules = rules_for(spec, static)
-    seed = static.get("seed", 0)
-    plan = plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed, max_group_bytes, mesh)
+    flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
+                                          layout=layout, seed=static.get("seed", 0),
+                                          max_group_bytes=max_group_bytes, mesh=mesh)
     source = Source(lambda i: flat.leaves[i], lambda t, i: model_leaves[t][i])
     return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=mesh)
 
@@ -523,4 +531,4 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
 
 
 __all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "streamed_thresholds", "coefficient_matrix", "leaf_key", "plan_chunks", "plan_roles",
-           "prepare", "rules_for", "run_prepare", "whole_model_thresholds", "compute_dtype"]
+           "plan_trees", "prepare", "rules_for", "run_prepare", "whole_model_thresholds", "compute_dtype"]

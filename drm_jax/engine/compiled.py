@@ -73,7 +73,7 @@ def _prepare_layers(rule: LayerRule, base, models):
 
 def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold, hparams):
     def one(p, b, c, key):
-        return b + rule.merge(p, LayerContext(c, key, threshold, hparams))
+        return b + rule.merge(p, LayerContext(c, key, threshold, hparams, b))
 
     return jax.vmap(one)(prepared, base, coefficients, keys)
 
@@ -105,12 +105,12 @@ def merge_layers_jit(rule: LayerRule, layout: Layout, prepared, base, coefficien
 
 
 @functools.partial(jax.jit, static_argnames=("rule",))
-def merge_deltas_jit(rule: LayerRule, prepared, coefficients, keys, threshold, hparams):
+def merge_deltas_jit(rule: LayerRule, prepared, coefficients, keys, threshold, hparams, base=None):
     """The merged deltas (L, ...) of a prepared chunk, in (out, in) orientation and the compute dtype."""
-    def one(p, c, key):
-        return rule.merge(p, LayerContext(c, key, threshold, hparams))
+    def one(p, c, key, b):
+        return rule.merge(p, LayerContext(c, key, threshold, hparams, b))
 
-    return jax.vmap(one)(prepared, coefficients, keys)
+    return jax.vmap(one, in_axes=(0, 0, 0, None if base is None else 0))(prepared, coefficients, keys, base)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -140,7 +140,7 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
             b = next(b)
         # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
         deltas = jnp.stack([x - b for x in ms])
-        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold, hparams))
+        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold, hparams, b))
         merged.append((b + delta).T if transposed else b + delta)
     outputs = tuple(x.astype(d) for x, d in zip(merged, layout.dtypes))
     return outputs, (jnp.stack(flags) if check_inputs else None)

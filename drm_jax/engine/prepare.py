@@ -340,7 +340,7 @@ class Prepared:
         key = (tuple(sorted((n, _hashable(v)) for n, v in values.items() if n != scale_name)), _hashable(coeffs))
         if c.delta_key != key:
             c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold,
-                                       {**hparams, scale_name: jnp.ones_like(hparams[scale_name])})
+                                       {**hparams, scale_name: jnp.ones_like(hparams[scale_name])}, c.base)
             c.delta_key = key
         return combine_jit(c.layout, c.base, c.delta, hparams[scale_name])
 

@@ -133,13 +133,16 @@ class LayerContext(NamedTuple):
 
     coefficients: (K,) lambda_t of this layer. key: PRNG key of this leaf. threshold: (K,) whole-model
     magnitude thresholds (TIES' model-scope trim) or None. hparams: the traced hyperparameters, a dict of
-    arrays shared by the layers of a group (see `MethodSpec.layer_hparams`).
+    arrays shared by the layers of a group (see `MethodSpec.layer_hparams`). base: the base model's
+    weights of this layer, (out, in) orientation and the compute dtype, for the methods that work on
+    weights rather than task vectors (slerp, model stock, ...): the model weights are base + delta_t.
     """
 
     coefficients: Any
     key: Any
     threshold: Any
     hparams: dict
+    base: Any = None
 
 
 class LayerRule(NamedTuple):

@@ -39,6 +39,8 @@ from typing import Callable
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from drm_jax.math import linalg
+from drm_jax.math.linalg import polar
 from drm_jax.math.state import MergeState, MergeTransform
 
 Scalar = float | Float[Array, ""]
@@ -46,24 +48,6 @@ Scalar = float | Float[Array, ""]
 
 def _mm(a, b):
     return jnp.matmul(a, b, precision="highest")
-
-
-def polar(a: Float[Array, "... n k"]) -> Float[Array, "... n k"]:
-    """The nearest matrix with orthonormal columns (rows if n < k): P Q^T for the thin SVD a = P Z Q^T.
-
-    Not QR or Gram-Schmidt (those depend on the column order). Unique for a of full rank. For a
-    rank-deficient a, the part on a's null space is whatever the SVD returns; for the block form
-    a = [A_1 | 0] with A_1 of full column rank, the first block is polar(A_1) all the same (the merges
-    below rely on this).
-
-    Args:
-      a: shape (..., n, k); leading axes are batch axes.
-
-    Returns:
-      shape (..., n, k).
-    """
-    p, _, qh = jnp.linalg.svd(a, full_matrices=False)
-    return _mm(p, qh)
 
 
 def _nonzero(s: Float[Array, "... j"], sigma_ref: Float[Array, "..."], shape: tuple[int, int]) -> Bool[Array, "... j"]:
@@ -80,10 +64,16 @@ def _isometry_product(u: Float[Array, "n r"], weights: Float[Array, " r"], v: Fl
     return _mm(pu * weights[None, :], pv.T)
 
 
-def _check_deltas(deltas: Array, method: str) -> tuple[int, int, int]:
+def _check_deltas(deltas: Array, method: str, shape: tuple[int, int] | None) -> tuple[int, int, int]:
+    """(K, n, m) of the deltas these stand for: their own shape, or `shape` (the factored path's cores)."""
     if deltas.ndim != 3:
         raise ValueError(f"{method} needs deltas of shape (K, n, m), got {deltas.shape}")
-    return deltas.shape
+    if shape is None:
+        return deltas.shape
+    n, m = (int(x) for x in shape)
+    if deltas.shape[1] > n or deltas.shape[2] > m:
+        raise ValueError(f"{method}: deltas {deltas.shape} do not fit in the shape {(n, m)} they stand for")
+    return deltas.shape[0], n, m
 
 
 def tsv_budget(rank: int, num_tasks: int) -> int:
@@ -95,7 +85,8 @@ def tsv_budget(rank: int, num_tasks: int) -> int:
     return int(rank * (1.0 / num_tasks))
 
 
-def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array, "n m"]:
+def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0,
+              shape: tuple[int, int] | None = None) -> Float[Array, "n m"]:
     """TSV-M (arXiv 2412.00081): merge K deltas through their orthogonalized task singular vectors.
 
     Each task's thin SVD D_t = U_t diag(s_t) V_t^T keeps its top k = int(r / K) triplets (equal budget;
@@ -106,6 +97,8 @@ def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array
     Args:
       deltas: D_t, shape (K, n, m), (out, in) orientation.
       alpha: global scale (default 1; the authors choose it on validation from 0.1..3.0). May be traced.
+      shape: the (n, m) the deltas stand for, where they are the cores Q1^T D_t Q2 of larger deltas
+        (`drm_jax.math.lowrank.lora_cores`): k and the zero tolerance follow it. Default: their own.
 
     Returns:
       the merged delta, shape (n, m).
@@ -115,19 +108,28 @@ def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array
     s_tj <= max(n, m) * eps * max_j s_tj are dropped (module docstring), so a task of rank below k
     contributes only its nonzero triplets; K = 1 still returns alpha * D. If k = 0 (K > r) the result is 0.
     Tasks whose kept directions are linearly dependent make polar(U) non-unique (module docstring).
+    Differentiable with finite derivatives, exact at repeated singular values inside the kept triplets
+    (`drm_jax.math.linalg.svd_middle`: diag(s) is the middle factor M).
     """
-    k_tasks, n, m = _check_deltas(deltas, "tsv_merge")
+    k_tasks, n, m = _check_deltas(deltas, "tsv_merge", shape)
     k = tsv_budget(min(n, m), k_tasks)
     if k == 0:
-        return jnp.zeros((n, m), deltas.dtype)
-    u, s, vh = jnp.linalg.svd(deltas, full_matrices=False)  # (K, n, r), (K, r), (K, r, m)
-    s = jnp.where(_nonzero(s, s[:, 0], (n, m)), s, 0.0)[:, :k]
-    u_cat = jnp.transpose(u[:, :, :k], (1, 0, 2)).reshape(n, k_tasks * k)
-    v_cat = jnp.transpose(vh[:, :k, :], (2, 0, 1)).reshape(m, k_tasks * k)
-    return alpha * _isometry_product(u_cat, s.reshape(-1), v_cat)
+        return jnp.zeros(deltas.shape[1:], deltas.dtype)
+    u, middle, vh = linalg.svd_middle(deltas)  # (K, n', r), (K, r, r), (K, r, m')
+    k = min(k, middle.shape[-1])
+    s = jnp.diagonal(middle, axis1=1, axis2=2)
+    keep = _nonzero(s, s[:, 0], (n, m))[:, :k].astype(deltas.dtype)  # (K, k)
+    middle = middle[:, :k, :k] * keep[:, :, None] * keep[:, None, :]
+    rows, cols = deltas.shape[1:]
+    pu = polar(jnp.transpose(u[:, :, :k] * keep[:, None, :], (1, 0, 2)).reshape(rows, k_tasks * k))
+    pv = polar(jnp.transpose(vh[:, :k, :] * keep[:, :, None], (2, 0, 1)).reshape(cols, k_tasks * k))
+    # polar(U) blockdiag(M_1 ... M_K) polar(V)^T, the blocks applied task by task
+    left = jnp.einsum("ntk,tkj->ntj", pu.reshape(rows, k_tasks, k), middle, precision="highest")
+    return alpha * _mm(left.reshape(rows, k_tasks * k), pv.T)
 
 
-def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array, "n m"]:
+def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0,
+          shape: tuple[int, int] | None = None) -> Float[Array, "n m"]:
     """Iso-C (arXiv 2502.04959): the summed delta with its spectrum flattened to the mean.
 
     D_TA = sum_t D_t = U diag(S) V^T; merged delta = alpha * mean(S) * U V^T, the mean over all
@@ -136,6 +138,7 @@ def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array, "n
     Args:
       deltas: D_t, shape (K, n, m), (out, in) orientation.
       alpha: global scale (default 1.0; fusion-bench's docs run 1.5). May be traced.
+      shape: the (n, m) the deltas stand for (see `tsv_merge`): r and the zero tolerance follow it.
 
     Returns:
       the merged delta, shape (n, m).
@@ -145,10 +148,10 @@ def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0) -> Float[Array, "n
     solver-independent part of the paper's formula); the mean is still over all r values, zeros included,
     as in the paper. D_TA = 0 gives 0.
     """
-    _, n, m = _check_deltas(deltas, "iso_c")
-    u, s, vh = jnp.linalg.svd(jnp.sum(deltas, axis=0), full_matrices=False)
+    _, n, m = _check_deltas(deltas, "iso_c", shape)
+    u, s, vh = linalg.svd(jnp.sum(deltas, axis=0))
     keep = _nonzero(s, s[0], (n, m)).astype(s.dtype)
-    return alpha * jnp.mean(s) * _mm(u * keep[None, :], vh)
+    return alpha * (jnp.sum(s) / min(n, m)) * _mm(u * keep[None, :], vh)
 
 
 def _check_common_fraction(common_fraction: float) -> None:
@@ -169,7 +172,8 @@ def iso_cts_sizes(rank: int, num_tasks: int, common_fraction: float) -> tuple[in
     return common, (rank - common) // num_tasks
 
 
-def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction: float = 0.8) -> Float[Array, "n m"]:
+def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction: float = 0.8,
+            shape: tuple[int, int] | None = None) -> Float[Array, "n m"]:
     """Iso-CTS (arXiv 2502.04959): isotropic merge in a common subspace plus task-specific subspaces.
 
     With r = min(n, m), c and p from `iso_cts_sizes` (c + K p = r): the common part is the top c triplets
@@ -183,6 +187,9 @@ def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction:
         must be transposed first.
       alpha: global scale (default 1.0). May be traced.
       common_fraction: f, static, in [0, 1] (default 0.8). p = 0 (e.g. f = 1) gives Iso-C.
+      shape: the (n, m) the deltas stand for (see `tsv_merge`): r, c, p, the mean and the zero tolerance
+        follow it (the cores have fewer than c or p triplets where c or p exceed their size: the missing
+        ones are the zeros of the larger deltas).
 
     Returns:
       the merged delta, shape (n, m).
@@ -194,19 +201,21 @@ def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction:
     nonzero columns are linearly dependent (low-rank deltas whose residuals overlap) the result is not
     unique (module docstring).
     """
-    k_tasks, n, m = _check_deltas(deltas, "iso_cts")
+    k_tasks, n, m = _check_deltas(deltas, "iso_cts", shape)
+    rows, cols = deltas.shape[1:]
     c, p = iso_cts_sizes(min(n, m), k_tasks, common_fraction)
-    u, s, vh = jnp.linalg.svd(jnp.sum(deltas, axis=0), full_matrices=False)
+    u, s, vh = linalg.svd(jnp.sum(deltas, axis=0))
     u_parts, s_parts, v_parts = [u[:, :c]], [s[:c]], [vh[:c].T]
     if p > 0:
         residual = deltas - _mm(u[:, :c], _mm(u[:, :c].T, deltas))
-        ut, st, vth = jnp.linalg.svd(residual, full_matrices=False)  # (K, n, r), (K, r), (K, r, m)
-        u_parts.append(jnp.transpose(ut[:, :, :p], (1, 0, 2)).reshape(n, k_tasks * p))
-        s_parts.append(st[:, :p].reshape(-1))
-        v_parts.append(jnp.transpose(vth[:, :p, :], (2, 0, 1)).reshape(m, k_tasks * p))
+        ut, st, vth = linalg.svd(residual)  # (K, n', r'), (K, r'), (K, r', m')
+        q = min(p, st.shape[-1])
+        u_parts.append(jnp.transpose(ut[:, :, :q], (1, 0, 2)).reshape(rows, k_tasks * q))
+        s_parts.append(st[:, :q].reshape(-1))
+        v_parts.append(jnp.transpose(vth[:, :q, :], (2, 0, 1)).reshape(cols, k_tasks * q))
     s_all = jnp.concatenate(s_parts)
     keep = _nonzero(s_all, jnp.max(s_all), (n, m))
-    weights = jnp.where(keep, jnp.mean(s_all), 0.0)
+    weights = jnp.where(keep, jnp.sum(s_all) / min(n, m), 0.0)  # the mean over c + K p = r values
     return alpha * _isometry_product(jnp.concatenate(u_parts, axis=1), weights, jnp.concatenate(v_parts, axis=1))
 
 

@@ -76,7 +76,8 @@ def test_prepare_then_merge_equals_merge(method):
     values = {"drm": {"drop_rate": 0.7, "lambda_": 1.3}, "knots_ties": {"drop_rate": 0.6},
               "ties": {"density": 0.4, "lambda_": 0.8}, "task_arithmetic": {"lambda_": 0.4},
               "linear": {}, "dare_linear": {"drop_rate": 0.5}, "dare_ties": {"drop_rate": 0.3},
-              "tsv_m": {"alpha": 1.2}, "iso_c": {"alpha": 0.9}}[method]
+              "tsv_m": {"alpha": 1.2}, "iso_c": {"alpha": 0.9},
+              "iso_cts": {"alpha": 1.1}}[method]
     coefficients = [0.5, 1.0, 1.5]
     prepared = drm_jax.prepare(base, models, method=method)
     merged = drm_jax.merge(base, models, method=method, coefficients=coefficients, **values)
@@ -131,10 +132,11 @@ def test_gradients_in_the_coefficients_are_finite(method):
     assert grad.shape == per_layer.shape and bool(jnp.all(jnp.isfinite(grad)))
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "drm"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "drm", "tsv_m", "iso_c", "iso_cts"])
 def test_gradients_equal_central_finite_differences(method):
     # drm: coefficients apply after pruning and election, so the masks do not move with them and the
-    # merge is linear in the coefficients (the derivative at fixed masks is the derivative)
+    # merge is linear in the coefficients (the derivative at fixed masks is the derivative); the subspace
+    # methods are smooth on these deltas (distinct singular values: their SVDs are differentiable)
     with jax.enable_x64(True):
         base, models = layered_trees(7)
         base = {n: v.astype(np.float64) for n, v in base.items()}
@@ -148,6 +150,24 @@ def test_gradients_equal_central_finite_differences(method):
         eps = 1e-4
         fd = np.array([(loss(c.at[t].add(eps)) - loss(c.at[t].add(-eps))) / (2 * eps) for t in range(3)])
         np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_subspace_gradients_are_finite_at_repeated_singular_values(method):
+    """Orthogonal task deltas (every singular value equal) and low-rank ones (repeated zeros) make
+    jnp.linalg.svd's derivative NaN; the merges' own derivatives stay finite (docs/methods.md#polar-gradient)."""
+    rng = np.random.default_rng(13)
+    base = {"w": rng.standard_normal((8, 8)).astype(np.float32),
+            "lora": rng.standard_normal((8, 6)).astype(np.float32)}
+    models = []
+    for t in range(3):
+        q, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+        low = rng.standard_normal((8, 2)) @ rng.standard_normal((2, 6))  # rank 2: four zero singular values
+        models.append({"w": base["w"] + 0.1 * q.astype(np.float32), "lora": base["lora"] + 0.1 * low.astype(np.float32)})
+    prepared = drm_jax.prepare(base, models, method=method)
+    weights = {n: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for n, v in base.items()}
+    grad = jax.grad(_loss(prepared, weights))(jnp.array([0.7, 1.0, 1.2]))
+    assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 0
 
 
 def test_merge_inside_the_callers_jit_and_vmap():
@@ -297,7 +317,7 @@ def test_a_lambda_sweep_after_a_drop_rate_reuses_the_unscaled_delta():
     assert not np.allclose(np.asarray(again["layers.0.w"]), np.asarray(other["layers.0.w"]))
 
 
-@pytest.mark.parametrize("method, per_layer", [("tsv_m", "tsv_merge"), ("iso_c", "iso_c")])
+@pytest.mark.parametrize("method, per_layer", [("tsv_m", "tsv_merge"), ("iso_c", "iso_c"), ("iso_cts", "iso_cts")])
 def test_subspace_methods_merge_linear_weights_by_their_layer_function(method, per_layer):
     from drm_jax.math import subspace
 

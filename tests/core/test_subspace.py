@@ -299,6 +299,109 @@ def test_stage_with_traced_alpha_under_jit_and_vmap():
         assert rel_err(out, ref_iso_cts(layer, alpha, 0.5)) < RTOL
 
 
+# ---------------------------------------------------------------- derivatives (docs/methods.md#polar-gradient)
+
+def with_spectrum(rng, n, m, spectrum):
+    """U diag(spectrum) V^T with random orthonormal U (n, r) and V (m, r)."""
+    r = len(spectrum)
+    u, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    v, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    return u @ np.diag(spectrum) @ v.T
+
+
+def repeated_inputs(rng):
+    """(method, deltas, kwargs) whose singular values repeat where the merge is still smooth: TSV-M's kept
+    top 3 of each task all equal (a gap below them), Iso-C's summed spectrum in equal pairs, Iso-CTS's
+    common top 2 equal (a gap at c = 2)."""
+    tsv = np.stack([with_spectrum(rng, 7, 6, [3.0, 3.0, 3.0, 1.0, 1.0, 0.6]) for _ in range(2)])
+    u, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    v, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    iso = np.stack([u @ np.diag(s) @ v.T for s in ([2.0, 2.0, 1.0, 1.0, 0.7, 0.7], [1.0, 1.0, 0.5, 0.5, 0.4, 0.4])])
+    cts = np.stack([u @ np.diag([4.0, 4.0, 1.2, 0.9, 0.5, 0.3]) @ v.T,
+                    with_spectrum(rng, 6, 6, [0.3, 0.25, 0.2, 0.15, 0.1, 0.05])])
+    return [("tsv_m", tsv, {}), ("iso_c", iso, {}), ("iso_cts", cts, {"common_fraction": 0.5})]
+
+
+def _fd_directional(f, x, dx, eps=1e-6):
+    return (f(x + eps * dx) - f(x - eps * dx)) / (2 * eps)
+
+
+def test_plain_svd_derivatives_blow_up_on_these_inputs():
+    """The inputs below really are the hard case: jax's own SVD derivative divides by differences of equal
+    singular values there (NaN, or ~1e14 where rounding separates them)."""
+    with jax.enable_x64(True):
+        for _, deltas, _ in repeated_inputs(np.random.default_rng(31)):
+            d = jnp.asarray(deltas)
+            u_dot = jax.jvp(lambda a: jnp.linalg.svd(a, full_matrices=False)[0], (d,), (jnp.ones_like(d),))[1]
+            assert not bool(jnp.all(jnp.isfinite(u_dot))) or float(jnp.max(jnp.abs(u_dot))) > 1e8
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_derivatives_are_exact_at_repeated_singular_values(index):
+    """float64: the derivative along a random direction of the deltas (which splits the repeated values)
+    and the gradient in per-task coefficients equal central finite differences."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(31)
+        name, deltas, kwargs = repeated_inputs(rng)[index]
+        fn = METHODS[name][0]
+        d = jnp.asarray(deltas)
+        direction = jnp.asarray(rng.standard_normal(deltas.shape))
+        merge = lambda x: fn(x, 1.0, **kwargs)  # noqa: E731
+        tangent = jax.jvp(merge, (d,), (direction,))[1]
+        np.testing.assert_allclose(np.asarray(tangent), np.asarray(_fd_directional(merge, d, direction)),
+                                   rtol=1e-6, atol=1e-7)
+        weights = jnp.asarray(rng.standard_normal(deltas.shape[1:]))
+
+        def loss(c):
+            return jnp.sum(weights * fn(d * c[:, None, None], 1.0, **kwargs))
+
+        c = jnp.array([0.8, 1.3])
+        grad = np.asarray(jax.grad(loss)(c))
+        fd = np.array([_fd_directional(loss, c, jnp.eye(2)[t]) for t in range(2)])
+        np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_gradients_are_finite_on_low_rank_and_orthogonal_deltas(name):
+    """Low-rank deltas (many zero singular values, as LoRA's) and orthogonal ones (all equal), float32,
+    under jit: finite gradients in the coefficients and in the deltas."""
+    rng = np.random.default_rng(32)
+    low = np.stack([rng.standard_normal((10, 2)) @ rng.standard_normal((2, 8)) for _ in range(3)])
+    ortho = np.stack([np.linalg.qr(rng.standard_normal((8, 8)))[0] for _ in range(3)])
+    fn = METHODS[name][0]
+    for deltas in (low, ortho):
+        d = f32(deltas)
+        w = f32(rng.standard_normal(deltas.shape[1:]))
+        grad_c = jax.jit(jax.grad(lambda c: jnp.sum(w * fn(d * c[:, None, None]))))(f32([0.5, 1.0, 1.5]))
+        grad_d = jax.jit(jax.grad(lambda x: jnp.sum(w * fn(x))))(d)
+        assert bool(jnp.all(jnp.isfinite(grad_c))) and bool(jnp.all(jnp.isfinite(grad_d)))
+        assert float(jnp.max(jnp.abs(grad_c))) > 0
+
+
+def test_polar_derivative_is_exact_and_finite():
+    from drm_jax.math.linalg import polar as polar_fn
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(33)
+        for shape in [(7, 4), (4, 7), (5, 5), (2, 6, 3)]:
+            a, da = jnp.asarray(rng.standard_normal(shape)), jnp.asarray(rng.standard_normal(shape))
+            np.testing.assert_allclose(np.asarray(jax.jvp(polar_fn, (a,), (da,))[1]),
+                                       np.asarray(_fd_directional(polar_fn, a, da)), rtol=1e-6, atol=1e-8)
+        # orthonormal columns times 2: every singular value equal, still exact
+        a = jnp.asarray(2.0 * np.linalg.qr(rng.standard_normal((6, 3)))[0])
+        da = jnp.asarray(rng.standard_normal((6, 3)))
+        np.testing.assert_allclose(np.asarray(jax.jvp(polar_fn, (a,), (da,))[1]),
+                                   np.asarray(_fd_directional(polar_fn, a, da)), rtol=1e-6, atol=1e-8)
+        # [A_1 | 0]: the first block's derivative is polar(A_1)'s
+        a1 = jnp.asarray(rng.standard_normal((6, 2)))
+        block = jnp.concatenate([a1, jnp.zeros((6, 2))], axis=1)
+        d1 = jnp.asarray(rng.standard_normal((6, 2)))
+        got = jax.jvp(polar_fn, (block,), (jnp.concatenate([d1, jnp.zeros((6, 2))], axis=1),))[1]
+        np.testing.assert_allclose(np.asarray(got[:, :2]), np.asarray(jax.jvp(polar_fn, (a1,), (d1,))[1]),
+                                   rtol=1e-8, atol=1e-10)
+        assert bool(jnp.all(jnp.isfinite(got)))
+
+
 # ---------------------------------------------------------------- fusion-bench 0.2.33, where importable
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ from drm_jax.methods.base import MethodSpec, UnknownParameter
 from drm_jax.methods.dare import DARE_LINEAR, DARE_TIES
 from drm_jax.methods.drm import DRM, KNOTS_TIES
 from drm_jax.methods.linear import LINEAR, TASK_ARITHMETIC
-from drm_jax.methods.subspace import ISO_C, TSV_M
+from drm_jax.methods.subspace import ISO_C, ISO_CTS, TSV_M
 from drm_jax.methods.ties import TIES
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES, TSV_M, ISO_C,
+    DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES, TSV_M, ISO_C, ISO_CTS,
 )}
 
 
@@ -63,7 +63,7 @@ _LEGACY = {
     "task_arithmetic": alias.task_arithmetic, "linear": alias.linear,
     "dare_linear": alias.dare_linear, "dare_ties": alias.dare_ties,
     "tsv_m": alias.subspace_method("tsv_m"), "iso_c": alias.subspace_method("iso_c"),
-    # iso_cts waits for a polar decomposition whose gradient is finite at repeated singular values
+    "iso_cts": alias.subspace_method("iso_cts"),
 }
 
 

@@ -37,14 +37,12 @@ from drm_jax.methods.base import Param, clip, short
 from drm_jax.methods.registry import METHODS, get_method
 
 # Top-level keys of mergekit's schema that we read.
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+                  "tokenizer", "chat_template")
 # mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
 UNSUPPORTED_KEYS = {
     "slices": "layer slicing (passthrough / frankenmerges) is not supported; list whole models under 'models'",
     "modules": "per-module configs are not supported; list whole models under 'models'",
-    "tokenizer": "the 'tokenizer' block (vocabulary surgery) is not supported; use tokenizer_source: base "
-                 "or a model path",
-    "chat_template": "chat_template is not supported; the tokenizer files are copied unchanged",
 }
 # Leaf-selection patterns every method accepts (keywords of drm_jax.merge itself, not method parameters).
 ROLE_PARAMS = ("include", "exclude", "ignore")
@@ -99,6 +97,42 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class TokenSource:
+    """Where a token's embedding / lm_head rows come from (mergekit's `tokenizer.tokens.<token>.source`).
+
+    kind: "model" (the token's own row in `model`), "model_token" (the row of `token_id`, or of `token`
+    in that model's own vocabulary, in `model`), "zero", or "default" (no source given).
+    """
+
+    kind: str
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenSetting:
+    """One entry of the `tokens` block: a source, and `force` (use it even in models that have the token)."""
+
+    source: TokenSource
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """mergekit's `tokenizer` block (or `tokenizer_source`, which is the block with only its source).
+
+    source: "base", "union" (mergekit's default for the block) or a model reference.
+    tokens: (token, setting) pairs, in config order; each token is added to the output vocabulary.
+    pad_to_multiple_of: the output vocabulary (embedding rows) is padded up to a multiple of it.
+    """
+
+    source: str = "union"
+    tokens: tuple[tuple[str, TokenSetting], ...] = ()
+    pad_to_multiple_of: int | None = None
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A checked merge configuration.
 
@@ -110,8 +144,12 @@ class MergeConfig:
         including defaults for per-model parameters (`weight`, `density`) if the config gives them there.
       dtype: computation/output dtype name ("float32", "float16", "bfloat16", "float64") or None.
       out_dtype: output dtype name, or None (then `dtype`, then each tensor's own dtype).
-      tokenizer_source: None, "base", or a model reference whose tokenizer files are copied.
+      tokenizer_source: None, "base", "union" or a model reference: the output vocabulary (mergekit's
+        tokenizer_source; the embedding rows are aligned to it).
+      tokenizer: mergekit's `tokenizer` block (`TokenizerSpec`), or None. At most one of the two is given.
+      chat_template: a template name, "auto", a Jinja template, or None (`drm_jax.cli.chat_templates`).
       source: the YAML file, or None for a config built from a dict.
+      text: the config's text as given (written as mergekit_config.yml), or None.
     """
 
     merge_method: str
@@ -121,7 +159,18 @@ class MergeConfig:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     source: Path | None = None
+    text: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output vocabulary's settings: the `tokenizer` block, or `tokenizer_source` as a block with
+        no tokens; None when neither is given (the reference's tokenizer files are copied)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
     def resolve(self, reference: str) -> Path:
         """Path of a model reference: relative paths are taken from the current directory (mergekit's
@@ -231,7 +280,88 @@ def _model_entry(source: Path | None, index: int, raw: Any, method: str) -> Mode
     return ModelEntry(model=model, key=key, parameters=values)
 
 
-def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
+def _token_source(source: Path | None, key: str, value: Any) -> TokenSource:
+    if value is None:
+        return TokenSource("default")
+    if isinstance(value, dict) and "kind" in value:
+        kind = value["kind"]
+        if kind == "zero":
+            if set(value) != {"kind"}:
+                raise _fail(source, f"{key}: a zero source has only 'kind: zero', got {short(value)}")
+            return TokenSource("zero")
+        if kind != "model_token":
+            raise _fail(source, f"{key}.kind: expected 'zero' or 'model_token', got {short(kind)}")
+        unknown = sorted(set(value) - {"kind", "model", "token_id", "token"})
+        if unknown:
+            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a model_token source has 'model' and "
+                                f"one of 'token_id' / 'token'")
+        if "model" not in value:
+            raise _fail(source, f"{key}.model: missing")
+        model = _reference(source, f"{key}.model", value["model"])
+        token_id, token = value.get("token_id"), value.get("token")
+        if (token_id is None) == (token is None):
+            raise _fail(source, f"{key}: give exactly one of token_id and token")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+            raise _fail(source, f"{key}.token_id: must be a non-negative integer, got {short(token_id)}")
+        if token is not None and not isinstance(token, str):
+            raise _fail(source, f"{key}.token: must be a string, got {short(token)}")
+        return TokenSource("model_token", model=model, token_id=token_id, token=token)
+    return TokenSource("model", model=_reference(source, key, value))
+
+
+def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
+    """mergekit's `tokenizer: {source, tokens, pad_to_multiple_of}`."""
+    if not isinstance(raw, dict):
+        raise _fail(source, f"tokenizer: must be a mapping with 'source', 'tokens', 'pad_to_multiple_of', "
+                            f"got {short(raw)}")
+    unknown = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"}, key=str)
+    if unknown:
+        raise _fail(source, f"tokenizer.{clip(unknown[0])}: unknown key; expected 'source', 'tokens', "
+                            f"'pad_to_multiple_of'")
+    tok_source = raw.get("source", "union")
+    if tok_source not in ("base", "union"):
+        tok_source = _reference(source, "tokenizer.source", tok_source)
+    tokens_raw = raw.get("tokens")
+    if tokens_raw is None:
+        tokens_raw = {}
+    if not isinstance(tokens_raw, dict):
+        raise _fail(source, f"tokenizer.tokens: must be a mapping of tokens to settings, got {short(tokens_raw)}")
+    tokens = []
+    for token, setting in tokens_raw.items():
+        key = f"tokenizer.tokens.{clip(token)}"
+        if not isinstance(token, str) or not token:
+            raise _fail(source, f"{key}: a token must be a non-empty string, got {short(token)}")
+        if setting is None:
+            setting = {}
+        if not isinstance(setting, dict):
+            raise _fail(source, f"{key}: must be a mapping with 'source' and 'force', got {short(setting)}")
+        unknown = sorted(set(setting) - {"source", "force"}, key=str)
+        if unknown:
+            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; expected 'source' and 'force'")
+        force = setting.get("force", False)
+        if not isinstance(force, bool):
+            raise _fail(source, f"{key}.force: must be true or false, got {short(force)}")
+        tokens.append((token, TokenSetting(_token_source(source, f"{key}.source", setting.get("source")), force)))
+    pad = raw.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise _fail(source, f"tokenizer.pad_to_multiple_of: must be a positive integer, got {short(pad)}")
+    return TokenizerSpec(source=tok_source, tokens=tuple(tokens), pad_to_multiple_of=pad or None)
+
+
+def _chat_template(source: Path | None, value: Any) -> str | None:
+    from drm_jax.cli.chat_templates import check_chat_template
+
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _fail(source, f"chat_template: must be a template name, 'auto' or a Jinja template, got {short(value)}")
+    problem = check_chat_template(value)
+    if problem is not None:
+        raise _fail(source, f"chat_template: {short(value)}: {problem}")
+    return value
+
+
+def parse_config(raw: Any, source: Path | None = None, text: str | None = None) -> MergeConfig:
     """Check a config already loaded from YAML (a dict) and return it as a `MergeConfig`.
 
     Raises:
@@ -275,13 +405,15 @@ def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
         raise _fail(source, "models: no model to merge besides the base model")
 
     tokenizer_source = raw.get("tokenizer_source")
-    if tokenizer_source == "union":
-        raise _fail(source, "tokenizer_source: 'union' (merging vocabularies) is not supported; "
-                            "use 'base' or a model path")
-    if tokenizer_source is not None and tokenizer_source != "base":
+    if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
         tokenizer_source = _reference(source, "tokenizer_source", tokenizer_source)
     if tokenizer_source == "base" and base is None:
         raise _fail(source, "tokenizer_source: 'base' needs a base_model")
+    tokenizer = None if raw.get("tokenizer") is None else _tokenizer_block(source, raw["tokenizer"])
+    if tokenizer is not None and tokenizer_source is not None:
+        raise _fail(source, "tokenizer: give either tokenizer_source or a tokenizer block, not both (as in mergekit)")
+    if tokenizer is not None and tokenizer.source == "base" and base is None:
+        raise _fail(source, "tokenizer.source: 'base' needs a base_model")
 
     return MergeConfig(
         merge_method=method,
@@ -291,7 +423,10 @@ def parse_config(raw: Any, source: Path | None = None) -> MergeConfig:
         dtype=_dtype(source, "dtype", raw.get("dtype")),
         out_dtype=_dtype(source, "out_dtype", raw.get("out_dtype")),
         tokenizer_source=tokenizer_source,
+        tokenizer=tokenizer,
+        chat_template=_chat_template(source, raw.get("chat_template")),
         source=source,
+        text=text,
     )
 
 
@@ -340,7 +475,7 @@ def load_config(path: str | Path) -> MergeConfig:
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
     try:
-        config = parse_config(raw, source=path)
+        config = parse_config(raw, source=path, text=text)
     except ConfigError as err:
         message = str(err)
         if len(message) <= max_message:
@@ -354,4 +489,5 @@ def load_config(path: str | Path) -> MergeConfig:
     return config
 
 
-__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "NEEDS_BASE", "load_config", "parse_config"]
+__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
+           "TokenizerSpec", "load_config", "parse_config"]

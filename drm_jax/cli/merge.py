@@ -1,7 +1,8 @@
 """`drm-jax merge CONFIG OUT_DIR`: a mergekit-style YAML config in, a merged checkpoint out, streamed.
 
     drm-jax merge examples/configs/drm.yaml merged/ [--force] [--quiet] [--device cpu|gpu|tpu]
-        [--devices N] [--max-memory 1GB] [--max-shard-size SIZE]
+        [--devices N] [--max-memory 1GB] [--max-shard-size SIZE | --out-shard-size 5B]
+        [--copy-tokenizer | --no-copy-tokenizer] [--write-model-card | --no-write-model-card]
 
 The config is checked first (`drm_jax.cli.config`), translated into engine arguments with mergekit's
 semantics (`drm_jax.cli.recipe`), the checkpoints are opened lazily and checked against each other
@@ -28,7 +29,7 @@ from drm_jax.cli import naming
 from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
-from drm_jax.cli.streaming import input_paths, open_sources, split_adapter
+from drm_jax.cli.streaming import input_paths, open_sources
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
 
 DEFAULT_MAX_MEMORY = "1GB"
@@ -42,6 +43,8 @@ BLOCK_DIVISOR = 4
 # Share of the memory budget one output shard may hold before it is flushed (safetensors serializes a
 # shard into one buffer, so a shard costs about twice its size while it is written).
 SHARD_SHARE = 10
+# mergekit's "no limit": --out-shard-size 0 writes one file
+UNLIMITED_SHARD = 2**62
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -51,6 +54,8 @@ HF_DTYPE_KEYS = ("torch_dtype", "dtype")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
+_KMB = re.compile(r"^(\d+)([kmb]?)$", re.IGNORECASE)
+_KMB_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
 
 def parse_size(text: str) -> int:
@@ -65,6 +70,16 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
+
+
+def parse_kmb(text: str) -> int:
+    """mergekit's size syntax for --out-shard-size: an integer with an optional K / M / B suffix
+    (thousand, million, billion): '5B' -> 5_000_000_000, '500M', '1000'. 0 means no limit."""
+    match = _KMB.match(str(text).strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (mergekit's syntax: an integer with an optional "
+                                         f"K, M or B suffix, e.g. 5B, 500M)")
+    return int(match.group(1)) * _KMB_UNITS[match.group(2).lower()]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -88,7 +103,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help=f"working-memory budget that sizes the chunks of stacked layers and the output "
                              f"shards (default {DEFAULT_MAX_MEMORY})")
     parser.add_argument("--max-shard-size", type=parse_size, default=None, metavar="SIZE",
-                        help="largest output shard (default: a tenth of --max-memory)")
+                        help="largest output shard in bytes (default: a tenth of --max-memory)")
+    parser.add_argument("--out-shard-size", type=parse_kmb, default=None, metavar="SIZE",
+                        help="mergekit's name and syntax for the largest shard: bytes of tensor data with an "
+                             "optional K / M / B (thousand, million, billion) suffix, e.g. 5B; 0: one file")
+    parser.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                        help="copy the reference model's tokenizer into the output when the config builds none "
+                             "(default: on)")
+    parser.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                        help="write README.md (a model card) and mergekit_config.yml (default: on)")
     parser.set_defaults(func=run)
     return parser
 
@@ -199,46 +222,113 @@ def _numpy_dtype(name: str | None):
     return np.dtype(NUMPY_DTYPES[name])
 
 
-def _tokenizer_dir(config: MergeConfig, sources) -> Path | None:
-    if config.tokenizer_source in (None, "base"):
-        return None
-    path, _ = split_adapter(config, config.tokenizer_source)
-    if not path.is_dir():
-        raise CheckpointError(f"tokenizer_source: {str(path)!r} is not a model directory")
-    return path
+def _warn(note: str) -> None:
+    print(f"drm-jax: warning: {note}", file=sys.stderr)
 
 
-def finish_directory(directory: Path, config_dir: Path | None, tokenizer_dir: Path | None,
-                     dtype_name: str | None) -> None:
-    """Inside the not-yet-renamed output: the reference's config and tokenizer files, the tokenizer
-    source's files instead where one is given, and the output dtype recorded in config.json."""
-    from drm_jax.io.writer import copy_config_files
+def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: int | None) -> None:
+    """Record the output dtype and (when the vocabulary was rebuilt) its size in config.json."""
+    if not config_path.is_file() or (dtype_name is None and vocab_rows is None):
+        return
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # not ours to repair: it was copied as it is
+    if not isinstance(model_config, dict):
+        return
+    if dtype_name is not None:
+        keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]
+        for key in keys:
+            model_config[key] = dtype_name
+    if vocab_rows is not None:
+        text = model_config.get("text_config")
+        holder = text if "vocab_size" not in model_config and isinstance(text, dict) else model_config
+        holder["vocab_size"] = vocab_rows
+    config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    copy_config_files(config_dir, directory)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (directory / name).exists():
-                (directory / name).unlink()
-        for name in TOKENIZER_FILES:
-            if (tokenizer_dir / name).is_file():
-                shutil.copy2(tokenizer_dir / name, directory / name)
-    config_path = directory / "config.json"
-    if dtype_name is not None and config_path.is_file():
+
+def _input_templates(config: MergeConfig) -> list:
+    """The chat templates of every input model's tokenizer that loads (for `chat_template: auto`)."""
+    from drm_jax.cli.card import referenced_models
+    from drm_jax.cli.vocabulary import load_tokenizer, model_directory
+
+    templates = []
+    for ref in referenced_models(config):
         try:
-            model_config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
-            return  # not ours to repair: it was copied as it is
-        if isinstance(model_config, dict):
-            keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]
-            for key in keys:
-                model_config[key] = dtype_name
-            config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            templates.append(load_tokenizer(model_directory(config, ref), ref).chat_template)
+        except CheckpointError:
+            continue
+    return templates
+
+
+def _save_tokenizer(tokenizer, directory: Path, config: MergeConfig, templates) -> None:
+    from drm_jax.cli.chat_templates import resolve_chat_template
+
+    template = resolve_chat_template(config.chat_template, templates)
+    if template is not None:
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(directory))
+
+
+def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str | None, *,
+                     config: MergeConfig | None = None, vocabulary=None, copy_tokenizer: bool = True,
+                     write_model_card: bool = False, name: str | None = None) -> None:
+    """Inside the not-yet-renamed output, the files beside the weights, as mergekit writes them:
+
+    - config.json (the reference's, with the output dtype and, when the vocabulary was rebuilt, its
+      size), generation_config.json and processor files of the reference;
+    - the tokenizer: the one built for `tokenizer_source` / the `tokenizer` block (`vocabulary`), else,
+      with `copy_tokenizer`, the reference's tokenizer files (loaded and saved again when a
+      `chat_template` is set, which is written into it);
+    - with `write_model_card`: README.md (`drm_jax.cli.card`) and mergekit_config.yml.
+    """
+    from drm_jax.io.base import CONFIG_FILE_NAMES
+
+    if config_dir is not None:
+        for file_name in CONFIG_FILE_NAMES:
+            if file_name not in TOKENIZER_FILES and (Path(config_dir) / file_name).is_file():
+                shutil.copy2(Path(config_dir) / file_name, directory / file_name)
+    _update_model_config(directory / "config.json", dtype_name,
+                         vocabulary.rows if vocabulary is not None else None)
+    chat_template = config.chat_template if config is not None else None
+    if vocabulary is not None:
+        _save_tokenizer(vocabulary.tokenizer, directory, config, vocabulary.templates)
+    elif copy_tokenizer and config_dir is not None and chat_template:
+        from drm_jax.cli.vocabulary import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(Path(config_dir), "chat_template")
+        except CheckpointError as err:
+            _warn(f"{err}; no tokenizer was written")
+        else:
+            templates = _input_templates(config) if chat_template == "auto" else []
+            _save_tokenizer(tokenizer, directory, config, templates)
+    elif copy_tokenizer and config_dir is not None:
+        for file_name in TOKENIZER_FILES:
+            if (Path(config_dir) / file_name).is_file():
+                shutil.copy2(Path(config_dir) / file_name, directory / file_name)
+    elif chat_template:
+        _warn("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
+    if write_model_card and config is not None:
+        from drm_jax.cli.card import write_card_files
+
+        write_card_files(directory, config, name or "merged model")
+
+
+def _shard_size(max_memory: int, max_shard_size: int | None, out_shard_size: int | None) -> int:
+    if max_shard_size is not None and out_shard_size is not None:
+        raise ConfigError("give one of --max-shard-size and --out-shard-size")
+    if out_shard_size is not None:
+        return out_shard_size if out_shard_size > 0 else UNLIMITED_SHARD
+    return max_shard_size or max(1, max_memory // SHARD_SHARE)
 
 
 # -- the command -----------------------------------------------------------------------------------------
 def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False, quiet: bool = False,
                       devices: list | None = None, max_memory: int = parse_size(DEFAULT_MAX_MEMORY),
-                      max_shard_size: int | None = None, recipe: Recipe | None = None) -> dict[str, Any]:
+                      max_shard_size: int | None = None, recipe: Recipe | None = None,
+                      out_shard_size: int | None = None, copy_tokenizer: bool = True,
+                      write_model_card: bool = True) -> dict[str, Any]:
     """Run a checked config end to end; returns {"counts": ..., "summary": ..., "output": Path}.
 
     Raises:
@@ -252,12 +342,25 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     check_output(out_dir, force, input_paths(config, recipe.models) + [config.resolve(recipe.reference.model)])
     mesh = build_mesh(devices or [])
     out_dtype_name = config.out_dtype or config.dtype
-    shard_size = max_shard_size or max(1, max_memory // SHARD_SHARE)
+    shard_size = _shard_size(max_memory, max_shard_size, out_shard_size)
     for note in recipe.warnings:
-        print(f"drm-jax: warning: {note}", file=sys.stderr)
+        _warn(note)
 
-    with open_sources(config, recipe, _numpy_dtype(out_dtype_name)) as (sources, arch, reference):
-        tokenizer_dir = _tokenizer_dir(config, sources)
+    vocabulary, wrap = None, None
+    if config.tokenizer_spec is not None:
+        from drm_jax.cli.vocabulary import align_views, plan_vocabulary
+
+        vocabulary = plan_vocabulary(config)
+        for note in vocabulary.warnings:
+            _warn(note)
+        cast = _numpy_dtype(config.dtype)
+
+        def aligned(refs, views):
+            return align_views(vocabulary, refs, views, cast)
+
+        wrap = aligned
+
+    with open_sources(config, recipe, _numpy_dtype(out_dtype_name), wrap_views=wrap) as (sources, arch, reference):
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
         sources.plan_blocks(len(recipe.models), max(1, group_bytes // BLOCK_DIVISOR))
         with MergeProgress(sources.merged_count(), quiet=quiet) as progress:
@@ -266,7 +369,9 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                 counts = stream_merge(sources, writer.add, method=recipe.method, params=recipe.engine_kwargs,
                                       layout=naming.layout_for(arch), mesh=mesh, max_group_bytes=group_bytes,
                                       block_bytes=max(1, group_bytes // BLOCK_DIVISOR), on_chunk=progress.on_chunk)
-                finish_directory(writer.tmp_dir, reference.config_dir, tokenizer_dir, out_dtype_name)
+                finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
+                                 vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
+                                 write_model_card=write_model_card, name=out_dir.resolve().name)
                 output = writer.close()
             summary = progress.summary(counts, output=str(out_dir))
     return {"counts": counts, "summary": summary, "output": Path(output)}
@@ -284,7 +389,9 @@ def run(args: argparse.Namespace) -> int:
     devices = select_devices(args.device, args.devices)
     try:
         merge_checkpoints(config, args.out_dir, force=args.force, quiet=args.quiet, devices=devices,
-                          max_memory=args.max_memory, max_shard_size=args.max_shard_size, recipe=recipe)
+                          max_memory=args.max_memory, max_shard_size=args.max_shard_size, recipe=recipe,
+                          out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
+                          write_model_card=args.write_model_card)
     except OSError as err:
         if isinstance(err, DrmJaxError):
             raise
@@ -294,4 +401,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["build_mesh", "check_output", "merge_checkpoints", "parse_size", "register", "run", "select_devices"]
+__all__ = ["build_mesh", "check_output", "finish_directory", "merge_checkpoints", "parse_kmb", "parse_size", "register",
+           "run", "select_devices"]

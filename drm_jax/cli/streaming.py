@@ -96,9 +96,13 @@ class AdapterOverBase:
 
 
 @contextlib.contextmanager
-def open_sources(config: MergeConfig, recipe: Recipe, out_dtype: np.dtype | None = None
+def open_sources(config: MergeConfig, recipe: Recipe, out_dtype: np.dtype | None = None,
+                 wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
                  ) -> Iterator[tuple[CheckpointSources, str, Any]]:
-    """(checked sources, architecture name, the reference reader), readers closed on exit."""
+    """(checked sources, architecture name, the reference reader), readers closed on exit.
+
+    `wrap_views(refs, views)`, if given, replaces the Hugging Face views of the models (their config
+    references `refs`, the reference first) before they are checked, e.g. to rewrite vocabulary tensors."""
     base_path = None
     if config.base_model is not None:
         base_path, _ = split_adapter(config, config.base_model)
@@ -108,6 +112,8 @@ def open_sources(config: MergeConfig, recipe: Recipe, out_dtype: np.dtype | None
             readers.append(open_model(config, entry, base_path))
         arch = naming.architecture_of(readers)
         views = [naming.HFView(r, arch) for r in readers]
+        if wrap_views is not None:
+            views = wrap_views([e.model for e in (recipe.reference, *recipe.models)], views)
         sources = CheckpointSources(
             views[0], views[1:], [f"{e.key} ({e.model})" for e in recipe.models],
             f"{recipe.reference.key} ({recipe.reference.model})", role_kwargs=recipe.role_kwargs,
@@ -126,8 +132,9 @@ def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]
     refs = [m.model for m in models]
     if config.base_model is not None:
         refs.append(config.base_model)
-    if config.tokenizer_source not in (None, "base"):
-        refs.append(config.tokenizer_source)
+    spec = config.tokenizer_spec
+    if spec is not None and spec.source not in ("base", "union"):
+        refs.append(spec.source)
     paths = []
     for ref in refs:
         model, adapter = split_adapter(config, ref)

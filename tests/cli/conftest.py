@@ -18,9 +18,20 @@ EXAMPLES = REPO / "examples" / "configs"
 TASKS = ("task_a", "task_b")
 
 
-def _tokenizer_stub(directory: Path) -> None:
-    # A tokenizer file to check that tokenizer_source copies it (content is irrelevant to merging).
-    (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "source": directory.name}))
+def _tokenizer_stub(directory: Path, vocab_size: int = 64) -> None:
+    """A real tokenizer (one WordLevel vocabulary of `vocab_size` tokens, the same in every model, so
+    `tokenizer_source` changes no embedding row) whose tokenizer_config.json records the directory it was
+    written for ("source"), to check which model's tokenizer reaches the output."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            model_max_length=64).save_pretrained(directory)
+    path = directory / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "source": directory.name}))
 
 
 def _save_family(root: Path, model_class: str, config_class: str, noise: float = 0.02, **config) -> Path:

@@ -101,7 +101,10 @@ def test_drm_parameters_reach_the_engine():
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "slices": []}, "slices"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "dtype": "float8"}, "dtype"),
     ({"merge_method": "ties", "base_model": "b", "models": ["a"], "wat": 1}, "wat"),
-    ({"merge_method": "ties", "base_model": "b", "models": ["a"], "tokenizer_source": "union"}, "tokenizer_source"),
+    ({"merge_method": "ties", "base_model": "b", "models": ["a"], "tokenizer_source": "union",
+      "tokenizer": {"source": "base"}}, "tokenizer"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer_source": "base"}, "tokenizer_source"),
+    ({"merge_method": "ties", "base_model": "b", "models": ["a"], "chat_template": "nonsense"}, "chat_template"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"path": "a"}]}, "models[0].path"),
     ({"merge_method": "ties", "base_model": "b", "models": ["b"]}, "models"),
 ])

@@ -1,0 +1,498 @@
+"""The output vocabulary of a merge and the embedding rows each model gets in it (mergekit 0.1.5's
+`tokenizer_source` and `tokenizer` block).
+
+When a config names a tokenizer source (`base`, `union`, a model) or gives a `tokenizer` block, the
+output tokenizer is built first and every tensor indexed by token ids (input embeddings, lm_head) of
+every model is rewritten to the output vocabulary *before* the merge, so the merge method sees rows
+that mean the same token in every model. The rules, as mergekit applies them:
+
+1. Output vocabulary. `base`: the base model's tokenizer, less the tokens whose id is past the base's
+   `vocab_size` (its unused padding ids). A model: that model's tokenizer. `union`: the base's tokenizer
+   plus, in order, every ordinary token of the other models it lacks, then every added token of any
+   model (first settings seen win). Tokens named in the `tokens` block are added when missing.
+2. Each model's index of every output token: its own id in the model's tokenizer, or "missing" (a
+   model whose tokenizer cannot be loaded is taken to share the base's). Ids at or past the model's
+   `vocab_size` count as missing.
+3. A token missing from some model (or `force`d) gets a default row: the configured source (`zero`,
+   a model's own row of the token, or a model's row of another token id / token), else, unconfigured:
+   the row of the only model that has it; zeros if no model has it; the base model's row if the base
+   is merged and has it; otherwise the mean of the rows of the models that have it.
+4. Each model's new matrix: its own row for every token it has (unless forced), the default row
+   otherwise. With `pad_to_multiple_of`, the rows past the vocabulary are the mean of the model's rows.
+
+The models are taken in mergekit's order for the sums (the listed models, then the base when it is not
+listed). Arithmetic is in the inputs' promoted dtype, after the config's `dtype` cast, as in mergekit.
+Differences, all where mergekit fails or is not deterministic: ties in a union's order are broken by
+token id and config order (mergekit iterates hash maps); a model's token id past its `vocab_size` is
+"missing" (mergekit fails on it); a default row the config leaves undefined is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from drm_jax.cli.config import MergeConfig, TokenizerSpec, TokenSetting
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError
+
+# Hugging Face names of the tensors whose first axis is indexed by token ids.
+VOCABULARY_TENSORS = re.compile(
+    r"^(?:.*\.)?(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$"
+    r"|^(?:model\.)?shared\.weight$"
+    r"|^(?:lm_head|embed_out)\.(?:weight|bias)$")
+PEFT_CONFIG_NAME = "adapter_config.json"
+
+
+def is_vocabulary_tensor(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 1 and VOCABULARY_TENSORS.match(name) is not None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How the default row of one output token is made: kind "zero", "row" (row `row` of model `model`)
+    or "average" (the mean of `models`' own rows of the token)."""
+
+    kind: str
+    model: str | None = None
+    row: int | None = None
+    models: tuple[str, ...] = ()
+
+
+@dataclass
+class VocabularyPlan:
+    """The output tokenizer and, per merged model, the source row of every output token.
+
+    tokenizer: the transformers tokenizer written to the output. vocab: token -> output id.
+    size: output ids (len(vocab)); rows: embedding rows (size padded up to pad_to_multiple_of).
+    order: merged model references in mergekit's order. index: reference -> (size,) int64 source rows,
+    -1 where the model lacks the token. forced: (size,) bool. rules: output id -> default-row rule.
+    """
+
+    tokenizer: Any
+    vocab: dict[str, int]
+    size: int
+    rows: int
+    order: list[str]
+    index: dict[str, np.ndarray]
+    forced: np.ndarray
+    rules: dict[int, Rule]
+    templates: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    settings: dict[str, TokenSetting] = field(default_factory=dict)
+    original: dict[str, dict[str, int]] = field(default_factory=dict)
+    base: str | None = None
+    config: MergeConfig | None = None
+
+    def for_models(self, refs: list[str]) -> "VocabularyPlan":
+        """The plan of a merge of only some of the models (one slice of a `slices` config): the default
+        rows are made from those models."""
+        order = [r for r in self.order if r in refs]
+        if order == self.order:
+            return self
+        forced, rules, warnings = _rules(self.config, self.vocab, self.index, self.settings, self.original,
+                                         order, self.base)
+        return VocabularyPlan(self.tokenizer, self.vocab, self.size, self.rows, order, self.index, forced, rules,
+                              self.templates, warnings, self.settings, self.original, self.base, self.config)
+
+
+# -- tokenizers --------------------------------------------------------------------------------------
+def model_directory(config: MergeConfig, reference: str) -> Path:
+    """The directory whose tokenizer and config.json describe a model reference (the model of a
+    `model+adapter` pair; the base for a PEFT adapter directory given alone)."""
+    from drm_jax.cli.streaming import split_adapter
+
+    path, _ = split_adapter(config, reference)
+    if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file() and config.base_model is not None:
+        path, _ = split_adapter(config, config.base_model)
+    return path
+
+
+def load_tokenizer(path: Path, what: str):
+    """AutoTokenizer of a local model directory (fast where there is one); CheckpointError otherwise."""
+    import transformers
+
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{what}: {str(path)!r} is not a model directory; tokenizers are read from local "
+                              f"directories only")
+    try:
+        # no local_files_only: transformers records it in the saved tokenizer_config.json
+        return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{what}: cannot load the tokenizer of {str(path)!r}: {first}") from None
+
+
+def config_vocab_size(path: Path) -> int | None:
+    """`vocab_size` of a model's config.json (or of its text_config), None if absent."""
+    from drm_jax.io.base import read_json
+
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        return None
+    config = read_json(config_path, "the model config")
+    if not isinstance(config, dict):
+        return None
+    for holder in (config, config.get("text_config")):
+        if isinstance(holder, dict) and isinstance(holder.get("vocab_size"), int):
+            return holder["vocab_size"]
+    return None
+
+
+def strip_unused(tokenizer, vocab_size: int, what: str):
+    """The tokenizer without the tokens whose id is >= vocab_size (ids the model has no row for)."""
+    from tokenizers import Tokenizer
+
+    unused = {tok for tok, i in tokenizer.get_vocab().items() if i >= vocab_size}
+    if not unused:
+        return tokenizer
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"{what}: its tokenizer has {len(unused)} tokens past vocab_size {vocab_size} and is "
+                              f"not a fast tokenizer; they cannot be removed")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    kind = spec.get("model", {}).get("type")
+    if kind not in ("BPE", "WordLevel", "WordPiece"):
+        raise CheckpointError(f"{what}: its tokenizer has tokens past vocab_size {vocab_size} and is of type "
+                              f"{kind}; only BPE, WordLevel and WordPiece vocabularies can be cut")
+    spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
+    vocab = spec["model"]["vocab"]
+    for tok in unused:
+        vocab.pop(tok, None)
+    if kind == "BPE":
+        def kept(merge) -> bool:
+            parts = merge.split(" ") if isinstance(merge, str) else list(merge)
+            return not any(p in unused for p in parts)
+
+        spec["model"]["merges"] = [m for m in spec["model"].get("merges", []) if kept(m)]
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(spec))  # the wrapper keeps its settings
+    return tokenizer
+
+
+def _copy_tokenizer(tokenizer):
+    """An independent copy (saved and loaded again), so adding tokens leaves the original as it is."""
+    import tempfile
+
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+
+
+def union_tokenizer(base, others: list[tuple[Any, int]]):
+    """The base tokenizer plus the ordinary tokens of every tokenizer it lacks (in tokenizer order, then
+    id order), then every added token of any of them (first settings seen win). `others` holds
+    (tokenizer, vocab_size) pairs, the base's first; ids at or past a tokenizer's vocab_size are skipped."""
+    added: dict[str, Any] = {}
+    for tokenizer, size in others:
+        for idx, info in sorted(tokenizer.added_tokens_decoder.items()):
+            if idx < size and info.content not in added:
+                added[info.content] = info
+    ordinary: dict[str, None] = {}
+    for tokenizer, size in others:
+        for tok, idx in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+            if idx < size and tok not in added:
+                ordinary.setdefault(tok, None)
+    result = _copy_tokenizer(base)
+    base_vocab = base.get_vocab()
+    for tok in ordinary:
+        if tok not in base_vocab:
+            result.add_tokens(tok)
+    for info in added.values():
+        result.add_tokens(info)
+    return result
+
+
+# -- the plan ----------------------------------------------------------------------------------------
+def merge_order(config: MergeConfig) -> list[str]:
+    """The merged models as mergekit takes them: the listed models, then the base if it is not listed."""
+    order: list[str] = []
+    for entry in config.models:
+        if entry.model not in order:
+            order.append(entry.model)
+    if config.base_model is not None and config.base_model not in order:
+        order.append(config.base_model)
+    return order
+
+
+def _fail(config: MergeConfig, message: str) -> ConfigError:
+    return ConfigError((f"{config.source}: " if config.source is not None else "") + message)
+
+
+def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> VocabularyPlan:
+    """Build the output tokenizer and the rows plan of `config.tokenizer_spec` (see the module doc).
+
+    Raises:
+      CheckpointError: a tokenizer that must be read cannot be loaded.
+      ConfigError: a `tokens` entry names a model that is not merged, a token the model lacks, or leaves
+        a needed row undefined.
+    """
+    spec = spec or config.tokenizer_spec
+    if spec is None:
+        raise ValueError("no tokenizer settings in the config")
+    warnings: list[str] = []
+    order = merge_order(config)
+    base_ref = config.base_model if config.base_model is not None else order[0]
+    base_dir = model_directory(config, base_ref)
+    base_size = config_vocab_size(base_dir)
+    base_tok = load_tokenizer(base_dir, "base_model" if config.base_model is not None else "models[0]")
+    base_tok = strip_unused(base_tok, base_size, base_ref) if base_size is not None else base_tok
+
+    tokenizers: dict[str, Any] = {base_ref: base_tok}
+    sizes: dict[str, int | None] = {base_ref: base_size}
+    for ref in order:
+        if ref in tokenizers:
+            continue
+        directory = model_directory(config, ref)
+        sizes[ref] = config_vocab_size(directory)
+        try:
+            tokenizers[ref] = load_tokenizer(directory, ref)
+        except CheckpointError as err:
+            warnings.append(f"{err}; taking it to be the base model's tokenizer")
+
+    if spec.source == "base":
+        out = base_tok
+    elif spec.source == "union":
+        out = union_tokenizer(base_tok, [(tok, sizes[ref] if sizes[ref] is not None else tok.vocab_size)
+                                         for ref, tok in tokenizers.items()])
+    else:
+        out = load_tokenizer(model_directory(config, spec.source), "tokenizer source")
+    present = set(out.get_vocab())
+    for token, _ in spec.tokens:
+        if token not in present:
+            out.add_tokens(token)
+            present.add(token)
+
+    vocab = out.get_vocab()
+    size = len(vocab)
+    pad = spec.pad_to_multiple_of
+    rows = size if not pad or size % pad == 0 else size + pad - size % pad
+    by_id = sorted(vocab.items(), key=lambda item: item[1])
+    if [i for _, i in by_id] != list(range(size)):
+        raise CheckpointError(f"the output tokenizer's ids are not 0..{size - 1}; cannot lay out embedding rows")
+
+    index: dict[str, np.ndarray] = {}
+    for ref in order:
+        own = tokenizers.get(ref, base_tok).get_vocab()
+        limit = sizes.get(ref)
+        limit = limit if limit is not None else len(own)
+        rows_of = np.full(size, -1, np.int64)
+        for token, new_id in vocab.items():
+            old = own.get(token)
+            if old is not None and old < limit:
+                rows_of[new_id] = old
+        index[ref] = rows_of
+
+    settings: dict[str, TokenSetting] = dict(spec.tokens)
+    original = {ref: tok.get_vocab() for ref, tok in tokenizers.items()}
+    forced, rules, more = _rules(config, vocab, index, settings, original, order, config.base_model)
+    templates = [tok.chat_template for tok in tokenizers.values()]
+    return VocabularyPlan(out, vocab, size, rows, order, index, forced, rules, templates, warnings + more,
+                          settings, original, config.base_model, config)
+
+
+def _rules(config: MergeConfig, vocab: dict[str, int], index: dict[str, np.ndarray],
+           settings: dict[str, TokenSetting], original: dict[str, dict[str, int]], order: list[str],
+           base: str | None) -> tuple[np.ndarray, dict[int, Rule], list[str]]:
+    """(forced, default-row rules, warnings) of a merge of the models `order` (rule 3 of the module doc)."""
+    size = len(vocab)
+    forced = np.zeros(size, bool)
+    rules: dict[int, Rule] = {}
+    warnings: list[str] = []
+    for token, new_id in sorted(vocab.items(), key=lambda item: item[1]):
+        setting = settings.get(token)
+        if setting is not None and setting.force:
+            forced[new_id] = True
+        have = [ref for ref in order if index[ref][new_id] >= 0]
+        if len(have) == len(order) and not forced[new_id]:
+            continue  # every model keeps its own row
+        if setting is not None:
+            rules[new_id] = _configured_rule(config, token, setting, order, index, new_id, original)
+        elif len(have) == 1:
+            rules[new_id] = Rule("row", have[0], int(index[have[0]][new_id]))
+        elif not have:
+            warnings.append(f"token {token!r} is in no merged model; its rows are zeros")
+            rules[new_id] = Rule("zero")
+        elif base is not None and base in order and index[base][new_id] >= 0:
+            rules[new_id] = Rule("row", base, int(index[base][new_id]))
+        else:
+            rules[new_id] = Rule("average", models=tuple(have))
+    return forced, rules, warnings
+
+
+def _configured_rule(config: MergeConfig, token: str, setting: TokenSetting, order: list[str],
+                     index: dict[str, np.ndarray], new_id: int, original: dict[str, dict[str, int]]) -> Rule:
+    key = f"tokenizer.tokens.{token}.source"
+    source = setting.source
+    if source.kind == "zero":
+        return Rule("zero")
+    if source.kind == "default":
+        missing = [ref for ref in order if index[ref][new_id] < 0]
+        why = "it is forced" if setting.force else f"{missing[0]!r} lacks it"
+        raise _fail(config, f"{key}: needed ({why}) but not given; give a model, kind: zero or kind: model_token")
+    if source.model not in order:
+        raise _fail(config, f"{key}: {source.model!r} is not one of the merged models")
+    if source.kind == "model":
+        row = int(index[source.model][new_id])
+        if row < 0:
+            raise _fail(config, f"{key}: {source.model!r} does not have the token {token!r}")
+        return Rule("row", source.model, row)
+    row = source.token_id
+    if row is None:
+        vocab = original.get(source.model, original[next(iter(original))])
+        if source.token not in vocab:
+            raise _fail(config, f"{key}.token: {source.token!r} is not in the vocabulary of {source.model!r}")
+        row = vocab[source.token]
+    return Rule("row", source.model, int(row))
+
+
+# -- the rows ----------------------------------------------------------------------------------------
+class VocabularyAligner:
+    """Each merged model's vocabulary tensors, rewritten to the output vocabulary.
+
+    `read(ref, name)` returns a model's tensor as stored (cast to the config's dtype, if any). The
+    default rows of a tensor are computed once, reading each model's tensor once; then every model's
+    rewritten tensor costs one more read of its own."""
+
+    def __init__(self, plan: VocabularyPlan, read: Callable[[str, str], np.ndarray],
+                 dtype_of: Callable[[str, str], np.dtype]):
+        self.plan = plan
+        self._read = read
+        self._dtype_of = dtype_of
+        self._defaults: dict[str, dict[int, np.ndarray]] = {}
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.result_type(*[self._dtype_of(ref, name) for ref in self.plan.order])
+
+    def shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.plan.rows,) + tuple(shape[1:])
+
+    def _checked(self, ref: str, name: str) -> np.ndarray:
+        array = np.asarray(self._read(ref, name))
+        need = [r for r in (self.plan.index[ref].max(initial=-1),) if r >= 0]
+        need += [rule.row for rule in self.plan.rules.values() if rule.kind == "row" and rule.model == ref]
+        if need and max(need) >= array.shape[0]:
+            raise MergeInputError(f"tensor {name!r} of {ref} has {array.shape[0]} rows, but its vocabulary needs "
+                                  f"row {max(need)}")
+        return array
+
+    def _default_rows(self, name: str) -> dict[int, np.ndarray]:
+        if name in self._defaults:
+            return self._defaults[name]
+        if not self.plan.rules:
+            return {}
+        dtype = self.dtype(name)
+        rules = self.plan.rules
+        defaults: dict[int, np.ndarray] = {}
+        sums: dict[int, np.ndarray] = {}
+        shape = None
+        for ref in self.plan.order:
+            wanted_rows = [i for i, rule in rules.items() if rule.kind == "row" and rule.model == ref]
+            averaged = [i for i, rule in rules.items() if rule.kind == "average" and ref in rule.models]
+            if not wanted_rows and not averaged and shape is not None:
+                continue
+            array = self._checked(ref, name).astype(dtype, copy=False)
+            shape = array.shape[1:]
+            for i in wanted_rows:
+                defaults[i] = array[rules[i].row].copy()
+            for i in averaged:
+                row = array[self.plan.index[ref][i]]
+                sums[i] = (sums[i] if i in sums else np.zeros(shape, dtype)) + row
+        for i, rule in rules.items():
+            if rule.kind == "zero":
+                defaults[i] = np.zeros(shape, dtype)
+            elif rule.kind == "average":
+                defaults[i] = (sums[i] / np.asarray(len(rule.models), dtype)).astype(dtype)
+        self._defaults[name] = defaults
+        return defaults
+
+    def aligned(self, ref: str, name: str) -> np.ndarray:
+        """Model `ref`'s tensor `name` with one row per output token (and the padding rows)."""
+        defaults = self._default_rows(name)
+        plan = self.plan
+        array = self._checked(ref, name).astype(self.dtype(name), copy=False)
+        out = np.zeros((plan.rows,) + array.shape[1:], array.dtype)
+        own = plan.index[ref]
+        keep = (own >= 0) & ~plan.forced
+        out[:plan.size][keep] = array[own[keep]]
+        for i, row in defaults.items():
+            if not keep[i]:
+                out[i] = row
+        if plan.rows > plan.size:
+            mean = out[:plan.size].astype(np.float64 if array.dtype == np.float64 else np.float32).mean(axis=0)
+            out[plan.size:] = mean.astype(array.dtype)
+        return out
+
+    def forget(self, name: str) -> None:
+        self._defaults.pop(name, None)
+
+
+class AlignedView:
+    """A reader (HF names) whose vocabulary tensors come out rewritten to the output vocabulary."""
+
+    def __init__(self, view: Any, ref: str, aligner: VocabularyAligner):
+        self.view, self.ref, self.aligner = view, ref, aligner
+        for attr in ("format", "path", "config_dir", "arch", "naming"):
+            if hasattr(view, attr):
+                setattr(self, attr, getattr(view, attr))
+
+    def _is_vocab(self, name: str) -> bool:
+        return is_vocabulary_tensor(name, tuple(self.view.shape(name)))
+
+    def keys(self) -> list[str]:
+        return self.view.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.view.shape(name))
+        return self.aligner.shape(name, shape) if self._is_vocab(name) else shape
+
+    def dtype(self, name: str):
+        return self.aligner.dtype(name) if self._is_vocab(name) else self.view.dtype(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.aligner.aligned(self.ref, name) if self._is_vocab(name) else self.view.get(name)
+
+    def close(self) -> None:
+        self.view.close()
+
+
+def align_views(plan: VocabularyPlan, refs: list[str], views: list[Any], cast: np.dtype | None) -> list[AlignedView]:
+    """Wrap the open views of a merge (`refs[i]` is the model reference of `views[i]`). The default rows
+    are made from these models (all of the plan's, or those of one slice). `cast`: the config's dtype,
+    applied before the rows are built."""
+    readers: dict[str, Any] = {}
+    for ref, view in zip(refs, views):
+        readers.setdefault(ref, view)
+    unknown = [ref for ref in readers if ref not in plan.index]
+    if unknown:
+        raise CheckpointError(f"{unknown[0]}: this model has no place in the output vocabulary plan")
+    plan = plan.for_models(list(readers))
+
+    def read(ref: str, name: str) -> np.ndarray:
+        array = np.asarray(readers[ref].get(name))
+        return array.astype(cast) if cast is not None and _floating(array.dtype) else array
+
+    def dtype_of(ref: str, name: str) -> np.dtype:
+        dtype = np.dtype(readers[ref].dtype(name))
+        return np.dtype(cast) if cast is not None and _floating(dtype) else dtype
+
+    aligner = VocabularyAligner(plan, read, dtype_of)
+    return [AlignedView(view, ref, aligner) for ref, view in zip(refs, views)]
+
+
+def _floating(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
+def print_warnings(plan: VocabularyPlan) -> None:
+    for note in plan.warnings:
+        print(f"drm-jax: warning: {note}", file=sys.stderr)
+
+
+__all__ = ["AlignedView", "Rule", "VocabularyAligner", "VocabularyPlan", "align_views", "is_vocabulary_tensor",
+           "merge_order", "plan_vocabulary", "union_tokenizer"]

@@ -34,6 +34,8 @@ TOKENIZERS = {
     "m3": (["a", "b", "c"], ["<x>"], [], None),  # the base's vocabulary: merges without a tokenizer source
 }
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+# BPE tokenizers of 12 tokens; the "bpe_base" model has 10 embedding rows, so its last two tokens are unused
+BPE_MODELS = {"bpe_base": (["<p>", "<q>"], 10), "bpe_tuned": (["<p>", "<r>"], 12)}
 
 
 def _tokenizer(words, added, special, template):
@@ -52,15 +54,29 @@ def _tokenizer(words, added, special, template):
     return tok
 
 
+def _bpe_tokenizer(added):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "a", "b", "c", "ab", "bc", "abc", "cc"])}
+    backend = Tokenizer(models.BPE(vocab, [("a", "b"), ("b", "c"), ("ab", "c")], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.add_tokens(added)
+    return tok
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> Path:
-    """base, m1, m2, m3: tiny Llama models (4 layers) with their own tokenizers, random weights."""
+    """base, m1, m2, m3: tiny Llama models (4 layers) with their own tokenizers, random weights; and
+    bpe_base / bpe_tuned, whose base has fewer embedding rows than tokenizer ids."""
     root = tmp_path_factory.mktemp("vocab_family")
-    for seed, (name, spec) in enumerate(TOKENIZERS.items()):
-        tok = _tokenizer(*spec)
+    models = [(name, _tokenizer(*spec), None) for name, spec in TOKENIZERS.items()]
+    models += [(name, _bpe_tokenizer(added), rows) for name, (added, rows) in BPE_MODELS.items()]
+    for seed, (name, tok, rows) in enumerate(models):
         torch.manual_seed(seed)
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=len(tok.get_vocab()), **LAYERS))
-        model.save_pretrained(root / name)
+        config = transformers.LlamaConfig(vocab_size=rows or len(tok.get_vocab()), **LAYERS)
+        transformers.LlamaForCausalLM(config).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
 
@@ -105,6 +121,10 @@ def _configs(f: Path) -> dict[str, str]:
             f"    d:\n      source: {{kind: model_token, model: {f / 'base'}, token_id: 3}}\n"
             f"    <n2>:\n      source: {{kind: model_token, model: {f / 'm1'}, token: b}}\n"
             f"    c:\n      source: {f / 'base'}\n"),
+        # the base's tokenizer less its ids past the base's 10 embedding rows
+        "strip": (f"merge_method: task_arithmetic\nbase_model: {f / 'bpe_base'}\nmodels:\n"
+                  f"  - model: {f / 'bpe_tuned'}\n    parameters: {{weight: 0.5}}\n"
+                  "tokenizer_source: base\ndtype: float32\n"),
         # no tokenizer source: the reference's tokenizer files are copied; a comment kept in mergekit_config.yml
         "copy": ("# copied as given\nmerge_method: linear\nbase_model: " + str(f / "base") + "\nmodels:\n"
                  f"  - model: {f / 'base'}\n    parameters: {{weight: 0.4}}\n"
@@ -157,17 +177,20 @@ def _close(ours: np.ndarray, theirs: np.ndarray, what: str) -> None:
     assert float(np.abs(ours - theirs).max()) <= 1e-5 * scale, what
 
 
-@pytest.mark.parametrize("case", ["base", "union", "model", "block"])
+@pytest.mark.parametrize("case", ["base", "union", "model", "block", "strip"])
 def test_vocabulary_and_tensors_agree_with_mergekit(case, family, our_outputs, mergekit_outputs):
     ours_dir, theirs_dir = our_outputs[case], mergekit_outputs[case]
     ours, theirs = _load(ours_dir), _load(theirs_dir)
     vocab_ours, vocab_theirs = _vocab(ours_dir), _vocab(theirs_dir)
     assert set(vocab_ours) == set(vocab_theirs)
-    if case in ("base", "model"):
+    if case in ("base", "model", "strip"):
         assert vocab_ours == vocab_theirs  # ids too (a union's new ids follow mergekit's hash-map order)
+        assert (ours_dir / "tokenizer.json").read_bytes() == (theirs_dir / "tokenizer.json").read_bytes()
     else:  # a union keeps the base's ids; only its new ids follow mergekit's hash-map order
         base = _vocab(family / "base")
         assert {t: vocab_ours[t] for t in base} == {t: vocab_theirs[t] for t in base} == base
+    if case == "strip":
+        assert len(vocab_ours) == 10 and "<q>" not in vocab_ours
     assert set(ours) == set(theirs)
     for name in ours:
         if name not in VOCAB_TENSORS:

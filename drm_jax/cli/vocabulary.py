@@ -24,7 +24,9 @@ The models are taken in mergekit's order for the sums (the listed models, then t
 listed). Arithmetic is in the inputs' promoted dtype, after the config's `dtype` cast, as in mergekit.
 Differences, all where mergekit fails or is not deterministic: ties in a union's order are broken by
 token id and config order (mergekit iterates hash maps); a model's token id past its `vocab_size` is
-"missing" (mergekit fails on it); a default row the config leaves undefined is a one-line error.
+"missing" (mergekit fails on it); a default row the config leaves undefined is a one-line error; tokens
+a `tokens` block adds to a `base` source are missing from the base (mergekit adds them to the base's own
+tokenizer, then reads its padding rows or fails). Reference: docs/methods.md#output-vocabulary-tokenizer_source-and-the-tokenizer-block.
 """
 
 from __future__ import annotations

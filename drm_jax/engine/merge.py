@@ -121,6 +121,7 @@ def merge_leaves(
     seed: int | None = None,
     max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
     on_chunk: Callable[[Group, int], None] | None = None,
+    check_outputs: bool = True,
     **method_params: Any,
 ) -> dict[str, int]:
     """The streaming sink of the planner, for callers that read leaves on demand (the command line).
@@ -147,6 +148,7 @@ def merge_leaves(
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "keep"):
                 put(i, get_base(i))
+    planner.check_outputs = check_outputs
     planner.run(put, on_chunk)
     counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
     for r in leaf_roles:

@@ -165,6 +165,8 @@ class Prepared:
       num_models: K.
     """
 
+    check_outputs = True
+
     def __init__(self, spec: MethodSpec, static: dict, defaults: dict, rules: Rules, names: Sequence[str],
                  source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True):
         self.spec, self.method, self.static, self.defaults, self.rules = spec, spec.name, static, defaults, rules
@@ -321,8 +323,9 @@ class Prepared:
             if not traced_mode:
                 if finite_in is not None:
                     raise_non_finite_inputs(np.asarray(finite_in), names)
-                finite = np.asarray(finite if self.mesh is not None else finite_flags(tuple(merged)))
-                if not finite.all():
+                if self.mesh is None and self.check_outputs:
+                    finite = finite_flags(tuple(merged))
+                if self.check_outputs and not np.asarray(finite).all():
                     self._locate_non_finite_input(c, names)
                     raise_non_finite_outputs(finite, names)
             for i, leaf in zip(members if self.mesh is not None else c.members, merged):

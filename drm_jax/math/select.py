@@ -107,4 +107,35 @@ def drop_count(
     return pruning_counts(keep, max_rows, row_size, "kthvalue")[jnp.asarray(n_rows, jnp.int32)]
 
 
-__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "pruning_counts"]
+def task_variance(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
+    """Population variance over the K tasks, per entry (shape values.shape[1:]).
+
+    Computed about the first task's value (x_t - x_0, then the two-pass variance of those), so an entry
+    where every task has the same value gets exactly 0 and any other entry a positive value: what SCE's
+    count of non-zero variances needs (torch accumulates its variance in float64, where the same holds).
+    """
+    d = values - values[:1]
+    mean = jnp.mean(d, axis=0)
+    return jnp.mean(jnp.square(d - mean[None]), axis=0)
+
+
+def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, "..."]:
+    """SCE's selection: the entries whose variance over the tasks is among the k largest.
+
+    values: (K, ...) task vectors. fraction: () in [0, 1] (SCE's `select_topk`), may be traced.
+    k = floor(float32(count of non-zero variances) * float32(fraction)), as torch computes it; the mask
+    keeps variance >= the k-th largest (every entry tied with it; mergekit keeps exactly k). fraction >= 1
+    keeps every entry (zero variances too), fraction <= 0 or k = 0 none. Returns (...) bool.
+    """
+    var = task_variance(values)
+    flat = var.reshape(-1)
+    fraction = jnp.asarray(fraction, jnp.float32)
+    nonzero = jnp.sum(flat != 0, dtype=jnp.int32)
+    k = jnp.floor(nonzero.astype(jnp.float32) * fraction).astype(jnp.int32)
+    threshold = kth_smallest(flat, jnp.maximum(flat.shape[0] - k + 1, 1))
+    mask = (k > 0) & (flat >= threshold)
+    mask = jnp.where(fraction >= 1, True, jnp.where(fraction <= 0, False, mask))
+    return mask.reshape(var.shape)
+
+
+__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "pruning_counts", "task_variance", "top_variance_mask"]

@@ -1,4 +1,6 @@
-"""Sparsification stages: magnitude pruning (TIES, DRM step 5) and random drop (DARE)."""
+"""Sparsification stages: magnitude pruning (TIES, DRM step 5), random drop (DARE), mergekit's magnitude
+band (Model Breadcrumbs), magnitude-ranked random drop (DELLA) and mergekit's L1 rescaling
+(docs/methods.md#rescale)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 
-from drm_jax.math.select import keep_at_least_kth, pruning_counts
+from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
 from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper
 
 Scope = Literal["joint", "per_task"]
 Rule = Literal["kthvalue", "top_k"]
+RescaleRule = Literal["inverse", "l1"]
 
 
 def check_fraction(name: str, value: float) -> float:
@@ -127,17 +130,21 @@ def random_drop_mask(key: Array, shape: tuple[int, ...], drop_rate) -> Bool[Arra
     return jax.random.bernoulli(key, keep.reshape(keep.shape + (1,) * (len(shape) - keep.ndim)), shape)
 
 
-def dare_drop(drop_rate: float | None = None, rescale: bool = True) -> MergeTransform:
-    """DARE (arXiv 2311.03099): drop each entry with probability p, rescale survivors by 1 / (1 - p).
+def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: RescaleRule = "inverse") -> MergeTransform:
+    """DARE (arXiv 2311.03099): drop each entry with probability p, rescale the survivors.
 
     drop_rate: a fixed p, or None to read it from the merge state: `state.hparams["drop_rate"]`, shape ()
       or (K,) (one per model), with the keep probability 1 - p and the factor 1 / (1 - p) computed exactly
       on the host where given ("dare_keep", "dare_scale"). p = 1 drops everything.
+    rule: with `rescale`, "inverse" divides each survivor by its keep probability 1 - p (the paper), "l1"
+      scales each task's tensor back to its L1 norm (mergekit 0.1.5's `rescale`; `l1_rescaled`).
     Uses `MergeState.key`; the engine derives it from the seed and the leaf's path, so the result does
     not depend on how leaves are grouped, chunked or sharded.
     """
     if drop_rate is not None:
         drop_rate = check_fraction("drop rate", drop_rate)
+    if rule not in ("inverse", "l1"):
+        raise ValueError(f"unknown rescale rule {rule!r}; expected 'inverse' or 'l1'")
 
     def apply(state: MergeState) -> MergeState:
         if state.key is None:
@@ -149,12 +156,14 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True) -> MergeTran
         else:
             keep_p, factor = dare_factors(hyper(state, None, "drop_rate"))
         keep_p = jnp.asarray(keep_p, jnp.float32)
-        factor = jnp.asarray(factor if rescale else 1.0, state.values.dtype)
         if keep_p.ndim:  # one probability per model
             keep_p = broadcast_tasks(keep_p, state.values)
+        mask = jax.random.bernoulli(state.key, keep_p, state.values.shape)
+        if rescale and rule == "l1":
+            return state.replace(values=l1_rescaled(state.values, jnp.where(mask, state.values, 0.0)))
+        factor = jnp.asarray(factor if rescale else 1.0, state.values.dtype)
         if factor.ndim:
             factor = broadcast_tasks(factor, state.values)
-        mask = jax.random.bernoulli(state.key, keep_p, state.values.shape)
         return state.replace(values=jnp.where(mask, state.values * factor, 0.0))
 
     return apply
@@ -172,5 +181,142 @@ def dare_factors(drop_rate):
     return jnp.asarray(keep.astype(np.float32)), jnp.asarray(factor.astype(np.float32))
 
 
-__all__ = ["Rule", "Scope", "check_fraction", "dare_drop", "dare_factors", "magnitude_mask", "prune",
-           "prune_by_threshold", "prune_geometry", "random_drop_mask"]
+# -- mergekit 0.1.5's sparsifiers: L1 rescaling, magnitude band, magnitude-ranked drop --------------------
+# mergekit's floor under which a norm counts as zero (no rescaling), compared in float32.
+L1_FLOOR = 1e-7
+
+
+def l1_rescaled(original: Float[Array, "K ..."], masked: Float[Array, "K ..."]) -> Float[Array, "K ..."]:
+    """Each task's sparsified tensor scaled back to the L1 norm of its original (docs/methods.md#rescale).
+
+    masked_t * (||original_t||_1 / ||masked_t||_1), per task t over all entries of its tensor; masked_t is
+    returned unscaled where either norm is below 1e-7 (mergekit's `rescaled_masked_tensor` with the l1
+    norm). Shapes (K, ...) in, (K, ...) out.
+    """
+    axes = tuple(range(1, original.ndim))
+    before = jnp.sum(jnp.abs(original), axis=axes, keepdims=True)
+    after = jnp.sum(jnp.abs(masked), axis=axes, keepdims=True)
+    floor = jnp.asarray(L1_FLOOR, before.dtype)
+    ok = (before >= floor) & (after >= floor)
+    return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
+
+
+def rescale_l1(sparsify: MergeTransform) -> MergeTransform:
+    """`sparsify`, then every task's tensor rescaled to the L1 norm it had before (`l1_rescaled`):
+    mergekit's `rescale: true` after its magnitude trim or magnitude band."""
+
+    def apply(state: MergeState) -> MergeState:
+        out = sparsify(state)
+        return out.replace(values=l1_rescaled(state.values, out.values))
+
+    return apply
+
+
+def band_counts(density, gamma, n: int):
+    """Where Model Breadcrumbs' band lies among the n magnitudes of a tensor sorted ascending.
+
+    density, gamma: () or (K,), each in [0, 1]. Returns (low, count), int32 arrays of the same shape:
+    count = floor(density n) entries are kept, from ascending rank `low` = max(0, n - count -
+    floor(gamma n)) on (0-based): the floor(gamma n) largest are dropped as outliers unless that would
+    leave fewer than `count` entries, and the smallest fill the rest (mergekit's `magnitude_outliers`).
+    Concrete values are counted on the host in float64, as Python's int(density * n) does; traced ones
+    on the device in float32 (which can differ by one where density * n is within rounding of an integer).
+    """
+    if isinstance(density, jax.core.Tracer) or isinstance(gamma, jax.core.Tracer):
+        count = jnp.floor(jnp.asarray(density, jnp.float32) * n)
+        top = jnp.floor(jnp.asarray(gamma, jnp.float32) * n)
+        low = jnp.maximum(0.0, n - count - top)
+        return low.astype(jnp.int32), count.astype(jnp.int32)
+    if n >= 2**31:
+        raise ValueError(f"{n} entries exceed the int32 range of the band counts")
+    count = np.floor(np.asarray(density, np.float64) * n)
+    top = np.floor(np.asarray(gamma, np.float64) * n)
+    low = np.maximum(0.0, n - count - top)
+    count, low = np.broadcast_arrays(count, low)
+    return jnp.asarray(low.astype(np.int32)), jnp.asarray(count.astype(np.int32))
+
+
+def magnitude_band_mask(magnitudes: Float[Array, "K ..."], low, count) -> Bool[Array, "K ..."]:
+    """Per task, the entries whose ascending magnitude rank lies in [low_t, low_t + count_t).
+
+    magnitudes: (K, ...) non-negative. low, count: (K,) int32 (`band_counts`). The band's ends are the
+    exact (low + 1)-th and (low + count)-th smallest magnitudes (`kth_smallest`); every entry between
+    them is kept, so magnitudes tied at an end are all kept (mergekit keeps exactly `count`, breaking the
+    tie by its sort order). count = 0 keeps nothing.
+    """
+    k = magnitudes.shape[0]
+    flat = magnitudes.reshape(k, -1)
+
+    def one(x, lo_rank, n_kept):
+        lo = kth_smallest(x, jnp.maximum(lo_rank + 1, 1))
+        hi = kth_smallest(x, jnp.maximum(lo_rank + n_kept, 1))
+        return (n_kept > 0) & (x >= lo) & (x <= hi)
+
+    low = jnp.broadcast_to(jnp.asarray(low, jnp.int32), (k,))
+    count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), (k,))
+    return jax.vmap(one)(flat, low, count).reshape(magnitudes.shape)
+
+
+def magnitude_band() -> MergeTransform:
+    """Model Breadcrumbs' sparsifier: keep each task's magnitude band (`magnitude_band_mask`), reading the
+    traced counts `state.hparams["band_low"]`, `["band_count"]` ((K,) int32, from `band_counts`)."""
+
+    def apply(state: MergeState) -> MergeState:
+        mask = magnitude_band_mask(jnp.abs(state.values), hyper(state, None, "band_low"),
+                                   hyper(state, None, "band_count"))
+        return state.replace(values=jnp.where(mask, state.values, 0.0))
+
+    return apply
+
+
+def ranked_keep_probabilities(magnitudes: Float[Array, "K ..."], density, epsilon) -> Float[Array, "K ..."]:
+    """DELLA's keep probability of each entry from its magnitude rank (docs/methods.md#della).
+
+    magnitudes: (K, ...). density, epsilon: (K,). A task's tensor is ranked along its axis 1 (the input
+    axis of an (out, in) weight; a 1-D tensor is one row), ranks r = 1..n by ascending magnitude (ties
+    broken by position), and p = density - epsilon + 2 epsilon (r - 1) / (n - 1): from density - epsilon
+    for the smallest to density + epsilon for the largest. A row of one entry (n = 1) gets p = density.
+    density >= 1 gives p = 1 (nothing dropped), density <= 0 gives p = 0.
+    """
+    k = magnitudes.shape[0]
+    per_task = magnitudes.reshape(k, 1, -1) if magnitudes.ndim <= 2 else magnitudes
+    n = per_task.shape[2]
+    ranks = jnp.argsort(jnp.argsort(per_task, axis=2, stable=True), axis=2, stable=True).astype(jnp.float32)
+    norm = ranks / (n - 1) if n > 1 else jnp.full(per_task.shape, 0.5, jnp.float32)
+    d = broadcast_tasks(jnp.asarray(density, jnp.float32), per_task)
+    e = broadcast_tasks(jnp.asarray(epsilon, jnp.float32), per_task)
+    p = (d - e) + norm * 2.0 * e
+    p = jnp.where(d >= 1, 1.0, jnp.where(d <= 0, 0.0, p))
+    return p.reshape(magnitudes.shape)
+
+
+def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransform:
+    """DELLA's MagPrune: drop each entry with probability 1 - p (`ranked_keep_probabilities`), then rescale.
+
+    Reads `state.hparams["della_density"]` and `["della_epsilon"]` ((K,) each) and draws from
+    `MergeState.key`. rule: with `rescale`, "l1" scales each task's tensor back to its L1 norm (mergekit),
+    "inverse" divides each survivor by its own p (the paper). A task with density >= 1 is left as it is.
+    """
+    if rule not in ("inverse", "l1"):
+        raise ValueError(f"unknown rescale rule {rule!r}; expected 'inverse' or 'l1'")
+
+    def apply(state: MergeState) -> MergeState:
+        if state.key is None:
+            raise ValueError("ranked_drop() needs a PRNG key in MergeState.key")
+        x = state.values
+        p = ranked_keep_probabilities(jnp.abs(x), hyper(state, None, "della_density"),
+                                      hyper(state, None, "della_epsilon"))
+        mask = jax.random.uniform(state.key, x.shape, jnp.float32) < p
+        masked = jnp.where(mask, x, 0.0)
+        if rescale and rule == "l1":
+            masked = l1_rescaled(x, masked)
+        elif rescale:
+            masked = jnp.where(mask, x / jnp.where(mask, p, 1.0).astype(x.dtype), 0.0)
+        return state.replace(values=masked)
+
+    return apply
+
+
+__all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",
+           "l1_rescaled", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
+           "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities", "rescale_l1"]

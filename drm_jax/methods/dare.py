@@ -2,7 +2,9 @@
 
 The drop probability (one for all models or one per model) is traced; the masks are drawn from each
 tensor's own key (the seed folded with a hash of the tensor's name), so they do not depend on grouping,
-chunking or sharding, and a new drop rate reuses the compiled program.
+chunking or sharding, and a new drop rate reuses the compiled program. `rescale_rule` picks the paper's
+rescaling (1 / (1 - p), the Python default) or mergekit 0.1.5's (each task tensor keeps its L1 norm, the
+command line's default).
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodS
 DROP_RATE = Param("drop_rate", "fraction", 0.8, "probability of dropping each delta entry (= 1 - density)",
                   traced=True, per_model=True, aliases=("density",), alias_maps=(("density", one_minus),),
                   mergekit_default=0.0)
-RESCALE = Param("rescale", "bool", True, "rescale the surviving entries by 1 / (1 - drop_rate)")
+RESCALE = Param("rescale", "bool", True, "rescale the surviving entries (see rescale_rule)")
+RESCALE_RULE = Param("rescale_rule", "choice", "inverse", "inverse: survivors divided by 1 - drop_rate (the paper); "
+                     "l1: each task tensor keeps its L1 norm (mergekit 0.1.5's rescale, the command line's default)",
+                     choices=("inverse", "l1"), mergekit_default="l1")
 LINEAR_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
 TIES_NORMALIZE = Param("normalize", "bool", True, "divide by the weighted count of agreeing models",
                        mergekit_default=False)
 
 
 def _build_linear(static: dict) -> Rules:
-    drop = dare_drop(None, static["rescale"])
+    drop = dare_drop(None, static["rescale"], static["rescale_rule"])
     reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
     rule = chain_rule(chain(drop, reduce, scale()))
     return Rules(linear=rule, other=rule)
@@ -32,8 +37,8 @@ def _build_linear(static: dict) -> Rules:
 
 def _build_ties(static: dict) -> Rules:
     reduce = disjoint_mean("coefficients") if static["normalize"] else sum_tasks()
-    rule = chain_rule(chain(dare_drop(None, static["rescale"]), scale_by_coefficients(), elect_sign("positive"),
-                            reduce, scale()))
+    rule = chain_rule(chain(dare_drop(None, static["rescale"], static["rescale_rule"]), scale_by_coefficients(),
+                            elect_sign("positive"), reduce, scale()))
     return Rules(linear=rule, other=rule)
 
 
@@ -42,7 +47,7 @@ def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, stati
     return {"lambda_": scalar(values["lambda_"]), "dare_keep": keep, "dare_scale": factor}
 
 
-_COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE, INT8_MASK)
+_COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE, RESCALE_RULE, INT8_MASK)
 
 DARE_LINEAR = MethodSpec(
     name="dare_linear",

@@ -12,6 +12,11 @@ from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Pa
 
 LINEAR_NORMALIZE = Param("normalize", "bool", True, "divide by the sum of the weights (false: a weighted sum)")
 TA_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
+# mergekit's task_arithmetic declares these (it is its generalized task arithmetic without a sparsifier) and
+# ignores them; accepted so that its configs run unchanged
+TA_DENSITY = Param("density", "fraction", 1.0, "accepted for mergekit configs; no effect (task arithmetic does not "
+                   "sparsify)", traced=True, per_model=True)
+TA_RESCALE = Param("rescale", "bool", False, "accepted for mergekit configs; no effect")
 
 
 def _build_linear(static: dict) -> Rules:
@@ -46,7 +51,7 @@ TASK_ARITHMETIC = MethodSpec(
     name="task_arithmetic",
     summary="base + lambda * sum_t lambda_t delta_t",
     paper="Ilharco et al., Editing Models with Task Arithmetic, arXiv 2212.04089",
-    params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE, INT8_MASK),
+    params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE, TA_DENSITY, TA_RESCALE, INT8_MASK),
     needs_base=True, elementwise=True, random=False, mergekit=True,
     build=_build_task_arithmetic, layer_hparams=_lambda_only, reference="docs/methods.md#task-arithmetic",
 )

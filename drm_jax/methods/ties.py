@@ -2,7 +2,8 @@
 
 `trim_scope="tensor"` follows mergekit's `ties` to the tensor: each model's tensor keeps its floor(density N)
 largest deltas (at least one; per-model densities allowed), coefficients apply before the sign election,
-an exact tie of the sign goes to +, and the mean is weighted by the coefficients of the agreeing models.
+an exact tie of the sign goes to +, and the mean is weighted by the coefficients of the agreeing models;
+`rescale` scales each trimmed task tensor back to its L1 norm (mergekit's `rescale`).
 `trim_scope="model"` is the paper's trim over the whole task vector (per-task thresholds computed by the
 engine over every merged leaf: the `kthvalue` rule, majority tie rule, mean over the count of agreeing
 models). Nothing is prepared besides the task vectors; every number is traced.
@@ -13,10 +14,11 @@ from __future__ import annotations
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks
 from drm_jax.math.select import pruning_counts
-from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry
+from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry, rescale_l1
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
-                                  per_model_values, scalar)
+                                  scalar)
+from drm_jax.methods.breadcrumbs import per_model_numbers
 
 DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept by the trim (= 1 - drop_rate)",
                 traced=True, per_model=True, mergekit_default=1.0, aliases=("drop_rate",),
@@ -24,6 +26,7 @@ DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept b
 TRIM_SCOPE = Param("trim_scope", "choice", "tensor", "tensor (mergekit's ties) or model (the paper's trim over "
                    "the whole task vector; alias global)", choices=("tensor", "model", "global"))
 NORMALIZE = Param("normalize", "bool", True, "divide by the (weighted) count of agreeing models; false sums them")
+RESCALE = Param("rescale", "bool", False, "scale each trimmed task tensor back to its L1 norm (mergekit's rescale)")
 
 
 def build(static: dict) -> Rules:
@@ -32,6 +35,8 @@ def build(static: dict) -> Rules:
     else:
         trim, tie, weighting, whole = prune_by_threshold(), "majority", "count", "density"
     reduce = disjoint_mean(weighting) if static["normalize"] else sum_tasks()
+    if static["rescale"]:
+        trim = rescale_l1(trim)
     rule = chain_rule(chain(trim, scale_by_coefficients(), elect_sign(tie), reduce, scale()))
     return Rules(linear=rule, other=rule, whole_model_density=whole)
 
@@ -40,7 +45,7 @@ def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, stati
     out = {"lambda_": scalar(values["lambda_"])}
     if static["trim_scope"] == "tensor":
         rows, row_size = prune_geometry((k,) + tuple(shape), "per_task", joint=False)
-        out["prune_counts"] = pruning_counts(per_model_values(values["density"], k, "density"), rows, row_size,
+        out["prune_counts"] = pruning_counts(per_model_numbers(values["density"], k, "density"), rows, row_size,
                                              "top_k")
     return out
 
@@ -49,7 +54,7 @@ TIES = MethodSpec(
     name="ties",
     summary="TIES-Merging: trim each task vector, elect the sign by mass, disjoint mean",
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708",
-    params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE, INT8_MASK),
+    params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE, RESCALE, INT8_MASK),
     needs_base=True, elementwise=False, random=False, mergekit=True,
     build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties",
 )

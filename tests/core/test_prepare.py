@@ -77,7 +77,11 @@ def test_prepare_then_merge_equals_merge(method):
               "ties": {"density": 0.4, "lambda_": 0.8}, "task_arithmetic": {"lambda_": 0.4},
               "linear": {}, "dare_linear": {"drop_rate": 0.5}, "dare_ties": {"drop_rate": 0.3},
               "tsv_m": {"alpha": 1.2}, "iso_c": {"alpha": 0.9},
-              "iso_cts": {"alpha": 1.1}}[method]
+              "iso_cts": {"alpha": 1.1},
+              "breadcrumbs": {"density": 0.6, "gamma": 0.05, "lambda_": 0.9}, "breadcrumbs_ties": {"density": 0.5},
+              "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.6},
+              "sce": {"select_topk": 0.5}, "ram": {"epsilon": 0.05}, "ramplus_tl": {"epsilon": 0.05, "r": 0.3},
+              }.get(method, {})
     coefficients = [0.5, 1.0, 1.5]
     prepared = drm_jax.prepare(base, models, method=method)
     merged = drm_jax.merge(base, models, method=method, coefficients=coefficients, **values)

@@ -112,6 +112,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "(default: on)")
     parser.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                         help="write README.md (a model card) and mergekit_config.yml (default: on)")
+    parser.add_argument("--adapter-out", action="store_true",
+                        help="the models are PEFT LoRA adapters of base_model: write OUT_DIR as one merged LoRA "
+                             "adapter (merged in factored form where the method allows) instead of the model")
+    parser.add_argument("--adapter-rank", type=int, default=None, metavar="R",
+                        help="with --adapter-out: the merged adapter's rank (default K r: exact where the merge "
+                             "factors)")
     parser.set_defaults(func=run)
     return parser
 
@@ -387,6 +393,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(Path(args.out_dir), args.force,
                  [Path(args.config), *input_paths(config, recipe.models), config.resolve(recipe.reference.model)])
     devices = select_devices(args.device, args.devices)
+    if getattr(args, "adapter_out", False) or getattr(args, "adapter_rank", None) is not None:
+        from drm_jax.cli.adapter_out import run_adapter_out
+
+        return run_adapter_out(args, config, recipe)
     try:
         merge_checkpoints(config, args.out_dir, force=args.force, quiet=args.quiet, devices=devices,
                           max_memory=args.max_memory, max_shard_size=args.max_shard_size, recipe=recipe,

@@ -23,6 +23,7 @@ weight's dtype. Reference: Hu et al., "LoRA" (arXiv 2106.09685); PEFT's LoraLaye
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -33,6 +34,7 @@ from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
 from drm_jax.io.safetensors_io import SafetensorsReader
 from drm_jax.io.torch_io import TorchReader
+from drm_jax.io.writer import CheckpointWriter
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # The adapter's weight files, in the order PEFT prefers them, and their readers.
@@ -204,6 +206,37 @@ class PeftReader(IndexedReader):
             return scale * np.tensordot(b.reshape(b.shape[:2]), a, axes=(1, 0))  # (out, in, *window)
         raise CheckpointError(f"{where}: unsupported LoRA shapes A {a.shape}, B {b.shape}")
 
+    # -- the factors themselves (drm_jax.merge_adapters) ------------------------------------------------
+
+    def is_embedding(self, name: str) -> bool:
+        """Whether base weight `name` is adapted by an embedding LoRA (lora_embedding_A / _B)."""
+        kind, key = self._record(name)
+        return kind == "lora" and self._modules[key].embedding
+
+    def lora_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray, float, bool]]:
+        """Every adapted base weight's LoRA factors: name -> (B, A, scaling, transposed), the update being
+        scaling * B @ A, stored as its transpose where `transposed` (fan_in_fan_out, embeddings).
+
+        B is lora_B (out, r) (an embedding's lora_embedding_B (dim, r)), A is lora_A (r, in)
+        (lora_embedding_A (r, num)), both float32. Raises CheckpointError where the adapter changes a tensor
+        otherwise (saved whole, a LoRA bias) or has a convolution's LoRA: those have no factored form.
+        """
+        out = {}
+        for name, (kind, key) in self._by_name.items():
+            if kind != "lora":
+                what = "a LoRA bias (lora_bias)" if kind == "bias" else "a tensor saved whole (modules_to_save)"
+                raise CheckpointError(f"{self.path}: {name!r} is {what}, which has no LoRA factors; merge the "
+                                      f"adapted models instead (drm-jax merge without --adapter-out)")
+            entry = self._modules[key]
+            a = self.adapter.get(entry.a).astype(np.float32)
+            b = self.adapter.get(entry.b).astype(np.float32)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise CheckpointError(f"{self.adapter.path}: module {key!r}: LoRA factors A {a.shape} and B {b.shape} "
+                                      f"are not a linear layer's or an embedding's")
+            transposed = entry.embedding or bool(self.config.get("fan_in_fan_out"))
+            out[name] = (b, a, self.scaling(key), transposed)
+        return out
+
     # -- the reader interface ---------------------------------------------------------------------------
 
     def delta(self, name: str) -> np.ndarray:
@@ -262,3 +295,82 @@ class PeftReader(IndexedReader):
         self.adapter.close()
         if self.owns_base and self.base is not None:
             self.base.close()
+
+
+# -- writing a LoRA adapter ----------------------------------------------------------------------------
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _module_of(name: str) -> str:
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def write_lora_adapter(out_dir, weights, *, embeddings=(), fan_in_fan_out: bool = False,
+                       base_model_name_or_path: str | None = None, task_type: str | None = None,
+                       dtype=None, overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter directory (adapter_config.json, adapter_model.safetensors), atomically.
+
+    Args:
+      out_dir: the directory (created; an existing non-empty one only with overwrite=True).
+      weights: base weight name ("model.layers.0.self_attn.q_proj.weight") -> (B, A, transposed): the
+        update B @ A (scale 1), stored transposed where `transposed`. Every module gets the largest rank R
+        (the others padded with zeros, exact): the config has r = lora_alpha = R (PEFT's scaling 1).
+      embeddings: names of the weights that are embeddings (written as lora_embedding_A / _B).
+      fan_in_fan_out: the linear modules are stored (in, out) (GPT-2's Conv1D), as PEFT's flag says.
+      base_model_name_or_path, task_type: copied into the config.
+      dtype: numpy dtype of the tensors (default float32).
+
+    Keys are PEFT's: base_model.model.<module>.lora_A.weight (R, in) and .lora_B.weight (out, R), or
+    .lora_embedding_A (R, num) and .lora_embedding_B (dim, R).
+    """
+    if not weights:
+        raise CheckpointError(f"{out_dir}: no adapted weights to write")
+    rank = max(int(np.shape(b)[1]) for b, _, _ in weights.values())
+    embeddings = set(embeddings)
+    dtype = np.dtype(np.float32 if dtype is None else dtype)
+    tensors = {}
+    for name, (b, a, transposed) in weights.items():
+        b, a = np.asarray(b, np.float32), np.asarray(a, np.float32)
+        # PEFT computes B @ A, transposed for embeddings and fan_in_fan_out modules
+        needs = name in embeddings or fan_in_fan_out
+        if bool(transposed) != needs:
+            b, a = a.T, b.T
+        pad = rank - b.shape[1]
+        b, a = np.pad(b, ((0, 0), (0, pad))), np.pad(a, ((0, pad), (0, 0)))
+        prefix = f"{_PEFT_PREFIX}{_module_of(name)}"
+        if name in embeddings:
+            tensors[f"{prefix}.lora_embedding_A"], tensors[f"{prefix}.lora_embedding_B"] = a, b
+        else:
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+    config = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted({_module_of(n) for n in weights}), "fan_in_fan_out": bool(fan_in_fan_out),
+        "use_rslora": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path, "task_type": task_type, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+    writer = _AdapterWriter(Path(out_dir), config, overwrite=overwrite)
+    with writer:
+        for key, value in tensors.items():
+            writer.add(key, np.ascontiguousarray(value.astype(dtype)))
+    return writer.path
+
+
+class _AdapterWriter(CheckpointWriter):
+    """The checkpoint writer's temporary directory and atomic rename, with PEFT's two files as payload."""
+
+    def __init__(self, out_dir: Path, config: dict, overwrite: bool = False):
+        super().__init__(out_dir, "flax", overwrite=overwrite)  # "flax": tensors are buffered until close()
+        self.adapter_config = config
+
+    def _write_payload(self) -> None:
+        from safetensors.numpy import save_file
+
+        try:
+            save_file(self._buffered, str(self.tmp_dir / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        except Exception as err:  # SafetensorError (not an OSError) on a full disk
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{self.out_dir}: cannot write {ADAPTER_WEIGHTS_NAME}: {first}") from None
+        (self.tmp_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(self.adapter_config, indent=2) + "\n",
+                                                        encoding="utf-8")
+        self._buffered = {}

@@ -10,9 +10,17 @@ the same computation with the roles of B and A swapped.
 
 The merged delta every joint-space method returns is U X (U: (n, q), X: (q, m)), of rank at most q = K r:
 `to_lora_factors` turns it into an adapter of rank q (exact) or of a requested rank.
+
+Methods that are equivariant under orthogonal maps of both sides (TSV-M, Iso-C, Iso-CTS) need less:
+with Q1 an orthonormal basis of span(B_1 ... B_K) (n, q1) and Q2 one of span(A_1^T ... A_K^T) (m, q2),
+D_t = Q1 C_t Q2^T for the small cores C_t = s_t (Q1^T B_t)(A_t Q2) (q1, q2), and the merge of the D_t
+is Q1 (the merge of the C_t) Q2^T when the merge takes its budgets, means and zero tolerance from the
+deltas' shape (n, m) (`lora_cores`; docs/methods.md#lora-factored).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -86,6 +94,59 @@ def joint_space_lora(
     return JointSpace(basis, s, coordinates, s > rank_rtol * jnp.max(s))
 
 
+class LoraCores(NamedTuple):
+    """K deltas D_t = left C_t right^T: left (n, q1) and right (m, q2) with orthonormal columns, the cores
+    C_t (K, q1, q2) (docs/methods.md#lora-factored)."""
+
+    left: Float[Array, "n q1"]
+    cores: Float[Array, "K q1 q2"]
+    right: Float[Array, "m q2"]
+
+
+def lora_cores(b: Float[Array, "K n r"], a: Float[Array, "K r m"], scales: Float[Array, " K"]) -> LoraCores:
+    """The cores of K LoRA deltas s_t B_t A_t in the joint bases of their factors (no n x m matrix formed).
+
+    Q1 R1 = [B_1 ... B_K] (n, K r) and Q2 R2 = [A_1^T ... A_K^T] (m, K r) by QR, so B_t = Q1 R1_t and
+    A_t^T = Q2 R2_t (R1_t, R2_t the task's column blocks) and C_t = s_t R1_t R2_t^T. Exact for any
+    factors (a rank-deficient stack included: QR still spans it). q1 = min(n, K r), q2 = min(m, K r).
+    Cost: the two QRs, O((n + m)(K r)^2).
+    """
+    _check_factors(b, a, scales)
+    k, n, r = b.shape
+    m = a.shape[2]
+    scales = jnp.asarray(scales, b.dtype)
+    q1, r1 = jnp.linalg.qr(jnp.transpose(b, (1, 0, 2)).reshape(n, k * r))  # (n, q1), (q1, K r)
+    q2, r2 = jnp.linalg.qr(jnp.transpose(a, (2, 0, 1)).reshape(m, k * r))  # (m, q2), (q2, K r)
+    cores = jnp.einsum("pkr,qkr->kpq", r1.reshape(-1, k, r), r2.reshape(-1, k, r), precision="highest")
+    return LoraCores(q1, scales[:, None, None] * cores, q2)
+
+
+def _split_spectrum(left, w, s, zh, rank: int):
+    """B = left W_r diag(sqrt S_r), A = diag(sqrt S_r) Z_r^T, zero-padded to `rank`; the discarded energy."""
+    kept = min(rank, s.shape[0])
+    root = jnp.sqrt(s[:kept])
+    b = _mm(left, w[:, :kept]) * root[None, :] if left is not None else w[:, :kept] * root[None, :]
+    a = root[:, None] * zh[:kept]
+    if rank > kept:
+        b = jnp.pad(b, ((0, 0), (0, rank - kept)))
+        a = jnp.pad(a, ((0, rank - kept), (0, 0)))
+    energy = s * s
+    total = jnp.sum(energy)
+    discarded = jnp.where(total > 0, jnp.sum(energy[kept:]) / jnp.where(total > 0, total, 1.0), 0.0)
+    return b, a, discarded
+
+
+def dense_to_lora(delta: Float[Array, "n m"], rank: int) -> tuple[Array, Array, Array]:
+    """The best rank-`rank` LoRA factors (B (n, rank), A (rank, m)) of a dense delta (truncated SVD, the
+    singular values split evenly as in `to_lora_factors`), and the discarded energy fraction."""
+    if delta.ndim != 2:
+        raise ValueError(f"dense_to_lora needs a delta (n, m), got {delta.shape}")
+    if int(rank) < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    w, s, zh = jnp.linalg.svd(delta, full_matrices=False)
+    return _split_spectrum(None, w, s, zh, int(rank))
+
+
 def to_lora_factors(
     u: Float[Array, "n q"], x: Float[Array, "q m"], rank: int | None = None
 ) -> tuple[Float[Array, "n rank"], Float[Array, "rank m"], Float[Array, ""]]:
@@ -113,17 +174,7 @@ def to_lora_factors(
         raise ValueError(f"rank must be at least 1, got {rank}")
     q, r = jnp.linalg.qr(u)
     w, s, zh = jnp.linalg.svd(_mm(r, x), full_matrices=False)
-    kept = min(rank, s.shape[0])
-    root = jnp.sqrt(s[:kept])
-    b = _mm(q, w[:, :kept]) * root[None, :]
-    a = root[:, None] * zh[:kept]
-    if rank > kept:
-        b = jnp.pad(b, ((0, 0), (0, rank - kept)))
-        a = jnp.pad(a, ((0, rank - kept), (0, 0)))
-    energy = s * s
-    total = jnp.sum(energy)
-    discarded = jnp.where(total > 0, jnp.sum(energy[kept:]) / jnp.where(total > 0, total, 1.0), 0.0)
-    return b, a, discarded
+    return _split_spectrum(q, w, s, zh, rank)
 
 
-__all__ = ["joint_space_lora", "lora_deltas", "to_lora_factors"]
+__all__ = ["LoraCores", "dense_to_lora", "joint_space_lora", "lora_cores", "lora_deltas", "to_lora_factors"]

@@ -174,6 +174,9 @@ class Rules(NamedTuple):
       makes a non-finite output, so the engine checks the outputs only).
     scaled_by: the traced parameter both rules multiply the merged delta by as their last stage (the
       engine may then keep the unscaled delta across a sweep of that parameter alone), else None.
+    factored: the `linear` rule's merge of LoRA deltas from their factors (`drm_jax.merge_adapters`),
+      for the methods whose merge of low-rank deltas is low-rank and computable in the factors' joint
+      bases; None: the adapters' deltas are formed one layer at a time.
     """
 
     linear: LayerRule
@@ -182,6 +185,23 @@ class Rules(NamedTuple):
     exact_if_blocked: frozenset[str] = frozenset()
     linear_combination: bool = False
     scaled_by: str | None = None
+    factored: "FactoredRule | None" = None
+
+
+class FactoredRule(NamedTuple):
+    """A layer's merge of K LoRA deltas s_t B_t A_t (K, n, m) from the factors, never forming an (n, m)
+    delta (docs/methods.md#lora-factored). The engine vmaps nothing here: one call per layer.
+
+    prepare: (b (K, n, r), a (K, r, m), scales (K,)) -> prepared state (a pytree of arrays): the work that
+      does not depend on the traced numbers (the joint decomposition of the factored stack).
+    merge: (prepared, LayerContext) -> (left (n, q), right (q, m)), the merged delta being left @ right
+      (the `linear` rule's result exactly, q <= K r); LayerContext.base is None. Traced in every number.
+    x64: run `prepare` in float64 (as `LayerRule.x64`).
+    """
+
+    prepare: Callable[[Any, Any, Any], Any]
+    merge: Callable[[Any, LayerContext], tuple[Any, Any]]
+    x64: bool = False
 
 
 @dataclass(frozen=True)
@@ -313,5 +333,6 @@ def scalar(value) -> Any:
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param", "Rules", "SEED",
+__all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
+           "Rules", "SEED",
            "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]

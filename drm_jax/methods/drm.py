@@ -13,15 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drm_jax.math import decompose, space
+from drm_jax.math import decompose, lowrank, space
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients
 from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune, prune_geometry
 from drm_jax.math.state import chain, init_state, merged_of
 from drm_jax.methods.alias import ties_like
-from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, LayerContext, LayerRule, MethodSpec, Param, Rules,
-                                  chain_rule, one_minus, scalar)
+from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, FactoredRule, LayerContext, LayerRule, MethodSpec, Param,
+                                  Rules, chain_rule, one_minus, scalar)
 
 DIRECTION = Param("direction", "choice", "horizontal", "horizontal (DRM-H: shared output-space basis) or "
                   "vertical (DRM-V: shared input-space basis)", choices=("horizontal", "vertical"))
@@ -64,11 +64,12 @@ def _rows(shape: tuple[int, int], k: int, direction: str) -> tuple[int, int]:
 def build(static: dict) -> Rules:
     direction, route, precision = static["direction"], static["svd_route"], static["precision"]
     x64 = use_float64(precision)
-    joint_stages = chain(
+    in_space = chain(  # steps 4-8: the merged coordinates X in the joint space
         space.renormalize() if static["renormalize"] else (lambda s: s),
         prune(None, scope=static["prune_scope"], rule="kthvalue"),
-        elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"), space.recompose(), scale(),
+        elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"),
     )
+    joint_stages = chain(in_space, space.recompose(), scale())
 
     def prepare(deltas):
         k = deltas.shape[0]
@@ -98,10 +99,28 @@ def build(static: dict) -> Rules:
         state = init_state(prepared.coordinates, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)
         return merged_of(joint_stages(space.enter_prepared(prepared, direction)(state)))
 
+    def factored_prepare(b, a, scales):
+        # the joint space of the LoRA stack from its factors (docs/methods.md#lora-factored): the same basis,
+        # singular values and coordinates as `prepare` on the dense deltas, with q = K r rows
+        dtype = b.dtype
+        if x64:
+            b, a, scales = (jnp.asarray(x, jnp.float64) for x in (b, a, scales))
+        joint = lowrank.joint_space_lora(b, a, scales, direction)
+        prepared = space.PreparedSpace(joint.basis, joint.singular_values, joint.coordinates)
+        return jax.tree.map(lambda x: x.astype(dtype), prepared)
+
+    def factored_merge(prepared: space.PreparedSpace, ctx: LayerContext):
+        state = init_state(prepared.coordinates, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)
+        merged = scale()(in_space(space.enter_prepared(prepared, direction)(state))).merged  # lambda X (q, m)
+        if direction == "vertical":  # the merged delta is (U X)^T
+            return merged.T, prepared.basis.T
+        return prepared.basis, merged
+
     linear = LayerRule(prepare=prepare, merge=merge, shrink=shrink, x64=x64)
     return Rules(linear=linear, other=chain_rule(chain(ties_like(static["nonlinear_density"]), scale())),
                  exact_if_blocked=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
-                 scaled_by="lambda_")  # both chains end with scale()
+                 scaled_by="lambda_",  # both chains end with scale()
+                 factored=FactoredRule(factored_prepare, factored_merge, x64=x64))
 
 
 def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:

@@ -8,10 +8,13 @@ Nothing is prepared besides the task vectors; alpha and the coefficients are tra
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
+from drm_jax.math import lowrank, subspace
 from drm_jax.math.mean import mean_tasks, scale, scale_by_coefficients
 from drm_jax.math.state import chain
-from drm_jax.math import subspace
-from drm_jax.methods.base import COEFFICIENTS, LayerContext, LayerRule, MethodSpec, Param, Rules, chain_rule, scalar
+from drm_jax.methods.base import (COEFFICIENTS, FactoredRule, LayerContext, LayerRule, MethodSpec, Param, Rules,
+                                  chain_rule, scalar)
 
 ALPHA = Param("alpha", "float", 1.0, "global scaling of the merged delta (the papers pick it on validation)",
               traced=True, aliases=("lambda_", "lambda", "scaling"))
@@ -22,10 +25,18 @@ COMMON_FRACTION = Param("common_fraction", "fraction", 0.8, "Iso-CTS: fraction o
 def _rule(per_layer, static: dict) -> Rules:
     def merge(deltas, ctx: LayerContext):
         scaled = deltas * ctx.coefficients.astype(deltas.dtype)[:, None, None]
-        return per_layer(scaled, ctx.hparams["alpha"], static)
+        return per_layer(scaled, ctx.hparams["alpha"], static, None)
+
+    def factored_merge(cores: lowrank.LoraCores, ctx: LayerContext):
+        # all three are equivariant under orthogonal maps of both sides: merge the cores, map back
+        # (docs/methods.md#lora-factored)
+        scaled = cores.cores * ctx.coefficients.astype(cores.cores.dtype)[:, None, None]
+        merged = per_layer(scaled, ctx.hparams["alpha"], static, (cores.left.shape[0], cores.right.shape[0]))
+        return jnp.matmul(cores.left, merged, precision="highest"), cores.right.T
 
     other = chain_rule(chain(scale_by_coefficients(), mean_tasks(), _alpha_scale()))
-    return Rules(linear=LayerRule(prepare=None, merge=merge), other=other)
+    return Rules(linear=LayerRule(prepare=None, merge=merge), other=other,
+                 factored=FactoredRule(lowrank.lora_cores, factored_merge))
 
 
 def _alpha_scale():
@@ -50,13 +61,13 @@ def _spec(name, summary, paper, per_layer, params=()):
 
 TSV_M = _spec("tsv_m", "Task Singular Vectors merge: each task's top singular triplets, orthogonalized jointly",
               "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, arXiv 2412.00081",
-              lambda d, a, s: subspace.tsv_merge(d, a))
+              lambda d, a, s, shape: subspace.tsv_merge(d, a, shape))
 ISO_C = _spec("iso_c", "Isotropic merge in the common subspace: the summed delta with a flat spectrum",
               "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
-              "Subspaces, arXiv 2502.04959", lambda d, a, s: subspace.iso_c(d, a))
+              "Subspaces, arXiv 2502.04959", lambda d, a, s, shape: subspace.iso_c(d, a, shape))
 ISO_CTS = _spec("iso_cts", "Isotropic merge with common and task-specific subspaces",
                 "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
                 "Subspaces, arXiv 2502.04959",
-                lambda d, a, s: subspace.iso_cts(d, a, s["common_fraction"]), (COMMON_FRACTION,))
+                lambda d, a, s, shape: subspace.iso_cts(d, a, s["common_fraction"], shape), (COMMON_FRACTION,))
 
 __all__ = ["ISO_C", "ISO_CTS", "TSV_M"]

@@ -29,6 +29,7 @@ class Grid:
     dare_drop_rates: tuple[float, ...] = (0.8,)
     drop_rates: tuple[float, ...] = (0.6, 0.8, 0.9, 0.95)  # DRM / KnOTS sweep
     default_drop_rate: float = 0.8
+    subspace_alphas: tuple[float, ...] = (0.5, 1.0, 1.5)  # alpha of TSV-M / Iso-C / Iso-CTS
     sweep_directions: tuple[str, ...] = ("horizontal",)
 
 
@@ -49,7 +50,10 @@ METHODS = (
     MethodSpec("KnOTS-TIES", "knots_ties"),
     MethodSpec("DRM-H", "drm", {"direction": "horizontal"}),
     MethodSpec("DRM-V", "drm", {"direction": "vertical"}),
+    MethodSpec("TSV-M", "tsv_m"),
+    MethodSpec("Iso-CTS", "iso_cts"),
 )
+SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")  # one global alpha, passed as "lambda" (an alias of alpha)
 METHOD_LABELS = tuple(m.label for m in METHODS)
 
 
@@ -83,7 +87,8 @@ def grid_stages(spec: MethodSpec, grid: Grid, fixed_choice: Mapping[str, Any] | 
     """Coordinate search stages: each stage lists candidate settings; later stages start from the best.
 
     DRM / KnOTS: lambda at the default drop rate first, then (for the swept DRM directions) the drop
-    rate at that lambda. With `fixed_choice` (settings already chosen elsewhere), only lambda is searched.
+    rate at that lambda. TSV-M / Iso-CTS: their alpha (the papers choose it on validation too). With
+    `fixed_choice` (settings already chosen elsewhere), only lambda (alpha) is searched.
     """
     def lambdas(values):
         return [{"lambda": v} for v in values]
@@ -92,9 +97,11 @@ def grid_stages(spec: MethodSpec, grid: Grid, fixed_choice: Mapping[str, Any] | 
         return [[{}]]
     if spec.method == "task_arithmetic":
         return [lambdas(grid.ta_lambdas)]
+    if spec.method in SUBSPACE_METHODS and fixed_choice is None:
+        return [lambdas(grid.subspace_alphas)]
     if fixed_choice is not None:
         rest = {k: v for k, v in fixed_choice.items() if k != "lambda"}
-        values = grid.ta_lambdas if spec.method == "task_arithmetic" else grid.disjoint_lambdas
+        values = grid.subspace_alphas if spec.method in SUBSPACE_METHODS else grid.disjoint_lambdas
         return [[{**rest, "lambda": v} for v in values]]
     if spec.method == "ties":
         return [[{"density": d} for d in grid.ties_densities], lambdas(grid.disjoint_lambdas)]

@@ -33,7 +33,7 @@ PROFILES = {
         # Few grid points: on 2 cores one DRM merge of the encoder plus its evaluation takes ~20-30 s.
         grid=Grid(ta_lambdas=(0.3, 0.5), disjoint_lambdas=(1.0,), ties_densities=(0.2,),
                   dare_drop_rates=(0.8,), drop_rates=(0.7, 0.8, 0.9), default_drop_rate=0.8,
-                  sweep_directions=("horizontal",)),
+                  sweep_directions=("horizontal",), subspace_alphas=(1.0, 1.5)),
         task_counts=(2, 4), reselect_per_count=False, seeds=(0,),
     ),
     # Every task present on the machine (6 from the wheels, up to 9 with the optional sources), 2 seeds.
@@ -47,7 +47,7 @@ PROFILES = {
         train=TrainConfig(steps=80, batch_size=16, learning_rate=1e-4),
         grid=Grid(ta_lambdas=(0.2, 0.3, 0.5), disjoint_lambdas=(1.0, 1.5), ties_densities=(0.2,),
                   dare_drop_rates=(0.8,), drop_rates=(0.7, 0.8, 0.9, 0.95), default_drop_rate=0.8,
-                  sweep_directions=("horizontal", "vertical")),
+                  sweep_directions=("horizontal", "vertical"), subspace_alphas=(0.5, 1.0, 1.5, 2.0)),
         task_counts=(2, 4, 6, 8), reselect_per_count=False, seeds=(0, 1),
     ),
     # Seconds, for a smoke test of the whole pipeline (numbers mean nothing).
@@ -55,7 +55,7 @@ PROFILES = {
         tasks=("rt_sentiment", "election_tweets"),
         n_head=32, n_train=16, n_val=16, n_test=16, max_len=32,
         train=TrainConfig(steps=2, batch_size=8, learning_rate=1e-4),
-        grid=Grid(ta_lambdas=(0.5,), disjoint_lambdas=(1.0,), drop_rates=(0.8, 0.9)),
+        grid=Grid(ta_lambdas=(0.5,), disjoint_lambdas=(1.0,), drop_rates=(0.8, 0.9), subspace_alphas=(1.0,)),
         task_counts=(2,), reselect_per_count=False, seeds=(0,),
     ),
 }

@@ -101,7 +101,8 @@ def _plt():
 
 def _colors(labels: Sequence[str]) -> dict[str, str]:
     """One colour per method, the same in every plot."""
-    return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    palette = [f"C{i}" for i in range(10)] + ["#393b79", "#8c6d31", "#843c39", "#7b4173", "#637939"]
+    return {label: palette[i % len(palette)] for i, label in enumerate(labels)}
 
 
 def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path,

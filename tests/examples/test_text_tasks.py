@@ -184,6 +184,13 @@ def test_merge_kwargs_and_grid_stages():
     assert [len(s) for s in stages] == [2, 2]
     assert grid_stages(drm, grid, fixed_choice={"drop_rate": 0.9, "lambda": 1.0}) == [
         [{"drop_rate": 0.9, "lambda": 1.0}, {"drop_rate": 0.9, "lambda": 2.0}]]
+    # TSV-M and Iso-CTS: their alpha, given as lambda (an alias of alpha), chosen on validation
+    assert {m.method for m in METHODS} >= {"tsv_m", "iso_cts"}
+    iso = MethodSpec("Iso-CTS", "iso_cts")
+    assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5))) == [[{"lambda": 0.5}, {"lambda": 1.5}]]
+    assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5)), fixed_choice={"lambda": 1.0}) == [
+        [{"lambda": 0.5}, {"lambda": 1.5}]]
+    assert merge_kwargs(iso, {"lambda": 1.5}, 3) == {"lambda_": 1.5}
 
 
 def test_selection_uses_validation_only(monkeypatch):

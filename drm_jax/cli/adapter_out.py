@@ -1,0 +1,138 @@
+"""`drm-jax merge CONFIG OUT_DIR --adapter-out`: LoRA adapters of one base model merged into one adapter.
+
+Every merged model of the config must be a PEFT LoRA adapter of `base_model`: an adapter directory (applied
+over base_model) or mergekit's `base_model+adapter` form. They are merged by `drm_jax.merge_adapters` with
+the config's method and parameters (the same recipe as a model merge), in factored form where the method
+allows (docs/methods.md#lora-factored), and OUT_DIR becomes a PEFT adapter directory (adapter_config.json,
+adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, OUT_DIR)` loads. `--adapter-rank R`
+sets its rank (default K r: exact where the merge factors; the discarded energy is printed otherwise).
+Without --adapter-out the same config writes the merged model (base + merged delta) instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from drm_jax.cli import naming
+from drm_jax.cli.config import MergeConfig
+from drm_jax.cli.recipe import Recipe
+from drm_jax.cli.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
+from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+
+
+def _fail(config: MergeConfig, message: str) -> ConfigError:
+    return ConfigError((f"{config.source}: " if config.source is not None else "") + f"--adapter-out: {message}")
+
+
+def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path]]:
+    """(base model path, the merged adapters' directories), or ConfigError naming the entry that is not a
+    LoRA adapter of the base model."""
+    if config.slices:
+        raise _fail(config, "a slices config merges layer ranges of models; give the adapters under models")
+    if config.tokenizer_spec is not None:
+        raise _fail(config, "tokenizer_source / tokenizer change the vocabulary, which an adapter cannot carry")
+    if config.base_model is None:
+        raise _fail(config, "base_model must be the model the adapters were trained on")
+    base, base_adapter = split_adapter(config, config.base_model)
+    if base_adapter is not None:
+        raise _fail(config, "base_model must be a model, not a model+adapter")
+    adapters = []
+    for entry in recipe.models:
+        model, adapter = split_adapter(config, entry.model)
+        if adapter is None:
+            model, adapter = base, model
+        elif model.expanduser().resolve() != base.expanduser().resolve():
+            raise _fail(config, f"{entry.key}: {entry.model!r} is an adapter over another model than base_model")
+        if not (adapter / PEFT_CONFIG_NAME).is_file():
+            raise _fail(config, f"{entry.key}: {str(adapter)!r} is not a PEFT LoRA adapter directory "
+                                f"({PEFT_CONFIG_NAME} missing)")
+        adapters.append(adapter)
+    return base, adapters
+
+
+def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, force: bool = False,
+                     quiet: bool = False, rank: int | None = None) -> dict[str, Any]:
+    """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output", "rank",
+    "discarded", "paths"}. Nothing is left at `out_dir` on failure."""
+    import jax
+
+    from drm_jax.cli.merge import check_output
+    from drm_jax.engine.adapters import merge_adapters
+    from drm_jax.io.detect import open_checkpoint
+    from drm_jax.io.peft_io import PeftReader, write_lora_adapter
+
+    if rank is not None and rank < 1:
+        raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")
+    if recipe.zero_base and recipe.engine_kwargs.get("normalize") is False:
+        raise _fail(config, "linear with normalize: false sums whole weights (base included), which is not "
+                            "base + a low-rank update")
+    base_path, adapter_dirs = adapter_paths(config, recipe)
+    check_output(Path(out_dir), force, input_paths(config, recipe.models) + [base_path])
+    base = open_checkpoint(base_path)
+    adapters: list[Any] = []
+    try:
+        if naming.naming_of(base) != "hf":
+            raise _fail(config, f"base_model {str(base_path)!r} is a {base.format} checkpoint; the adapters' "
+                                f"names are Hugging Face's (convert it with drm-jax convert first)")
+        for path in adapter_dirs:
+            adapters.append(PeftReader(path, base))
+        arch = naming.architecture_of([base])
+        flags = {bool(r.config.get("fan_in_fan_out")) for r in adapters}
+        if len(flags) > 1:
+            raise _fail(config, "the adapters disagree on fan_in_fan_out")
+        weights = [r.lora_weights() for r in adapters]
+        names = sorted({n for w in weights for n in w})
+        shapes = {n: jax.ShapeDtypeStruct(tuple(base.shape(n)), np.float32) for n in names}
+        embeddings = {n for r in adapters for n in r.keys() if r.is_embedding(n)}
+        task_type = adapters[0].config.get("task_type")
+        base_name = adapters[0].config.get("base_model_name_or_path") or str(base_path)
+    finally:
+        for reader in adapters:
+            reader.close()  # the adapter's files; the base is closed below
+        base.close()
+    result = merge_adapters(shapes, weights, method=recipe.method, rank=rank, layout=naming.layout_for(arch),
+                            **recipe.role_kwargs, **recipe.engine_kwargs)
+    dtype = _numpy_dtype(config.out_dtype or config.dtype)
+    try:
+        output = write_lora_adapter(out_dir, {n: (w.b, w.a, w.transposed) for n, w in result.adapter.items()},
+                                    embeddings=embeddings, fan_in_fan_out=flags.pop() if flags else False,
+                                    base_model_name_or_path=base_name, task_type=task_type, dtype=dtype,
+                                    overwrite=force)
+    except OSError as err:
+        if isinstance(err, DrmJaxError):
+            raise
+        raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
+    out_rank = max(int(np.shape(w.b)[1]) for w in result.adapter.values()) if result.adapter else 0
+    worst = max(result.discarded.values(), default=0.0)
+    if not quiet:
+        counts = {p: sum(1 for v in result.paths.values() if v == p) for p in ("factored", "linear", "dense")}
+        print(f"drm-jax: wrote a rank-{out_rank} LoRA adapter of {len(result.adapter)} weights to {out_dir} "
+              f"({counts['factored']} merged in factored form, {counts['linear']} as concatenated factors, "
+              f"{counts['dense']} formed and truncated; largest discarded energy {worst:.3g})", file=sys.stderr)
+    return {"output": Path(output), "rank": out_rank, "discarded": result.discarded, "paths": result.paths}
+
+
+def _numpy_dtype(name: str | None):
+    if name is None:
+        return np.float32
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def run_adapter_out(args, config: MergeConfig, recipe: Recipe) -> int:
+    """The --adapter-out branch of `drm-jax merge`."""
+    if not args.adapter_out:
+        raise ConfigError("--adapter-rank needs --adapter-out")
+    merge_to_adapter(config, Path(args.out_dir), recipe=recipe, force=args.force, quiet=args.quiet,
+                     rank=args.adapter_rank)
+    return 0
+
+
+__all__ = ["adapter_paths", "merge_to_adapter", "run_adapter_out"]

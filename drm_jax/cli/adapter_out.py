@@ -31,9 +31,9 @@ def _fail(config: MergeConfig, message: str) -> ConfigError:
 def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path]]:
     """(base model path, the merged adapters' directories), or ConfigError naming the entry that is not a
     LoRA adapter of the base model."""
-    if config.slices:
+    if getattr(config, "slices", ()):
         raise _fail(config, "a slices config merges layer ranges of models; give the adapters under models")
-    if config.tokenizer_spec is not None:
+    if getattr(config, "tokenizer_spec", None) is not None:
         raise _fail(config, "tokenizer_source / tokenizer change the vocabulary, which an adapter cannot carry")
     if config.base_model is None:
         raise _fail(config, "base_model must be the model the adapters were trained on")

@@ -75,9 +75,11 @@ def test_factored_path_equals_the_materialised_merge(method, params):
         assert rel(np.asarray(w.b) @ np.asarray(w.a), want["embed_tokens.weight"]) < 1e-5
 
 
-@pytest.mark.parametrize("method, params", [("drm", {"drop_rate": 0.7}), ("ties", {"density": 0.4})])
+@pytest.mark.parametrize("method, params", [("drm", {"drop_rate": 0.7}), ("ties", {"density": 0.4}),
+                                            ("ties", {"density": 0.3, "trim_scope": "model"})])
 def test_formed_path_at_full_rank_equals_the_full_merge(method, params):
-    """Leaves without a factored rule are formed one at a time; at rank min(n, m) nothing is discarded."""
+    """Leaves without a factored rule are formed one at a time; at rank min(n, m) nothing is discarded
+    (TIES' whole-model trim: thresholds from the streamed passes over every formed weight)."""
     base, adapters = make(1)
     result = drm_jax.merge_adapters(base, adapters, method=method, rank=16, coefficients=COEFFICIENTS, **params)
     want = materialised(base, adapters, method, coefficients=COEFFICIENTS, **params)

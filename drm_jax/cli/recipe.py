@@ -9,13 +9,13 @@ only maps mergekit's config conventions onto the registry's parameters:
   must agree;
 - where a method follows mergekit (`MethodSpec.mergekit`), an unset parameter takes mergekit's default
   (`Param.mergekit_default`: TIES keeps every entry unless a density is given, DARE drops nothing
-  unless a density is given, dare_ties does not normalize);
+  unless a density is given, dare_ties does not normalize, DARE rescales to the L1 norm);
 - mergekit's `linear` averages full weights, not deltas over a base: the engine merges against a zero
   base (so `normalize: false` is mergekit's plain weighted sum of the weights);
 - the base model, if it is also listed under `models`, is not one of the merged task vectors.
 
-Known differences from mergekit: DARE's random masks come from JAX's PRNG (seeded per tensor name), not
-torch's, and its rescaling is the DARE paper's 1 / density (mergekit 0.1.x rescales to the L1 norm).
+Known differences from mergekit: the random masks of DARE and DELLA come from JAX's PRNG (seeded per
+tensor name), not torch's (docs/methods.md#mergekit-parity lists the others).
 """
 
 from __future__ import annotations

@@ -21,17 +21,25 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
+from drm_jax.math.rounding import round_to_dtype
 from drm_jax.math.state import MergeTransform, merge_deltas
 from drm_jax.math.task_vectors import task_vectors
 from drm_jax.methods.base import LayerContext, LayerRule
 
 
 class Layout(NamedTuple):
-    """Static facts of a group's members: stored (in, out) (transpose to (out, in)), and output dtypes."""
+    """Static facts of a group's members: stored (in, out) (transpose to (out, in)), and output dtypes.
+
+    compute: the dtype the merge's arithmetic runs in (float32, or float64 under jax_enable_x64).
+    round_to: None, or a narrower dtype ("float16", "bfloat16": mergekit's `dtype`) every input is rounded
+      to before the merge and every output is rounded to after it (then cast to its stored dtype); the
+      method's own stages round where mergekit's arithmetic in that dtype rounds (docs/methods.md#compute-dtype).
+    """
 
     transposed: tuple[bool, ...]
     dtypes: tuple[str, ...]
     compute: str = "float32"
+    round_to: str | None = None
 
 
 def _finite_rows(x: Array, lead: int) -> Array:
@@ -39,21 +47,28 @@ def _finite_rows(x: Array, lead: int) -> Array:
     return jnp.all(jnp.isfinite(x), axis=tuple(range(lead, x.ndim)))
 
 
-def _canonical(x, transposed: bool, dtype):
+def _canonical(x, transposed: bool, dtype, round_to: str | None = None):
     x = jnp.asarray(x).astype(dtype)
+    if round_to is not None:  # mergekit's `dtype`: the input as that dtype holds it
+        x = round_to_dtype(x, round_to)
     return x.T if transposed else x
+
+
+def _rounded(x, round_to: str | None):
+    return x if round_to is None else round_to_dtype(x, round_to)
 
 
 def stack_inputs(layout: Layout, base: tuple, models: tuple, dtype) -> tuple[Array, Array]:
     """(base (L, ...), models (L, K, ...)) in (out, in) orientation and the compute dtype."""
-    b = jnp.stack([_canonical(x, t, dtype) for x, t in zip(base, layout.transposed)])
-    m = jnp.stack([jnp.stack([_canonical(x, t, dtype) for x in row]) for row, t in zip(models, layout.transposed)])
+    r = layout.round_to
+    b = jnp.stack([_canonical(x, t, dtype, r) for x, t in zip(base, layout.transposed)])
+    m = jnp.stack([jnp.stack([_canonical(x, t, dtype, r) for x in row]) for row, t in zip(models, layout.transposed)])
     return b, m
 
 
 def unstack_outputs(layout: Layout, merged: Array) -> tuple[Array, ...]:
-    """Per member: back to its stored layout and dtype."""
-    return tuple((merged[i].T if t else merged[i]).astype(d)
+    """Per member: back to its stored layout and dtype (through `Layout.round_to` where set)."""
+    return tuple(_rounded(merged[i].T if t else merged[i], layout.round_to).astype(d)
                  for i, (t, d) in enumerate(zip(layout.transposed, layout.dtypes)))
 
 
@@ -71,11 +86,13 @@ def _prepare_layers(rule: LayerRule, base, models):
     return jax.vmap(rule.prepare)(deltas)
 
 
-def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold, hparams):
-    def one(p, b, c, key):
-        return b + rule.merge(p, LayerContext(c, key, threshold, hparams, b))
+def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold, hparams, per_member: bool = False):
+    """vmap of base + merge over the layers; `per_member`: hparams carry a leading layer axis (one value per
+    member, `Prepared.run(leaf_params=...)`), vmapped with the layers instead of shared by them."""
+    def one(p, b, c, key, h):
+        return b + rule.merge(p, LayerContext(c, key, threshold, h, b))
 
-    return jax.vmap(one)(prepared, base, coefficients, keys)
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0 if per_member else None))(prepared, base, coefficients, keys, hparams)
 
 
 @jax.jit
@@ -98,30 +115,41 @@ def prepare_group(rule: LayerRule, layout: Layout, base: tuple, models: tuple, *
     return b, _prepare_layers(rule, b, m), finite
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "layout"))
-def merge_layers_jit(rule: LayerRule, layout: Layout, prepared, base, coefficients, keys, threshold, hparams):
+@functools.partial(jax.jit, static_argnames=("rule", "layout", "per_member"))
+def merge_layers_jit(rule: LayerRule, layout: Layout, prepared, base, coefficients, keys, threshold, hparams,
+                     per_member: bool = False):
     """Merged members (a tuple in their stored layout and dtype); check them with `finite_flags`."""
-    return unstack_outputs(layout, _merge_layers(rule, prepared, base, coefficients, keys, threshold, hparams))
+    return unstack_outputs(layout, _merge_layers(rule, prepared, base, coefficients, keys, threshold, hparams,
+                                                 per_member))
 
 
-@functools.partial(jax.jit, static_argnames=("rule",))
-def merge_deltas_jit(rule: LayerRule, prepared, coefficients, keys, threshold, hparams, base=None):
+@functools.partial(jax.jit, static_argnames=("rule", "per_member"))
+def merge_deltas_jit(rule: LayerRule, prepared, coefficients, keys, threshold, hparams, base=None,
+                     per_member: bool = False):
     """The merged deltas (L, ...) of a prepared chunk, in (out, in) orientation and the compute dtype."""
-    def one(p, c, key, b):
-        return rule.merge(p, LayerContext(c, key, threshold, hparams, b))
+    def one(p, c, key, b, h):
+        return rule.merge(p, LayerContext(c, key, threshold, h, b))
 
-    return jax.vmap(one, in_axes=(0, 0, 0, None if base is None else 0))(prepared, coefficients, keys, base)
+    return jax.vmap(one, in_axes=(0, 0, 0, None if base is None else 0, 0 if per_member else None))(
+        prepared, coefficients, keys, base, hparams)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
 def combine_jit(layout: Layout, base, deltas, scale):
-    """base + scale * delta per member, in its stored layout and dtype (the last stage of `merge`)."""
-    return unstack_outputs(layout, base + jnp.asarray(scale, deltas.dtype) * deltas)
+    """base + scale * delta per member, in its stored layout and dtype (the last stage of `merge`); scale is
+    one number or one per member (L,)."""
+    scale = jnp.asarray(scale, deltas.dtype)
+    return unstack_outputs(layout, base + scale.reshape(scale.shape + (1,) * (deltas.ndim - scale.ndim)) * deltas)
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs"))
+def member_hparams(hparams, r: int, per_member: bool):
+    """Member r's hyperparameters: row r of per-member hparams (leading layer axis), else the shared ones."""
+    return jax.tree.map(lambda x: x[r], hparams) if per_member else hparams
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs", "per_member"))
 def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
-               *, check_inputs: bool = True):
+               *, check_inputs: bool = True, per_member: bool = False):
     """Merge the members of a rule that prepares nothing (the elementwise family, TIES, DARE) in one
     program, straight from their stored arrays. Returns (members, input flags (L, K + 1) or None).
 
@@ -132,17 +160,18 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     """
     merged, flags = [], []
     for r, transposed in enumerate(layout.transposed):
-        b = _canonical(base[r], transposed, layout.compute)
-        ms = [_canonical(x, transposed, layout.compute) for x in models[r]]
+        b = _canonical(base[r], transposed, layout.compute, layout.round_to)
+        ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models[r]]
         if check_inputs:
             flags.append(jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms]))
             b, ms = (jnp.where(jnp.isfinite(x), x, 0.0) for x in [b]), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
             b = next(b)
         # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
         deltas = jnp.stack([x - b for x in ms])
-        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold, hparams, b))
+        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold,
+                                                member_hparams(hparams, r, per_member), b))
         merged.append((b + delta).T if transposed else b + delta)
-    outputs = tuple(x.astype(d) for x, d in zip(merged, layout.dtypes))
+    outputs = tuple(_rounded(x, layout.round_to).astype(d) for x, d in zip(merged, layout.dtypes))
     return outputs, (jnp.stack(flags) if check_inputs else None)
 
 
@@ -178,5 +207,5 @@ def is_traced(*values: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
-__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "merge_layers", "merge_layers_jit", "merge_once", "merge_transform_jit",
-           "prepare_group", "stack_inputs", "unstack_outputs"]
+__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams", "merge_layers",
+           "merge_layers_jit", "merge_once", "merge_transform_jit", "prepare_group", "stack_inputs", "unstack_outputs"]

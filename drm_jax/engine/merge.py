@@ -21,8 +21,8 @@ from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.compiled import merge_transform_jit, stack_inputs, unstack_outputs
 from drm_jax.engine.prepare import (DEFAULT_GROUP_BYTES, Prepared, Source, _resolve, coefficient_matrix,
                                     compute_dtype, leaf_key, plan_chunks, plan_roles, plan_trees, prepare,
-                                    raise_non_finite_inputs, raise_non_finite_outputs, rules_for,
-                                    whole_model_thresholds)
+                                    raise_non_finite_inputs, raise_non_finite_outputs, resolve_compute_dtype,
+                                    rules_for, whole_model_thresholds)
 from drm_jax.engine.stack import Group
 from drm_jax.engine.tree import unflatten
 from drm_jax.errors import MergeInputError
@@ -57,6 +57,8 @@ def merge(
     ignore: Sequence[str] | None = None,
     seed: int | None = None,
     max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    leaf_params: dict[str, dict[str, Any]] | None = None,
+    compute_dtype: str | None = None,
     **method_params: Any,
 ) -> Any:
     """Merge K fine-tuned models that share `base` into one model (`prepare` then `Prepared.merge`).
@@ -80,6 +82,11 @@ def merge(
       ignore: patterns of leaves that keep their base value.
       seed: seed of the random methods' draws (keys are per leaf name: results do not depend on grouping).
       max_group_bytes: cut stacked groups into chunks whose inputs stay under this many bytes.
+      leaf_params: {leaf name: {traced parameter: value}}: values that differ per leaf (mergekit's gradients
+        and filter lists); see `Prepared.run`. Static parameters cannot vary per leaf.
+      compute_dtype: mergekit's `dtype`: None (float32, float64 for float64 leaves under x64), "float32",
+        "float64", or "float16" / "bfloat16": inputs rounded to it and the merge rounded as mergekit's
+        arithmetic in it rounds (docs/methods.md#compute-dtype); outputs keep the leaves' dtypes.
       **method_params: the method's own parameters (docs/methods.md; `drm-jax methods` lists them with
         their defaults), e.g. rank_rtol, renormalize, svd_route, precision, density, trim_scope,
         normalize, lambda_ (or lambda).
@@ -92,12 +99,15 @@ def merge(
         overflows, bad parameters; the error names the leaf. Inputs are never modified.
     """
     if isinstance(method, MergeMethod):
+        if leaf_params is not None:
+            raise MergeInputError("leaf_params need a registered method (a MergeMethod's numbers are fixed)")
         return _merge_composed(base, models, method, layout, coefficients, include=include, exclude=exclude,
                                ignore=ignore, seed=0 if seed is None else seed, max_group_bytes=max_group_bytes,
-                               params=method_params)
+                               params=method_params, compute_dtype=compute_dtype)
     params = _method_params(method, drop_rate, seed, coefficients, method_params)
     return prepare(base, models, method, layout, direction, mesh, include=include, exclude=exclude, ignore=ignore,
-                   max_group_bytes=max_group_bytes, **params).merge()
+                   max_group_bytes=max_group_bytes, compute_dtype=compute_dtype,
+                   **params).merge(leaf_params=leaf_params)
 
 
 def merge_leaves(
@@ -121,6 +131,8 @@ def merge_leaves(
     seed: int | None = None,
     max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
     on_chunk: Callable[[Group, int], None] | None = None,
+    leaf_params: dict[str, dict[str, Any]] | None = None,
+    compute_dtype: str | None = None,
     check_outputs: bool = True,
     **method_params: Any,
 ) -> dict[str, int]:
@@ -129,7 +141,8 @@ def merge_leaves(
     Leaves are identified by index into `names`/`shapes`/`dtypes`; `get_base(i)` and `get_model(t, i)`
     load leaf i of the base and of model t on demand, `put(i, array)` receives every leaf of the result
     (the base's own value for ignored and non-floating leaves). Only one chunk is alive at a time; TIES'
-    whole-model trim takes its thresholds from two statistics passes first. Arguments are those of `merge`.
+    whole-model trim takes its thresholds from two statistics passes first. `check_outputs=False` leaves
+    the Inf/NaN check of merged leaves to the sink. Other arguments are those of `merge`.
 
     Returns:
       How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.
@@ -141,15 +154,15 @@ def merge_leaves(
     leaf_roles, groups = plan_roles(names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
                                     layout=layout)
     plan = plan_chunks(groups, leaf_roles, names, dtypes, num_models, static.get("seed", 0), max_group_bytes,
-                       mesh)
-    planner = Prepared(spec, static, traced, rules_for(spec, static), names, Source(get_base, get_model),
-                       num_models, plan, mesh=mesh, store=False)
+                       mesh, compute_dtype)
+    planner = Prepared(spec, static, traced, rules_for(spec, static, resolve_compute_dtype(compute_dtype)[1]), names,
+                       Source(get_base, get_model), num_models, plan, mesh=mesh, store=False)
     if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "keep"):
                 put(i, get_base(i))
     planner.check_outputs = check_outputs
-    planner.run(put, on_chunk)
+    planner.run(put, on_chunk, leaf_params=leaf_params)
     counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
     for r in leaf_roles:
         counts[r.role] += 1
@@ -157,12 +170,13 @@ def merge_leaves(
 
 
 def _merge_composed(base, models, method: MergeMethod, layout, coefficients, *, include, exclude, ignore, seed,
-                    max_group_bytes, params) -> Any:
+                    max_group_bytes, params, compute_dtype=None) -> Any:
     """A `MergeMethod` of one-shot transforms: grouped, stacked and vmapped like the registry's methods."""
     if params:
         raise MergeInputError(f"parameters {sorted(params)} given with a custom MergeMethod")
     flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
-                                          layout=layout, seed=seed, max_group_bytes=max_group_bytes)
+                                          layout=layout, seed=seed, max_group_bytes=max_group_bytes,
+                                          compute_as=compute_dtype)
     k = len(model_leaves)
     coeff_rows = coefficient_matrix(coefficients, k, 1)[0]
     threshold = None

@@ -36,7 +36,7 @@ from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_trace
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
 from drm_jax.errors import MergeInputError
-from drm_jax.methods.base import MethodSpec, Rules, per_model_values
+from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
 
 # Stacked inputs of one call, in bytes, before a group is cut into chunks (None: no limit).
@@ -49,8 +49,33 @@ def _rules(method: str, static: tuple) -> Rules:
     return get_method(method).build(dict(static))
 
 
-def rules_for(spec: MethodSpec, static: dict) -> Rules:
+def rules_for(spec: MethodSpec, static: dict, round_to: str | None = None) -> Rules:
+    """The method's rules for its static parameters; `round_to` (a half dtype, mergekit's `dtype`) reaches
+    `build` as static["round_to"], for the methods whose stages round where mergekit's arithmetic does."""
+    if round_to is not None:
+        static = {**static, "round_to": round_to}
     return _rules(spec.name, tuple(sorted(static.items())))
+
+
+# mergekit's `dtype` (inputs are cast to it before merging) -> (the engine's compute dtype, rounding dtype)
+_COMPUTE_DTYPES = {"float32": ("float32", None), "float64": ("float64", None),
+                   "float16": ("float32", "float16"), "bfloat16": ("float32", "bfloat16")}
+
+
+def resolve_compute_dtype(name: str | None) -> tuple[str | None, str | None]:
+    """(compute dtype or None for each leaf's own, round_to or None) of a `compute_dtype` argument.
+
+    float16 / bfloat16: every input is rounded to it, the arithmetic runs in float32 with the method's
+    stages rounding where mergekit's arithmetic in that dtype rounds, and the outputs are rounded to it.
+    float64 needs jax_enable_x64 (else float32)."""
+    if name is None:
+        return None, None
+    if name not in _COMPUTE_DTYPES:
+        raise MergeInputError(f"compute_dtype must be one of {sorted(_COMPUTE_DTYPES)} or None, got {name!r}")
+    compute, round_to = _COMPUTE_DTYPES[name]
+    if compute == "float64" and not jax.config.jax_enable_x64:
+        compute = "float32"
+    return compute, round_to
 
 
 def leaf_key(seed: int, name: str) -> jax.Array:
@@ -184,10 +209,12 @@ class Prepared:
                 self._prepare_chunk(c)
 
     # -- the traced part -----------------------------------------------------------------------------
-    def merge(self, coefficients=None, **hyperparameters) -> Any:
+    def merge(self, coefficients=None, leaf_params=None, **hyperparameters) -> Any:
         """The merged tree for these numbers (any traced parameter of the method; see `drm-jax methods`).
 
         coefficients: (K,) or (K, num_layers); default: the ones given to `prepare`, else all 1.
+        leaf_params: {leaf name: {traced parameter: value}}, values that replace the others for that leaf
+          (mergekit's gradients and filter lists; see `run`).
         """
         spec = self.spec
         given = dict(hyperparameters)
@@ -204,13 +231,20 @@ class Prepared:
         def put(i, leaf):
             out[i] = leaf
 
-        self.run(put, **given)
+        self.run(put, leaf_params=leaf_params, **given)
         return unflatten(self._flat, out)
 
     def run(self, put: Callable[[int, Any], None], on_chunk: Callable[[Group, int], None] | None = None,
-            **given) -> None:
+            leaf_params=None, **given) -> None:
         """Merge every chunk and hand each merged leaf to `put(i, array)` (the leaves of the other roles are
-        not put: the sink has them from the base). `on_chunk(group, n)` reports progress."""
+        not put: the sink has them from the base). `on_chunk(group, n)` reports progress.
+
+        leaf_params: None, or {leaf name: {parameter: value}} for traced parameters (names or aliases;
+        `coefficients` / `weight` a scalar or one per model) that take another value on that leaf. The
+        method's per-layer hyperparameters are then computed per member and stacked on the layer axis, so a
+        group whose layers have different values is still one vmapped program, and new values (or new
+        leaves given values) compile nothing new. Static parameters cannot vary per leaf (MergeInputError).
+        """
         static, traced = split_params(self.spec, given)
         if static:
             raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
@@ -219,11 +253,79 @@ class Prepared:
         coeffs = values.pop("coefficients")
         if isinstance(coeffs, (int, float)):  # the default: all ones
             coeffs = None
-        self._run(coeffs, values, put, on_chunk)
+        self._run(coeffs, values, put, on_chunk, self._leaf_values(leaf_params))
 
-    def _hparams(self, chunk: Chunk, values: dict) -> dict:
-        role = chunk.group.role
-        return self.spec.layer_hparams(values, role, chunk.group.shape, self.num_models, self.static)
+    def _leaf_values(self, leaf_params) -> dict[int, dict] | None:
+        """leaf_params checked: {leaf index: canonical traced values} (every index of a repeated name)."""
+        if leaf_params is None:
+            return None
+        merged = {i for c in self._chunks for i in c.members}
+        where: dict[str, list[int]] = {}
+        for i, name in enumerate(self.names):
+            where.setdefault(name, []).append(i)
+        out: dict[int, dict] = {}
+        for name, given in leaf_params.items():
+            if name not in where:
+                raise MergeInputError(f"leaf_params: no leaf named {clip(name)!r}")
+            indices = [i for i in where[name] if i in merged]
+            if not indices:
+                raise MergeInputError(f"leaf_params[{clip(name)!r}]: the leaf is not merged (ignored or not "
+                                      f"floating), so it takes no parameters")
+            if not isinstance(given, dict):
+                raise MergeInputError(f"leaf_params[{clip(name)!r}]: must be a mapping of parameters to values, "
+                                      f"got {type(given).__name__}")
+            static, traced = split_params(self.spec, given,
+                                          where=lambda n, leaf=name: f"leaf_params[{clip(leaf)!r}].{n}")
+            if static:
+                raise MergeInputError(f"leaf_params[{clip(name)!r}].{sorted(static)[0]}: a static (structural) "
+                                      f"parameter of method {self.spec.name!r} cannot vary per leaf; give it to "
+                                      f"drm_jax.prepare")
+            if self.rules.whole_model_density is not None and self.rules.whole_model_density in traced:
+                raise MergeInputError(f"leaf_params[{clip(name)!r}].{self.rules.whole_model_density}: the "
+                                      f"whole-model trim takes one threshold per task over every leaf, so it "
+                                      f"cannot vary per leaf")
+            for i in indices:
+                out[i] = traced
+        return out
+
+    def _hparams(self, chunk: Chunk, values: dict, leaves: dict | None = None, traced_mode: bool = False):
+        """(hparams, per_member): the method's per-layer hyperparameters shared by the chunk's layers, or,
+        with per-leaf values, one row per member stacked on a leading layer axis."""
+        role, shape, k = chunk.group.role, chunk.group.shape, self.num_models
+        if leaves is None:
+            return self.spec.layer_hparams(values, role, shape, k, self.static), False
+        rows = []
+        for i in chunk.members:
+            own = {n: v for n, v in leaves.get(i, {}).items() if n != "coefficients"}
+            rows.append(self.spec.layer_hparams({**values, **own}, role, shape, k, self.static))
+        structure = jax.tree.structure(rows[0])
+        if any(jax.tree.structure(r) != structure for r in rows[1:]):
+            raise MergeInputError(f"leaf_params: method {self.spec.name!r} gives differently structured "
+                                  f"hyperparameters to the leaves of one group")
+        if traced_mode or is_traced(rows):
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *rows), True
+        return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *rows), True
+
+    def _leaf_coefficients(self, coeff_rows, leaves: dict | None):
+        """The (num_layers, K) coefficient rows with the per-leaf coefficients of `leaves` in their rows."""
+        given = {i: v["coefficients"] for i, v in (leaves or {}).items() if "coefficients" in v}
+        if not given:
+            return coeff_rows
+        row_of = {i: int(r) for c in self._chunks for i, r in zip(c.members, c.layer_rows)}
+        k = self.num_models
+        if is_traced(coeff_rows, list(given.values())):
+            out = jnp.asarray(coeff_rows)
+            for i, v in given.items():
+                out = out.at[row_of[i]].set(jnp.broadcast_to(jnp.asarray(v, out.dtype), (k,)))
+            return out
+        out = np.array(coeff_rows)
+        for i, v in given.items():
+            row = np.asarray(per_model_values(v, k, f"leaf_params[{self.names[i]!r}].coefficients"), np.float64)
+            if not np.all(np.isfinite(row)):
+                raise MergeInputError(f"leaf_params[{clip(self.names[i])!r}].coefficients must be finite, "
+                                      f"got {row.tolist()}")
+            out[row_of[i]] = row
+        return out
 
     def _thresholds(self, values: dict, traced_mode: bool):
         """Per-task magnitude thresholds over the whole task vector (TIES' model-scope trim)."""
@@ -274,7 +376,10 @@ class Prepared:
         n, k, shape = len(c.members), self.num_models, c.group.shape
 
         def canonical(x, r):
-            x = np.asarray(jax.device_get(x), np.float32)
+            x = np.asarray(jax.device_get(x))
+            if c.layout.round_to is not None:  # mergekit's `dtype`: the input as that dtype holds it
+                x = x.astype(jnp.dtype(c.layout.round_to))
+            x = x.astype(np.float32)
             return x.T if c.layout.transposed[r] else x
 
         def base_row(r):
@@ -288,37 +393,41 @@ class Prepared:
         with x64_scope(rule):
             return shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row)
 
-    def _run(self, coeffs, values: dict, put, on_chunk=None) -> None:
-        traced_mode = is_traced(coeffs, values)
+    def _run(self, coeffs, values: dict, put, on_chunk=None, leaves: dict | None = None) -> None:
+        traced_mode = is_traced(coeffs, values, leaves)
         k = self.num_models
-        coeff_rows = coefficient_matrix(coeffs, k, len(self.layer_names))
+        coeff_rows = self._leaf_coefficients(coefficient_matrix(coeffs, k, len(self.layer_names)), leaves)
         threshold = self._thresholds(values, traced_mode)
         for c in self._chunks:
             rule = self._rule(c)
-            hparams = self._hparams(c, values)
+            hparams, per_member = self._hparams(c, values, leaves, traced_mode)
             rows = coeff_rows[c.layer_rows]
             names = [self.names[i] for i in c.members]
             prepared_now = not self.fused and c.state is None
             if prepared_now:
                 self._prepare_chunk(c)
             if self.mesh is not None:
-                stacked, flags = shard.merge_chunk(self.mesh, rule, c.state, c.base, rows, c.keys, threshold, hparams)
+                stacked, flags = shard.merge_chunk(self.mesh, rule, c.state, c.base, rows, c.keys, threshold, hparams,
+                                                   per_member)
                 owned = [(r, x) for r, x in shard.owned_rows(stacked) if r < len(c.members)]
                 finite = np.ones(len(c.members), bool)
                 for r, f in shard.owned_rows(flags):
                     if r < len(c.members):
                         finite[r] = bool(f)
                 members = [c.members[r] for r, _ in owned]
-                merged = [(x.T if c.layout.transposed[r] else x).astype(c.layout.dtypes[r]) for r, x in owned]
+                merged = [(x.T if c.layout.transposed[r] else x).astype(c.layout.round_to or c.layout.dtypes[r])
+                          .astype(c.layout.dtypes[r]) for r, x in owned]
                 finite_in = None
             elif self.fused:
                 merged, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
-                                               hparams, check_inputs=not self.rules.linear_combination)
-            elif self.rules.scaled_by is not None and self.store and not traced_mode:
+                                               hparams, check_inputs=not self.rules.linear_combination,
+                                               per_member=per_member)
+            elif self.rules.scaled_by is not None and self.store and not traced_mode and not per_member:
                 merged = self._merge_cached(c, rule, values, coeffs, rows, threshold, hparams)
                 finite_in = None
             else:
-                merged = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams)
+                merged = merge_layers_jit(rule, c.layout, c.state, c.base, rows, c.keys, threshold, hparams,
+                                          per_member=per_member)
                 finite_in = None
             if not traced_mode:
                 if finite_in is not None:
@@ -448,8 +557,11 @@ def plan_roles(names, shapes, dtypes, *, include, exclude, ignore, layout):
     return leaf_roles, groups
 
 
-def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_bytes, mesh=None) -> list[Chunk]:
-    """Every group cut into chunks of at most `max_group_bytes` of stacked float32 inputs."""
+def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_bytes, mesh=None,
+                compute_as: str | None = None) -> list[Chunk]:
+    """Every group cut into chunks of at most `max_group_bytes` of stacked float32 inputs; `compute_as`:
+    a `compute_dtype` name (`resolve_compute_dtype`), None for each leaf's own."""
+    compute, round_to = resolve_compute_dtype(compute_as)
     out = []
     for group in groups:
         layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
@@ -459,13 +571,13 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_b
         for members in chunks(group.members, length):
             layout = Layout(tuple(leaf_roles[i].transpose for i in members),
                             tuple(_dtype_name(dtypes[i]) for i in members),
-                            compute_dtype(dtypes[members[0]]))
+                            compute or compute_dtype(dtypes[members[0]]), round_to)
             keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
             out.append(Chunk(group, list(members), layout, keys, length=length))
     return out
 
 
-def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_group_bytes, mesh=None):
+def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_group_bytes, mesh=None, compute_as=None):
     """Trees checked against each other, roles given and chunks planned: (flat base, model leaves in the
     base's leaf order, chunks)."""
     models = list(models)
@@ -478,7 +590,7 @@ def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_grou
     leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
                                     layout=layout)
     return flat, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
-                                           max_group_bytes, mesh)
+                                           max_group_bytes, mesh, compute_as)
 
 
 def _resolve(method, params: dict, direction):
@@ -504,6 +616,7 @@ def prepare(
     exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
     ignore: Sequence[str] | None = None,
     max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
+    compute_dtype: str | None = None,
     **params: Any,
 ) -> Prepared:
     """Check, group and prepare a merge once (see the module docstring); returns a `Prepared`.
@@ -511,13 +624,14 @@ def prepare(
     Args are those of `drm_jax.merge`: static parameters (the method's structure, e.g. `direction`,
     `prune_scope`, `trim_scope`, `normalize`, `svd_route`, `precision`, `seed`) are fixed here; traced
     ones (`drop_rate`, `density`, `lambda_`, `rank_rtol`, `coefficients`) may be given here as defaults
-    and changed at every `Prepared.merge`. `drm-jax methods` lists which is which.
+    and changed at every `Prepared.merge`. `drm-jax methods` lists which is which. `compute_dtype`:
+    mergekit's `dtype` (`resolve_compute_dtype`; docs/methods.md#compute-dtype).
     """
     spec, static, traced = _resolve(method, params, direction)
-    rules = rules_for(spec, static)
+    rules = rules_for(spec, static, resolve_compute_dtype(compute_dtype)[1])
     flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
                                           layout=layout, seed=static.get("seed", 0),
-                                          max_group_bytes=max_group_bytes, mesh=mesh)
+                                          max_group_bytes=max_group_bytes, mesh=mesh, compute_as=compute_dtype)
     source = Source(lambda i: flat.leaves[i], lambda t, i: model_leaves[t][i])
     return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=mesh)
 
@@ -534,4 +648,5 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
 
 
 __all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "streamed_thresholds", "coefficient_matrix", "leaf_key", "plan_chunks", "plan_roles",
-           "plan_trees", "prepare", "rules_for", "run_prepare", "whole_model_thresholds", "compute_dtype"]
+           "plan_trees", "prepare", "resolve_compute_dtype", "rules_for", "run_prepare", "whole_model_thresholds",
+           "compute_dtype"]

@@ -107,17 +107,19 @@ def sharded_prepare_fn(mesh: Mesh, rule):
 
 
 @functools.lru_cache(maxsize=None)
-def sharded_rule_merge_fn(mesh: Mesh, rule, with_threshold: bool):
-    """jit(shard_map(vmapped merge)) of a registry rule; hyperparameters and threshold replicated."""
+def sharded_rule_merge_fn(mesh: Mesh, rule, with_threshold: bool, per_member: bool = False):
+    """jit(shard_map(vmapped merge)) of a registry rule; threshold replicated, hyperparameters replicated or,
+    `per_member`, split on the layer axis with the layers."""
     spec = layer_spec(mesh)
 
     def local(prepared, base, coefficients, keys, hparams, *threshold):
-        merged = _merge_layers(rule, prepared, base, coefficients, keys, threshold[0] if threshold else None, hparams)
+        merged = _merge_layers(rule, prepared, base, coefficients, keys, threshold[0] if threshold else None, hparams,
+                               per_member)
         return merged, jnp.all(jnp.isfinite(merged), axis=tuple(range(1, merged.ndim)))
 
     extra = (P(),) if with_threshold else ()
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, P()) + extra,
-                                 out_specs=(spec, spec), check_vma=False))
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec, spec if per_member else P())
+                                 + extra, out_specs=(spec, spec), check_vma=False))
 
 
 def prepare_chunk(mesh: Mesh, rule, length: int, shape: tuple[int, ...], num_models: int,
@@ -132,8 +134,9 @@ def prepare_chunk(mesh: Mesh, rule, length: int, shape: tuple[int, ...], num_mod
     return sharded_prepare_fn(mesh, rule)(base, models)
 
 
-def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold, hparams):
-    """The merged layers (length, ...) and their finite flags, split on the layer axis."""
+def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold, hparams, per_member: bool = False):
+    """The merged layers (length, ...) and their finite flags, split on the layer axis. `per_member`: the
+    hyperparameters have one row per real layer (padded here with the first row)."""
     sharding = layer_sharding(mesh)
     length = base.shape[0]
     rows = np.zeros((length,) + tuple(np.shape(coefficients)[1:]), np.float32)
@@ -142,9 +145,16 @@ def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold,
     pad_keys[: np.shape(keys)[0]] = np.asarray(keys)
     replicated = NamedSharding(mesh, P())
     extra = (jax.device_put(threshold, replicated),) if threshold is not None else ()
-    fn = sharded_rule_merge_fn(mesh, rule, threshold is not None)
-    return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding),
-              jax.device_put(hparams, replicated), *extra)
+    fn = sharded_rule_merge_fn(mesh, rule, threshold is not None, per_member)
+    if per_member:
+        def padded(x):
+            x = np.asarray(x)
+            return np.concatenate([x, np.repeat(x[:1], length - x.shape[0], axis=0)]) if x.shape[0] < length else x
+
+        hparams = jax.device_put(jax.tree.map(padded, hparams), sharding)
+    else:
+        hparams = jax.device_put(hparams, replicated)
+    return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding), hparams, *extra)
 
 
 __all__ = ["merge_chunk", "prepare_chunk", "sharded_prepare_fn", "sharded_rule_merge_fn", "layer_sharding", "layer_spec", "merge_layers_sharded", "owned_rows", "padded_length",

@@ -7,6 +7,7 @@ and lambda are traced, and the merge is one fused elementwise pass.
 from __future__ import annotations
 
 from drm_jax.math.mean import scale, scale_by_coefficients, sum_tasks, weighted_mean
+from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
 from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
 
@@ -27,6 +28,8 @@ def _build_linear(static: dict) -> Rules:
 def _build_task_arithmetic(static: dict) -> Rules:
     reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
     rule = chain_rule(chain(reduce, scale()))
+    if static.get("round_to") is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
+        rule = chain_rule(rounded_task_arithmetic(None, False, static["normalize"], static["round_to"]))
     return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True)
 
 

@@ -15,6 +15,7 @@ from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks
 from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry, rescale_l1
+from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
                                   scalar)
@@ -38,6 +39,8 @@ def build(static: dict) -> Rules:
     if static["rescale"]:
         trim = rescale_l1(trim)
     rule = chain_rule(chain(trim, scale_by_coefficients(), elect_sign(tie), reduce, scale()))
+    if static.get("round_to") is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
+        rule = chain_rule(rounded_task_arithmetic(trim, True, static["normalize"], static["round_to"]))
     return Rules(linear=rule, other=rule, whole_model_density=whole)
 
 

@@ -37,13 +37,17 @@ from drm_jax.methods.base import Param, clip, short
 from drm_jax.methods.registry import METHODS, get_method
 
 # Top-level keys of mergekit's schema that we read.
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-                  "tokenizer", "chat_template")
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "tokenizer", "chat_template")
 # mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
-UNSUPPORTED_KEYS = {
-    "slices": "layer slicing (passthrough / frankenmerges) is not supported; list whole models under 'models'",
-    "modules": "per-module configs are not supported; list whole models under 'models'",
-}
+UNSUPPORTED_KEYS: dict[str, str] = {}
+# mergekit's output slice (`slices[i]`); merge_method is a drm-jax extension (mergekit 0.1.5 ignores it),
+# residual_weight is in mergekit's schema and unused by it (accepted, no effect).
+SLICE_KEYS = ("sources", "base_model", "parameters", "merge_method", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODULE_KEYS = ("slices", "models", "parameters")
+# mergekit's name of the one module of single-module architectures (every architecture with layer naming)
+DEFAULT_MODULE = "default"
 # Leaf-selection patterns every method accepts (keywords of drm_jax.merge itself, not method parameters).
 ROLE_PARAMS = ("include", "exclude", "ignore")
 
@@ -86,6 +90,7 @@ class ModelEntry:
     model: str
     key: str  # e.g. "models[1]", for error messages
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None  # a slice source's layers [start, stop)
 
     @property
     def weight(self) -> float | None:
@@ -133,6 +138,24 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class SliceEntry:
+    """One output slice (mergekit's `slices[i]`): its sources, each a model with a `layer_range` (all of
+    the same length) and per-model `parameters`; the slice's own base_model, parameters and, as a drm-jax
+    extension (mergekit 0.1.5 ignores the key), merge_method."""
+
+    sources: tuple[ModelEntry, ...]
+    key: str  # e.g. "slices[1]"
+    base_model: str | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    merge_method: str | None = None
+
+    @property
+    def num_layers(self) -> int:
+        start, stop = self.sources[0].layer_range
+        return stop - start
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     """A checked merge configuration.
 
@@ -150,6 +173,11 @@ class MergeConfig:
       chat_template: a template name, "auto", a Jinja template, or None (`drm_jax.cli.chat_templates`).
       source: the YAML file, or None for a config built from a dict.
       text: the config's text as given (written as mergekit_config.yml), or None.
+      slices: mergekit's `slices` (or `modules.default.slices`), in output order; empty for a `models`
+        config. With slices, `models` lists every source model once (its first source entry).
+      module_parameters: `modules.default.parameters` (between a slice's and the top-level parameters).
+    Parameter values are numbers, strings and booleans, or, for traced parameters, mergekit's gradients
+    and filter lists (`drm_jax.cli.settings`).
     """
 
     merge_method: str
@@ -163,6 +191,8 @@ class MergeConfig:
     chat_template: str | None = None
     source: Path | None = None
     text: str | None = field(default=None, repr=False, compare=False)
+    slices: tuple[SliceEntry, ...] = ()
+    module_parameters: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec | None:
@@ -208,14 +238,14 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         if not _is_patterns(value):
             raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
         return value
-    if isinstance(value, (list, dict)):
-        raise _fail(source, f"{key}: per-tensor values (filter lists, gradients) are not supported; "
-                            f"give one value, got {short(value)}")
-    param = _param_of(method, name)
+    from drm_jax.cli.settings import check_setting
+
+    owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
         param = Param(name, param.kind, None, "")
     try:
-        return param.check(value, key)
+        # one value, or a gradient / filter list (mergekit's per-tensor settings) for a traced parameter
+        return check_setting(value, key, lambda v, k: param.check(v, k), varying=owner.traced, name=name)
     except ValueError as err:
         raise _fail(source, str(err)) from None
 
@@ -278,6 +308,157 @@ def _model_entry(source: Path | None, index: int, raw: Any, method: str) -> Mode
                                 f"accepted: {sorted(per_model)}")
         values[name] = _check_param(source, pkey, method, name, value)
     return ModelEntry(model=model, key=key, parameters=values)
+
+
+def _shared_parameters(source: Path | None, key: str, raw: Any, method: str) -> dict:
+    """A `parameters` mapping that may hold shared and per-model parameters (top level, slice, module)."""
+    out: dict[str, Any] = {}
+    for name, value in _mapping(source, key, raw).items():
+        pkey = f"{key}.{name}"
+        if name not in METHOD_PARAMS[method]:
+            raise _fail(source, f"{clip(pkey)}: unknown parameter for method {method!r}; accepted: "
+                                f"{sorted(METHOD_PARAMS[method])}")
+        out[name] = _check_param(source, pkey, method, name, value)
+    return out
+
+
+def _models_list(source: Path | None, key: str, raw: Any, method: str, base: str | None) -> tuple[ModelEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail(source, f"{key}: must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    try:
+        models = tuple(_model_entry(source, i, m, method) for i, m in enumerate(raw))
+    except ConfigError as err:  # modules.default.models[i]: the entry's own key
+        raise ConfigError(str(err).replace("models[", f"{key}[", 1)) if key != "models" else err from None
+    if key != "models":
+        models = tuple(ModelEntry(m.model, key + m.key[len("models"):], m.parameters) for m in models)
+    if base is None and method in NEEDS_BASE:
+        raise _fail(source, f"base_model: missing; method {method!r} merges over a base model (mergekit: "
+                            f"required)")
+    if method in NEEDS_BASE and not [m for m in models if m.model != base]:
+        raise _fail(source, f"{key}: no model to merge besides the base model")
+    return models
+
+
+def _layer_range(source: Path | None, key: str, value: Any) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise _fail(source, f"{key}: must be [start, stop], two layer indices, got {short(value)}")
+    start, stop = value
+    if not 0 <= start < stop:
+        raise _fail(source, f"{key}: must be [start, stop] with 0 <= start < stop, got {short(value)}")
+    return int(start), int(stop)
+
+
+def _slice_entry(source: Path | None, key: str, raw: Any, method: str) -> SliceEntry:
+    if not isinstance(raw, dict):
+        raise _fail(source, f"{key}: must be a mapping with 'sources', got {short(raw)}")
+    unknown = sorted((k for k in raw if k not in SLICE_KEYS), key=str)
+    if unknown:
+        raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a slice has {list(SLICE_KEYS)}")
+    own = raw.get("merge_method")
+    if own is not None and (not isinstance(own, str) or own not in METHOD_PARAMS):
+        raise _fail(source, f"{key}.merge_method: unknown method {short(own)}; expected one of "
+                            f"{sorted(METHOD_PARAMS)}")
+    method = own or method
+    sources_raw = raw.get("sources")
+    if not isinstance(sources_raw, list) or not sources_raw:
+        raise _fail(source, f"{key}.sources: must be a non-empty list of {{model: PATH, layer_range: [start, "
+                            f"stop], parameters: {{...}}}}")
+    sources = []
+    for j, src in enumerate(sources_raw):
+        skey = f"{key}.sources[{j}]"
+        if not isinstance(src, dict):
+            raise _fail(source, f"{skey}: must be a mapping with 'model' and 'layer_range', got {short(src)}")
+        bad = sorted((k for k in src if k not in SOURCE_KEYS), key=str)
+        if bad:
+            raise _fail(source, f"{skey}.{clip(bad[0])}: unknown key; a slice source has {list(SOURCE_KEYS)}")
+        for need in ("model", "layer_range"):
+            if need not in src:
+                raise _fail(source, f"{skey}.{need}: missing")
+        try:
+            entry = _model_entry(source, 0, {"model": src["model"], "parameters": src.get("parameters")}, method)
+        except ConfigError as err:  # the source's own key
+            raise ConfigError(str(err).replace("models[0]", skey, 1)) from None
+        entry = ModelEntry(entry.model, skey, entry.parameters, _layer_range(source, f"{skey}.layer_range",
+                                                                              src["layer_range"]))
+        if any(s.model == entry.model for s in sources):
+            raise _fail(source, f"{skey}.model: {short(entry.model)} is already a source of this slice "
+                                f"(mergekit refuses duplicate merge inputs)")
+        sources.append(entry)
+    length = sources[0].layer_range[1] - sources[0].layer_range[0]
+    for s in sources[1:]:
+        if s.layer_range[1] - s.layer_range[0] != length:
+            raise _fail(source, f"{s.key}.layer_range: {list(s.layer_range)} covers "
+                                f"{s.layer_range[1] - s.layer_range[0]} layers, {key}.sources[0] {length}; every "
+                                f"source of a slice covers the same number of layers")
+    base = raw.get("base_model")
+    base = None if base is None else _reference(source, f"{key}.base_model", base)
+    params = _shared_parameters(source, f"{key}.parameters", raw.get("parameters"), method)
+    return SliceEntry(tuple(sources), key, base, params, own)
+
+
+def _slices_list(source: Path | None, key: str, raw: Any, method: str, base: str | None) -> tuple[SliceEntry, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _fail(source, f"{key}: must be a non-empty list of slices {{sources: [...]}}")
+    slices = tuple(_slice_entry(source, f"{key}[{i}]", s, method) for i, s in enumerate(raw))
+    for s in slices:
+        spec = get_method(s.merge_method or method)
+        if spec.needs_base and (s.base_model or base) is None:
+            raise _fail(source, f"{s.key}.base_model: missing; method {spec.name!r} merges over a base model "
+                                f"(give base_model, for the slice or at the top level)")
+        if spec.needs_base and (s.base_model or base) not in [m.model for m in s.sources]:
+            where = f"{s.key}.base_model" if s.base_model else "base_model"
+            raise _fail(source, f"{where}: {short(s.base_model or base)} is not a source of {s.key}; a slice "
+                                f"merges its sources over the one that is the base model (mergekit)")
+    return slices
+
+
+def _model_inputs(source: Path | None, raw: dict, method: str, base: str | None):
+    """(models, slices, module parameters) of exactly one of `models`, `slices`, `modules` (mergekit).
+    With slices, `models` lists every source model once."""
+    given = [k for k in ("models", "slices", "modules") if raw.get(k) not in (None, [], {})]
+    if len(given) > 1:
+        raise _fail(source, f"{given[1]}: give exactly one of 'models', 'slices' and 'modules' (mergekit), got "
+                            f"{' and '.join(given)}")
+    for k in ("slices", "modules"):
+        if k in raw and raw[k] in ([], {}, None):
+            raise _fail(source, f"{k}: must not be empty")
+    if not given:
+        raise _fail(source, "models: missing; list the models to merge (or give 'slices' or 'modules')")
+    module_parameters: dict[str, Any] = {}
+    if given[0] == "modules":
+        modules = raw["modules"]
+        if not isinstance(modules, dict):
+            raise _fail(source, f"modules: must be a mapping of module names to {{slices | models, "
+                                f"parameters}}, got {short(modules)}")
+        names = sorted(map(str, modules))
+        if names != [DEFAULT_MODULE]:
+            other = next((n for n in names if n != DEFAULT_MODULE), names[0])
+            raise _fail(source, f"modules.{clip(other)}: only the module {DEFAULT_MODULE!r} of single-module "
+                                f"architectures (llama, mistral, qwen2, gpt2, bert, ...) is supported")
+        module = modules[DEFAULT_MODULE]
+        key = f"modules.{DEFAULT_MODULE}"
+        if not isinstance(module, dict):
+            raise _fail(source, f"{key}: must be a mapping with 'slices' or 'models', got {short(module)}")
+        unknown = sorted((k for k in module if k not in MODULE_KEYS), key=str)
+        if unknown:
+            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a module has {list(MODULE_KEYS)}")
+        inner = [k for k in ("slices", "models") if module.get(k)]
+        if len(inner) != 1:
+            raise _fail(source, f"{key}: give exactly one of 'slices' and 'models' (mergekit)")
+        module_parameters = _shared_parameters(source, f"{key}.parameters", module.get("parameters"), method)
+        given, raw = [inner[0]], {inner[0]: module[inner[0]]}
+        prefix = f"{key}.{inner[0]}"
+    else:
+        prefix = given[0]
+    if given[0] == "models":
+        return _models_list(source, prefix, raw["models"], method, base), (), module_parameters
+    slices = _slices_list(source, prefix, raw["slices"], method, base)
+    seen: dict[str, ModelEntry] = {}
+    for s in slices:
+        for m in s.sources:
+            seen.setdefault(m.model, ModelEntry(m.model, m.key))
+    return tuple(seen.values()), slices, module_parameters
 
 
 def _token_source(source: Path | None, key: str, value: Any) -> TokenSource:
@@ -390,19 +571,9 @@ def parse_config(raw: Any, source: Path | None = None, text: str | None = None) 
                                 f"{sorted(METHOD_PARAMS[method])}")
         shared[name] = _check_param(source, key, method, name, value)
 
-    models_raw = raw.get("models")
-    if models_raw is None:
-        raise _fail(source, "models: missing; list the models to merge")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise _fail(source, "models: must be a non-empty list of {model: PATH, parameters: {...}}")
-    models = tuple(_model_entry(source, i, m, method) for i, m in enumerate(models_raw))
-
     base = raw.get("base_model")
     base = None if base is None else _reference(source, "base_model", base)
-    if base is None and method in NEEDS_BASE:
-        raise _fail(source, f"base_model: missing; method {method!r} merges task vectors over a base model")
-    if method in NEEDS_BASE and not [m for m in models if m.model != base]:
-        raise _fail(source, "models: no model to merge besides the base model")
+    models, slices, module_parameters = _model_inputs(source, raw, method, base)
 
     tokenizer_source = raw.get("tokenizer_source")
     if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
@@ -427,6 +598,8 @@ def parse_config(raw: Any, source: Path | None = None, text: str | None = None) 
         chat_template=_chat_template(source, raw.get("chat_template")),
         source=source,
         text=text,
+        slices=slices,
+        module_parameters=module_parameters,
     )
 
 
@@ -489,5 +662,5 @@ def load_config(path: str | Path) -> MergeConfig:
     return config
 
 
-__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
+__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "SliceEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
            "TokenizerSpec", "load_config", "parse_config"]

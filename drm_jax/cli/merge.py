@@ -29,7 +29,7 @@ from drm_jax.cli import naming
 from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
-from drm_jax.cli.streaming import input_paths, open_sources
+from drm_jax.cli.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
 
 DEFAULT_MAX_MEMORY = "1GB"
@@ -340,12 +340,14 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
     """
-    from drm_jax.engine.sources import stream_merge
+    from drm_jax.cli.segments import check_segments, merge_segments, open_segments, set_layer_count
     from drm_jax.io.writer import CheckpointWriter
 
     recipe = recipe or build_recipe(config)
+    check_segments(config)  # every slice's recipe, before any checkpoint is read
     out_dir = Path(out_dir)
-    check_output(out_dir, force, input_paths(config, recipe.models) + [config.resolve(recipe.reference.model)])
+    check_output(out_dir, force, input_paths(config, config.models if config.slices else recipe.models)
+                 + [config.resolve(recipe.reference.model)])
     mesh = build_mesh(devices or [])
     out_dtype_name = config.out_dtype or config.dtype
     shard_size = _shard_size(max_memory, max_shard_size, out_shard_size)
@@ -366,18 +368,23 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 
         wrap = aligned
 
-    with open_sources(config, recipe, _numpy_dtype(out_dtype_name), wrap_views=wrap) as (sources, arch, reference):
+    # segments: one merge for a `models` config, the tensors before the layers, each slice and the tensors
+    # after the layers for a `slices` config (drm_jax.cli.segments)
+    with open_segments(config, recipe, _numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
+                                                                                          layer_count):
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
-        sources.plan_blocks(len(recipe.models), max(1, group_bytes // BLOCK_DIVISOR))
-        with MergeProgress(sources.merged_count(), quiet=quiet) as progress:
+        for seg in segments:
+            seg.sources.plan_blocks(len(seg.sources.models), max(1, group_bytes // BLOCK_DIVISOR))
+        with MergeProgress(sum(seg.sources.merged_count() for seg in segments), quiet=quiet) as progress:
             writer = CheckpointWriter(out_dir, format="hf", max_shard_size=shard_size, overwrite=force)
             with writer:
-                counts = stream_merge(sources, writer.add, method=recipe.method, params=recipe.engine_kwargs,
-                                      layout=naming.layout_for(arch), mesh=mesh, max_group_bytes=group_bytes,
-                                      block_bytes=max(1, group_bytes // BLOCK_DIVISOR), on_chunk=progress.on_chunk)
+                counts = merge_segments(segments, writer.add, layout=naming.layout_for(arch), mesh=mesh,
+                                        max_group_bytes=group_bytes, block_bytes=max(1, group_bytes // BLOCK_DIVISOR),
+                                        on_chunk=progress.on_chunk, compute_dtype=config.dtype)
                 finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
                                  vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
                                  write_model_card=write_model_card, name=out_dir.resolve().name)
+                set_layer_count(writer.tmp_dir / "config.json", layer_count)
                 output = writer.close()
             summary = progress.summary(counts, output=str(out_dir))
     return {"counts": counts, "summary": summary, "output": Path(output)}
@@ -391,7 +398,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(config)
     # The config file is an input too: --force must never remove the folder holding it.
     check_output(Path(args.out_dir), args.force,
-                 [Path(args.config), *input_paths(config, recipe.models), config.resolve(recipe.reference.model)])
+                 [Path(args.config), *input_paths(config, config.models if config.slices else recipe.models),
+                  config.resolve(recipe.reference.model)])
     devices = select_devices(args.device, args.devices)
     if getattr(args, "adapter_out", False) or getattr(args, "adapter_rank", None) is not None:
         from drm_jax.cli.adapter_out import run_adapter_out

@@ -145,6 +145,11 @@ def build_recipe(config: MergeConfig) -> Recipe:
       ConfigError: parameters that contradict each other (per-model densities for DRM, drop_rate and
         density both given, a linear base model without a weight), naming the key.
     """
+    from drm_jax.cli.segments import representative
+
+    # gradients, filter lists, slices: the recipe of one tensor (its checks); per-tensor values and the
+    # slices' own recipes are drm_jax.cli.segments'
+    config = representative(config)
     spec = get_method(config.merge_method)
     models, reference = _split_models(config)
     params: dict[str, Any] = {k: v for k, v in config.parameters.items()

@@ -195,6 +195,67 @@ def weight_orientation(arch: str, name: str, ndim: int | None = 2) -> Orientatio
     return param_kind(arch, name, ndim).orientation
 
 
+# --- layer-indexed names (slices and layer renumbering) ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNaming:
+    """How an architecture names the tensors of its repeated layers, as mergekit's layer templates do
+    (`model.layers.${layer_index}.self_attn.q_proj.weight`), in one pattern.
+
+    pattern: regex over Hugging Face names with the groups `head` (up to the index), `index`, `tail`.
+    num_layers_key: the config.json key holding the number of layers (mergekit's num_layers_config_key).
+    before: regex of the tensors that are not layer-indexed and come before the layers (mergekit's
+      pre_weights: embeddings); every other tensor that is not layer-indexed comes after them (post_weights:
+      final norm, LM head, pooler).
+    """
+
+    pattern: str
+    num_layers_key: str
+    before: str
+
+
+LAYER_NAMING: dict[str, LayerNaming] = {
+    # Llama, Mistral, Qwen2 and Qwen3 share the table (and mergekit's templates name the same tensors)
+    "llama": LayerNaming(r"^(?P<head>model\.layers\.)(?P<index>\d+)(?P<tail>\..+)$", "num_hidden_layers",
+                         r"(^|\.)embed_tokens\."),
+    "gpt2": LayerNaming(r"^(?P<head>(transformer\.)?h\.)(?P<index>\d+)(?P<tail>\..+)$", "n_layer",
+                        r"(^|\.)(wte|wpe)\."),
+    # BERT and RoBERTa, bare or under a task head's prefix
+    "bert": LayerNaming(r"^(?P<head>((bert|roberta)\.)?encoder\.layer\.)(?P<index>\d+)(?P<tail>\..+)$",
+                        "num_hidden_layers", r"(^|\.)embeddings\."),
+}
+_LAYER_PATTERNS = {arch: (re.compile(n.pattern), re.compile(n.before)) for arch, n in LAYER_NAMING.items()}
+
+
+def layer_naming(arch: str) -> LayerNaming | None:
+    """The layer naming of an architecture table, or None where drm_jax does not know it."""
+    _check_arch(arch)
+    return LAYER_NAMING.get(arch)
+
+
+def layer_index(arch: str, name: str) -> int | None:
+    """The layer index in a Hugging Face tensor name ("model.layers.7.mlp.up_proj.weight" -> 7), or None for
+    a tensor outside the layers (or an architecture without layer naming)."""
+    if arch not in _LAYER_PATTERNS:
+        return None
+    match = _LAYER_PATTERNS[arch][0].match(name)
+    return int(match.group("index")) if match else None
+
+
+def with_layer_index(arch: str, name: str, index: int) -> str:
+    """The same tensor of layer `index` ("model.layers.7.mlp.up_proj.weight", 2 -> "model.layers.2.mlp...")."""
+    match = _LAYER_PATTERNS[arch][0].match(name) if arch in _LAYER_PATTERNS else None
+    if match is None:
+        raise CheckpointError(f"tensor {name!r} is not layer-indexed in architecture {arch!r}")
+    return f"{match.group('head')}{int(index)}{match.group('tail')}"
+
+
+def before_layers(arch: str, name: str) -> bool:
+    """Whether a tensor outside the layers comes before them (embeddings) rather than after."""
+    return arch in _LAYER_PATTERNS and bool(_LAYER_PATTERNS[arch][1].search(name))
+
+
 # --- Hugging Face <-> Flax ------------------------------------------------------------------------------
 
 _FLAX_WEIGHT_LEAVES = ("kernel", "embedding", "scale")

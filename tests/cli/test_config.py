@@ -92,8 +92,8 @@ def test_drm_parameters_reach_the_engine():
      "models[0].parameters.density"),
     ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": "x"}}]},
      "models[0].parameters.weight"),
-    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": [0, 1]}}]},
-     "models[0].parameters.weight"),
+    ({"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"weight": [0, "x"]}}]},
+     "models[0].parameters.weight[1]"),  # a gradient (tests/cli/test_config_settings.py) of numbers only
     ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"direction": "diagonal"}},
      "parameters.direction"),
     ({"merge_method": "drm", "base_model": "b", "models": ["a"], "parameters": {"rescale": True}}, "parameters.rescale"),

@@ -1,0 +1,516 @@
+"""The merges a config asks for: segments of output tensors, each one streamed merge with its own
+sources, method and numbers (mergekit's planner, without its per-tensor task graph).
+
+- A `models` config is one segment: every tensor of the reference, merged from the same tensor of each
+  model. Parameters given as gradients or filter lists (`drm_jax.cli.settings`) resolve to one value
+  per tensor; the tensors whose values differ from the segment's reach the engine as `leaf_params`
+  (one vmapped program per group still: the engine stacks the values with the layers).
+- A `slices` config (or `modules.default.slices`) is a frankenmerge: the tensors before the layers
+  (embeddings) merged from the first slice's sources, then each slice's layers, renumbered from 0 in
+  output order (`model.layers.<i>`), each merged from its sources' own layers (`layer_range`), then the
+  tensors after the layers (final norm, LM head) from the last slice's sources, as mergekit plans them.
+  The layer position t of a gradient is i / (n - 1) within each slice (1 for a slice of one layer), 0
+  for the tensors before and after the layers. The written config.json gets the output's layer count.
+
+Per tensor, each scope's settings are resolved to numbers and the result is translated by
+`drm_jax.cli.recipe.build_recipe` like any config of plain numbers: defaults, aliases and mergekit's
+rules stay in one place. Layer naming per architecture is `drm_jax.io.architectures.LAYER_NAMING`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from drm_jax.cli import naming
+from drm_jax.cli.config import MergeConfig, ModelEntry, SliceEntry, per_model_names
+from drm_jax.cli.settings import FilterList, Gradient, has_per_tensor, resolve
+from drm_jax.errors import CheckpointError, ConfigError
+from drm_jax.io import architectures as arch_lib
+from drm_jax.methods.base import clip
+from drm_jax.methods.registry import get_method
+
+
+@dataclass(frozen=True)
+class SegmentDef:
+    """One merge before its checkpoints are open: method, base, sources (each with its own parameters
+    and, in a slice, its `layer_range`), and the shared parameter scopes, highest precedence first."""
+
+    key: str
+    method: str
+    base_model: str | None
+    sources: tuple[ModelEntry, ...]
+    scopes: tuple[Mapping[str, Any], ...]
+
+
+@dataclass
+class Segment:
+    """One streamed merge: its checked sources, method, engine parameters and per-tensor values."""
+
+    key: str
+    sources: Any  # drm_jax.engine.sources.CheckpointSources
+    method: str
+    params: dict
+    leaf_params: dict | None = None
+
+
+# -- settings without the tensors ---------------------------------------------------------------------
+def _some(value: Any) -> Any:
+    """A value a setting can take (for the checks made before any tensor is known)."""
+    if isinstance(value, Gradient):
+        return value.values[0]
+    if isinstance(value, FilterList):
+        return _some(value.entries[0].value)
+    return value
+
+
+def needs_segments(config: MergeConfig) -> bool:
+    """Slices, a module's parameters, or a parameter that varies per tensor."""
+    return bool(config.slices) or bool(config.module_parameters) or has_per_tensor(
+        config.parameters, *(m.parameters for m in config.models))
+
+
+def base_policy(spec) -> str:
+    """mergekit's base policy of a method: "required", "optional" or "input" (`MethodSpec.base`)."""
+    return getattr(spec, "base", "") or ("required" if spec.needs_base else "input")
+
+
+def slice_def(config: MergeConfig, s: SliceEntry) -> SegmentDef:
+    """A slice's merge: its own merge_method and base_model, else the config's. A base that is not
+    special to the method ("input": linear, passthrough, ...) is not added to a slice's sources."""
+    method = s.merge_method or config.merge_method
+    base = s.base_model or config.base_model
+    policy = base_policy(get_method(method))
+    if policy == "input" or (policy == "optional" and base not in [m.model for m in s.sources]):
+        base = None
+    return SegmentDef(s.key, method, base, s.sources, (s.parameters, config.module_parameters, config.parameters))
+
+
+def models_def(config: MergeConfig) -> SegmentDef:
+    return SegmentDef("models", config.merge_method, config.base_model, config.models,
+                      (config.module_parameters, config.parameters))
+
+
+def _plain_config(config: MergeConfig, seg: SegmentDef, shared: dict, models: Sequence[ModelEntry]) -> MergeConfig:
+    return dataclasses.replace(config, merge_method=seg.method, base_model=seg.base_model, parameters=shared,
+                               models=tuple(models), slices=(), module_parameters={})
+
+
+def representative(config: MergeConfig, seg: SegmentDef | None = None) -> MergeConfig:
+    """A config of plain numbers standing for a segment (default: the first slice, or the models) in the
+    checks that need no tensor: every setting replaced by a value it can take."""
+    if seg is None:
+        if not needs_segments(config):
+            return config
+        seg = slice_def(config, config.slices[0]) if config.slices else models_def(config)
+    shared: dict[str, Any] = {}
+    for scope in reversed(seg.scopes):  # the highest precedence last: it wins
+        shared.update({n: _some(v) for n, v in scope.items()})
+    models = [ModelEntry(m.model, m.key, {n: _some(v) for n, v in m.parameters.items()}) for m in seg.sources]
+    return _plain_config(config, seg, shared, models)
+
+
+def check_segments(config: MergeConfig) -> None:
+    """Every slice's parameters and inputs checked (as `build_recipe` checks a config), before any
+    checkpoint is opened."""
+    from drm_jax.cli.recipe import build_recipe
+
+    for s in config.slices:
+        build_recipe(representative(config, slice_def(config, s)))
+
+
+# -- per-tensor values ---------------------------------------------------------------------------------
+class TensorParams:
+    """Resolves a segment's settings for each tensor and translates them with `build_recipe`."""
+
+    def __init__(self, config: MergeConfig, seg: SegmentDef):
+        self.config, self.seg = config, seg
+        self.per_model = per_model_names(seg.method)
+        self.shared_names = sorted({n for scope in seg.scopes for n in scope})
+        self._cache: dict[Any, Any] = {}
+
+    def recipe(self, out_name: str, in_names: Sequence[str], t: float):
+        """The recipe of one tensor: `in_names[k]` is its name in source k (filters of per-model values
+        match it), `out_name` its output name (filters of shared values match it)."""
+        from drm_jax.cli.recipe import build_recipe
+
+        seg = self.seg
+        shared = {}
+        for n in self.shared_names:
+            value = resolve(n, seg.scopes, out_name, t)
+            if value is not None:
+                shared[n] = value
+        models = []
+        for src, name in zip(seg.sources, in_names):
+            own = {}
+            for n in sorted(set(src.parameters) | (self.per_model & set(self.shared_names))):
+                value = resolve(n, (src.parameters,) + seg.scopes, name, t)
+                if value is not None:
+                    own[n] = value
+            models.append(ModelEntry(src.model, src.key, own))
+        key = (tuple(sorted(shared.items())), tuple(tuple(sorted(m.parameters.items())) for m in models))
+        if key not in self._cache:
+            try:
+                self._cache[key] = build_recipe(_plain_config(self.config, seg, shared, models))
+            except ConfigError as err:
+                raise ConfigError(f"{err} (for tensor {clip(out_name)!r})") from None
+        return self._cache[key]
+
+
+def per_tensor_params(resolver: TensorParams, names: Sequence[str], in_names: Sequence[Sequence[str]],
+                      ts: Sequence[float], merged: Sequence[bool]) -> tuple[dict, dict | None]:
+    """(the segment's engine parameters, leaf_params for the tensors whose traced values differ)."""
+    spec = get_method(resolver.seg.method)
+    traced = {p.name for p in spec.traced}
+    recipes = {i: resolver.recipe(names[i], [n[i] for n in in_names], ts[i]) for i in range(len(names)) if merged[i]}
+    if not recipes:
+        return resolver.recipe(names[0], [n[0] for n in in_names], ts[0]).engine_kwargs, None
+    counts = Counter(id(r) for r in recipes.values())
+    default = next(r for r in recipes.values() if counts[id(r)] == max(counts.values())).engine_kwargs
+    leaf: dict[str, dict] = {}
+    for i, r in recipes.items():
+        kw = r.engine_kwargs
+        for k in set(kw) | set(default):
+            if k not in traced and kw.get(k) != default.get(k):
+                raise ConfigError(f"{resolver.seg.key}: {k} differs between tensors ({clip(names[i])!r}); a static "
+                                  f"parameter takes one value per slice")
+        own = {k: v for k, v in kw.items() if k in traced and v != default.get(k)}
+        if own:
+            leaf[names[i]] = own
+    return dict(default), (leaf or None)
+
+
+def _layer_positions(arch: str, names: Sequence[str], num_layers: int | None) -> list[float]:
+    """t of each tensor of a `models` merge: layer i of n -> i / (n - 1) (1 if n = 1); 0 outside layers."""
+    out = []
+    for name in names:
+        index = arch_lib.layer_index(arch, name)
+        if index is None or num_layers is None:
+            out.append(0.0)
+        else:
+            out.append(index / (num_layers - 1) if num_layers > 1 else 1.0)
+    return out
+
+
+def _gradient_key(seg: SegmentDef) -> str | None:
+    """The config key of the first gradient of a segment (a value over layers), or None."""
+    def has_gradient(v):
+        return isinstance(v, Gradient) or (isinstance(v, FilterList) and any(isinstance(e.value, Gradient)
+                                                                              for e in v.entries))
+    for src in seg.sources:
+        for n, v in src.parameters.items():
+            if has_gradient(v):
+                return f"{src.key}.parameters.{n}"
+    for scope in seg.scopes:
+        for n, v in scope.items():
+            if has_gradient(v):
+                return n
+    return None
+
+
+def _num_layers(arch: str, reference: Any) -> int | None:
+    layers = arch_lib.layer_naming(arch)
+    model_config = naming.read_model_config(reference) or {}
+    value = model_config.get(layers.num_layers_key) if layers is not None else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _require_layer_naming(arch: str, what: str) -> arch_lib.LayerNaming:
+    layers = arch_lib.layer_naming(arch)
+    if layers is None:
+        known = ", ".join(sorted(arch_lib.LAYER_NAMING))
+        raise ConfigError(f"{what} needs each tensor's layer index, and drm-jax knows the layer naming of the "
+                          f"{known} architectures (llama includes mistral and qwen2); this model is {arch!r}")
+    return layers
+
+
+# -- views --------------------------------------------------------------------------------------------
+class RenamedView:
+    """A reader's tensors under output names: {output name: the reader's own name}."""
+
+    def __init__(self, view: Any, names: Mapping[str, str]):
+        self.view, self._names = view, dict(names)
+        self.format = getattr(view, "format", "hf")
+        self.path = getattr(view, "path", None)
+        self.config_dir = getattr(view, "config_dir", None)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def _own(self, name: str) -> str:
+        try:
+            return self._names[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def shape(self, name: str):
+        return self.view.shape(self._own(name))
+
+    def dtype(self, name: str):
+        return self.view.dtype(self._own(name))
+
+    def get(self, name: str):
+        return self.view.get(self._own(name))
+
+    def close(self) -> None:  # the underlying reader belongs to the caller
+        pass
+
+
+def _sources_of(seg: SegmentDef, recipe, views: Mapping[str, Any], names: Mapping[str, Sequence[str]],
+                out_names: Sequence[str], out_dtype, promote: bool = False):
+    """CheckpointSources of a segment: `names[model]` lists, per output tensor, the model's own name."""
+    from drm_jax.engine.sources import CheckpointSources
+
+    by_model = {m.model: m for m in seg.sources}
+
+    def view(ref: str):
+        entry = by_model[ref]
+        present = set(views[ref].keys())
+        mapping = {}
+        for out, own in zip(out_names, names[ref]):
+            if own not in present:
+                raise CheckpointError(f"{entry.key}: tensor {own!r} (output {out!r}) is missing from "
+                                      f"{entry.model}" + (f" (layer_range {list(entry.layer_range)})"
+                                                          if entry.layer_range else ""))
+            mapping[out] = own
+        return RenamedView(views[ref], mapping)
+
+    reference = recipe.reference.model
+    models = [view(m.model) for m in recipe.models]
+    ref_view = PromotedView(view(reference), models) if promote else view(reference)
+    return CheckpointSources(
+        ref_view, models,
+        [f"{by_model[m.model].key} ({m.model})" for m in recipe.models],
+        f"{by_model[reference].key} ({reference})", role_kwargs=recipe.role_kwargs, zero_base=recipe.zero_base,
+        exact_roles=recipe.exact_roles, out_dtype=out_dtype)
+
+
+def _merged_mask(sources) -> list[bool]:
+    return [role in ("linear", "other") for role in sources.roles]
+
+
+# -- the segments -------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None,
+                  wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
+                  ) -> Iterator[tuple[list[Segment], str, Any, tuple[str, int] | None]]:
+    """(segments, architecture name, the reference view whose config.json the output takes, the output's
+    (layer-count key, number of layers) or None), readers closed on exit."""
+    promote = config.dtype is None and config.out_dtype is None
+    if not config.slices:
+        from drm_jax.cli.streaming import open_sources
+
+        wrap = promoting(wrap_views) if promote else wrap_views
+        with open_sources(config, recipe, out_dtype, wrap_views=wrap) as (sources, arch, reference):
+            params, leaf = recipe.engine_kwargs, None
+            seg = models_def(config)
+            if needs_segments(config):
+                names = sources.info.names
+                grad = _gradient_key(seg)
+                if grad is not None:
+                    _require_layer_naming(arch, grad)
+                ts = _layer_positions(arch, names, _num_layers(arch, reference))
+                ins = []
+                for m in seg.sources:
+                    ins.append(names)
+                params, leaf = per_tensor_params(TensorParams(config, seg), names, ins, ts, _merged_mask(sources))
+            yield [Segment("models", sources, recipe.method, params, leaf)], arch, reference, None
+        return
+    with _open_readers(config, wrap_views) as (views, arch):
+        yield _slice_segments(config, views, arch, out_dtype, promote)
+
+
+@contextlib.contextmanager
+def _open_readers(config: MergeConfig, wrap_views):
+    """{model reference: Hugging Face view} of every model of a slices config, and the architecture."""
+    from drm_jax.cli.streaming import open_model, split_adapter
+
+    base_path = None
+    if config.base_model is not None:
+        base_path, _ = split_adapter(config, config.base_model)
+    readers: list[Any] = []
+    try:
+        for entry in config.models:
+            readers.append(open_model(config, entry, base_path))
+        arch = naming.architecture_of(readers)
+        views = [naming.HFView(r, arch) for r in readers]
+        refs = [m.model for m in config.models]
+        if wrap_views is not None:
+            views = wrap_views(refs, views)
+        yield dict(zip(refs, views)), arch
+    finally:
+        for reader in readers:
+            try:
+                reader.close()
+            except Exception:  # closing is best effort
+                pass
+
+
+def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
+    from drm_jax.cli.recipe import build_recipe
+
+    key = "slices" if not config.module_parameters else "modules.default.slices"
+    layers = _require_layer_naming(arch, key)
+    slices = config.slices
+    segments: list[Segment] = []
+
+    def add(seg: SegmentDef, out_names: list[str], own: dict[str, list[str]], ts: list[float]) -> None:
+        if not out_names:
+            return
+        recipe = build_recipe(representative(config, seg))
+        sources = _sources_of(seg, recipe, views, own, out_names, out_dtype, promote)
+        resolver = TensorParams(config, seg)
+        params, leaf = per_tensor_params(resolver, out_names, [own[m.model] for m in seg.sources], ts,
+                                         _merged_mask(sources))
+        segments.append(Segment(seg.key, sources, seg.method, params, leaf))
+
+    def reference_of(seg: SegmentDef) -> ModelEntry:
+        if base_policy(get_method(seg.method)) != "input" and seg.base_model is not None:
+            return next(m for m in seg.sources if m.model == seg.base_model)
+        return seg.sources[0]
+
+    # tensors before the layers: the first slice's sources (mergekit: pre_weights)
+    first = slice_def(config, slices[0])
+    ref_view = views[reference_of(first).model]
+    outside = [n for n in ref_view.keys() if arch_lib.layer_index(arch, n) is None]
+    before = [n for n in outside if arch_lib.before_layers(arch, n)]
+    add(dataclasses.replace(first, key=f"{first.key} (tensors before the layers)"), before,
+        {m.model: list(before) for m in first.sources}, [0.0] * len(before))
+    out_layer = 0
+    for s in slices:
+        seg = slice_def(config, s)
+        ref = reference_of(seg)
+        n = s.num_layers
+        out_names: list[str] = []
+        own: dict[str, list[str]] = {m.model: [] for m in seg.sources}
+        ts: list[float] = []
+        for offset in range(n):
+            t = offset / (n - 1) if n > 1 else 1.0
+            layer_names = [name for name in views[ref.model].keys()
+                           if arch_lib.layer_index(arch, name) == ref.layer_range[0] + offset]
+            if not layer_names:
+                raise CheckpointError(f"{ref.key}.layer_range: {ref.model} has no layer "
+                                      f"{ref.layer_range[0] + offset} (layer_range {list(ref.layer_range)})")
+            for name in layer_names:
+                out_names.append(arch_lib.with_layer_index(arch, name, out_layer + offset))
+                for m in seg.sources:
+                    own[m.model].append(arch_lib.with_layer_index(arch, name, m.layer_range[0] + offset))
+                ts.append(t)
+        add(seg, out_names, own, ts)
+        out_layer += n
+    # tensors after the layers: the last slice's sources (mergekit: post_weights, as many sources as the
+    # first slice has)
+    last = slice_def(config, slices[-1])
+    last = dataclasses.replace(last, key=f"{last.key} (tensors after the layers)",
+                               sources=last.sources[:len(first.sources)])
+    ref_view = views[reference_of(last).model]
+    after = [n for n in ref_view.keys()
+             if arch_lib.layer_index(arch, n) is None and not arch_lib.before_layers(arch, n)]
+    add(last, after, {m.model: list(after) for m in last.sources}, [0.0] * len(after))
+    return segments, arch, views[reference_of(first).model], (layers.num_layers_key, out_layer)
+
+
+# -- running them ---------------------------------------------------------------------------------------
+def promoted_dtype(dtypes: Sequence[Any]) -> np.dtype:
+    """torch's promotion of floating dtypes (mergekit's output dtype when neither dtype nor out_dtype is
+    set): the wider of two, float32 for float16 with bfloat16."""
+    out = np.dtype(dtypes[0])
+    for d in dtypes[1:]:
+        d = np.dtype(d)
+        if d == out:
+            continue
+        if {d.name, out.name} == {"float16", "bfloat16"}:
+            out = np.dtype(np.float32)
+        else:
+            out = d if d.itemsize > out.itemsize else out
+    return out
+
+
+class PromotedView:
+    """The reference seen with each floating tensor's dtype promoted over every input of the merge, so the
+    engine writes mergekit's default output dtype (neither dtype nor out_dtype given): a float32 model
+    merged into a bfloat16 base gives float32."""
+
+    def __init__(self, reference: Any, models: Sequence[Any]):
+        self.reference, self.models = reference, list(models)
+        self.format = getattr(reference, "format", "hf")
+        self.path = getattr(reference, "path", None)
+        self.config_dir = getattr(reference, "config_dir", None)
+        self._present = [set(m.keys()) for m in self.models]
+
+    def keys(self) -> list[str]:
+        return self.reference.keys()
+
+    def shape(self, name: str):
+        return self.reference.shape(name)
+
+    def dtype(self, name: str):
+        from drm_jax.engine.sources import is_floating
+
+        own = np.dtype(self.reference.dtype(name))
+        if not is_floating(own):
+            return own
+        others = [np.dtype(m.dtype(name)) for m, present in zip(self.models, self._present) if name in present]
+        return promoted_dtype([own] + [d for d in others if is_floating(d)])
+
+    def get(self, name: str):
+        return self.reference.get(name)
+
+    def close(self) -> None:
+        pass
+
+
+def promoting(wrap_views):
+    """A `wrap_views` for `open_sources` that also promotes the reference's dtypes (`PromotedView`)."""
+    def wrap(refs, views):
+        views = wrap_views(refs, views) if wrap_views is not None else views
+        return [PromotedView(views[0], views[1:])] + list(views[1:])
+
+    return wrap
+
+
+def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray], None], *, layout, mesh,
+                   max_group_bytes: int | None, block_bytes: int | None, on_chunk=None,
+                   compute_dtype: str | None = None) -> dict[str, int]:
+    """Stream every segment into the sink; returns the tensors per engine path over all of them.
+
+    compute_dtype: the config's `dtype` (inputs rounded to it, `drm_jax.engine.merge.merge`)."""
+    from drm_jax.engine.sources import stream_merge
+
+    counts: Counter = Counter()
+    for seg in segments:
+        params = dict(seg.params)
+        if compute_dtype is not None:
+            params["compute_dtype"] = compute_dtype
+        extra = {"leaf_params": seg.leaf_params} if seg.leaf_params else {}
+        counts.update(stream_merge(seg.sources, add, method=seg.method, params=params, layout=layout, mesh=mesh,
+                                   max_group_bytes=max_group_bytes, block_bytes=block_bytes, on_chunk=on_chunk,
+                                   **extra))
+    return dict(counts)
+
+
+def set_layer_count(config_path: Path, layer_count: tuple[str, int] | None) -> None:
+    """Write the output's number of layers into config.json (mergekit: num_layers_config_key)."""
+    if layer_count is None or not config_path.is_file():
+        return
+    try:
+        model_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return  # not ours to repair: it was copied as it is
+    if not isinstance(model_config, dict):
+        return
+    key, count = layer_count
+    model_config[key] = count
+    config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+__all__ = ["PromotedView", "RenamedView", "Segment", "SegmentDef", "TensorParams", "check_segments", "merge_segments",
+           "needs_segments", "open_segments", "per_tensor_params", "promoted_dtype", "representative",
+           "set_layer_count", "slice_def"]

@@ -87,9 +87,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "merge",
         help="merge models described by a mergekit-style YAML config",
-        description="Merge fine-tuned models with a mergekit-style YAML config (merge_method: drm, knots_ties, "
-                    "ties, task_arithmetic, linear, dare_ties, dare_linear). Tensors are streamed: peak memory is "
-                    "a few tensor groups, not the models.",
+        description="Merge fine-tuned models with a mergekit-style YAML config (merge_method: any of "
+                    "`drm-jax methods`, mergekit's included). Tensors are streamed: peak memory is a few tensor "
+                    "groups, not the models.",
     )
     parser.add_argument("config", type=Path, help="YAML merge configuration (mergekit schema)")
     parser.add_argument("out_dir", type=Path, help="output directory (Hugging Face safetensors layout)")

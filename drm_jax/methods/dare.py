@@ -54,7 +54,7 @@ DARE_LINEAR = MethodSpec(
     summary="DARE drop and rescale, then task arithmetic",
     paper="Yu et al., Language Models are Super Mario (DARE), arXiv 2311.03099",
     params=_COMMON + (LINEAR_NORMALIZE,),
-    needs_base=True, elementwise=True, random=True, mergekit=True,
+    needs_base=True, elementwise=False, random=True, mergekit=True,  # mergekit's L1 rescale is per tensor
     build=_build_linear, layer_hparams=layer_hparams, reference="docs/methods.md#dare",
 )
 
@@ -63,7 +63,7 @@ DARE_TIES = MethodSpec(
     summary="DARE drop and rescale, then TIES' sign election and weighted disjoint mean",
     paper="Yu et al., Language Models are Super Mario (DARE), arXiv 2311.03099",
     params=_COMMON + (TIES_NORMALIZE,),
-    needs_base=True, elementwise=True, random=True, mergekit=True,
+    needs_base=True, elementwise=False, random=True, mergekit=True,  # mergekit's L1 rescale is per tensor
     build=_build_ties, layer_hparams=layer_hparams, reference="docs/methods.md#dare",
 )
 

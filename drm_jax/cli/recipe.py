@@ -59,7 +59,7 @@ class Recipe:
 
     @property
     def coefficients(self) -> tuple[float, ...]:
-        return tuple(self.engine_kwargs["coefficients"])
+        return tuple(self.engine_kwargs.get("coefficients", ()))
 
 
 def _fail(config: MergeConfig, message: str) -> ConfigError:
@@ -96,9 +96,9 @@ def _roles_kwargs(config: MergeConfig) -> dict[str, Any]:
 
 
 def _split_models(config: MergeConfig) -> tuple[tuple[ModelEntry, ...], ModelEntry]:
-    """(merged models, reference model) under mergekit's rules for the base model."""
+    """(merged models, reference model) under mergekit's rules for the base model (`MethodSpec.base`)."""
     spec = get_method(config.merge_method)
-    if spec.needs_base:
+    if spec.base == "required" or (spec.base == "optional" and config.base_model is not None):
         merged = tuple(m for m in config.models if m.model != config.base_model)
         return merged, ModelEntry(model=config.base_model, key="base_model")
     if config.base_model is None:
@@ -106,12 +106,48 @@ def _split_models(config: MergeConfig) -> tuple[tuple[ModelEntry, ...], ModelEnt
     reference = ModelEntry(model=config.base_model, key="base_model")
     if any(m.model == config.base_model for m in config.models):
         return config.models, reference
-    # mergekit adds an unlisted base model to linear's inputs; it then needs a weight from `parameters`.
-    if "weight" not in config.parameters:
-        raise _fail(config, "base_model: a linear merge averages the base model with the others (as mergekit "
-                            "does), so it needs a weight: list it under 'models' with a weight, give a shared "
-                            "'parameters.weight', or remove base_model")
+    # mergekit adds an unlisted base model to the inputs; with a weight parameter it then needs a weight.
+    if "weight" in spec.names and "weight" not in config.parameters:
+        raise _fail(config, f"base_model: a {spec.name} merge averages the base model with the others (as "
+                            f"mergekit does), so it needs a weight: list it under 'models' with a weight, give a "
+                            f"shared 'parameters.weight', or remove base_model")
     return config.models + (reference,), reference
+
+
+def _check_inputs(config: MergeConfig, spec, models: tuple[ModelEntry, ...]) -> None:
+    """mergekit's input contract: the number of merged models, and the parameters it has no default for."""
+    problem = spec.count_problem(len(models))
+    if problem is not None:
+        appended = spec.base == "input" and models and models[-1].key == "base_model"
+        raise _fail(config, f"{'base_model' if appended else 'models'}: {problem}")
+    for p in spec.params:
+        if not p.required:
+            continue
+        names = (p.name,) + p.aliases
+        if any(n in config.parameters for n in names):
+            continue
+        shown = p.aliases[0] if p.aliases else p.name  # mergekit's name (`weight` for the coefficients)
+        if not p.per_model:
+            raise _fail(config, f"parameters.{shown}: missing; method {spec.name!r} needs it (mergekit has no "
+                                f"default)")
+        for m in models:
+            if not any(n in m.parameters for n in names):
+                raise _fail(config, f"{m.key}.parameters.{shown}: missing; method {spec.name!r} needs a {shown} "
+                                    f"for every model (mergekit has no default)")
+
+
+def _other_per_model(config: MergeConfig, models, spec, params: dict) -> None:
+    """Per-model values of the method's other per-model parameters (passthrough's scale, ...): a model's own
+    value, else the shared one, else the default."""
+    for p in spec.params:
+        names = (p.name,) + p.aliases
+        if not p.per_model or p.name == "coefficients" or "density" in names:
+            continue  # weights and densities have their own rules above
+        own = [next((m.parameters[n] for n in names if n in m.parameters), None) for m in models]
+        if all(v is None for v in own):
+            continue
+        shared = next((params.pop(n) for n in names if n in params), p.default)
+        params[p.name] = tuple(shared if v is None else v for v in own)
 
 
 def _densities(config: MergeConfig, models, spec) -> dict[str, Any]:
@@ -152,11 +188,14 @@ def build_recipe(config: MergeConfig) -> Recipe:
     config = representative(config)
     spec = get_method(config.merge_method)
     models, reference = _split_models(config)
+    _check_inputs(config, spec, models)
     params: dict[str, Any] = {k: v for k, v in config.parameters.items()
                               if k not in ("weight", "density", "include", "exclude", "ignore")}
-    weights = _per_model(config, models, "weight")
-    params["coefficients"] = [1.0 if w is None else float(w) for w in weights]
+    if "coefficients" in spec.names:  # slerp, model_stock, ... take no weights
+        weights = _per_model(config, models, "weight")
+        params["coefficients"] = [1.0 if w is None else float(w) for w in weights]
     params.update(_densities(config, models, spec))
+    _other_per_model(config, models, spec, params)
     if spec.mergekit:  # mergekit's defaults where they differ from the Python API's
         for p in spec.params:
             if p.mergekit_default is not None and p.name not in params and not (set(p.aliases) & set(params)):
@@ -174,9 +213,10 @@ def build_recipe(config: MergeConfig) -> Recipe:
                 raise _fail(config, f"parameters.{what}: {err}") from None
     rules = rules_for(spec, static_values(spec, static))
     engine_kwargs = {**static, **traced}
-    engine_kwargs["coefficients"] = list(params["coefficients"])
-    return Recipe(models, reference, not spec.needs_base and spec.name == "linear", spec.name, engine_kwargs,
-                  role_kwargs, rules.exact_if_blocked)
+    if "coefficients" in params:
+        engine_kwargs["coefficients"] = list(params["coefficients"])
+    zero_base = spec.base == "input" or (spec.base == "optional" and config.base_model is None)
+    return Recipe(models, reference, zero_base, spec.name, engine_kwargs, role_kwargs, rules.exact_if_blocked)
 
 
 __all__ = ["Recipe", "build_recipe"]

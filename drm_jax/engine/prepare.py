@@ -198,6 +198,9 @@ class Prepared:
         self.names, self._source, self._flat = list(names), source, flat
         self._chunks, self.mesh, self.store = chunks_, mesh, store
         self.num_models = num_models
+        problem = spec.count_problem(num_models)
+        if problem is not None:
+            raise MergeInputError(problem)
         self.layer_names = [self.names[i] for c in chunks_ for i in c.members]
         start = 0
         for c in chunks_:
@@ -250,7 +253,7 @@ class Prepared:
             raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
                                   f"drm_jax.prepare, not to merge")
         values = traced_values(self.spec, {**self.defaults, **traced})
-        coeffs = values.pop("coefficients")
+        coeffs = values.pop("coefficients", None)  # methods without weights (slerp, ...) have none
         if isinstance(coeffs, (int, float)):  # the default: all ones
             coeffs = None
         self._run(coeffs, values, put, on_chunk, self._leaf_values(leaf_params))

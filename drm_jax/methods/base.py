@@ -26,8 +26,8 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 from drm_jax.math.state import MergeTransform
 
-Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed"]
-_NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed")
+Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
+_NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Param:
 
     name: the Python keyword (`drm_jax.merge(..., name=value)`), also accepted in YAML configs.
     kind: "fraction" (a number in [0, 1]), "float" (finite), "nonnegative", "rtol" (in [0, 1)),
-      "bool", "choice" (one of `choices`), "seed" (an integer in [0, 2**31)).
+      "bool", "choice" (one of `choices`), "seed" (an integer in [0, 2**31)), "count" (an integer in
+      [0, 2**31), e.g. an iteration limit; traced counts are int32 inputs).
     default: the Python API's default; None means "off" where `optional`.
     doc: one line for `drm-jax methods` and the docs.
     traced: True where the value is an input of the compiled programs (a sweep does not recompile);
@@ -45,6 +46,8 @@ class Param:
     aliases: other names accepted for it (mergekit's name first, if it differs), each mapped by `to_self`.
     mergekit_default: the command line's default where it follows mergekit and differs from `default`.
     optional: None is a valid value (the stage it controls is left out: structure).
+    required: mergekit has no default for it: a YAML config must give it (for a per-model parameter, every
+      merged model, or the shared `parameters`); the Python API uses `default`.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Param:
     aliases: tuple[str, ...] = ()
     mergekit_default: Any = None
     optional: bool = False
+    required: bool = False
     # alias -> function turning the alias's value into this parameter's (density -> drop_rate: 1 - x)
     alias_maps: tuple[tuple[str, Callable[[float], float]], ...] = ()
 
@@ -74,7 +78,8 @@ class Param:
         if self.kind == "choice":
             return " | ".join(self.choices)
         return {"fraction": "number in [0, 1]", "float": "finite number", "nonnegative": "number >= 0",
-                "rtol": "number in [0, 1)", "bool": "true | false", "seed": "integer >= 0"}[self.kind]
+                "rtol": "number in [0, 1)", "bool": "true | false", "seed": "integer >= 0",
+                "count": "integer >= 0"}[self.kind]
 
 
 def _is_number(v: Any) -> bool:
@@ -93,6 +98,12 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         if value not in param.choices:
             raise ValueError(f"{where}: must be one of {list(param.choices)}, got {short(value)}")
         return value
+    if kind == "count":
+        if _is_tracer(value):
+            return value
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**31:
+            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
+        return int(value)
     if kind == "seed":
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
             raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
@@ -212,6 +223,13 @@ class MethodSpec:
     summary: one line. paper: "Authors, title, arXiv id" (empty for weight averaging).
     params: every parameter (`Param`), in display order.
     needs_base: merges task vectors over a base model (mergekit: BasePolicy.REQUIRED).
+    base: what the command line does with `base_model` (mergekit's base policy): "required" (the base is
+      the reference the K models are merged over; needs_base), "optional" (the reference if given, else
+      the models' own weights are merged, over a zero base: nuslerp, multislerp), "input" (not special:
+      a given base_model is one more input, all merged over a zero base: linear, karcher, passthrough).
+      Default: "required" where needs_base, else "input". The Python API always takes a base tree.
+    min_models, max_models: how many models K the method merges (besides a "required" or "optional"
+      base; for "input" methods a base_model given on the command line counts as one); None: no limit.
     elementwise: every entry of the output depends only on the same entry of the inputs.
     random: draws random numbers (seeded per tensor by `seed`).
     build: static parameters (a dict of name -> value for every non-traced parameter) -> `Rules`.
@@ -231,11 +249,28 @@ class MethodSpec:
     layer_hparams: Callable[..., dict]
     reference: str = ""
     mergekit: bool = False  # the command line gives mergekit's meaning to its parameters
+    base: str = ""
+    min_models: int = 1
+    max_models: int | None = None
     _by_name: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         for p in self.params:
             self._by_name[p.name] = p
+        if not self.base:
+            object.__setattr__(self, "base", "required" if self.needs_base else "input")
+        if self.base not in ("required", "optional", "input") or (self.base == "required") != self.needs_base:
+            raise ValueError(f"method {self.name!r}: base {self.base!r} does not fit needs_base={self.needs_base}")
+
+    def count_problem(self, k: int) -> str | None:
+        """Why K models do not fit the method (mergekit's input contract), or None."""
+        lo, hi = self.min_models, self.max_models
+        if lo <= k and (hi is None or k <= hi):
+            return None
+        want = f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None or k < lo else f"at most {hi}")
+        besides = {"required": " besides the base model", "optional": " besides the base model, if any",
+                   "input": " (a base_model counts as one)"}[self.base]
+        return f"method {self.name!r} merges {want} model{'s' if hi != 1 else ''}{besides}, got {k}"
 
     def param(self, name: str) -> Param:
         return self._by_name[name]

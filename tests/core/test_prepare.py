@@ -22,6 +22,17 @@ from drm_jax.methods.registry import METHODS, get_method, static_values
 METHOD_NAMES = sorted(METHODS)
 
 
+def fitted(method, models):
+    """As many of the models as the method merges (slerp, nearswap, passthrough: one; nuslerp: two)."""
+    most = get_method(method).max_models
+    return models[:most] if most else models
+
+
+def weights_of(method, values):
+    """{"coefficients": values} for the methods with per-model weights (slerp, model_stock, ... have none)."""
+    return {"coefficients": values} if "coefficients" in get_method(method).names else {}
+
+
 def layered_trees(seed=0, layers=3, k=3, shape=(8, 6)):
     rng = np.random.default_rng(seed)
     base = {f"layers.{i}.w": rng.standard_normal(shape).astype(np.float32) for i in range(layers)}
@@ -81,15 +92,18 @@ def test_prepare_then_merge_equals_merge(method):
               "breadcrumbs": {"density": 0.6, "gamma": 0.05, "lambda_": 0.9}, "breadcrumbs_ties": {"density": 0.5},
               "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.6},
               "sce": {"select_topk": 0.5}, "ram": {"epsilon": 0.05}, "ramplus_tl": {"epsilon": 0.05, "r": 0.3},
+              "slerp": {"t": 0.3}, "multislerp": {"eps": 1e-7}, "karcher": {"max_iter": 4, "tol": 1e-4},
+              "nearswap": {"t": 0.1}, "passthrough": {"scale": 0.5},
               }.get(method, {})
-    coefficients = [0.5, 1.0, 1.5]
+    models = fitted(method, models)
+    coefficients = weights_of(method, [0.5, 1.0, 1.5][:len(models)])
     prepared = drm_jax.prepare(base, models, method=method)
-    merged = drm_jax.merge(base, models, method=method, coefficients=coefficients, **values)
-    again = prepared.merge(coefficients=coefficients, **values)
+    merged = drm_jax.merge(base, models, method=method, **coefficients, **values)
+    again = prepared.merge(**coefficients, **values)
     for name in base:
         np.testing.assert_array_equal(np.asarray(again[name]), np.asarray(merged[name]))
     # traced values given to prepare are defaults of every merge
-    with_defaults = drm_jax.prepare(base, models, method=method, coefficients=coefficients, **values).merge()
+    with_defaults = drm_jax.prepare(base, models, method=method, **coefficients, **values).merge()
     for name in base:
         np.testing.assert_array_equal(np.asarray(with_defaults[name]), np.asarray(merged[name]))
 
@@ -125,13 +139,17 @@ def _loss(prepared, weights):
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_gradients_in_the_coefficients_are_finite(method):
+    if not weights_of(method, True):
+        pytest.skip(f"{method} has no per-model weights (mergekit's method has none)")
     base, models = layered_trees(6)
+    models = fitted(method, models)
+    k = len(models)
     prepared = drm_jax.prepare(base, models, method=method)
     rng = np.random.default_rng(0)
     weights = {n: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for n, v in base.items()}
-    grad = jax.grad(_loss(prepared, weights))(jnp.array([0.7, 1.0, 1.2]))
-    assert grad.shape == (3,) and bool(jnp.all(jnp.isfinite(grad)))
-    per_layer = jnp.full((3, len(prepared.layer_names)), 0.9)
+    grad = jax.grad(_loss(prepared, weights))(jnp.array([0.7, 1.0, 1.2][:k]))
+    assert grad.shape == (k,) and bool(jnp.all(jnp.isfinite(grad)))
+    per_layer = jnp.full((k, len(prepared.layer_names)), 0.9)
     grad = jax.grad(_loss(prepared, weights))(per_layer)
     assert grad.shape == per_layer.shape and bool(jnp.all(jnp.isfinite(grad)))
 
@@ -253,7 +271,7 @@ def _valid_value(p):
         return p.choices[-1]
     if p.kind == "bool":
         return not p.default if isinstance(p.default, bool) else True
-    if p.kind == "seed":
+    if p.kind in ("seed", "count"):
         return 3
     return 0.5
 
@@ -261,10 +279,11 @@ def _valid_value(p):
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_the_api_accepts_exactly_the_registry_names(method):
     base, models = layered_trees(10, layers=1, k=2)
+    models = fitted(method, models)
     spec = get_method(method)
     for p in spec.params:
         for name in (p.name,) + p.aliases:
-            value = [0.5, 1.0] if p.per_model and p.kind in ("float", "fraction") else _valid_value(p)
+            value = [0.5, 1.0][:len(models)] if p.per_model and p.kind in ("float", "fraction") else _valid_value(p)
             if name == "trim_scope":
                 value = "model"
             drm_jax.merge(base, models, method=method, **{name: value})

@@ -25,9 +25,11 @@ def describe(spec) -> dict:
     return {
         "name": spec.name, "summary": spec.summary, "paper": spec.paper, "reference": spec.reference,
         "needs_base": spec.needs_base, "elementwise": spec.elementwise, "random": spec.random,
+        "base": spec.base, "min_models": spec.min_models, "max_models": spec.max_models,
         "parameters": [{
             "name": p.name, "aliases": list(p.aliases), "kind": p.describe(), "default": p.default,
             "mergekit_default": p.mergekit_default, "traced": p.traced, "per_model": p.per_model, "doc": p.doc,
+            "required": p.required,
         } for p in spec.params],
     }
 
@@ -36,13 +38,24 @@ def render(spec) -> str:
     facts = [f for f, on in (("needs a base", spec.needs_base), ("elementwise", spec.elementwise),
                              ("random", spec.random)) if on]
     lines = [f"{spec.name}: {spec.summary}", f"  paper: {spec.paper or '-'}",
-             f"  {', '.join(facts) or 'not elementwise'}; reference: {spec.reference}", "  parameters:"]
+             f"  {', '.join(facts) or 'not elementwise'}; reference: {spec.reference}"]
+    if spec.base != "required" or spec.min_models != 1 or spec.max_models is not None:
+        base = {"required": "base_model required", "optional": "base_model optional (without it: the models' "
+                "own weights)", "input": "base_model is one more input"}[spec.base]
+        count = ("any number of models" if spec.min_models == 1 and spec.max_models is None else
+                 f"exactly {spec.min_models} model{'s' if spec.min_models != 1 else ''}"
+                 if spec.min_models == spec.max_models else
+                 f"at least {spec.min_models} models" if spec.max_models is None else
+                 f"{spec.min_models} to {spec.max_models} models")
+        lines.append(f"  {base}; merges {count}")
+    lines.append("  parameters:")
     for p in spec.params:
         default = repr(p.default)
         if p.mergekit_default is not None:
             default += f" (YAML, as mergekit: {p.mergekit_default!r})"
         names = p.name + (f" (also {', '.join(p.aliases)})" if p.aliases else "")
-        tags = ("traced" if p.traced else "static") + (", per model" if p.per_model else "")
+        tags = ("traced" if p.traced else "static") + (", per model" if p.per_model else "") + \
+            (", required in YAML" if p.required else "")
         lines.append(f"    {names}: {p.describe()}, default {default} [{tags}]: {p.doc}")
     return "\n".join(lines)
 

@@ -400,6 +400,44 @@ def test_base_model_policies_of_the_recipe():
     assert r.engine_kwargs["scale"] == (0.5,) and "coefficients" not in r.engine_kwargs
 
 
+# -- the registry against mergekit's own specs and input contracts ----------------------------------------
+WEIGHT_SPACE = ("slerp", "nuslerp", "multislerp", "karcher", "nearswap", "arcee_fusion", "model_stock", "passthrough")
+
+
+@pytest.mark.optional
+@pytest.mark.parametrize("method", WEIGHT_SPACE)
+def test_parameters_defaults_and_contracts_are_mergekits(method):
+    """Every parameter of mergekit's method under its name, per model where mergekit's is, with mergekit's
+    default (required where mergekit has none; passthrough's scale: None there, 1 here), nothing else; and
+    mergekit's base policy and input counts."""
+    pytest.importorskip("mergekit.merge")
+    from mergekit.merge_methods import registry as mk_registry
+    from mergekit.merge_methods.base import MISSING, BasePolicy, ParameterScope
+
+    from drm_jax.cli.config import per_model_names
+    from drm_jax.methods.registry import get_method
+
+    theirs = mk_registry.get(method).spec
+    spec = get_method(method)
+    by_name = {n: p for p in spec.params for n in (p.name,) + p.aliases}
+    assert set(by_name) - {"coefficients"} == {p.name for p in theirs.parameters}
+    for p in theirs.parameters:
+        ours = by_name[p.name]
+        assert (p.name in per_model_names(method)) == (p.scope != ParameterScope.SHARED), p.name
+        assert ours.required == (p.default is MISSING), p.name
+        assert ours.traced == (ours.kind not in ("bool", "choice")), p.name  # every number is traced
+        if p.default is not MISSING:
+            assert ours.default == (1.0 if p.default is None else p.default), p.name
+    contract = theirs.contract
+    policy = {BasePolicy.REQUIRED: "required", BasePolicy.OPTIONAL: "optional", BasePolicy.IGNORED: "input"}
+    assert spec.base == policy[contract.base] and spec.needs_base == (spec.base == "required")
+    with_base = int(spec.base == "required")  # mergekit counts the base among the inputs
+    lo = max(contract.min_inputs - with_base, contract.min_non_base or 0, 1)
+    his = [h for h in (None if contract.max_inputs is None else contract.max_inputs - with_base,
+                       contract.max_non_base) if h is not None]
+    assert (spec.min_models, spec.max_models) == (lo, min(his) if his else None)
+
+
 # -- (d) agreement with mergekit ---------------------------------------------------------------------------
 def _save_family(root: Path) -> dict[str, Path]:
     """A 4-layer Llama base and three "fine-tuned" copies (base + seeded noise; in `c` one norm is frozen)."""

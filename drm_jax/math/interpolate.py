@@ -21,6 +21,14 @@ SLERP_DOT_THRESHOLD = 0.9995  # |cos| above this: linear interpolation instead (
 SLERP_EPS = 1e-8  # a norm at or below this is taken as 1 (a zero tensor is not divided by zero)
 
 
+def _norm(x: Array, axis=None, keepdims: bool = False) -> Array:
+    """The Euclidean norm, with gradient 0 (not NaN) at a zero vector: a frozen tensor (all deltas zero) keeps
+    the gradients of everything else finite."""
+    squares = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    positive = squares > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+
+
 def _safe(x: Array, bad: Array) -> Array:
     """x, with 1 where `bad` (so a division on the branch jnp.where discards stays finite, gradients too)."""
     return jnp.where(bad, jnp.ones_like(x), x)
@@ -35,7 +43,7 @@ def slerp_coefficients(t, v0: Float[Array, "..."], v1: Float[Array, "..."],
     theta = arccos(cos), c = (sin((1 - t) theta), sin(t theta)) / sin(theta).
     """
     a, b = v0.reshape(-1), v1.reshape(-1)
-    na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    na, nb = _norm(a), _norm(b)
     na, nb = _safe(na, na <= eps), _safe(nb, nb <= eps)
     cos = jnp.clip(jnp.sum((a / na) * (b / nb)), -1.0, 1.0)
     linear = jnp.abs(cos) > dot_threshold
@@ -85,7 +93,7 @@ def nuslerp(t, v0: Float[Array, "..."], v1: Float[Array, "..."], row_wise: bool 
         x0, x1 = v0, v1
 
     def unit(x):
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), NUSLERP_NORM_FLOOR)
+        return x / jnp.maximum(_norm(x, axis=-1, keepdims=True), NUSLERP_NORM_FLOOR)
 
     cos = jnp.clip(jnp.sum(unit(x0) * unit(x1), axis=-1, keepdims=True), -1.0, 1.0)
     colinear = (1 - jnp.square(cos)) <= eps ** 2
@@ -118,15 +126,15 @@ def multislerp(tensors: Float[Array, "K ..."], weights: Float[Array, " K"], norm
     if normalize_weights:
         w = w / jnp.sum(w)
     eps = jnp.asarray(eps, x.dtype)
-    norms = jnp.linalg.norm(x, axis=1, keepdims=True)
+    norms = _norm(x, axis=1, keepdims=True)
     units = x / (norms + eps)
     mean = jnp.sum(units * w[:, None], axis=0)
-    mean_norm = jnp.linalg.norm(mean)
+    mean_norm = _norm(mean)
     degenerate = mean_norm < eps
     mean = mean / _safe(mean_norm, degenerate)
     tangents = units - jnp.sum(units * mean, axis=-1, keepdims=True) * mean
     tangent = jnp.sum(tangents * w[:, None], axis=0)
-    tangent_norm = jnp.linalg.norm(tangent) + eps
+    tangent_norm = _norm(tangent) + eps
     # tangent_norm >= eps > 0 unless eps = 0 and the tangent vanishes
     safe_norm = _safe(tangent_norm, tangent_norm == 0)
     point = mean * jnp.cos(tangent_norm) + tangent * (jnp.sin(tangent_norm) / safe_norm)
@@ -154,13 +162,13 @@ def karcher_mean(tensors: Float[Array, "K ..."], alphas: Float[Array, " K"], max
     dtype = x.dtype
     alphas = jnp.asarray(alphas, dtype)
     tol = jnp.asarray(tol, dtype)
-    norms = jnp.linalg.norm(x, axis=1)
+    norms = _norm(x, axis=1)
     units = x / _safe(norms, norms == 0)[:, None]  # a zero tensor's unit vector is 0
     valid = norms > tol
     valid_sum = jnp.sum(jnp.where(valid, alphas, 0))
     weights = jnp.where(valid, alphas, 0) / _safe(valid_sum, valid_sum == 0)
     start = jnp.sum(weights[:, None] * units, axis=0)
-    start_norm = jnp.linalg.norm(start)
+    start_norm = _norm(start)
     first_valid = units[jnp.argmax(valid)]
     mean0 = jnp.where(start_norm < tol, first_valid, start / _safe(start_norm, start_norm < tol))
 
@@ -172,10 +180,10 @@ def karcher_mean(tensors: Float[Array, "K ..."], alphas: Float[Array, " K"], max
         sin = jnp.sin(theta)
         factor = jnp.where(active, weights * theta / _safe(sin, ~active), 0)
         tangent = jnp.sum(factor[:, None] * (units - cos[:, None] * mean), axis=0)
-        tangent_norm = jnp.linalg.norm(tangent)
+        tangent_norm = _norm(tangent)
         done = tangent_norm < tol
         moved = jnp.cos(tangent_norm) * mean + jnp.sin(tangent_norm) * (tangent / _safe(tangent_norm, done))
-        moved_norm = jnp.linalg.norm(moved)
+        moved_norm = _norm(moved)
         moved = jnp.where(moved_norm > tol, moved / _safe(moved_norm, moved_norm <= tol), moved)
         return i + 1, jnp.where(done, mean, moved), done
 
@@ -203,7 +211,7 @@ def model_stock_ratio(deltas: Float[Array, "K ..."], filter_wise: bool = False) 
         x = deltas  # (K, ..., n): one vector per filter
     else:
         x = deltas.reshape(k, -1)
-    norms = jnp.linalg.norm(x, axis=-1)
+    norms = _norm(x, axis=-1)
     cos_sum = jnp.zeros(x.shape[1:-1], x.dtype)
     for i in range(k):
         for j in range(i + 1, k):

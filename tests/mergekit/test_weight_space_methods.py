@@ -352,6 +352,30 @@ def test_new_numbers_compile_nothing(method, k, sweep):
     np.testing.assert_array_equal(np.asarray(again["a"]), np.asarray(outs[-1]["a"]))
 
 
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_weight_gradients_are_finite_with_a_frozen_tensor(method):
+    """d merged / d weights, with one leaf no model changed (zero norms): finite, and central differences."""
+    import jax.numpy as jnp
+
+    base, models = _trees(2)
+    base["frozen"] = _r(4, 3)
+    for m in models:
+        m["frozen"] = base["frozen"].copy()
+    prepared = drm_jax.prepare(base, models, method=method)
+    probe = {n: jnp.asarray(_r(*v.shape)) for n, v in base.items()}
+
+    def loss(c):
+        merged = prepared.merge(coefficients=c)
+        return sum(jnp.sum(merged[n] * probe[n]) for n in base)
+
+    c = jnp.array([0.3, 0.8])
+    grad = np.asarray(jax.grad(loss)(c))
+    assert np.all(np.isfinite(grad))
+    h = 1e-2
+    central = [(float(loss(c + h * e)) - float(loss(c - h * e))) / (2 * h) for e in np.eye(2, dtype=np.float32)]
+    np.testing.assert_allclose(grad, central, rtol=2e-2, atol=1e-3)
+
+
 # -- (c) the command line's input contract -----------------------------------------------------------------
 @pytest.mark.parametrize("raw, key", [
     ({"merge_method": "slerp", "base_model": "b", "models": ["a", "c"], "parameters": {"t": 0.5}}, "models"),

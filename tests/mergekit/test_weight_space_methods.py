@@ -177,9 +177,9 @@ def _family(shape, k, noise=0.3):
 SHAPES = {"matrix": (6, 5), "vector": (7,), "conv": (3, 4, 5)}
 
 
-def _trees(k, noise=0.3):
-    """A base tree with a 2-D, a 1-D and a 3-D leaf, and K models around it."""
-    base = {n: _r(*s) for n, s in SHAPES.items()}
+def _trees(k, noise=0.3, conv=True):
+    """A base tree with a 2-D, a 1-D and (where the axes matter) a 3-D leaf, and K models around it."""
+    base = {n: _r(*s) for n, s in SHAPES.items() if conv or n != "conv"}
     return base, [{n: v + _r(*v.shape, scale=noise) for n, v in base.items()} for _ in range(k)]
 
 
@@ -198,7 +198,8 @@ def _cases():
     cases = {}
 
     def add(name, method, k, params, fn):
-        base, models = _trees(k)
+        # the 3-D leaf where the method treats axes (rows, last axis) specially
+        base, models = _trees(k, conv=method in ("nuslerp", "model_stock", "arcee_fusion"))
         cases[name] = (method, base, models, params, _per_leaf(base, models, fn))
 
     add("slerp", "slerp", 1, {"t": 0.3}, lambda b, ms: ref_slerp(0.3, b, ms[0]))
@@ -357,7 +358,7 @@ def test_weight_gradients_are_finite_with_a_frozen_tensor(method):
     """d merged / d weights, with one leaf no model changed (zero norms): finite, and central differences."""
     import jax.numpy as jnp
 
-    base, models = _trees(2)
+    base, models = {"w": _r(6, 5)}, [{"w": _r(6, 5)} for _ in range(2)]
     base["frozen"] = _r(4, 3)
     for m in models:
         m["frozen"] = base["frozen"].copy()

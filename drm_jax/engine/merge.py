@@ -133,7 +133,7 @@ def merge_leaves(
     on_chunk: Callable[[Group, int], None] | None = None,
     leaf_params: dict[str, dict[str, Any]] | None = None,
     compute_dtype: str | None = None,
-    check_outputs: bool = True,
+    check_finite: bool = True,
     **method_params: Any,
 ) -> dict[str, int]:
     """The streaming sink of the planner, for callers that read leaves on demand (the command line).
@@ -141,8 +141,8 @@ def merge_leaves(
     Leaves are identified by index into `names`/`shapes`/`dtypes`; `get_base(i)` and `get_model(t, i)`
     load leaf i of the base and of model t on demand, `put(i, array)` receives every leaf of the result
     (the base's own value for ignored and non-floating leaves). Only one chunk is alive at a time; TIES'
-    whole-model trim takes its thresholds from two statistics passes first. `check_outputs=False` leaves
-    the Inf/NaN check of merged leaves to the sink. Other arguments are those of `merge`.
+    whole-model trim takes its thresholds from two statistics passes first. `check_finite=False` leaves
+    the Inf/NaN checks of inputs and merged leaves to the source and the sink. Other arguments are those of `merge`.
 
     Returns:
       How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.
@@ -161,7 +161,7 @@ def merge_leaves(
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "keep"):
                 put(i, get_base(i))
-    planner.check_outputs = check_outputs
+    planner.check_finite = check_finite
     planner.run(put, on_chunk, leaf_params=leaf_params)
     counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
     for r in leaf_roles:

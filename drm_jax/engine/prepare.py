@@ -190,7 +190,10 @@ class Prepared:
       num_models: K.
     """
 
-    check_outputs = True
+    # Whether inputs and merged leaves are checked for Inf/NaN here; a source and sink that check each
+    # tensor themselves (the command line's slabs, whose leaves hold pieces of several tensors) turn it off
+    # so that the error names the tensor.
+    check_finite = True
 
     def __init__(self, spec: MethodSpec, static: dict, defaults: dict, rules: Rules, names: Sequence[str],
                  source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True):
@@ -366,11 +369,13 @@ class Prepared:
             for r, f in shard.owned_rows(finite):
                 if r < len(c.members):
                     flags[r] = np.asarray(f)
-            raise_non_finite_inputs(flags, names)
+            if self.check_finite:
+                raise_non_finite_inputs(flags, names)
             return
         base, models = self._inputs(c)
-        c.base, c.state, finite = run_prepare(rule, c.layout, base, models)
-        raise_non_finite_inputs(np.asarray(finite)[: len(c.members)], names)
+        c.base, c.state, finite = run_prepare(rule, c.layout, base, models, check_inputs=self.check_finite)
+        if self.check_finite:
+            raise_non_finite_inputs(np.asarray(finite)[: len(c.members)], names)
         if rule.shrink is not None and self.mesh is None:
             c.state = rule.shrink(c.state)
 
@@ -394,7 +399,8 @@ class Prepared:
             return np.stack([canonical(self._source.get_model(t, c.members[r]), r) for t in range(k)])
 
         with x64_scope(rule):
-            return shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row)
+            return shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row,
+                                       sanitize=self.check_finite)
 
     def _run(self, coeffs, values: dict, put, on_chunk=None, leaves: dict | None = None) -> None:
         traced_mode = is_traced(coeffs, values, leaves)
@@ -423,7 +429,8 @@ class Prepared:
                 finite_in = None
             elif self.fused:
                 merged, finite_in = merge_once(rule, c.layout, *self._inputs(c), rows, c.keys, threshold,
-                                               hparams, check_inputs=not self.rules.linear_combination,
+                                               hparams,
+                                               check_inputs=self.check_finite and not self.rules.linear_combination,
                                                per_member=per_member)
             elif self.rules.scaled_by is not None and self.store and not traced_mode and not per_member:
                 merged = self._merge_cached(c, rule, values, coeffs, rows, threshold, hparams)
@@ -435,9 +442,9 @@ class Prepared:
             if not traced_mode:
                 if finite_in is not None:
                     raise_non_finite_inputs(np.asarray(finite_in), names)
-                if self.mesh is None and self.check_outputs:
+                if self.mesh is None and self.check_finite:
                     finite = finite_flags(tuple(merged))
-                if self.check_outputs and not np.asarray(finite).all():
+                if self.check_finite and not np.asarray(finite).all():
                     self._locate_non_finite_input(c, names)
                     raise_non_finite_outputs(finite, names)
             for i, leaf in zip(members if self.mesh is not None else c.members, merged):

@@ -94,12 +94,18 @@ def merge_layers_sharded(mesh, transform, base, models, coefficients, keys, thre
 
 
 @functools.lru_cache(maxsize=None)
-def sharded_prepare_fn(mesh: Mesh, rule):
-    """jit(shard_map(vmapped prepare)) of a registry rule: (base, models) -> (base, prepared, finite)."""
+def sharded_prepare_fn(mesh: Mesh, rule, sanitize: bool = True):
+    """jit(shard_map(vmapped prepare)) of a registry rule: (base, models) -> (base, prepared, finite).
+
+    sanitize: non-finite inputs are flagged and zeroed (False: left as they are, flags all true, for a
+    caller that checks its inputs itself)."""
     spec = layer_spec(mesh)
 
     def local(base, models):
-        base, models, finite = _sanitize(base, models, True)
+        if sanitize:
+            base, models, finite = _sanitize(base, models, True)
+        else:
+            finite = jnp.ones((base.shape[0], models.shape[1] + 1), bool)
         return base, _prepare_layers(rule, base, models), finite
 
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec, spec),
@@ -123,7 +129,8 @@ def sharded_rule_merge_fn(mesh: Mesh, rule, with_threshold: bool, per_member: bo
 
 
 def prepare_chunk(mesh: Mesh, rule, length: int, shape: tuple[int, ...], num_models: int,
-                  base_row: Callable[[int], np.ndarray], model_row: Callable[[int], np.ndarray]):
+                  base_row: Callable[[int], np.ndarray], model_row: Callable[[int], np.ndarray],
+                  sanitize: bool = True):
     """Stacked (length, ...) inputs built from this process's rows only, prepared on the mesh.
 
     base_row(r) / model_row(r) give row r in (out, in) orientation ((K, ...) for the models); rows past
@@ -131,7 +138,7 @@ def prepare_chunk(mesh: Mesh, rule, length: int, shape: tuple[int, ...], num_mod
     """
     base = stack_from_callback(mesh, length, tuple(shape), np.float32, base_row)
     models = stack_from_callback(mesh, length, (num_models,) + tuple(shape), np.float32, model_row)
-    return sharded_prepare_fn(mesh, rule)(base, models)
+    return sharded_prepare_fn(mesh, rule, sanitize)(base, models)
 
 
 def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold, hparams, per_member: bool = False):

@@ -421,7 +421,7 @@ def stream_merge(sources: CheckpointSources, add: Callable[[str, np.ndarray], No
             size = sources.parts[batch[0]].size
             batch_bytes = SLABS_PER_CALL * size * 4 * (len(sources.models) + 1)
             report = _slab_progress(sources, on_chunk)
-            extra_checks = {"check_outputs": False}  # the sink checks each tensor's piece, naming it
+            extra_checks = {"check_finite": False}  # the sink checks each tensor's piece, naming it
         else:
             batch_params = {n: params_of(n) for n in names}
             roles = {"include": sources.role_kwargs.get("include"),

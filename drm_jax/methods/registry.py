@@ -98,6 +98,9 @@ def resolve_method(method: str | MergeMethod, direction: str = "horizontal", dro
     values.pop("precision", None)
     if "lambda_" in values and method in ("drm", "knots_ties"):
         values.pop("lambda_")
+    if method not in _LEGACY:
+        raise MergeInputError(f"method {method!r} has no one-shot MergeMethod form; merge with drm_jax.merge or "
+                              f"drm_jax.prepare, which run every registered method")
     try:
         return _LEGACY[method](**values)
     except (TypeError, ValueError) as err:

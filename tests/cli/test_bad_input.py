@@ -120,11 +120,11 @@ def test_output_inside_an_input_is_refused(llama_family, tmp_path, capsys):
 def test_console_script_exits_nonzero_without_traceback(tmp_path):
     """The installed entry point (a fresh process): unknown method -> exit 2, one line on stderr."""
     config = tmp_path / "c.yaml"
-    config.write_text("merge_method: slerp\nbase_model: b\nmodels: [a]\n")
+    config.write_text("merge_method: frankenslerp\nbase_model: b\nmodels: [a]\n")
     result = subprocess.run([sys.executable, "-m", "drm_jax.cli.main", "merge", str(config), str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "merge_method" in result.stderr and "slerp" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "merge_method" in result.stderr and "frankenslerp" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
 
 

@@ -346,17 +346,18 @@ def test_derivatives_are_exact_at_repeated_singular_values(index):
         fn = METHODS[name][0]
         d = jnp.asarray(deltas)
         direction = jnp.asarray(rng.standard_normal(deltas.shape))
-        merge = lambda x: fn(x, 1.0, **kwargs)  # noqa: E731
-        tangent = jax.jvp(merge, (d,), (direction,))[1]
+        merge = jax.jit(lambda x: fn(x, 1.0, **kwargs))  # jitted: eager dispatch of each stage is slow
+        tangent = jax.jit(lambda x, v: jax.jvp(merge, (x,), (v,))[1])(d, direction)
         np.testing.assert_allclose(np.asarray(tangent), np.asarray(_fd_directional(merge, d, direction)),
                                    rtol=1e-6, atol=1e-7)
         weights = jnp.asarray(rng.standard_normal(deltas.shape[1:]))
 
+        @jax.jit
         def loss(c):
             return jnp.sum(weights * fn(d * c[:, None, None], 1.0, **kwargs))
 
         c = jnp.array([0.8, 1.3])
-        grad = np.asarray(jax.grad(loss)(c))
+        grad = np.asarray(jax.jit(jax.grad(loss))(c))
         fd = np.array([_fd_directional(loss, c, jnp.eye(2)[t]) for t in range(2)])
         np.testing.assert_allclose(grad, fd, rtol=1e-6, atol=1e-8)
 
@@ -379,8 +380,9 @@ def test_gradients_are_finite_on_low_rank_and_orthogonal_deltas(name):
 
 
 def test_polar_derivative_is_exact_and_finite():
-    from drm_jax.math.linalg import polar as polar_fn
+    from drm_jax.math.linalg import polar
 
+    polar_fn = jax.jit(polar)
     with jax.enable_x64(True):
         rng = np.random.default_rng(33)
         for shape in [(7, 4), (4, 7), (5, 5), (2, 6, 3)]:

@@ -16,10 +16,3 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # `drm-jax merge` keeps compiled programs on disk between runs; tests compile afresh, in no shared folder
 os.environ.setdefault("DRM_JAX_CACHE_DIR", "off")
 
-
-def pytest_configure(config):
-    """With xdist (`-n N`), whole files go to one worker (its `loadfile` mode, where the default would send
-    single tests): a module's fixtures (tiny checkpoints, one mergekit-yaml run for many configs, a tiny
-    fine-tuning run) are then built once, not once per worker."""
-    if getattr(config.option, "dist", None) == "load" and getattr(config.option, "numprocesses", None):
-        config.option.dist = "loadfile"

@@ -50,8 +50,9 @@ METHODS = (
     MethodSpec("KnOTS-TIES", "knots_ties"),
     MethodSpec("DRM-H", "drm", {"direction": "horizontal"}),
     MethodSpec("DRM-V", "drm", {"direction": "vertical"}),
-    MethodSpec("TSV-M", "tsv_m"),
-    MethodSpec("Iso-CTS", "iso_cts"),
+    # TSV-M and Iso-CTS are left out until a hang is found: on this project's 2-core CPU the default
+    # profile hung twice inside XLA's CPU runtime during TSV-M's merge of the MiniLM encoder (every thread
+    # waiting; synchronous dispatch did not avoid it). Their grid handling stays (SUBSPACE_METHODS).
 )
 SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")  # one global alpha, passed as "lambda" (an alias of alpha)
 METHOD_LABELS = tuple(m.label for m in METHODS)

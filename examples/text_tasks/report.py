@@ -130,7 +130,7 @@ def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path,
     plt = _plt()
     colors = colors or _colors(labels)
     columns = list(results[0]["tasks"]) + ["Avg"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(columns), 4.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(max(1.6 + 1.5 * len(columns), 9.0), 4.2), dpi=90)
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         scores = [row_scores(r, label) for r in results]
@@ -142,10 +142,10 @@ def plot_per_task(results: Sequence[Mapping], labels: Sequence[str], path: Path,
     ax.set_ylabel("test accuracy (%)")
     low = min(100 * min(row_scores(r, l)[c] for r in results for l in labels for c in columns), 100)
     ax.set_ylim(max(0, low - 5), 100)
-    ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
     ax.set_title("Per-task test accuracy by method", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -169,7 +169,7 @@ def plot_counts(results: Sequence[Mapping], labels: Sequence[str], path: Path,
     ax.legend(fontsize=6)
     ax.set_title("Merging more tasks", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -186,7 +186,7 @@ def plot_sweep(results: Sequence[Mapping], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.set_title("Drop-rate sweep", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

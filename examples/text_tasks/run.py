@@ -68,11 +68,11 @@ def _digest(payload: Any) -> str:
 
 
 def code_digest() -> str:
-    """A digest of the code that decides a merge's numbers (drm_jax's math, methods and engine, and this
-    example's encoder and merging): stored evaluations are reused only by the same code."""
+    """A digest of the code that decides a merge's numbers (drm_jax's math, methods, engine and models, and
+    this example's encoder, merging, tasks and run): stored evaluations are reused only by the same code."""
     root = REPO / "drm_jax"
     files = sorted(p for d in ("math", "methods", "engine", "models") for p in (root / d).rglob("*.py"))
-    files += [Path(__file__).parent / n for n in ("encoder.py", "merging.py", "tasks.py")]
+    files += [Path(__file__).parent / n for n in ("encoder.py", "merging.py", "tasks.py", "run.py")]
     h = hashlib.sha1()
     for p in files:
         h.update(p.name.encode())

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from drm_jax.math import lapack
+
 
 def _mm(a, b):
     return jnp.matmul(a, b, precision="highest")
@@ -60,7 +62,7 @@ def _pseudo_inverse(s: Array, tol: Array) -> Array:
 def _svd_tangents(a, da):
     """(u, s, vh) and their tangents (du, ds, dvh), plus the tangent of the middle factor diag(S)
     (module docstring)."""
-    u, s, vh = jnp.linalg.svd(a, full_matrices=False)
+    u, s, vh = lapack.svd(a)
     v = _t(vh)
     n, m = a.shape[-2:]
     x = _mm(_mm(_t(u), da), v)  # (..., r, r)
@@ -91,7 +93,7 @@ def _svd_tangents(a, da):
 def svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
     """Thin SVD (U (..., n, r), S (..., r) descending, Vh (..., r, m)), r = min(n, m), as jnp.linalg.svd
     computes it; derivatives as the module docstring says."""
-    return tuple(jnp.linalg.svd(a, full_matrices=False))
+    return lapack.svd(a)
 
 
 @svd.defjvp
@@ -110,7 +112,7 @@ def svd_middle(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
     (no longer diagonal) middle factor rather than an infinitely fast rotation of U and V. With it, the
     derivative of such a function is exact at repeated singular values too (module docstring).
     """
-    u, s, vh = jnp.linalg.svd(a, full_matrices=False)
+    u, s, vh = lapack.svd(a)
     return u, s[..., :, None] * jnp.eye(s.shape[-1], dtype=s.dtype), vh
 
 
@@ -122,14 +124,14 @@ def _svd_middle_jvp(primals, tangents):
 
 @jax.custom_jvp
 def _polar_tall(a):
-    p, _, qh = jnp.linalg.svd(a, full_matrices=False)
+    p, _, qh = lapack.svd(a)
     return _mm(p, qh)
 
 
 @_polar_tall.defjvp
 def _polar_tall_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
-    p, s, qh = jnp.linalg.svd(a, full_matrices=False)  # a (..., n, k), n >= k: p (..., n, k), qh (..., k, k)
+    p, s, qh = lapack.svd(a)  # a (..., n, k), n >= k: p (..., n, k), qh (..., k, k)
     q = _t(qh)
     x = _mm(_mm(_t(p), da), q)  # (..., k, k)
     total = s[..., :, None] + s[..., None, :]

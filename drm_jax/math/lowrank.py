@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from drm_jax.math import lapack
 from drm_jax.math.decompose import JointSpace
 
 DIRECTIONS = ("horizontal", "vertical")
@@ -82,12 +83,12 @@ def joint_space_lora(
     if direction == "vertical":  # D_t^T = s_t A_t^T B_t^T
         b, a = jnp.swapaxes(a, 1, 2), jnp.swapaxes(b, 1, 2)
     k, n, r = b.shape
-    q1, r1 = jnp.linalg.qr(jnp.transpose(b, (1, 0, 2)).reshape(n, k * r))  # (n, q_1), (q_1, K r)
-    q2, r2 = jnp.linalg.qr(scales[:, None, None] * jnp.swapaxes(a, 1, 2))  # (K, m, j), (K, j, r)
+    q1, r1 = lapack.qr(jnp.transpose(b, (1, 0, 2)).reshape(n, k * r))  # (n, q_1), (q_1, K r)
+    q2, r2 = lapack.qr(scales[:, None, None] * jnp.swapaxes(a, 1, 2))  # (K, m, j), (K, j, r)
     j = r2.shape[1]
     # R_2 = blockdiag(r2_t) (K j, K r), so the core R_1 R_2^T has the column blocks R_1[:, task t] r2_t^T.
     core = jnp.einsum("qtr,tjr->qtj", r1.reshape(-1, k, r), r2, precision="highest").reshape(-1, k * j)
-    w, s, zh = jnp.linalg.svd(core, full_matrices=False)  # (q_1, q), (q,), (q, K j)
+    w, s, zh = lapack.svd(core)  # (q_1, q), (q,), (q, K j)
     basis = _mm(q1, w)
     # P_t = U^T D_t = diag(S) Z_t^T Q2_t^T with Z_t the rows of Z for task t.
     coordinates = s[None, :, None] * jnp.einsum("qtj,tmj->tqm", zh.reshape(-1, k, j), q2, precision="highest")
@@ -115,8 +116,8 @@ def lora_cores(b: Float[Array, "K n r"], a: Float[Array, "K r m"], scales: Float
     k, n, r = b.shape
     m = a.shape[2]
     scales = jnp.asarray(scales, b.dtype)
-    q1, r1 = jnp.linalg.qr(jnp.transpose(b, (1, 0, 2)).reshape(n, k * r))  # (n, q1), (q1, K r)
-    q2, r2 = jnp.linalg.qr(jnp.transpose(a, (2, 0, 1)).reshape(m, k * r))  # (m, q2), (q2, K r)
+    q1, r1 = lapack.qr(jnp.transpose(b, (1, 0, 2)).reshape(n, k * r))  # (n, q1), (q1, K r)
+    q2, r2 = lapack.qr(jnp.transpose(a, (2, 0, 1)).reshape(m, k * r))  # (m, q2), (q2, K r)
     cores = jnp.einsum("pkr,qkr->kpq", r1.reshape(-1, k, r), r2.reshape(-1, k, r), precision="highest")
     return LoraCores(q1, scales[:, None, None] * cores, q2)
 
@@ -143,7 +144,7 @@ def dense_to_lora(delta: Float[Array, "n m"], rank: int) -> tuple[Array, Array, 
         raise ValueError(f"dense_to_lora needs a delta (n, m), got {delta.shape}")
     if int(rank) < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    w, s, zh = jnp.linalg.svd(delta, full_matrices=False)
+    w, s, zh = lapack.svd(delta)
     return _split_spectrum(None, w, s, zh, int(rank))
 
 
@@ -172,8 +173,8 @@ def to_lora_factors(
     rank = u.shape[1] if rank is None else int(rank)
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    q, r = jnp.linalg.qr(u)
-    w, s, zh = jnp.linalg.svd(_mm(r, x), full_matrices=False)
+    q, r = lapack.qr(u)
+    w, s, zh = lapack.svd(_mm(r, x))
     return _split_spectrum(q, w, s, zh, rank)
 
 

@@ -1,0 +1,64 @@
+"""Thin SVD and reduced QR that are safe to batch on CPU.
+
+jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, ...) split a batch of matrices over XLA's intra-op thread pool and block
+a pool thread until the pieces are done (`ParallelBatchMap` in jaxlib/cpu/lapack_kernels.cc). When as
+many batched calls as the pool has threads run at once in one program (TSV-M's two polar factors, the
+groups of a chunk, on a 2-core machine two are enough), every pool thread waits for work queued behind
+it and the program never finishes: a hang in `block_until_ready`, with no CPU time used.
+
+On CPU the functions below therefore never hand LAPACK a batch. A batch axis, whether the array's own
+leading axes or a `jax.vmap` over the caller (the engine's layer axis), becomes a loop with one matrix
+per call (`jax.custom_batching.sequential_vmap`, a `lax.map`), and a call on one matrix runs on its own
+thread without waiting for the pool. On every other platform they are `jnp.linalg`'s batched calls,
+unchanged (`lax.platform_dependent`). Values are those of `jnp.linalg`.
+
+They serve the computations that run several decompositions side by side in one program: the subspace
+family (TSV-M's two polar factors, Iso-CTS's, every group of a jitted `Prepared.merge`) through
+`drm_jax.math.linalg`, and the factored LoRA cores (`drm_jax.math.lowrank`: the QRs of both factors).
+DRM's joint space (`drm_jax.math.decompose`) keeps the batched call over the layer axis: each of its
+programs runs one decomposition at a time, which leaves the rest of the pool free for its pieces.
+
+Reverse-mode derivatives do not pass through these functions (a custom batching rule is not
+transposable): they are called on primal values only, by the custom JVPs of `drm_jax.math.linalg` and
+by code that is not differentiated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def _one_at_a_time(matrix_fn):
+    """`matrix_fn` on (..., n, m): on CPU a sequential loop over the leading axes and over any vmap."""
+    looped = jax.custom_batching.sequential_vmap(matrix_fn)
+
+    def on_cpu(a):
+        fn = looped
+        for _ in range(a.ndim - 2):
+            fn = jax.vmap(fn)
+        return fn(a)
+
+    @functools.wraps(matrix_fn)
+    def decomposition(a):
+        return jax.lax.platform_dependent(a, cpu=on_cpu, default=matrix_fn)
+
+    return decomposition
+
+
+@_one_at_a_time
+def svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
+    """Thin SVD: U (..., n, r), S (..., r) descending, Vh (..., r, m), r = min(n, m)."""
+    return tuple(jnp.linalg.svd(a, full_matrices=False))
+
+
+@_one_at_a_time
+def qr(a: Float[Array, "... n m"]) -> tuple[Array, Array]:
+    """Reduced QR: Q (..., n, k), R (..., k, m), k = min(n, m)."""
+    return tuple(jnp.linalg.qr(a))
+
+
+__all__ = ["qr", "svd"]

@@ -1,4 +1,4 @@
-"""Thin SVD and reduced QR that are safe to batch on CPU.
+"""Thin SVD and reduced QR that are safe to batch on CPU (docs/methods.md#cpu-lapack).
 
 jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, ...) split a batch of matrices over XLA's intra-op thread pool and block
 a pool thread until the pieces are done (`ParallelBatchMap` in jaxlib/cpu/lapack_kernels.cc). When as

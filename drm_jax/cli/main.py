@@ -60,14 +60,16 @@ def _redeliver_unraisable(previous_hook):
     A signal that arrives while Python runs a callback it cannot raise from (JAX's garbage-collection
     callback, a finalizer) would be printed as "Exception ignored ..." with a traceback and lost, and the
     merge would go on with signals ignored. Instead the handler is put back and the signal sent again: it
-    is raised at the next point where an exception can propagate."""
+    is raised at the next point where an exception can propagate. It is sent from a short-lived thread a
+    moment later, not from the hook: sent here, the handler would run inside the hook, and its exception
+    would be printed and lost in the same way (each loss comes back here and sends it again)."""
 
     def hook(unraisable) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, _on_signal)
-            os.kill(os.getpid(), signum)
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
             return
         previous_hook(unraisable)
 

@@ -133,3 +133,30 @@ def test_sigint_while_the_output_is_being_written(tmp_path, family):
     assert process.returncode in (0, 130), err
     assert assert_absent_or_complete(out, family / "base") == (process.returncode == 0)
     assert leftovers(out) == []
+
+
+def test_an_interrupt_lost_in_a_callback_is_raised_again_outside_it():
+    """A SIGTERM that Python could not raise (it arrived inside a finalizer) is sent again, and raised
+    after the unraisable hook has returned, not inside it (where it would be printed and lost again)."""
+    import types
+
+    from drm_jax.cli import main as cli_main
+
+    passed_on = []
+    hook = cli_main._redeliver_unraisable(passed_on.append)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    returned = False
+    try:
+        with pytest.raises(cli_main.Terminated):
+            hook(types.SimpleNamespace(exc_value=cli_main.Terminated()))
+            returned = True
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert returned  # the hook itself did not raise
+    other = types.SimpleNamespace(exc_value=ValueError("not ours"))
+    hook(other)
+    assert passed_on == [other]

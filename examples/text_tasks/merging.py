@@ -96,28 +96,15 @@ def merge_kwargs(spec: MethodSpec, params: Mapping[str, Any]) -> dict:
     return kwargs
 
 
-# Methods that decompose (SVD / eigendecomposition) stacked layers. They are planned one layer per chunk:
-# jaxlib's batched LAPACK SVD (gesdd under vmap) splits its batch over XLA's CPU thread pool and waits for
-# it; on a 2-core machine two such calls running at once in one program leave no thread to do the work
-# and the merge hangs (seen with TSV-M, Iso-CTS and DRM on the MiniLM encoder). One layer per chunk keeps
-# every batch at one matrix.
-DECOMPOSING = ("drm", "knots_ties", "tsv_m", "iso_c", "iso_cts")
-
-
-def _plan_options(spec: MethodSpec) -> dict:
-    return {"max_group_bytes": 1} if spec.method in DECOMPOSING else {}
-
-
 def prepare_method(base, finetuned: Sequence, spec: MethodSpec):
     """drm_jax.prepare of Flax trees (kernels (in, out) -> layout='flax'), the method's static parameters."""
-    return drm_jax.prepare(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed,
-                           **_plan_options(spec))
+    return drm_jax.prepare(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed)
 
 
 def merge_encoders(base, finetuned: Sequence, spec: MethodSpec, params: Mapping[str, Any]):
     """One merge without a prepared plan (drm_jax.merge), numpy leaves out."""
     merged = drm_jax.merge(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed,
-                           **_plan_options(spec), **merge_kwargs(spec, params))
+                           **merge_kwargs(spec, params))
     return jax.tree.map(np.asarray, merged)
 
 

@@ -36,7 +36,6 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import drm_jax  # noqa: E402
-from drm_jax.engine.tree import flatten, unflatten  # noqa: E402
 from drm_jax.models import load_hf_bert, save_hf_bert  # noqa: E402
 from text_tasks import assets, report  # noqa: E402
 from text_tasks.encoder import (Encoder, FineTuner, Head, LoraFineTuner, Tokenizer, apply_lora, fit_head,  # noqa: E402
@@ -122,12 +121,6 @@ class Costs:
         return {k: {"seconds": round(v, 2), "count": self.counts[k]} for k, v in sorted(self.seconds.items())}
 
 
-@jax.jit
-def _finite_leaves(leaves):
-    """One flag per leaf: all of its values are finite (one program for the whole tree)."""
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
 class MergePlan:
     """One method on one seed's fine-tuned models: prepared on its first merge (so that a run whose
     evaluations are all cached prepares nothing), merged by parameters, evaluations cached."""
@@ -151,28 +144,8 @@ class MergePlan:
         if self.prepared is None:
             start = time.perf_counter()
             self.prepared = prepare_method(self.x.base, [self.x.finetuned[n] for n in self.names], self.spec)
-            # The merged leaves are checked here, after each chunk is complete (see _run_prepared).
-            self.prepared.check_finite = False
             self.x.costs.add(f"prepare {self.spec.label}", time.perf_counter() - start)
         return self.prepared
-
-    def _run_prepared(self, kwargs: dict):
-        """Prepared.run with each chunk's merged leaves waited for before the next chunk is dispatched,
-        and checked for Inf/NaN: on 2 CPU cores, dispatching the next chunk (or the engine's finiteness
-        check) while TSV-M's or DRM's decompositions still run has been seen to deadlock XLA's CPU runtime
-        (every thread waiting, no CPU used), so the plan's own check is off and this one runs instead."""
-        flat = self.x.flat_base
-        out = list(flat.leaves)
-
-        def put(i, leaf):
-            out[i] = jax.block_until_ready(leaf)
-
-        self.dense_prepared().run(put, **kwargs)
-        finite = np.asarray(_finite_leaves(out))
-        if not finite.all():
-            name = flat.names[int(np.flatnonzero(~finite)[0])]
-            raise drm_jax.MergeInputError(f"leaf {name!r}: the merged value is not finite ({self.spec.label} {kwargs})")
-        return unflatten(flat, out)
 
     def _dense(self, kwargs: dict, coefficients):
         """The dense merge; for the methods whose lambda is only a global scale of the merged delta and
@@ -182,11 +155,11 @@ class MergePlan:
         if coefficients is not None:
             kwargs = {**kwargs, "coefficients": coefficients}
         if self.spec.method not in RESCALED or coefficients is not None:
-            return self._run_prepared(kwargs)
+            return self.dense_prepared().merge(**kwargs)
         lam = float(kwargs.pop("lambda_", 1.0))
         key = json.dumps(kwargs, sort_keys=True, default=str)
         if self._unit_key != key:
-            self._unit, self._unit_key = self._run_prepared({**kwargs, "lambda_": 1.0}), key
+            self._unit, self._unit_key = self.dense_prepared().merge(**kwargs, lambda_=1.0), key
         if lam == 1.0:
             return self._unit
         return jax.tree.map(lambda m, b: b + lam * (m - b), self._unit, self.x.base)
@@ -230,7 +203,6 @@ class Experiment:
         self.profile, self.tasks, self.model_dir, self.cache = profile, dict(tasks), Path(model_dir), Path(cache)
         self.config, params = load_hf_bert(model_dir)
         self.base, self.frozen = split_frozen(params)
-        self.flat_base = flatten(self.base)
         self.tokenizer = Tokenizer(model_dir, profile.max_len)
         self.encoder = Encoder(self.config, profile.max_len)
         self.head_classes = max(t.num_classes for t in self.tasks.values())

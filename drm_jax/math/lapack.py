@@ -1,7 +1,8 @@
 """Thin SVD and reduced QR that are safe to batch on CPU (docs/methods.md#cpu-lapack).
 
-jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, ...) split a batch of matrices over XLA's intra-op thread pool and block
-a pool thread until the pieces are done (`ParallelBatchMap` in jaxlib/cpu/lapack_kernels.cc). When as
+jaxlib 0.10's CPU LAPACK kernels (SVD, QR, eigh, ...) split a batch of matrices over XLA's intra-op
+thread pool and block a pool thread until the pieces are done (`ParallelBatchMap` in
+jaxlib/cpu/lapack_kernels.cc). When as
 many batched calls as the pool has threads run at once in one program (TSV-M's two polar factors, the
 groups of a chunk, on a 2-core machine two are enough), every pool thread waits for work queued behind
 it and the program never finishes: a hang in `block_until_ready`, with no CPU time used.
@@ -16,7 +17,9 @@ They serve the computations that run several decompositions side by side in one 
 family (TSV-M's two polar factors, Iso-CTS's, every group of a jitted `Prepared.merge`) through
 `drm_jax.math.linalg`, and the factored LoRA cores (`drm_jax.math.lowrank`: the QRs of both factors).
 DRM's joint space (`drm_jax.math.decompose`) keeps the batched call over the layer axis: each of its
-programs runs one decomposition at a time, which leaves the rest of the pool free for its pieces.
+programs runs one decomposition, and `prepare` reads a chunk's input checks (`check_finite`, the
+default) before it starts the next chunk, so one runs at a time and the rest of the pool is free for
+its pieces.
 
 Reverse-mode derivatives do not pass through these functions (a custom batching rule is not
 transposable): they are called on primal values only, by the custom JVPs of `drm_jax.math.linalg` and

@@ -1,5 +1,6 @@
 """drm_jax.math.lapack: jnp.linalg's values, no batched LAPACK call on CPU, and the hang it prevents."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,9 +23,8 @@ def test_svd_and_qr_equal_jnp_linalg(shape, jit):
     a = _batch(shape)
     svd = jax.jit(lapack.svd) if jit else lapack.svd
     qr = jax.jit(lapack.qr) if jit else lapack.qr
-    for ours, theirs in zip(svd(a), jnp.linalg.svd(a, full_matrices=False)):
-        assert ours.shape == theirs.shape
     u, s, vh = svd(a)
+    assert [x.shape for x in (u, s, vh)] == [x.shape for x in jnp.linalg.svd(a, full_matrices=False)]
     np.testing.assert_allclose(s, jnp.linalg.svd(a, compute_uv=False), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose((u * s[..., None, :]) @ vh, a, atol=1e-5)
     q, r = qr(a)
@@ -79,5 +79,5 @@ def test_iso_cts_on_stacked_layers_finishes():
     """With jnp.linalg's batched SVD this merge hung in most runs on 2 cores (Iso-CTS's two polar factors
     waiting on the pool at once); it takes about 10 s."""
     done = subprocess.run([sys.executable, "-c", _HANG], capture_output=True, text=True, timeout=300,
-                          env={"XLA_FLAGS": "", **__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0 and "merged" in done.stdout, done.stderr[-2000:]

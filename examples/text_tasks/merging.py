@@ -278,11 +278,19 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
 @dataclasses.dataclass(frozen=True)
 class AdaConfig:
     """AdaMerging's optimisation: Adam on the coefficients, `steps` steps, each on `batch_per_task`
-    unlabeled validation texts of every task (fresh ones each step, cycling)."""
+    unlabeled validation texts of every task (fresh ones each step, cycling).
+
+    relative=True: Adam runs on each coefficient divided by its starting value, so one step moves a
+    coefficient by about `learning_rate` times where it started, whatever the method's scale (task
+    arithmetic starts near 0.3, DRM near 1), and coefficients are kept >= 0 (AdaMerging's paper clamps
+    them to [0, 1]). relative=False: Adam on the coefficients themselves, unbounded (the default
+    profile's setting, kept so that its table is unchanged; at the full profile's 16 steps it drove task
+    arithmetic's coefficients from 0.3 to -0.17..0.76 and collapsed some tasks)."""
 
     steps: int = 12
     batch_per_task: int = 8
     learning_rate: float = 0.03
+    relative: bool = False
 
 
 def learn_coefficients(prepared, init, loss_and_grad: Callable[[Any, int], tuple[float, Any]], cfg: AdaConfig,
@@ -297,18 +305,23 @@ def learn_coefficients(prepared, init, loss_and_grad: Callable[[Any, int], tuple
     """
     import optax
 
-    c = jnp.asarray(init, jnp.float32)
+    init = jnp.asarray(init, jnp.float32)
+    # relative: the variable is r = c / init (a zero start is left on the absolute scale).
+    scale = jnp.where(init > 0, init, 1.0) if cfg.relative else jnp.ones_like(init)
+    r = init / scale
     fixed = dict(fixed or {})
     optimizer = optax.adam(cfg.learning_rate)
-    state = optimizer.init(c)
+    state = optimizer.init(r)
     losses = []
     for step in range(cfg.steps):
-        merged, pullback = jax.vjp(lambda coeffs: prepared.merge(coefficients=coeffs, **fixed), c)
+        merged, pullback = jax.vjp(lambda v: prepared.merge(coefficients=v * scale, **fixed), r)
         loss, grad_tree = loss_and_grad(merged, step)
         (grad,) = pullback(grad_tree)
-        updates, state = optimizer.update(grad, state, c)
-        c = optax.apply_updates(c, updates)
+        updates, state = optimizer.update(grad, state, r)
+        r = optax.apply_updates(r, updates)
+        if cfg.relative:
+            r = optax.projections.projection_non_negative(r)
         losses.append(float(loss))
         if progress:
             progress(f"step {step + 1}/{cfg.steps} entropy {losses[-1]:.4f}")
-    return np.asarray(c), losses
+    return np.asarray(r * scale), losses

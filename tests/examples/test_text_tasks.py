@@ -294,6 +294,37 @@ def test_adamerging_learns_per_layer_coefficients_through_the_merge():
                                    rtol=1e-5, atol=1e-6)
 
 
+
+def test_adamerging_relative_steps_scale_with_the_start_and_stay_non_negative():
+    """relative=True: the learned coefficient moves by at most about steps * lr times its start and is
+    never negative; on the same loss the absolute setting drives coefficients below zero."""
+    import jax
+    import jax.numpy as jnp
+
+    import drm_jax
+
+    rng = np.random.default_rng(1)
+    base = {"a": {"kernel": rng.standard_normal((6, 5)).astype(np.float32)}}
+    models = [jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape).astype(np.float32), base) for _ in range(3)]
+    # The loss is lowest with every delta subtracted: it pulls the coefficients below zero.
+    target = jax.tree.map(lambda b, *m: jnp.asarray(b - 2.0 * sum(x - b for x in m)), base, *models)
+    prepared = drm_jax.prepare(base, models, method="task_arithmetic", layout="flax")
+
+    def loss_and_grad(tree, step):
+        return jax.value_and_grad(lambda t: sum(jnp.sum((x - y) ** 2) for x, y in
+                                                zip(jax.tree.leaves(t), jax.tree.leaves(target))))(tree)
+
+    init = np.full((3, len(prepared.layer_names)), 0.3, np.float32)
+    absolute, _ = learn_coefficients(prepared, init, loss_and_grad, AdaConfig(steps=30, learning_rate=0.05))
+    assert absolute.min() < -0.1
+    short, losses = learn_coefficients(prepared, init, loss_and_grad,
+                                       AdaConfig(steps=4, learning_rate=0.05, relative=True))
+    assert losses[-1] < losses[0] and np.all(short < init)
+    assert np.max(np.abs(short / init - 1)) <= 4 * 0.05 * 1.05  # Adam: about lr per step, here times 0.3
+    long, _ = learn_coefficients(prepared, init, loss_and_grad, AdaConfig(steps=30, learning_rate=0.05, relative=True))
+    assert long.min() >= 0.0 and np.any(long == 0.0)
+
+
 # ------------------------------------------------------------------------------------ report
 def _fake_result(seed, shift):
     tasks_ = ["a", "b"]

@@ -266,6 +266,18 @@ def test_selection_uses_validation_only_and_reports_a_fine_lambda():
     assert len(keys) == len(set(keys)) == len(sel.trials)  # a repeated candidate is not validated twice
 
 
+def _distance_loss(target):
+    """loss_and_grad for learn_coefficients: squared distance of the merged tree to `target`."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss_and_grad(tree, step):
+        return jax.value_and_grad(lambda t: sum(jnp.sum((x - y) ** 2) for x, y in
+                                                zip(jax.tree.leaves(t), jax.tree.leaves(target))))(tree)
+
+    return loss_and_grad
+
+
 def test_adamerging_learns_per_layer_coefficients_through_the_merge():
     import jax
     import jax.numpy as jnp
@@ -279,10 +291,7 @@ def test_adamerging_learns_per_layer_coefficients_through_the_merge():
     for method in ("task_arithmetic", "drm"):
         prepared = drm_jax.prepare(base, models, method=method, layout="flax")
 
-        def loss_and_grad(tree, step):
-            return jax.value_and_grad(lambda t: sum(jnp.sum((x - y) ** 2) for x, y in
-                                                    zip(jax.tree.leaves(t), jax.tree.leaves(target))))(tree)
-
+        loss_and_grad = _distance_loss(target)
         init = np.full((3, len(prepared.layer_names)), 0.3, np.float32)
         c, losses = learn_coefficients(prepared, init, loss_and_grad, AdaConfig(steps=15, learning_rate=0.05),
                                        fixed={"drop_rate": 0.5} if method == "drm" else {})
@@ -292,7 +301,6 @@ def test_adamerging_learns_per_layer_coefficients_through_the_merge():
         merged = drm_jax.merge(base, models, method=method, layout="flax", coefficients=c, **kwargs)
         np.testing.assert_allclose(prepared.merge(coefficients=c, **kwargs)["a"]["kernel"], merged["a"]["kernel"],
                                    rtol=1e-5, atol=1e-6)
-
 
 
 def test_adamerging_relative_steps_scale_with_the_start_and_stay_non_negative():
@@ -310,10 +318,7 @@ def test_adamerging_relative_steps_scale_with_the_start_and_stay_non_negative():
     target = jax.tree.map(lambda b, *m: jnp.asarray(b - 2.0 * sum(x - b for x in m)), base, *models)
     prepared = drm_jax.prepare(base, models, method="task_arithmetic", layout="flax")
 
-    def loss_and_grad(tree, step):
-        return jax.value_and_grad(lambda t: sum(jnp.sum((x - y) ** 2) for x, y in
-                                                zip(jax.tree.leaves(t), jax.tree.leaves(target))))(tree)
-
+    loss_and_grad = _distance_loss(target)
     init = np.full((3, len(prepared.layer_names)), 0.3, np.float32)
     absolute, _ = learn_coefficients(prepared, init, loss_and_grad, AdaConfig(steps=30, learning_rate=0.05))
     assert absolute.min() < -0.1

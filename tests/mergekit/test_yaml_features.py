@@ -125,36 +125,12 @@ CONFIGS = {
                                 "parameters": {"weight": 0.7, "lambda": 1.3}}}},
 }
 
-# mergekit's own examples (/work/shared/mergekit_examples), model names replaced by local checkpoints;
-# ranges scaled to 4 layers where the originals take 40
-EXAMPLES = {
-    "gradient-slerp.yml": {
-        "slices": [{"sources": [_m("task_a", (0, 4)), _m("task_b", (0, 4))]}],
-        "merge_method": "slerp", "base_model": "task_a",
-        "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
-        "dtype": "float16"},
-    "orcamini-platy-44layer.yml": {
-        "slices": [{"sources": [_m("task_a", (0, 3))]}, {"sources": [_m("task_b", (1, 4))]}],
-        "merge_method": "passthrough", "dtype": "float16"},
-    "linear.yml": {
-        "models": [_m("task_a", weight=1.0), _m("task_c", weight=0.3), _m("task_b", weight=0.5)],
-        "merge_method": "linear", "dtype": "float16"},
-    "ties.yml": {
-        "models": [_m("task_a", density=[1, 0.7, 0.1], weight=1.0),
-                   _m("task_b", density=0.5, weight=[0, 0.3, 0.7, 1]),
-                   _m("task_c", density=0.33, weight=[{"filter": "mlp", "value": 0.5}, {"value": 0}])],
-        "merge_method": "ties", "base_model": "base", "parameters": {"normalize": True, "int8_mask": True},
-        "dtype": "float16"},
-    "bio-merge.yml": {
-        "models": [_m("task_a", density=0.5, weight=0.5), _m("task_b", density=0.5, weight=0.5)],
-        "merge_method": "ties", "base_model": "base", "parameters": {"normalize": False, "int8_mask": True},
-        "dtype": "float16"},
-}
+# configs in the shape of mergekit's own examples (tests/mergekit/configs), on the 4-layer test models
+EXAMPLES = {p.name: yaml.safe_load(p.read_text())
+            for p in sorted((Path(__file__).parent / "configs").glob("*.yml")) if p.name != "arcee_fusion.yml"}
 # the per-model densities of the float16 TIES examples, mergekit's way (for their top-k ties)
 EXAMPLE_DENSITIES = {"ties.yml": {"task_a": [1, 0.7, 0.1], "task_b": 0.5, "task_c": 0.33},
                      "bio-merge.yml": {"task_a": 0.5, "task_b": 0.5}}
-SHARED = Path("/work/shared/mergekit_examples")
 
 
 def _localized(raw, root: Path):
@@ -287,8 +263,6 @@ def test_feature_agrees_with_mergekit(name, outputs):
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_mergekit_example_agrees(name, outputs, family):
-    if not (SHARED / name).is_file():
-        pytest.skip(f"{SHARED / name} is not here")
     _registered(name, EXAMPLES[name])
     theirs_dir, ours_dir, status = outputs[name]
     assert status == 0

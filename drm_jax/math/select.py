@@ -15,8 +15,19 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-# Bit pattern of +inf in float32: every finite non-negative float32 maps below it.
-_INF_BITS = 0x7F800000
+# Per float width: (the integer type of its bits, the bit pattern of +inf, the halvings that reach one
+# candidate in [0, inf bits]). Every finite non-negative float maps below its +inf pattern.
+_BITS = {4: (jnp.int32, 0x7F800000, 31), 8: (jnp.int64, 0x7FF0000000000000, 63)}
+
+
+def magnitude_bits(x: Float[Array, "..."]) -> tuple[Array, int, int]:
+    """(integer view of |x|'s float bits, +inf's pattern, halvings): float64 keeps its own 64-bit pattern
+    (rounded to float32 first, an entry equal to the k-th magnitude would compare below its own rounded
+    threshold); narrower floats are widened to float32 exactly."""
+    if x.dtype != jnp.float64:
+        x = x.astype(jnp.float32)
+    int_type, inf_bits, halvings = _BITS[x.dtype.itemsize]
+    return lax.bitcast_convert_type(x, int_type), inf_bits, halvings
 
 
 def kth_smallest(
@@ -24,18 +35,19 @@ def kth_smallest(
     k: Int[Array, ""] | int,
     where: Bool[Array, " N"] | None = None,
 ) -> Float[Array, ""]:
-    """Exact k-th smallest (1-based) of the non-negative float32 values `x[where]`.
+    """Exact k-th smallest (1-based) of the non-negative values `x[where]`.
 
     Args:
-      x: magnitudes, shape (N,), all >= 0 and finite.
+      x: magnitudes, shape (N,), all >= 0 and finite; float64 stays float64, other floats are float32.
       k: rank to select, 1 <= k <= count(where); may be traced.
       where: optional validity mask, shape (N,); invalid entries are ignored.
 
     Returns:
-      The value v = x[i] for some valid i, with count(valid & x <= v) >= k and count(valid & x < v) < k.
-      Undefined (returns +inf) when k exceeds the number of valid entries; callers guard k <= 0.
+      The value v = x[i] for some valid i (in float32, or float64 for float64 x), with
+      count(valid & x <= v) >= k and count(valid & x < v) < k. Undefined (returns +inf) when k exceeds
+      the number of valid entries; callers guard k <= 0.
     """
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    bits, inf_bits, halvings = magnitude_bits(x)
     if where is not None:
         # invalid entries get bits that every candidate threshold (>= 0) exceeds: they always count,
         # so the target rank shifts by their number and each pass is one compare-and-sum
@@ -45,13 +57,13 @@ def kth_smallest(
 
     def body(_, bounds):
         lo, hi = bounds
-        mid = lo + (hi - lo) // 2  # no int32 overflow: hi - lo < 2**31
+        mid = lo + (hi - lo) // 2  # no overflow: hi - lo < the integer type's range
         enough = jnp.sum(bits <= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-    # 31 halvings of [0, 0x7f800000] reach a single candidate.
-    lo, _ = lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_INF_BITS)))
-    return lax.bitcast_convert_type(lo, jnp.float32)
+    # the halvings of [0, inf bits] reach a single candidate
+    lo, _ = lax.fori_loop(0, halvings, body, (jnp.zeros((), bits.dtype), jnp.asarray(inf_bits, bits.dtype)))
+    return lax.bitcast_convert_type(lo, jnp.float64 if bits.dtype == jnp.int64 else jnp.float32)
 
 
 def keep_at_least_kth(
@@ -138,4 +150,4 @@ def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, ".
     return mask.reshape(var.shape)
 
 
-__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "pruning_counts", "task_variance", "top_variance_mask"]
+__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "magnitude_bits", "pruning_counts", "task_variance", "top_variance_mask"]

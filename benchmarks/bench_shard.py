@@ -11,15 +11,22 @@ same script shows the scaling.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
-import jax
-import numpy as np
-from jax.sharding import Mesh
+# XLA dumps every program this process compiles (after optimization): the collective check reads the
+# programs drm_jax.merge(mesh=...) really ran. Set before jax starts its backends.
+DUMP = Path(tempfile.mkdtemp(prefix="bench_shard_hlo_"))
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_hlo_as_text --xla_dump_to={DUMP}".strip()
 
-import drm_jax
-from drm_jax.engine import shard
-from drm_jax.methods import resolve_method
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+import drm_jax  # noqa: E402
 
 
 def best_of(fn, repeats):
@@ -55,13 +62,12 @@ def main() -> None:
         err = max(float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(x)))
                   for x, y in zip(a, b))
         t1, t8 = best_of(single, args.repeats), best_of(sharded, args.repeats)
-        fn = shard.sharded_merge_fn(mesh, resolve_method(method).linear, False)
-        length = shard.padded_length(args.layers, mesh)
-        sh = shard.layer_sharding(mesh)
-        hlo = fn.lower(jax.ShapeDtypeStruct((length,) + shape, np.float32, sharding=sh),
-                       jax.ShapeDtypeStruct((length, args.k) + shape, np.float32, sharding=sh),
-                       jax.ShapeDtypeStruct((args.k,), np.float32),
-                       jax.ShapeDtypeStruct((length, 2), np.uint32, sharding=sh)).compile().as_text()
+        shutil.rmtree(DUMP)
+        jax.clear_caches()
+        sharded()  # compiled afresh: the dump now holds exactly the programs of the sharded merge
+        hlo = "".join(p.read_text() for p in DUMP.glob("*after_optimizations.txt"))
+        if not hlo:
+            raise SystemExit("XLA dumped no program: the collective check would read nothing")
         found = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
         print(f"| {method} | {args.layers} | {len(devices)} | {t1:.2f} | {t8:.2f} | {t1 / t8:.2f}x | {err:.1e} | "
               f"{', '.join(found) or 'none'} |", flush=True)

@@ -152,56 +152,60 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def drm_part(args, names_by_shape, deltas, device, budget, results, layer0) -> dict:
-    """DRM-H and DRM-V: drm_jax.merge per weight shape against the torch loop on the same matrices."""
+    """DRM-H and DRM-V: drm_jax.merge per weight shape against the torch loop on the same matrices.
+
+    (direction, shape) pairs run cheapest first, the two directions interleaved, so that a budget too short
+    for the largest shapes still leaves both directions' smaller ones measured."""
     rows, outputs, rate = [], {}, {}
-    torch_deltas = {n: to_torch(d, device) for n, d in deltas.items()}
+    models_t = {n: to_torch(d, device) for n, d in deltas.items()}  # (K, out, in) bf16, the same buffers
     torch_drm(torch.ones((2, 4, 4), device=device))  # the solver's start-up (cuSOLVER handles), not timed
     sync(device)
-    for direction in ("horizontal", "vertical"):
-        shapes = sorted(names_by_shape, key=lambda s: joint_cost(s, args.k, direction))
-        for shape in shapes:
-            names = names_by_shape[shape]
-            cost = joint_cost(shape, args.k, direction) * len(names)
-            # 1 compile call + `repeats` of each side, predicted from the last shape's rates
-            need = args.compile_s + cost * (rate.get("jax", 0) * (1 + args.repeats) + rate.get("torch", 0))
-            row = dict(direction=direction, shape=list(shape), matrices=len(names),
-                       names=[n.split(".", 3)[-1] for n in names if n in layer0])
-            if not budget.allows(need, args.reserve_s):
-                row["skipped"] = f"predicted {need:.0f} s, {budget.left():.0f} s of the budget left"
-                rows.append(row)
-                print(f"DRM {direction} {shape}: skipped ({row['skipped']})", flush=True)
-                continue
-            base = {n: jnp.zeros(shape, jnp.float32) for n in names}
-            models = [{n: deltas[n][t] for n in names} for t in range(args.k)]
+    pairs = sorted(((d, s) for d in ("horizontal", "vertical") for s in names_by_shape),
+                   key=lambda ds: joint_cost(ds[1], args.k, ds[0]))
+    for direction, shape in pairs:
+        names = names_by_shape[shape]
+        cost = joint_cost(shape, args.k, direction) * len(names)
+        # 1 compiling call + `repeats` of drm_jax and one loop, predicted from the last pair's rates
+        need = args.compile_s + cost * (rate.get("jax", 0) * (1 + args.repeats) + rate.get("torch", 0))
+        row = dict(direction=direction, shape=list(shape), matrices=len(names),
+                   names=[n.split(".", 3)[-1] for n in names if n in layer0])
+        rows.append(row)
+        if not budget.allows(need, args.reserve_s):
+            row["skipped"] = f"predicted {need:.0f} s, {budget.left():.0f} s of the budget left"
+            print(f"DRM {direction} {shape}: skipped ({row['skipped']})", flush=True)
+            continue
+        base = {n: jnp.zeros(shape, jnp.float32) for n in names}
+        base_t = {n: torch.zeros(shape, dtype=torch.float32, device=device) for n in names}
+        models = [{n: deltas[n][t] for n in names} for t in range(args.k)]
+        last = {}  # each side's latest result: layer 0's go to the error columns
 
-            def ours():
-                return jax.block_until_ready(drm_jax.merge(base, models, method="drm", direction=direction,
-                                                           drop_rate=0.8, precision="float32"))
+        def ours():
+            last["drm_jax"] = jax.block_until_ready(drm_jax.merge(
+                base, models, method="drm", direction=direction, drop_rate=0.8, precision="float32"))
 
-            def theirs():
-                out = {n: torch_drm(torch_deltas[n].float(), 0.8, vertical=direction == "vertical") for n in names}
-                sync(device)
-                return out
+        def theirs():
+            last["torch"] = {n: torch_drm(models_t[n].float() - base_t[n], 0.8, vertical=direction == "vertical")
+                             for n in names}
+            sync(device)
 
-            start = time.perf_counter()
-            ours()
-            first = time.perf_counter() - start
-            repeats = args.repeats if budget.allows(cost * (rate.get("torch", 0) + rate.get("jax", 0))
-                                                    * args.repeats, args.reserve_s) else 1
-            times = interleaved_best({"drm_jax": ours, "torch": theirs}, repeats)
-            rate = {"jax": times["drm_jax"] / cost, "torch": times["torch"] / cost}
-            mine, ref = ours(), theirs()  # layer 0's outputs, kept on the host for the errors
-            for n in names:
-                if n in layer0:
-                    outputs[(direction, n)] = (np.asarray(mine[n]), ref[n].cpu().numpy())
-            del mine, ref
-            row.update(first_call_s=first, drm_jax_s=times["drm_jax"], torch_s=times["torch"],
-                       speedup=times["torch"] / times["drm_jax"], repeats=repeats)
-            rows.append(row)
-            print(f"DRM {direction} {shape} x{len(names)}: drm_jax {times['drm_jax']:.3f} s (first call "
-                  f"{first:.1f} s), torch loop {times['torch']:.3f} s, {row['speedup']:.2f}x", flush=True)
-    del torch_deltas
+        start = time.perf_counter()
+        ours()
+        first = time.perf_counter() - start
+        repeats = args.repeats if budget.allows(cost * (rate.get("torch", 0) + rate.get("jax", 0)) * args.repeats,
+                                                args.reserve_s) else 1
+        times = interleaved_best({"drm_jax": ours, "torch": theirs}, repeats)
+        rate = {"jax": times["drm_jax"] / cost, "torch": times["torch"] / cost}
+        for n in names:
+            if n in layer0:
+                outputs[(direction, n)] = (np.asarray(last["drm_jax"][n]), last["torch"][n].cpu().numpy())
+        del last, base, base_t, models
+        row.update(first_call_s=first, drm_jax_s=times["drm_jax"], torch_s=times["torch"],
+                   speedup=times["torch"] / times["drm_jax"], repeats=repeats)
+        print(f"DRM {direction} {shape} x{len(names)}: drm_jax {times['drm_jax']:.3f} s (first call "
+              f"{first:.1f} s), torch loop {times['torch']:.3f} s, {row['speedup']:.2f}x", flush=True)
+    del models_t
     results["drm_outputs"] = outputs
+    rows.sort(key=lambda r: (r["direction"], joint_cost(tuple(r["shape"]), args.k, r["direction"])))
     return {"rows": rows}
 
 
@@ -225,10 +229,13 @@ def drm_errors(part: dict, outputs: dict, reference: ReferenceThread, layer0: li
             e_torch = [rel_error(outputs[(direction, n)][1], reference.done[(direction, n)]) for n in have]
             total.update(drm_jax_err_median=float(np.median(e_ours)), drm_jax_err_max=max(e_ours),
                          torch_err_median=float(np.median(e_torch)), torch_err_max=max(e_torch))
-        met = (total["complete"] and not total["error_missing"] and total.get("speedup", 0) >= SPEED_GOAL
-               and total["drm_jax_err_median"] <= total["torch_err_median"])
+        # speed over every shape; errors over the layer-0 matrices whose float64 reference finished in time
+        # (the largest take minutes on the CPU), which the goal line names when they are not all
+        decided = total["complete"] and bool(have)
+        met = decided and total["speedup"] >= SPEED_GOAL and total["drm_jax_err_median"] <= total["torch_err_median"]
+        coverage = "" if not total["error_missing"] else f" (errors on {len(have)} of {len(layer0)} matrices)"
         total["goal"] = (f"drm_jax >= {SPEED_GOAL:g}x faster than the torch loop with no larger median error: "
-                         + (verdict(met) if total["complete"] and not total["error_missing"]
+                         + (verdict(met) + coverage if decided
                             else "not decided (part of the run was skipped for the time budget)"))
         if not judge:
             total["goal"] = NOT_JUDGED

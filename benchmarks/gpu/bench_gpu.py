@@ -325,15 +325,8 @@ def wudi_part(args, names, deltas, device, budget) -> dict:
                           speedup=t["fusion_bench"] / t["drm_jax"])]}
 
 
-def write_checkpoint(directory: Path, tensors: dict[str, np.ndarray], config: dict) -> int:
-    """config.json + model.safetensors, flushed to disk and dropped from the page cache (so the merge
-    reads from the disk); returns the file's size."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text(json.dumps(config))
-    path = directory / "model.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt"})
+def drop_from_page_cache(path: Path) -> None:
+    """Flush `path` to disk and drop its pages from the page cache, so that the next read is the disk's."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -341,6 +334,17 @@ def write_checkpoint(directory: Path, tensors: dict[str, np.ndarray], config: di
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def write_checkpoint(directory: Path, tensors: dict[str, np.ndarray], config: dict) -> int:
+    """config.json + model.safetensors, flushed and dropped from the page cache; returns the file's size."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    path = directory / "model.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    drop_from_page_cache(path)
     return path.stat().st_size
 
 
@@ -350,11 +354,18 @@ def streaming_part(args, dims, budget, device_kind: str, drm_per_layer_s: float 
     in-memory DRM-H time per layer, predicts its time for the budget; None: 60 s per layer)."""
     if not budget.allows(0.0 if args.cpu_smoke else 60.0):
         return {"skipped": f"{budget.left():.0f} s of the budget left"}
+    workdir = Path(tempfile.mkdtemp(prefix="drm_jax_gpu_stream_", dir=args.workdir))
+    try:
+        return streamed_runs(args, dims, budget, device_kind, drm_per_layer_s, workdir)
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)])
+
+
+def streamed_runs(args, dims, budget, device_kind, drm_per_layer_s, workdir: Path) -> dict:
     layers = args.stream_layers
     shapes = llama_shapes(dims["hidden"], dims["intermediate"], layers, args.stream_vocab, kv_dim(dims))
     config = llama_config(dims["hidden"], dims["intermediate"], dims["heads"], layers, args.stream_vocab,
                           dims["kv_heads"])
-    workdir = Path(tempfile.mkdtemp(prefix="drm_jax_gpu_stream_", dir=args.workdir))
     dirs = [workdir / "base"] + [workdir / f"task_{t}" for t in range(args.k)]
     key = jax.random.PRNGKey(11)
     start, written = time.perf_counter(), 0
@@ -369,6 +380,7 @@ def streaming_part(args, dims, budget, device_kind: str, drm_per_layer_s: float 
         written += write_checkpoint(directory, tensors, config)
         del tensors
     write_s = time.perf_counter() - start
+    size = written // len(dirs)
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
     runs = {}
     for method in ("linear", "drm"):
@@ -381,21 +393,24 @@ def streaming_part(args, dims, budget, device_kind: str, drm_per_layer_s: float 
         cfg = workdir / f"{method}.yaml"
         cfg.write_text(merge_config(method, dirs) + "out_dtype: bfloat16\n")
         out = workdir / f"out_{method}"
+        for d in dirs:  # the previous run's reads are in the page cache
+            drop_from_page_cache(d / "model.safetensors")
         cmd = [sys.executable, "-m", "drm_jax.cli.main", "merge", str(cfg), str(out), "--force", "--quiet",
                "--device", device_kind, "--max-memory", args.max_memory]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            return {"skipped": f"drm-jax merge ({method}) failed: {proc.stderr.strip()[-500:]}"}
+            runs[method] = {"skipped": f"drm-jax merge failed: {proc.stderr.strip()[-500:]}"}
+            continue
+        read = size * (len(dirs) if "base_model:" in cfg.read_text() else args.k)  # linear reads no base
         out_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-        runs[method] = dict(wall_s=wall, read_bytes=written, written_bytes=out_bytes,
-                            mb_per_s=(written + out_bytes) / wall / 1e6)
+        runs[method] = dict(wall_s=wall, read_bytes=read, written_bytes=out_bytes,
+                            mb_per_s=(read + out_bytes) / wall / 1e6)
         print(f"streamed {method}, {layers} layers: {wall:.1f} s, {runs[method]['mb_per_s']:.4g} MB/s read+written",
               flush=True)
         subprocess.run(["rm", "-rf", str(out)])
-    subprocess.run(["rm", "-rf", str(workdir)])
-    return dict(layers=layers, vocab=args.stream_vocab, models=args.k, checkpoint_bytes=written // len(dirs),
+    return dict(layers=layers, vocab=args.stream_vocab, models=args.k, checkpoint_bytes=size,
                 write_s=write_s, write_mb_per_s=written / write_s / 1e6, max_memory=args.max_memory, runs=runs)
 
 

@@ -73,9 +73,10 @@ def check_linear_ties_wudi(res: dict, stdout: str) -> None:
 def check_streaming_and_projection(res: dict, stdout: str) -> None:
     stream, proj = res["streaming"], res["projection"]
     assert stream["layers"] == 4 and stream["models"] == 5
-    for method in ("linear", "drm"):
+    for method, files_read in (("linear", 5), ("drm", 6)):  # linear averages the models, DRM reads the base too
         run = stream["runs"][method]
-        assert run["wall_s"] > 0 and run["written_bytes"] > 0 and run["read_bytes"] == 6 * stream["checkpoint_bytes"]
+        assert run["wall_s"] > 0 and run["written_bytes"] > 0
+        assert run["read_bytes"] == files_read * stream["checkpoint_bytes"]
     # the projection's inputs are the measured figures
     assert proj["io_mb_per_s"] == stream["runs"]["linear"]["mb_per_s"]
     assert proj["drm_h_per_layer_s"] == pytest.approx(res["drm"]["totals"][0]["drm_jax_s"] / res["layers"])

@@ -41,6 +41,7 @@ import torch
 import drm_jax
 from _common import REPO, interleaved_best, table, verdict, write_results
 from real_deltas import MINILM, MissingCheckpoints, is_encoder_linear, load
+from torch_drm import torch_drm
 
 sys.path.insert(0, str(REPO / "tests"))
 import merge_reference  # noqa: E402  (the float64 NumPy reference DRM the core tests check against)
@@ -72,32 +73,6 @@ def well_separated_deltas(rng, k, n, m, rank=8, noise=1e-3):
     stacked = (u * s) @ w.T
     stacked += noise * rng.standard_normal(stacked.shape) / np.sqrt(max(n, k * m))
     return np.stack(np.split(stacked, k, axis=1)).astype(np.float32)  # (K, n, m)
-
-
-def torch_drm(deltas: torch.Tensor, drop_rate=0.8, vertical=False, rank_rtol=0.01) -> torch.Tensor:
-    """DRM on one matrix, the reference implementation's way (PyTorch, float32, dense SVD)."""
-    if vertical:
-        return torch_drm(deltas.transpose(1, 2), drop_rate, False, rank_rtol).T
-    k, n, m = deltas.shape
-    big = torch.cat(list(deltas), dim=1)
-    u, s, vh = torch.linalg.svd(big, full_matrices=False)
-    r = int((s > rank_rtol * s.max()).sum())
-    u, s, vh = u[:, :r], s[:r], vh[:r]
-    blocks = torch.stack(torch.split(vh, m, dim=1))  # (K, r, m)
-    c = blocks.norm(dim=2, keepdim=True)
-    blocks = torch.where(c > 0, blocks / c.clamp_min(1e-30), torch.zeros_like(blocks))
-    s_t = s[None, :, None] * c
-    mags = blocks.abs().flatten()
-    n_all = mags.numel()
-    kk = n_all - round(n_all * (1 - drop_rate))
-    if kk > 0:
-        blocks = blocks * (blocks.abs() >= torch.kthvalue(mags, kk).values)
-    x = s_t * blocks
-    sign = torch.sign(x.sum(0))
-    sign[sign == 0] = torch.sign(sign.sum())
-    x = torch.where(torch.sign(x) == sign, x, torch.zeros_like(x))
-    merged = x.sum(0) / (x != 0).sum(0).clamp_min(1)
-    return u @ merged
 
 
 def best_of(fn, repeats):

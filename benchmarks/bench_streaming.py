@@ -45,25 +45,31 @@ MERGEKIT_METHODS = ("linear", "ties")
 TIME_GOALS = {"linear": 1.0, "ties": 0.5}
 
 
-def llama_config(hidden: int, intermediate: int, heads: int, layers: int, vocab: int) -> dict:
+def llama_config(hidden: int, intermediate: int, heads: int, layers: int, vocab: int,
+                 kv_heads: int | None = None) -> dict:
+    """A LlamaConfig as a dict; `kv_heads` (default `heads`) < heads is grouped-query attention."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads or heads,
                          max_position_embeddings=256, tie_word_embeddings=False)
     config.architectures = ["LlamaForCausalLM"]
     return config.to_dict()
 
 
-def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Llama tensor names and (out, in) shapes."""
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int,
+                 kv_dim: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Hugging Face Llama tensor names and (out, in) shapes; k and v project to `kv_dim` (default `hidden`)."""
+    kv_dim = kv_dim or hidden
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
               "model.norm.weight": (hidden,)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-            **{p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qkvo"},
+            **{p + f"self_attn.{n}_proj.weight": (hidden, hidden) for n in "qo"},
+            **{p + f"self_attn.{n}_proj.weight": (kv_dim, hidden) for n in "kv"},
             p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
             p + "mlp.down_proj.weight": (hidden, intermediate),
         })

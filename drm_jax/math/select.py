@@ -3,8 +3,9 @@
 Magnitude pruning needs "the k-th smallest magnitude" of a set whose size can depend on traced values
 (DRM's rank cut is a mask, so the number of valid entries is only known at run time). A sort would work
 but costs O(N log N) and a full copy; instead we bisect on the IEEE-754 bit pattern: for non-negative
-floats the int32 view is monotonic, so 31 counting passes find the exact k-th smallest value. Each pass
-is a fused compare-and-sum, which vectorises on CPU and is bandwidth-bound on GPU/TPU.
+floats the int32 view is monotonic, so 31 counting passes find the exact k-th smallest value (float64
+values: the int64 view and 63 passes, so a float64 merge selects exactly what float64 arithmetic does).
+Each pass is a fused compare-and-sum, which vectorises on CPU and is bandwidth-bound on GPU/TPU.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-# Bit pattern of +inf in float32: every finite non-negative float32 maps below it.
+# Bit patterns of +inf in float32 and float64: every finite non-negative float maps below them.
 _INF_BITS = 0x7F800000
+_INF_BITS_64 = 0x7FF0000000000000
 
 
 def kth_smallest(
@@ -24,7 +26,8 @@ def kth_smallest(
     k: Int[Array, ""] | int,
     where: Bool[Array, " N"] | None = None,
 ) -> Float[Array, ""]:
-    """Exact k-th smallest (1-based) of the non-negative float32 values `x[where]`.
+    """Exact k-th smallest (1-based) of the non-negative values `x[where]`, in float32 (float64 for float64 x:
+    a float32 threshold would round the k-th value and lose or add entries at it).
 
     Args:
       x: magnitudes, shape (N,), all >= 0 and finite.
@@ -35,7 +38,10 @@ def kth_smallest(
       The value v = x[i] for some valid i, with count(valid & x <= v) >= k and count(valid & x < v) < k.
       Undefined (returns +inf) when k exceeds the number of valid entries; callers guard k <= 0.
     """
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    x = jnp.asarray(x)  # a NumPy float64 array is float32 here unless x64 is on
+    wide = x.dtype == jnp.float64
+    float_type, int_type = (jnp.float64, jnp.int64) if wide else (jnp.float32, jnp.int32)
+    bits = lax.bitcast_convert_type(x.astype(float_type), int_type)
     if where is not None:
         # invalid entries get bits that every candidate threshold (>= 0) exceeds: they always count,
         # so the target rank shifts by their number and each pass is one compare-and-sum
@@ -45,13 +51,14 @@ def kth_smallest(
 
     def body(_, bounds):
         lo, hi = bounds
-        mid = lo + (hi - lo) // 2  # no int32 overflow: hi - lo < 2**31
+        mid = lo + (hi - lo) // 2  # no overflow: hi - lo < 2**31 (2**63 for int64)
         enough = jnp.sum(bits <= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-    # 31 halvings of [0, 0x7f800000] reach a single candidate.
-    lo, _ = lax.fori_loop(0, 31, body, (jnp.int32(0), jnp.int32(_INF_BITS)))
-    return lax.bitcast_convert_type(lo, jnp.float32)
+    # 31 halvings of [0, 0x7f800000] reach a single candidate (63 of [0, 0x7ff0000000000000] for float64).
+    top = _INF_BITS_64 if wide else _INF_BITS
+    lo, _ = lax.fori_loop(0, 63 if wide else 31, body, (jnp.asarray(0, int_type), jnp.asarray(top, int_type)))
+    return lax.bitcast_convert_type(lo, float_type)
 
 
 def keep_at_least_kth(

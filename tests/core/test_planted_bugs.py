@@ -172,3 +172,27 @@ def test_leaf_params_follow_member_order_not_name_order(case, layout):
         # the case can tell the leaves' numbers apart: another leaf's numbers give another result
         other = names[(i + 1) % len(names)]
         assert np.max(np.abs(alone(name, numbers_of[other]) - want)) > 1e-3, (name, other)
+
+
+# -- DELLA: keep probabilities in magnitude-rank order, a second check -------------------------------------
+def della_keep_probabilities(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """mergekit's MagPrune probabilities in float64, from the definition (docs/methods.md#della): ranks of
+    |delta| along axis 1 (a 1-D tensor is one row), ascending, normalised to [0, 1] by the row's smallest
+    and largest rank, then density - epsilon + 2 epsilon * normalised rank."""
+    rows = np.abs(delta)[None] if delta.ndim < 2 else np.abs(delta)
+    ranks = np.argsort(np.argsort(rows, axis=1), axis=1).astype(np.float64) + 1
+    low, high = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
+    return (density - epsilon + 2 * epsilon * (ranks - low) / (high - low)).reshape(delta.shape)
+
+
+@pytest.mark.parametrize("shape, density, epsilon", [((5, 8), 0.5, 0.3), ((12,), 0.4, 0.35), ((3, 6, 4), 0.6, 0.2)])
+def test_della_survivors_carry_their_rank_probability(shape, density, epsilon):
+    """With the paper's rescale (each survivor divided by its own keep probability) and a zero base, every
+    survivor reveals its probability: delta / merged. Each must be the rank probability of its entry."""
+    delta = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    out = np.asarray(drm_jax.merge({"w": np.zeros(shape, np.float32)}, [{"w": delta}], method="della_linear",
+                                   density=density, epsilon=epsilon, rescale_rule="inverse", seed=1, exclude=[])["w"])
+    kept = out != 0
+    want = della_keep_probabilities(delta.astype(np.float64), density, epsilon)
+    assert len(np.unique(want[kept])) >= 3 and not kept.all(), "too few survivors to tell ranks apart"
+    np.testing.assert_allclose(delta[kept] / out[kept], want[kept], rtol=1e-5)

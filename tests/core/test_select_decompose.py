@@ -39,10 +39,11 @@ def test_kth_smallest_is_exact_in_float64():
     x = rng.random(40)
     valid = rng.random(40) < 0.7
     with jax.enable_x64(True):
+        kth, keep = jax.jit(kth_smallest), jax.jit(keep_at_least_kth)  # k traced: one program each
         for k in (1, 9, int(valid.sum())):
-            got = kth_smallest(jnp.asarray(x), k, jnp.asarray(valid))
+            got = kth(jnp.asarray(x), k, jnp.asarray(valid))
             assert got.dtype == jnp.float64 and float(got) == np.sort(x[valid])[k - 1]
-            assert int(keep_at_least_kth(jnp.asarray(x), k, jnp.asarray(valid)).sum()) == valid.sum() - k + 1
+            assert int(keep(jnp.asarray(x), k, jnp.asarray(valid)).sum()) == valid.sum() - k + 1
 
 
 def test_float64_ties_trim_keeps_the_largest_floor_density_n_entries():

@@ -1,6 +1,7 @@
 """Checks that stand between a method and a plausible wrong answer, each against an independent reference
-(issue 31): Karcher's exact number of steps and its value at a small max_iter, and per-leaf numbers
-(`leaf_params`) on trees whose member order is not the sorted order of the leaf names.
+(issue 31): Karcher's exact number of steps and its value at a small max_iter, per-leaf numbers
+(`leaf_params`) on trees whose member order is not the sorted order of the leaf names, and DELLA's keep
+probabilities in magnitude-rank order (a second check beside tests/mergekit's statistical one).
 
 Every check goes through the public API (`drm_jax.merge`, `drm_jax.prepare(...).merge`), so it keeps
 holding wherever the method internals move.

@@ -213,7 +213,11 @@ class CheckpointSources:
                 i, a, b = part
                 names.append(info.names[i])
                 shapes.append(info.shapes[i] if a is None else (b - a,) + tuple(info.shapes[i][1:]))
-                dtypes.append(info.dtypes[i])
+                dtype = info.dtypes[i]
+                if self.out_dtype is not None and is_floating(dtype):
+                    # as for slabs: the sink rounds once, to out_dtype, not to the reference's dtype first
+                    dtype = np.promote_types(np.float32, dtype)
+                dtypes.append(dtype)
         return LeafInfo(names, shapes, dtypes)
 
     def _dtype_signature(self, i: int) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ def magnitude_bits(x: Float[Array, "..."]) -> tuple[Array, int, int]:
     """(integer view of |x|'s float bits, +inf's pattern, halvings): float64 keeps its own 64-bit pattern
     (rounded to float32 first, an entry equal to the k-th magnitude would compare below its own rounded
     threshold); narrower floats are widened to float32 exactly."""
+    x = jnp.asarray(x)  # a NumPy float64 array is float32 here unless x64 is on
     if x.dtype != jnp.float64:
         x = x.astype(jnp.float32)
     int_type, inf_bits, halvings = _BITS[x.dtype.itemsize]

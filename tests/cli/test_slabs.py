@@ -169,3 +169,38 @@ def test_an_overflow_names_the_tensor_not_the_slab():
         m[name] = np.full(shapes[name], 3e38, np.float32)
     with pytest.raises(MergeInputError, match=name.replace(".", r"\.") + ".*Inf"):
         run_stream(base, models, coefficients=[1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("method, parameters", [("task_arithmetic", {}), ("ties", {"density": 0.5})],
+                         ids=["slabs", "per-tensor"])
+def test_the_command_line_writes_out_dtype(method, parameters, tmp_path, read_output):
+    """`out_dtype` through `drm-jax merge`: float16 checkpoints merged in float32 and written in bfloat16,
+    every tensor (slabs for the elementwise task arithmetic, one tensor at a time for TIES) in bfloat16 and
+    equal to the in-memory float32 merge rounded once to bfloat16."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from drm_jax.cli.main import main
+
+    shapes = {"model.embed_tokens.weight": (40, 8), "model.layers.0.mlp.up_proj.weight": (12, 8),
+              "model.layers.0.input_layernorm.weight": (8,), "model.layers.1.mlp.up_proj.weight": (12, 8)}
+    base, models = family(shapes, k=2, seed=3, dtype=np.float16)
+    for label, tensors in (("base", base), ("a", models[0]), ("b", models[1])):
+        (tmp_path / label).mkdir()
+        save_file(tensors, str(tmp_path / label / "model.safetensors"), metadata={"format": "pt"})
+    numbers = "".join(f", {k}: {v}" for k, v in parameters.items())
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - model: {tmp_path / 'a'}\n    parameters: {{weight: 0.7{numbers}}}\n"
+                      f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 0.3{numbers}}}\n"
+                      "dtype: float32\nout_dtype: bfloat16\n")
+    assert main(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 0
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "np") as f:
+        written = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert written == {name: "BF16" for name in shapes}
+    as_f32 = [{n: v.astype(np.float32) for n, v in tree.items()} for tree in (base, *models)]
+    want = drm_jax.merge(as_f32[0], as_f32[1:], method=method, coefficients=[0.7, 0.3], exclude=[], **parameters)
+    got = read_output(tmp_path / "out")
+    for name in shapes:
+        rounded = np.asarray(want[name]).astype(ml_dtypes.bfloat16).astype(np.float32)
+        np.testing.assert_array_equal(got[name], rounded, err_msg=name)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import drm_jax
 from drm_jax.math import decompose
 from drm_jax.math.select import drop_count, keep_at_least_kth, kth_smallest
 
@@ -29,6 +30,30 @@ def test_kth_smallest_under_jit_and_vmap_with_traced_k():
     got = jax.jit(jax.vmap(kth_smallest))(x, ks)
     want = [np.sort(np.asarray(x[i]))[int(ks[i]) - 1] for i in range(4)]
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_kth_smallest_is_exact_in_float64():
+    """float64 magnitudes (x64): the k-th value itself, not its float32 rounding, which lies above it about
+    half the time and then drops the entry at the threshold from a `>=` mask."""
+    rng = np.random.default_rng(5)
+    x = rng.random(40)
+    valid = rng.random(40) < 0.7
+    with jax.enable_x64(True):
+        kth, keep = jax.jit(kth_smallest), jax.jit(keep_at_least_kth)  # k traced: one program each
+        for k in (1, 9, int(valid.sum())):
+            got = kth(jnp.asarray(x), k, jnp.asarray(valid))
+            assert got.dtype == jnp.float64 and float(got) == np.sort(x[valid])[k - 1]
+            assert int(keep(jnp.asarray(x), k, jnp.asarray(valid)).sum()) == valid.sum() - k + 1
+
+
+def test_float64_ties_trim_keeps_the_largest_floor_density_n_entries():
+    """TIES in float64 keeps exactly the floor(density N) largest deltas (one model: the merge is its trim)."""
+    with jax.enable_x64(True):
+        for seed in range(6):
+            delta = np.random.default_rng(seed).standard_normal((6, 5))
+            out = np.asarray(drm_jax.merge({"w": np.zeros((6, 5))}, [{"w": delta}], method="ties", density=0.5)["w"])
+            largest = np.abs(delta) >= np.sort(np.abs(delta).ravel())[-15]
+            np.testing.assert_array_equal(out != 0, largest)
 
 
 def test_keep_at_least_kth_reference_rule_keeps_n_minus_k_plus_1():

@@ -11,9 +11,10 @@ gradient is linear in tau and needs each task's Gram matrix only, computed once 
     grad L(tau) = 2 (tau A - B),   A = sum_t tau_t^T tau_t / ||tau_t||^2 (m x m),
                                    B = sum_t tau_t tau_t^T tau_t / ||tau_t||^2 (n x m).
 
-Each step is then one (n x m) @ (m x m) product. When m is large against K n (m > 2 K n) the same
-gradient is cheaper as sum_t ((tau - tau_t) tau_t^T) tau_t / ||tau_t||^2, K products through n x n;
-which one runs is chosen from the static shapes, the result is the same up to rounding.
+Each step is then one (n x m) @ (m x m) product (A and B are formed once, through K squares of side
+min(n, m)). When m is large against K n (m > 2 K n) the same gradient is cheaper as
+sum_t ((tau - tau_t) tau_t^T) tau_t / ||tau_t||^2, K products through n x n; which one runs is chosen
+from the static shapes, and the result is the same up to rounding.
 
 The step count `iter_num` and `learning_rate` are traced: the loop is `lax.fori_loop` with a traced trip
 count (a while loop), so a new count or rate runs the same compiled program. Pure and vmappable: vmap
@@ -58,12 +59,17 @@ def wudi_gradient_fn(task_vectors: Float[Array, "K n m"]):
     k, n, m = task_vectors.shape
     inv = _inverse_sq_norms(task_vectors)
     hi = jax.lax.Precision.HIGHEST
-    if uses_gram_form(k, n, m):
-        grams = jnp.einsum("kni,knj->kij", task_vectors, task_vectors, precision=hi)
-        a = jnp.einsum("k,kij->ij", inv, grams, precision=hi)
-        b = jnp.einsum("k,kni,kij->nj", inv, task_vectors, grams, precision=hi)
-        return lambda tau: 2 * (jnp.matmul(tau, a, precision=hi) - b)
     weighted = task_vectors * inv[:, None, None]
+    if uses_gram_form(k, n, m):
+        a = jnp.einsum("kni,knj->ij", weighted, task_vectors, precision=hi)
+        # B through the smaller of the per-task squares: tau_t (tau_t^T tau_t) or (tau_t tau_t^T) tau_t
+        if m <= n:
+            grams = jnp.einsum("kni,knj->kij", task_vectors, task_vectors, precision=hi)
+            b = jnp.einsum("kni,kij->nj", weighted, grams, precision=hi)
+        else:
+            outer = jnp.einsum("kim,kjm->kij", weighted, task_vectors, precision=hi)
+            b = jnp.einsum("kij,kjm->im", outer, task_vectors, precision=hi)
+        return lambda tau: 2 * (jnp.matmul(tau, a, precision=hi) - b)
 
     def gradient(tau):
         interference = jnp.einsum("nm,kpm->knp", tau, task_vectors, precision=hi) - jnp.einsum(

@@ -24,8 +24,9 @@ from drm_jax.math.wudi import uses_gram_form, wudi, wudi_gradient_fn, wudi_loss
 from fusion_bench_files import FusionBenchUnavailable, load as load_fusion_bench
 from core.test_prepare import counting_compiles
 
-# (K, n, m): one shape whose gradient goes through the m x m Gram sum, one through each task's n x n products
-WUDI_SHAPES = [(3, 5, 4), (2, 2, 13)]
+# (K, n, m): gradient through the m x m Gram sum (B formed through m x m, then n x n squares), and through
+# each task's n x n products
+WUDI_SHAPES = [(3, 5, 4), (3, 4, 6), (2, 2, 13)]
 
 
 # ------------------------------------------------------------------------------------ float64 references
@@ -73,7 +74,7 @@ def fusion_bench():
 
 @pytest.mark.parametrize("shape", WUDI_SHAPES)
 def test_wudi_equals_the_float64_adam_loop(shape):
-    assert uses_gram_form(*shape) == (shape == WUDI_SHAPES[0])
+    assert uses_gram_form(*shape) == (shape != WUDI_SHAPES[-1])
     tvs = task_vectors(np.random.default_rng(0), *shape).astype(np.float64)
     want = ref_wudi(tvs, 7, 1e-3)
     with jax.enable_x64(True):
@@ -118,7 +119,7 @@ def test_a_sweep_of_steps_and_rates_compiles_nothing_new():
     assert not np.allclose(results[-1], first)
 
 
-@pytest.mark.parametrize("shape", [(4, 12, 9), (3, 6, 20)])
+@pytest.mark.parametrize("shape", [(4, 12, 9), (3, 6, 20), (2, 2, 13)])
 def test_wudi_agrees_with_fusion_bench(fusion_bench, shape):
     """Float32 Adam on both sides; the gradients are rounded differently (Gram form here, autograd of
     the product form there), and Adam divides by the gradient's running scale, so entries agree to a few
@@ -174,7 +175,8 @@ def test_regmean_vmapped_over_layers_and_ratio_sweep_compile_once():
         got = {alpha: merge(kernels, grams, alpha) for alpha in (0.0, 0.5, 0.95)}
     assert count[0] == 0
     for layer in range(2):
-        np.testing.assert_allclose(got[0.5][layer], ref_regmean(kernels[layer], grams[layer], 0.5), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(got[0.5][layer], ref_regmean(kernels[layer], grams[layer], 0.5),
+                                   rtol=2e-5, atol=1e-6)
 
 
 def test_regmean_agrees_with_fusion_bench(fusion_bench):

@@ -7,6 +7,7 @@ a `drm_jax.prepare(...)` result (`merge(coefficients=...)`, `layer_names`, `num_
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -36,7 +37,15 @@ def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------ input Gram matrices
 
 def _gram_pass(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
-    """Jitted (params, batch) -> {Dense module path: (X^T X summed over this batch's rows, row count)}."""
+    """Jitted (params, batch) -> {Dense module path: (X^T X summed over this batch's rows, row count)};
+    one per apply_fn (RegMean++ calls it for every model and block), none kept for an unhashable one."""
+    try:
+        return _cached_gram_pass(apply_fn)
+    except TypeError:
+        return _build_gram_pass(apply_fn)
+
+
+def _build_gram_pass(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
 
     def run(params, batch):
         seen: dict[tuple[str, ...], list] = {}
@@ -59,6 +68,9 @@ def _gram_pass(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
         return {"/".join(p): (g, jnp.asarray(n, jnp.float32)) for p, (g, n) in seen.items()}
 
     return jax.jit(run)
+
+
+_cached_gram_pass = functools.lru_cache(maxsize=16)(_build_gram_pass)
 
 
 def _kernel_names(params: Any, module_paths: Sequence[str]) -> dict[str, str]:

@@ -225,6 +225,10 @@ def test_input_grams_are_x_transpose_x_by_leaf_name():
     np.testing.assert_allclose(sums["params.Dense_1.kernel"], hidden.T @ hidden, rtol=1e-5, atol=1e-5)
     means = drm_jax.input_grams(apply_mlp, params, batches)
     np.testing.assert_allclose(means["params.Dense_0.kernel"], x.T @ x / len(x), rtol=1e-5)
+    other = mlp_params(1)
+    with counting_compiles() as count:  # the jitted pass is kept per apply_fn
+        drm_jax.input_grams(apply_mlp, other, batches)
+    assert count[0] == 0
 
 
 def test_input_grams_of_a_model_without_dense_is_an_error():

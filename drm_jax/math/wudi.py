@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, Float
 
 # FusionBench's WUDI config: 400 Adam steps at learning rate 1e-5 (its function's own default is 300).
@@ -88,6 +87,8 @@ def wudi(task_vectors: Float[Array, "K n m"], iter_num=DEFAULT_ITER_NUM,
     learning_rate: Adam's step size (default 1e-5), traced.
     Returns tau (n, m) in the dtype of the task vectors; the merged weight is W_base + tau.
     """
+    import optax  # here, not at the top: it adds about 0.3 s to `import drm_jax` (the command line's start)
+
     gradient = wudi_gradient_fn(task_vectors)
     optimizer = optax.adam(learning_rate)
     start = jnp.sum(task_vectors, axis=0)

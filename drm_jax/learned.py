@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 ApplyFn = Callable[[Any, Any], Any]
 
-# AdaMerging as FusionBench configures it for CLIP (the paper's setting): every task-arithmetic coefficient
-# starts at 0.3, Adam at learning rate 1e-3, 1000 steps.
+# AdaMerging as FusionBench configures it for CLIP: every task-arithmetic coefficient starts at 0.3 (the
+# paper's start), Adam at learning rate 1e-3, 1000 steps.
 ADAMERGING_INIT = 0.3
 ADAMERGING_STEPS = 1000
 ADAMERGING_LEARNING_RATE = 1e-3
@@ -48,7 +48,6 @@ def _gram_pass(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
 
 
 def _build_gram_pass(apply_fn: ApplyFn) -> Callable[[Any, Any], dict]:
-
     def run(params, batch):
         seen: dict[tuple[str, ...], list] = {}
 

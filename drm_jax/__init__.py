@@ -2,6 +2,7 @@
 
 from drm_jax import math, methods
 from drm_jax.engine import LoraWeight, MergedAdapter, Prepared, merge, merge_adapters, prepare
+from drm_jax.learned import adamerging, entropy_loss, input_grams, regmean_merge, regmean_plusplus
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, chain
 from drm_jax.methods import dare_linear, dare_ties, drm, knots_ties, linear, task_arithmetic, ties

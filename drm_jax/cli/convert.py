@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from drm_jax.io.architectures import ARCHITECTURES
-from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS
+from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -52,6 +53,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from drm_jax.io.convert import convert_checkpoint
 
+    # the writer checks the same, but its messages name the Python API's overwrite=True; an overlap with an
+    # input is the better reason, so it is checked first
+    refuse_overlap(args.dst, [args.src] + ([args.base] if args.base is not None else []), what="destination")
+    if args.overwrite:
+        check_replaceable(Path(args.dst).expanduser(), "--force")
+    else:
+        check_dangling_link(Path(args.dst).expanduser(), "--force")
     out = convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite,
                              max_shard_size=args.max_shard_size, base=args.base, arch=args.arch)
     print(f"wrote {args.to} checkpoint to {out}")

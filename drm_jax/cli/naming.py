@@ -19,6 +19,7 @@ import numpy as np
 from drm_jax.errors import CheckpointError
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io.base import read_json
+from drm_jax.io.model_files import safe_model_file
 
 
 def read_model_config(reader: Any) -> dict | None:
@@ -26,8 +27,8 @@ def read_model_config(reader: Any) -> dict | None:
     directory = getattr(reader, "config_dir", None)
     if directory is None:
         return None
-    path = Path(directory) / "config.json"
-    if not path.is_file():
+    path = safe_model_file(directory, "config.json")
+    if path is None:
         return None
     config = read_json(path, "the model config")  # one line naming the file, deep nesting included
     return config if isinstance(config, dict) else None

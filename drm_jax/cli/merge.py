@@ -29,7 +29,7 @@ from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
 from drm_jax.cli.streaming import input_paths
-from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line, quote_path
+from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
 

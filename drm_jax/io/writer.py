@@ -219,10 +219,10 @@ class CheckpointWriter:
         if self._closed:
             raise CheckpointError(f"{self.out_dir}: writer is closed")
         if name in self._names:
-            raise CheckpointError(f"{self.out_dir}: tensor {name!r} added twice")
+            raise CheckpointError(f"{self.out_dir}: tensor {quote(name)} added twice")
         array = np.asarray(array)
         if array.dtype.hasobject:
-            raise CheckpointError(f"{self.out_dir}: tensor {name!r} has object dtype")
+            raise CheckpointError(f"{self.out_dir}: tensor {quote(name)} has object dtype")
         self._names.add(name)
         try:
             if self._shards is not None:

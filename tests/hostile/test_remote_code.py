@@ -7,6 +7,7 @@ refused in one line naming the file."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,8 +70,6 @@ POSITIONS = {
 
 def _cases(root: Path, models: Path) -> list[tuple[str, list[str], str]]:
     """(case name, argv, evil model) for every position, each with its own copy of the models."""
-    import shutil
-
     cases = []
     for i, (name, (evil, extra)) in enumerate(POSITIONS.items()):
         where = root / f"case{i}"

@@ -3,7 +3,8 @@
 The source format is detected (Hugging Face safetensors, PyTorch .bin/.pt, Flax msgpack, Orbax, T5X, or
 a PEFT adapter, which converts to its merged model given --base). config.json and tokenizer files are
 copied beside the weights. Output is written to a temporary directory and renamed into place; an
-existing non-empty DST is refused unless --overwrite (alias --force) is given.
+existing non-empty DST is refused unless --overwrite (alias --force) is given, and even then unless it
+holds an earlier drm-jax output.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("dst", metavar="DST", help="output directory")
     parser.add_argument("--to", required=True, choices=WRITE_FORMATS, help="output format")
     parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                        help="replace DST if it exists and is not empty")
+                        help="replace DST when it holds an earlier drm-jax output (never other files)")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors shard for --to hf (default 5GiB; e.g. 2GB, 500MiB)")
     parser.add_argument("--base", metavar="PATH", default=None,

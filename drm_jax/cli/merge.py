@@ -91,7 +91,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", type=Path, help="YAML merge configuration (mergekit schema)")
     parser.add_argument("out_dir", type=Path, help="output directory (Hugging Face safetensors layout)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT_DIR when it holds an earlier drm-jax output (never other files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
                         help="where to compute (default: JAX's default device)")

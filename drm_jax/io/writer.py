@@ -115,8 +115,8 @@ def _is_empty_dir(path: Path) -> bool:
 _OUTPUT_WEIGHTS = re.compile(r"model(?:-\d+-of-\d+)?\.safetensors|flax_model\.msgpack|adapter_model\.safetensors"
                              r"|_METADATA|_CHECKPOINT_METADATA|checkpoint")
 _OUTPUT_FILES = re.compile(r"model\.safetensors\.index\.json|adapter_config\.json|README\.md|mergekit_config\.yml"
-                           r"|commit_success\.txt|manifest\.ocdbt|_[A-Z_]+")
-_OUTPUT_DIRS = re.compile(r"d|ocdbt\.process_\d+|array_metadatas|target\..+")
+                           r"|commit_success\.txt|manifest\.ocdbt|_[A-Za-z_]+")
+_OUTPUT_DIRS = re.compile(r"d|ocdbt\.process_\d+|array_metadatas|descriptor|target\..+")
 
 
 def _entry_is_ours(entry: Path) -> bool:
@@ -132,6 +132,9 @@ def check_replaceable(out_dir: str | Path, option: str = "overwrite=True") -> No
     names drm-jax writes, weights among them). `option` is how the caller's user asked for the
     replacement (`--force` on the command line), named in the message."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{quote_path(out_dir)}: exists and is not a directory; {option} only replaces an "
+                              f"empty directory or an earlier drm-jax output")
     if not out.is_dir() or _is_empty_dir(out):
         return
     entries = sorted(out.iterdir())

@@ -54,6 +54,18 @@ def test_convert_force_never_replaces_an_unrelated_directory(tmp_path, capfd, fa
             ["notes.txt", "--force"], out_existed=True)
 
 
+@pytest.mark.parametrize("command", ["merge", "convert"])
+def test_force_never_replaces_a_file(tmp_path, capfd, family, command):
+    out = tmp_path / "out"
+    out.write_text("a user's file named like the output")
+    if command == "merge":
+        config = write_merge_config(tmp_path, family / "base", family / "task_a", family / "task_b")
+        argv, inputs = ["merge", config, out, "--force", "--quiet"], [family, config]
+    else:
+        argv, inputs = ["convert", family / "base", out, "--to", "hf", "--force"], [family]
+    refused(capfd, argv, out, inputs, [out, "not a directory"], out_existed=True)
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-write-model-card", "--no-copy-tokenizer"]])
 def test_force_replaces_an_earlier_output(tmp_path, capfd, family, flags):
     from drm_jax.cli.main import main

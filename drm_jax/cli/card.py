@@ -18,6 +18,7 @@ import yaml
 
 from drm_jax.cli.config import MergeConfig
 from drm_jax.errors import escape_controls
+from drm_jax.io.writer import CARD_MARK
 
 TAGS = ("mergekit", "merge")
 _ARXIV = re.compile(r"arXiv[: ]\s*(\d{4}\.\d{4,5})")
@@ -152,7 +153,7 @@ def generate_card(config: MergeConfig, name: str | None = None, config_text: str
     return (
         f"---\n{front}---\n"
         f"# {markdown_text(name)}\n\n"
-        f"This model is a merge of pre-trained language models, made with drm-jax from a mergekit-style "
+        f"This model is a merge of pre-trained language models, {CARD_MARK} from a mergekit-style "
         f"configuration.\n\n"
         f"## Merge Details\n"
         f"### Merge Method\n\n"

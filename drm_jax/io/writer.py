@@ -119,12 +119,28 @@ _OUTPUT_FILES = re.compile(r"model\.safetensors\.index\.json|adapter_config\.jso
 _OUTPUT_DIRS = re.compile(r"d|ocdbt\.process_\d+|array_metadatas|descriptor|target\..+")
 
 
+# The model card drm-jax writes says so (drm_jax.cli.card); another README.md is someone else's.
+CARD_MARK = "made with drm-jax"
+
+
 def _entry_is_ours(entry: Path) -> bool:
     name = entry.name
     if entry.is_dir() and not entry.is_symlink():
         return _OUTPUT_DIRS.fullmatch(name) is not None
+    if name == "README.md":
+        return _card_is_ours(entry)
     return (name in CONFIG_FILE_NAMES or _OUTPUT_WEIGHTS.fullmatch(name) is not None
             or _OUTPUT_FILES.fullmatch(name) is not None)
+
+
+def _card_is_ours(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as handle:
+            return CARD_MARK.encode() in handle.read(2**20)
+    except OSError:
+        return False
 
 
 def check_replaceable(out_dir: str | Path, option: str = "overwrite=True") -> None:

@@ -25,6 +25,7 @@ UNRELATED = {
     "config files, no weights": {"config.json": "{}", "README.md": "my project"},
     "weights and a user's file": {"model.safetensors": "x", "train.py": "print()"},
     "a user's folder": {"model.safetensors": "x", "data/part-0": "rows"},
+    "a downloaded model": {"model.safetensors": "x", "config.json": "{}", "README.md": "---\nlicense: mit\n---\n"},
 }
 
 
@@ -40,7 +41,7 @@ def test_force_never_replaces_an_unrelated_directory(tmp_path, capfd, family, ca
     out.mkdir()
     _fill(out, UNRELATED[case])
     config = write_merge_config(tmp_path, family / "base", family / "task_a", family / "task_b")
-    stranger = sorted(p.name for p in out.iterdir() if p.name not in ("model.safetensors",))[0]
+    stranger = sorted(p.name for p in out.iterdir() if p.name not in ("model.safetensors", "config.json"))[0]
     refused(capfd, ["merge", config, out, "--force", "--quiet"], out, [family, config], [out, stranger, "--force"],
             out_existed=True)
 

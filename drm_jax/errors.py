@@ -7,9 +7,55 @@ tensor (leaf path) or the key, and says what is wrong.
 
 from __future__ import annotations
 
+import os
+import unicodedata
+
+# Longest error message: any longer is cut in the middle (its start names the file, its end says what
+# is wrong). A message is one line whatever it quotes (see `one_line`).
+MESSAGE_LIMIT = 1000
+# Longest path quoted in a message; a longer one keeps its start and its file name.
+PATH_LIMIT = 300
+# Characters that could end a line, forge another one or hide text in a terminal: control and format
+# characters, line and paragraph separators, lone surrogates (undecodable bytes of a file name).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every unsafe character (see _UNSAFE_CATEGORIES) written as its Python escape (`\\n`,
+    `\\x1b`, `\\u2028`, `\\udcff`), so it prints as one line and shows what is there."""
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if unicodedata.category(c) in _UNSAFE_CATEGORIES else c for c in text)
+
+
+def _cut_middle(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    head = max(1, limit * 2 // 3)
+    tail = max(1, limit - head - 5)
+    return f"{text[:head]} ... {text[-tail:]}"
+
+
+def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
+    """str(text) as one line of at most about `limit` characters: unsafe characters escaped
+    (`escape_controls`), a longer text cut in the middle (" ... " marks the cut)."""
+    text = _cut_middle(str(text), limit)  # before escaping: escaping a megabyte would cost a megabyte
+    return _cut_middle(escape_controls(text), limit)
+
+
+def quote_path(path: str | os.PathLike, limit: int = PATH_LIMIT) -> str:
+    """A file system path for a message: as it is when it is short and printable; escaped (`escape_controls`)
+    and cut in the middle (keeping the file name) otherwise."""
+    return one_line(os.fspath(path) if isinstance(path, os.PathLike) else path, limit)
+
 
 class DrmJaxError(Exception):
-    """Base class of the errors drm_jax raises on bad input."""
+    """Base class of the errors drm_jax raises on bad input. Its message is always one bounded line
+    (`one_line`), whatever values it quotes."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class MergeInputError(DrmJaxError, ValueError):
@@ -18,6 +64,11 @@ class MergeInputError(DrmJaxError, ValueError):
 
 class CheckpointError(DrmJaxError, OSError):
     """A checkpoint cannot be read or written (missing, truncated, corrupt, unknown format)."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file of a model that is refused outright, never taken for a missing one: a symbolic link out of
+    its model directory (drm_jax.io.model_files), or custom code a tokenizer or config would need to run."""
 
 
 class ConfigError(DrmJaxError, ValueError):

@@ -10,15 +10,23 @@ relative paths that exist locally; here a path that exists is local).
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 
 import yaml
 
 from drm_jax.cli.config import MergeConfig
+from drm_jax.errors import escape_controls
+from drm_jax.io.writer import CARD_MARK
 
 TAGS = ("mergekit", "merge")
 _ARXIV = re.compile(r"arXiv[: ]\s*(\d{4}\.\d{4,5})")
+# A Hugging Face Hub repository id: `name` or `owner/name`.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# Characters that start Markdown links, images and code spans inside a line (emphasis is left alone: a
+# path's underscores stay readable, and emphasis cannot hide or add anything).
+_MARKDOWN_SYNTAX = re.compile(r"[\\`\[\]!]")
 # Methods whose base model is an interpolation endpoint rather than a base (listed with the models).
 NO_BASE_IN_CARD = frozenset({"slerp"})
 
@@ -32,11 +40,27 @@ def split_reference(config: MergeConfig, reference: str) -> tuple[str, str | Non
 
 
 def is_hub_id(config: MergeConfig, path: str) -> bool:
-    """Whether a reference names a Hugging Face Hub repository: not absolute, home- or dot-relative, at
-    most one '/', and nothing by that name on disk."""
-    if not path or path[0] in "/~." or path.count("/") > 1:
+    """Whether a reference names a Hugging Face Hub repository: `name` or `owner/name` in the Hub's
+    characters (letters, digits, '-', '_', '.'), not dot-relative, and nothing by that name on disk."""
+    if not path or path[0] == "." or _HUB_ID.fullmatch(path) is None:
         return False
     return not config.resolve(path).exists()
+
+
+def markdown_text(text: str) -> str:
+    """`text` shown as it is in Markdown: one line (control characters escaped), no HTML (`<`, `>`, `&`
+    as entities), no link, image or code span (a backslash before the characters that make them)."""
+    text = escape_controls(str(text))
+    text = _MARKDOWN_SYNTAX.sub(lambda m: "\\" + m.group(), text)
+    return html.escape(text, quote=False)
+
+
+def code_block(text: str, info: str = "") -> str:
+    """A fenced code block holding `text`: the fence is longer than any run of backticks in it, so no
+    line of the text can close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{text}\n{fence}\n"
 
 
 def referenced_models(config: MergeConfig) -> list[str]:
@@ -61,7 +85,7 @@ def hub_models(config: MergeConfig) -> list[str]:
 def model_markdown(config: MergeConfig, reference: str) -> str:
     """A model as the card lists it: a link for a Hub repository, the path otherwise; ` + adapter`."""
     def one(path: str) -> str:
-        return f"[{path}](https://huggingface.co/{path})" if is_hub_id(config, path) else path
+        return f"[{path}](https://huggingface.co/{path})" if is_hub_id(config, path) else markdown_text(path)
 
     model, adapter = split_reference(config, reference)
     return one(model) + (f" + {one(adapter)}" if adapter is not None else "")
@@ -128,8 +152,8 @@ def generate_card(config: MergeConfig, name: str | None = None, config_text: str
     text = config_yaml(config) if config_text is None else config_text
     return (
         f"---\n{front}---\n"
-        f"# {name}\n\n"
-        f"This model is a merge of pre-trained language models, made with drm-jax from a mergekit-style "
+        f"# {markdown_text(name)}\n\n"
+        f"This model is a merge of pre-trained language models, {CARD_MARK} from a mergekit-style "
         f"configuration.\n\n"
         f"## Merge Details\n"
         f"### Merge Method\n\n"
@@ -139,7 +163,7 @@ def generate_card(config: MergeConfig, name: str | None = None, config_text: str
         + "\n".join(others) + "\n\n"
         f"### Configuration\n\n"
         f"The following YAML configuration was used to produce this model:\n\n"
-        f"```yaml\n{text.rstrip()}\n```\n"
+        + code_block(text.rstrip(), "yaml")
     )
 
 
@@ -150,4 +174,4 @@ def write_card_files(directory: Path, config: MergeConfig, name: str) -> None:
     (Path(directory) / "README.md").write_text(generate_card(config, name, text), encoding="utf-8")
 
 
-__all__ = ["generate_card", "hub_models", "method_markdown", "referenced_models", "write_card_files"]
+__all__ = ["code_block", "generate_card", "markdown_text", "hub_models", "method_markdown", "referenced_models", "write_card_files"]

@@ -3,16 +3,18 @@
 The source format is detected (Hugging Face safetensors, PyTorch .bin/.pt, Flax msgpack, Orbax, T5X, or
 a PEFT adapter, which converts to its merged model given --base). config.json and tokenizer files are
 copied beside the weights. Output is written to a temporary directory and renamed into place; an
-existing non-empty DST is refused unless --overwrite (alias --force) is given.
+existing non-empty DST is refused unless --overwrite (alias --force) is given, and even then unless it
+holds an earlier drm-jax output.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from drm_jax.io.architectures import ARCHITECTURES
-from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS
+from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -39,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("dst", metavar="DST", help="output directory")
     parser.add_argument("--to", required=True, choices=WRITE_FORMATS, help="output format")
     parser.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
-                        help="replace DST if it exists and is not empty")
+                        help="replace DST when it holds an earlier drm-jax output (never other files)")
     parser.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors shard for --to hf (default 5GiB; e.g. 2GB, 500MiB)")
     parser.add_argument("--base", metavar="PATH", default=None,
@@ -52,6 +54,13 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from drm_jax.io.convert import convert_checkpoint
 
+    # the writer checks the same, but its messages name the Python API's overwrite=True; an overlap with an
+    # input is the better reason, so it is checked first
+    refuse_overlap(args.dst, [args.src] + ([args.base] if args.base is not None else []), what="destination")
+    if args.overwrite:
+        check_replaceable(Path(args.dst).expanduser(), "--force")
+    else:
+        check_dangling_link(Path(args.dst).expanduser(), "--force")
     out = convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite,
                              max_shard_size=args.max_shard_size, base=args.base, arch=args.arch)
     print(f"wrote {args.to} checkpoint to {out}")

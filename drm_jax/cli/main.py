@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 
-from drm_jax.errors import DrmJaxError
+from drm_jax.errors import DrmJaxError, one_line, quote_path
 
 # Subcommand modules, imported lazily so `drm-jax --help` stays fast and one broken optional
 # dependency does not take the other subcommands down.
@@ -76,17 +76,23 @@ def _redeliver_unraisable(previous_hook):
     return hook
 
 
+def print_error(message: object) -> None:
+    """The one line of a refusal on stderr. The last defence of that contract: whatever the message
+    quotes, it is escaped and cut to one bounded line (`drm_jax.errors.one_line`)."""
+    print(f"drm-jax: error: {one_line(message)}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     from drm_jax.io.writer import abort_unfinished
 
     try:
         return int(args.func(args) or 0)
     except DrmJaxError as err:
-        print(f"drm-jax: error: {err}", file=sys.stderr)
+        print_error(err)
         return 2
     except OSError as err:  # the system's, not ours: a full disk, a read-only or vanished directory
-        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-        print(f"drm-jax: error: {where}{err.strerror or err}", file=sys.stderr)
+        where = f"{quote_path(err.filename)}: " if getattr(err, "filename", None) else ""
+        print_error(f"{where}{err.strerror or err}")
         return 2
     except RecursionError:
         print("drm-jax: error: input nested too deeply to parse", file=sys.stderr)

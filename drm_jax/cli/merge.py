@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,9 @@ from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
 from drm_jax.cli.streaming import input_paths
-from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line
+from drm_jax.io.base import CONFIG_FILE_NAMES
+from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
 
 DEFAULT_MAX_MEMORY = "1GB"
 # Bytes of working memory per byte of stacked float32 inputs the engine accounts for in a chunk: the
@@ -51,9 +52,6 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "float64": "float64", "bfloat16": "bfloat16"}
 HF_DTYPE_KEYS = ("torch_dtype", "dtype")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "tokenizer.model",
-                   "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 _KMB = re.compile(r"^(\d+)([kmb]?)$", re.IGNORECASE)
 _KMB_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 
@@ -93,7 +91,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("config", type=Path, help="YAML merge configuration (mergekit schema)")
     parser.add_argument("out_dir", type=Path, help="output directory (Hugging Face safetensors layout)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument("--force", action="store_true",
+                        help="replace OUT_DIR when it holds an earlier drm-jax output (never other files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
                         help="where to compute (default: JAX's default device)")
@@ -205,17 +204,22 @@ def build_mesh(devices: list):
 
 # -- output ----------------------------------------------------------------------------------------------
 def check_output(out_dir: Path, force: bool, inputs: list[Path]) -> None:
-    """Refuse an output that would clobber data: non-empty without --force, or overlapping an input
+    """Refuse an output that would clobber data: non-empty without --force, not an earlier drm-jax output
+    with it (`drm_jax.io.writer.check_replaceable`), a dangling link without it, or overlapping an input
     (models, adapters, the config file: resolved, links followed, in both directions)."""
-    from drm_jax.io.writer import refuse_overlap
+    from drm_jax.io.writer import check_dangling_link, check_replaceable, refuse_overlap
 
     refuse_overlap(out_dir, inputs)
+    if not force:
+        check_dangling_link(out_dir.expanduser(), "--force")
     out = out_dir.expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"output {str(out_dir)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise CheckpointError(f"output directory {str(out_dir)!r} exists and is not empty; "
-                              f"pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CheckpointError(f"output directory {str(out_dir)!r} exists and is not empty; "
+                                  f"pass --force to replace it")
+        check_replaceable(out, "--force")
 
 
 def _numpy_dtype(name: str | None):
@@ -229,7 +233,7 @@ def _numpy_dtype(name: str | None):
 
 
 def _warn(note: str) -> None:
-    print(f"drm-jax: warning: {note}", file=sys.stderr)
+    print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
 def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: int | None) -> None:
@@ -262,6 +266,8 @@ def _input_templates(config: MergeConfig) -> list:
     for ref in referenced_models(config):
         try:
             templates.append(load_tokenizer(model_directory(config, ref), ref).chat_template)
+        except UnsafeFileError:
+            raise
         except CheckpointError:
             continue
     return templates
@@ -288,12 +294,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
       `chat_template` is set, which is written into it);
     - with `write_model_card`: README.md (`drm_jax.cli.card`) and mergekit_config.yml.
     """
-    from drm_jax.io.base import CONFIG_FILE_NAMES
-
-    if config_dir is not None:
-        for file_name in CONFIG_FILE_NAMES:
-            if file_name not in TOKENIZER_FILES and (Path(config_dir) / file_name).is_file():
-                shutil.copy2(Path(config_dir) / file_name, directory / file_name)
+    copy_model_files(config_dir, [n for n in CONFIG_FILE_NAMES if n not in TOKENIZER_FILES], directory)
     _update_model_config(directory / "config.json", dtype_name,
                          vocabulary.rows if vocabulary is not None else None)
     chat_template = config.chat_template if config is not None else None
@@ -304,15 +305,15 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
 
         try:
             tokenizer = load_tokenizer(Path(config_dir), "chat_template")
+        except UnsafeFileError:
+            raise
         except CheckpointError as err:
             _warn(f"{err}; no tokenizer was written")
         else:
             templates = _input_templates(config) if chat_template == "auto" else []
             _save_tokenizer(tokenizer, directory, config, templates)
     elif copy_tokenizer and config_dir is not None:
-        for file_name in TOKENIZER_FILES:
-            if (Path(config_dir) / file_name).is_file():
-                shutil.copy2(Path(config_dir) / file_name, directory / file_name)
+        copy_model_files(config_dir, TOKENIZER_FILES, directory)
     elif chat_template:
         _warn("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
     if write_model_card and config is not None:

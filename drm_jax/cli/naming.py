@@ -11,14 +11,14 @@ Hugging Face names, and DRM must see their (out, in) transpose.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io.base import read_json
+from drm_jax.io.model_files import safe_model_file
 
 
 def read_model_config(reader: Any) -> dict | None:
@@ -26,8 +26,8 @@ def read_model_config(reader: Any) -> dict | None:
     directory = getattr(reader, "config_dir", None)
     if directory is None:
         return None
-    path = Path(directory) / "config.json"
-    if not path.is_file():
+    path = safe_model_file(directory, "config.json")
+    if path is None:
         return None
     config = read_json(path, "the model config")  # one line naming the file, deep nesting included
     return config if isinstance(config, dict) else None
@@ -80,7 +80,7 @@ class HFView:
             except CheckpointError:
                 continue  # not a model parameter (T5X bookkeeping)
             if hf in self._own:
-                raise CheckpointError(f"{self.path}: tensors {self._own[hf]!r} and {name!r} both map to {hf!r}")
+                raise CheckpointError(f"{self.path}: tensors {self._own[hf]!r} and {quote(name)} both map to {hf!r}")
             self._own[hf] = name
         self._keys = list(self._own)
 
@@ -91,7 +91,7 @@ class HFView:
         try:
             return self._own[name]
         except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+            raise CheckpointError(f"{self.path}: no tensor named {quote(name)}") from None
 
     def _move(self, own: str) -> Callable[[np.ndarray], np.ndarray]:
         return lambda a: arch_lib.hf_array_from(self.naming, self.arch, own, a)

@@ -31,9 +31,14 @@ tokenizer, then reads its padding rows or fails). Reference: docs/methods.md#out
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import shutil
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -41,7 +46,9 @@ from typing import Any, Callable
 import numpy as np
 
 from drm_jax.cli.config import MergeConfig, TokenizerSpec, TokenSetting
-from drm_jax.errors import CheckpointError, ConfigError, MergeInputError
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, UnsafeFileError, one_line, quote, quote_path
+from drm_jax.io.base import read_json
+from drm_jax.io.model_files import safe_model_file, stage_tokenizer_files
 
 # Hugging Face names of the tensors whose first axis is indexed by token ids.
 VOCABULARY_TENSORS = re.compile(
@@ -115,27 +122,95 @@ def model_directory(config: MergeConfig, reference: str) -> Path:
     return path
 
 
-def load_tokenizer(path: Path, what: str):
-    """AutoTokenizer of a local model directory (fast where there is one); CheckpointError otherwise."""
+def _custom_code_file(path: Path) -> str | None:
+    """The first of config.json and tokenizer_config.json of `path` that has an `auto_map` (names classes
+    in the checkpoint's own Python files), None if neither has one."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = safe_model_file(path, name)
+        if file is not None and _has_auto_map(read_json(file, f"the model's {name}")):
+            return name
+    return None
+
+
+def _has_auto_map(raw: Any) -> bool:
+    return isinstance(raw, dict) and bool(raw.get("auto_map"))
+
+
+def _refuse_unknown_custom_model(path: Path) -> None:
+    """Refuse a config.json with an `auto_map` and a model_type transformers has no class for: only its
+    own code could read it, and drm-jax never runs a checkpoint's code."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    file = safe_model_file(path, "config.json")
+    raw = read_json(file, "the model config") if file is not None else None
+    if _has_auto_map(raw) and raw.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise UnsafeFileError(f"{quote_path(Path(path) / 'config.json')}: auto_map names custom code for model_type "
+                              f"{quote(raw.get('model_type'))}, which transformers does not know; drm-jax never runs "
+                              f"code from a checkpoint; refused")
+
+
+@contextlib.contextmanager
+def _stdin_closed():
+    """sys.stdin empty while transformers runs: nothing it calls can wait for an answer on our stdin."""
+    previous = sys.stdin
+    sys.stdin = io.StringIO("")
+    try:
+        yield
+    finally:
+        sys.stdin = previous
+
+
+def _auto_tokenizer(directory: Path):
+    """transformers' AutoTokenizer of a directory we made, remote code off, stdin out of reach."""
     import transformers
 
-    if not Path(path).is_dir():
-        raise CheckpointError(f"{what}: {str(path)!r} is not a model directory; tokenizers are read from local "
-                              f"directories only")
-    try:
+    with _stdin_closed():
         # no local_files_only: transformers records it in the saved tokenizer_config.json
-        return transformers.AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        return transformers.AutoTokenizer.from_pretrained(str(directory), use_fast=True, trust_remote_code=False)
+
+
+def load_tokenizer(path: Path, what: str):
+    """The transformers tokenizer of a local model directory (fast where there is one), loaded without
+    running any code of the checkpoint.
+
+    transformers reads a private copy of the directory's tokenizer and config files
+    (`drm_jax.io.model_files.stage_tokenizer_files`: each a regular file of the directory or its Hugging
+    Face cache blob), with trust_remote_code=False, and never our stdin. The copy lives as long as the
+    tokenizer (a tokenizer may copy its vocabulary file again when saved).
+
+    Raises:
+      UnsafeFileError: a file is a link out of the directory, or the tokenizer or config needs the
+        checkpoint's own code (`auto_map`).
+      CheckpointError: any other reason the tokenizer cannot be loaded.
+    """
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{what}: {str(path)!r} is not a model directory; tokenizers are read from "
+                              f"local directories only")
+    _refuse_unknown_custom_model(path)
+    staged = Path(tempfile.mkdtemp(prefix="drm-jax-tokenizer-"))
+    try:
+        stage_tokenizer_files(path, staged)
+        tokenizer = _auto_tokenizer(staged)
+    except UnsafeFileError:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     except Exception as err:  # transformers raises many kinds (OSError, ValueError, KeyError, ...)
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        shutil.rmtree(staged, ignore_errors=True)
+        custom = _custom_code_file(path)
+        if custom is not None:
+            raise UnsafeFileError(f"{quote_path(Path(path) / custom)}: auto_map names custom code that this "
+                                  f"tokenizer needs; drm-jax never runs code from a checkpoint; refused") from None
+        text = str(err).replace(str(staged), str(path)).strip()
+        first = text.splitlines()[0][:200] if text else type(err).__name__
         raise CheckpointError(f"{what}: cannot load the tokenizer of {str(path)!r}: {first}") from None
+    weakref.finalize(tokenizer, shutil.rmtree, str(staged), True)
+    return tokenizer
 
 
 def config_vocab_size(path: Path) -> int | None:
     """`vocab_size` of a model's config.json (or of its text_config), None if absent."""
-    from drm_jax.io.base import read_json
-
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
+    config_path = safe_model_file(path, "config.json")
+    if config_path is None:
         return None
     config = read_json(config_path, "the model config")
     if not isinstance(config, dict):
@@ -177,13 +252,9 @@ def strip_unused(tokenizer, vocab_size: int, what: str):
 
 def _copy_tokenizer(tokenizer):
     """An independent copy (saved and loaded again), so adding tokens leaves the original as it is."""
-    import tempfile
-
-    import transformers
-
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        return _auto_tokenizer(Path(tmp))
 
 
 def union_tokenizer(base, others: list[tuple[Any, int]]):
@@ -254,6 +325,8 @@ def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> V
         sizes[ref] = config_vocab_size(directory)
         try:
             tokenizers[ref] = load_tokenizer(directory, ref)
+        except UnsafeFileError:
+            raise
         except CheckpointError as err:
             warnings.append(f"{err}; taking it to be the base model's tokenizer")
 
@@ -493,7 +566,7 @@ def _floating(dtype: np.dtype) -> bool:
 
 def print_warnings(plan: VocabularyPlan) -> None:
     for note in plan.warnings:
-        print(f"drm-jax: warning: {note}", file=sys.stderr)
+        print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
 __all__ = ["AlignedView", "Rule", "VocabularyAligner", "VocabularyPlan", "align_views", "is_vocabulary_tensor",

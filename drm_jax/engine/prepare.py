@@ -35,7 +35,7 @@ from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_trace
                                      merge_once, prepare_group)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
-from drm_jax.errors import MergeInputError
+from drm_jax.errors import MergeInputError, quote
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
 
@@ -71,7 +71,7 @@ def resolve_compute_dtype(name: str | None) -> tuple[str | None, str | None]:
     if name is None:
         return None, None
     if name not in _COMPUTE_DTYPES:
-        raise MergeInputError(f"compute_dtype must be one of {sorted(_COMPUTE_DTYPES)} or None, got {name!r}")
+        raise MergeInputError(f"compute_dtype must be one of {sorted(_COMPUTE_DTYPES)} or None, got {quote(name)}")
     compute, round_to = _COMPUTE_DTYPES[name]
     if compute == "float64" and not jax.config.jax_enable_x64:
         compute = "float32"

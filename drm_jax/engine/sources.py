@@ -27,7 +27,7 @@ import numpy as np
 
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.merge import merge_leaves
-from drm_jax.errors import CheckpointError, DrmJaxError, MergeInputError
+from drm_jax.errors import CheckpointError, DrmJaxError, MergeInputError, quote
 
 
 def is_floating(dtype) -> bool:
@@ -126,7 +126,7 @@ class CheckpointSources:
         for name, shape, role in zip(names, shapes, self.roles):
             if role not in ("keep", "ignore") and 0 in shape:
                 # The methods' reductions (max, SVD) have no value on zero elements.
-                raise MergeInputError(f"tensor {name!r} has no elements (shape {shape}) in the "
+                raise MergeInputError(f"tensor {quote(name)} has no elements (shape {shape}) in the "
                                       f"{self._reference_label()}; an empty tensor cannot be merged")
         for label, model in zip(self.labels, self.models):
             present = set(model.keys())
@@ -134,16 +134,16 @@ class CheckpointSources:
                 if name in present and dtype_kind(model.dtype(name)) != dtype_kind(dtype):
                     # Same byte size, other kind: merging would treat the bits as numbers of another kind.
                     raise MergeInputError(
-                        f"tensor {name!r} has dtype {np.dtype(model.dtype(name)).name} in {label} but "
+                        f"tensor {quote(name)} has dtype {np.dtype(model.dtype(name)).name} in {label} but "
                         f"{dtype.name} in the {self._reference_label()}")
                 if role in ("keep", "ignore"):
                     continue  # read from the reference only
                 if name not in present:
-                    raise MergeInputError(f"tensor {name!r} is missing from {label}")
+                    raise MergeInputError(f"tensor {quote(name)} is missing from {label}")
                 other = tuple(model.shape(name))
                 if other != shape:
                     raise MergeInputError(
-                        f"tensor {name!r} has shape {other} in {label} but {shape} in the "
+                        f"tensor {quote(name)} has shape {other} in {label} but {shape} in the "
                         f"{self._reference_label()}")
         return LeafInfo(names, shapes, dtypes)
 
@@ -153,9 +153,9 @@ class CheckpointSources:
         except DrmJaxError:
             raise
         except Exception as err:
-            raise CheckpointError(f"{label}: cannot read tensor {name!r}: {err}") from None
+            raise CheckpointError(f"{label}: cannot read tensor {quote(name)}: {err}") from None
         if is_floating(array.dtype) and not np.all(np.isfinite(array)):
-            raise MergeInputError(f"tensor {name!r} of {label} contains NaN or Inf")
+            raise MergeInputError(f"tensor {quote(name)} of {label} contains NaN or Inf")
         return array
 
     def _reference_label(self) -> str:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from drm_jax.errors import MergeInputError
+from drm_jax.errors import MergeInputError, quote
 
 _VARIABLE_SUFFIXES = (".value", ".raw_value")
 
@@ -68,7 +68,7 @@ def align_models(base: FlatTree, models: Sequence[Any]) -> list[list[Any]]:
         for name, shape, leaf in zip(base.names, base_shapes, leaves):
             if np.shape(leaf) != shape:
                 raise MergeInputError(
-                    f"leaf {name!r}: {model_label(index)} has shape {tuple(np.shape(leaf))}, "
+                    f"leaf {quote(name)}: {model_label(index)} has shape {tuple(np.shape(leaf))}, "
                     f"the base model {tuple(shape)}"
                 )
         aligned.append(leaves)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 
 # File names copied next to converted weights: model config, generation config, tokenizer and processor.
 CONFIG_FILE_NAMES = (
@@ -114,7 +114,7 @@ def check_claimed_size(path: Path, name: str, shape: tuple[int, ...], dtype: np.
         claimed *= int(d)
     claimed *= np.dtype(dtype).itemsize
     if claimed > max(CLAIM_FLOOR_BYTES, ratio * stored_bytes):
-        raise CheckpointError(f"{path}: header lies about sizes: tensor {name!r} claims shape {tuple(shape)} "
+        raise CheckpointError(f"{path}: header lies about sizes: tensor {quote(name)} claims shape {tuple(shape)} "
                               f"({claimed} bytes) but only {stored_bytes} bytes are stored for it")
 
 
@@ -221,7 +221,7 @@ class CheckpointReader(abc.ABC):
         return f"<{type(self).__name__} format={self.format!r} path={str(self.path)!r} tensors={len(self)}>"
 
     def _unknown(self, name: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return CheckpointError(f"{self.path}: no tensor named {quote(name)}")
 
 
 class IndexedReader(CheckpointReader):

@@ -28,6 +28,7 @@ from drm_jax.io.architectures import (
 )
 from drm_jax.io.base import CheckpointReader, read_json
 from drm_jax.io.detect import open_checkpoint
+from drm_jax.io.model_files import safe_model_file
 from drm_jax.io.peft_io import PeftReader
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, refuse_overlap
 
@@ -37,9 +38,10 @@ _FLAX_PARAMS_PREFIX = "params."
 
 def read_config(reader: CheckpointReader) -> dict:
     """The reader's config.json as a dict ({} when there is none)."""
-    if reader.config_dir is None or not (reader.config_dir / "config.json").is_file():
+    path = safe_model_file(reader.config_dir, "config.json") if reader.config_dir is not None else None
+    if path is None:
         return {}
-    config = read_json(reader.config_dir / "config.json", "config")
+    config = read_json(path, "config")
     return config if isinstance(config, dict) else {}
 
 

@@ -46,32 +46,32 @@ class TensorEntry:
 def _parse_entry(path: Path, name: str, raw: object, data_start: int, data_size: int) -> TensorEntry:
     """Validate one header entry against the dtype size and the bytes actually present in the file."""
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: corrupt header: entry for tensor {name!r} is not an object")
+        raise CheckpointError(f"{path}: corrupt header: entry for tensor {quote(name)} is not an object")
     code = raw.get("dtype")
     if code not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {quote(code)}")
+        raise CheckpointError(f"{path}: tensor {quote(name)} has unsupported dtype {quote(code)}")
     shape = raw.get("shape")
     offsets = raw.get("data_offsets")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid shape {quote(shape)}")
+        raise CheckpointError(f"{path}: corrupt header: tensor {quote(name)} has invalid shape {quote(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
-        raise CheckpointError(f"{path}: corrupt header: tensor {name!r} has invalid data_offsets {quote(offsets)}")
+        raise CheckpointError(f"{path}: corrupt header: tensor {quote(name)} has invalid data_offsets {quote(offsets)}")
     dtype = SAFETENSORS_DTYPES[code]
     needed = math.prod(shape) * dtype.itemsize
     stored = offsets[1] - offsets[0]
     if stored != needed:
         raise CheckpointError(
-            f"{path}: header lies about sizes: tensor {name!r} ({code} {tuple(shape)}) needs {needed} bytes "
+            f"{path}: header lies about sizes: tensor {quote(name)} ({code} {tuple(shape)}) needs {needed} bytes "
             f"but data_offsets {offsets} span {stored}"
         )
     if offsets[1] > data_size:
         raise CheckpointError(
-            f"{path}: truncated: tensor {name!r} needs data bytes {offsets[0]}..{offsets[1]} but the file "
+            f"{path}: truncated: tensor {quote(name)} needs data bytes {offsets[0]}..{offsets[1]} but the file "
             f"holds only {data_size} data bytes"
         )
     return TensorEntry(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
@@ -122,7 +122,7 @@ class SafetensorsFile:
 
     def read(self, name: str) -> np.ndarray:
         entry = self.entries[name]
-        raw = read_exact(self._handle, entry.begin, entry.end - entry.begin, path=self.path, what=f"tensor {name!r}")
+        raw = read_exact(self._handle, entry.begin, entry.end - entry.begin, path=self.path, what=f"tensor {quote(name)}")
         return raw.view(entry.dtype).reshape(entry.shape)
 
     def close(self) -> None:
@@ -193,9 +193,9 @@ class SafetensorsReader(IndexedReader):
         for name, shard_name in weight_map.items():
             shard = _shard_path(index_path, shard_name)
             if not shard.exists():
-                raise CheckpointError(f"{index_path}: missing shard {quote(shard_name)} (named for tensor {name!r})")
+                raise CheckpointError(f"{index_path}: missing shard {quote(shard_name)} (named for tensor {quote(name)})")
             if name not in self._open_file(shard).entries:
-                raise CheckpointError(f"{shard}: tensor {name!r} is listed in {index_path.name} but not in this shard")
+                raise CheckpointError(f"{shard}: tensor {quote(name)} is listed in {index_path.name} but not in this shard")
             where[name] = shard
         return where
 

@@ -181,7 +181,7 @@ def _check_records(path: Path, tensors: dict[str, Any]) -> None:
     for pointer, (nbytes, name) in storages.items():
         record, record_size = records[pointer - base]
         if nbytes > record_size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs {nbytes} bytes but its data record "
+            raise CheckpointError(f"{path}: truncated: tensor {quote(name)} needs {nbytes} bytes but its data record "
                                   f"{record!r} holds {record_size}")
 
 
@@ -235,7 +235,7 @@ class TorchReader(IndexedReader):
         try:
             return tensor_to_numpy(tensor)
         except (RuntimeError, OSError) as err:  # e.g. the mapped file shrank under us
-            raise CheckpointError(f"{file}: cannot read tensor {name!r}: {err}") from err
+            raise CheckpointError(f"{file}: cannot read tensor {quote(name)}: {err}") from err
 
     def close(self) -> None:
         self._by_name.clear()

@@ -3,7 +3,9 @@
 Everything is written into a temporary directory beside the destination, which is renamed into place by
 `close()`; any failure (or `abort()`, or an exception inside `with`) removes it, so a half-written
 checkpoint never appears. An existing non-empty destination is refused unless `overwrite=True`; then it
-is replaced only once the new checkpoint is complete.
+must be an earlier drm-jax output (`check_replaceable`: only names drm-jax writes), and it is replaced only
+once the new checkpoint is complete. A destination that is a dangling symbolic link is refused up front
+without `overwrite=True`.
 
 Names are written as given: Hugging Face names for "hf", dotted Flax paths for "flax" and "orbax"
 (nested on "."), "target.<path>" for "t5x". Conversion between conventions is drm_jax.io.convert's job.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -22,9 +25,10 @@ from typing import Mapping
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote, quote_path
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.flax_io import FLAX_NAME, write_flax_msgpack
+from drm_jax.io.model_files import copy_model_files
 from drm_jax.io.orbax_io import write_orbax
 from drm_jax.io.safetensors_io import SafetensorsShardWriter
 from drm_jax.io.t5x_io import T5xWriter
@@ -34,14 +38,9 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 
 
 def copy_config_files(source: Path | None, destination: Path) -> list[Path]:
-    """Copy config.json, generation config, tokenizer and processor files from `source` (if any)."""
-    if source is None:
-        return []
-    copied = []
-    for name in CONFIG_FILE_NAMES:
-        if (Path(source) / name).is_file():
-            copied.append(Path(shutil.copy2(Path(source) / name, destination / name)))
-    return copied
+    """Copy config.json, generation config, tokenizer and processor files from `source` (if any; each
+    checked by `drm_jax.io.model_files.safe_model_file`)."""
+    return copy_model_files(source, CONFIG_FILE_NAMES, destination)
 
 
 # Writers whose temporary directory exists: the command line aborts them when it is interrupted, so a
@@ -109,6 +108,69 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
+# What a drm-jax output holds, top level: the weights of each format (safetensors shards and index, Flax
+# msgpack, PEFT adapter, an Orbax item, a T5X checkpoint), the files copied beside them and the model card.
+# Replacing an existing output (--force, overwrite=True) is allowed only where every entry is one of these
+# and some weights are there: an unrelated directory is never deleted.
+_OUTPUT_WEIGHTS = re.compile(r"model(?:-\d+-of-\d+)?\.safetensors|flax_model\.msgpack|adapter_model\.safetensors"
+                             r"|_METADATA|_CHECKPOINT_METADATA|checkpoint")
+_OUTPUT_FILES = re.compile(r"model\.safetensors\.index\.json|adapter_config\.json|README\.md|mergekit_config\.yml"
+                           r"|commit_success\.txt|manifest\.ocdbt|_[A-Za-z_]+")
+_OUTPUT_DIRS = re.compile(r"d|ocdbt\.process_\d+|array_metadatas|descriptor|target\..+")
+
+
+# The model card drm-jax writes says so (drm_jax.cli.card); another README.md is someone else's.
+CARD_MARK = "made with drm-jax"
+
+
+def _entry_is_ours(entry: Path) -> bool:
+    name = entry.name
+    if entry.is_dir() and not entry.is_symlink():
+        return _OUTPUT_DIRS.fullmatch(name) is not None
+    if name == "README.md":
+        return _card_is_ours(entry)
+    return (name in CONFIG_FILE_NAMES or _OUTPUT_WEIGHTS.fullmatch(name) is not None
+            or _OUTPUT_FILES.fullmatch(name) is not None)
+
+
+def _card_is_ours(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.is_symlink():
+            return False
+        with open(path, "rb") as handle:
+            return CARD_MARK.encode() in handle.read(2**20)
+    except OSError:
+        return False
+
+
+def check_replaceable(out_dir: str | Path, option: str = "overwrite=True") -> None:
+    """Refuse to replace `out_dir` unless it is empty, missing, or an earlier drm-jax output (only the
+    names drm-jax writes, weights among them). `option` is how the caller's user asked for the
+    replacement (`--force` on the command line), named in the message."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{quote_path(out_dir)}: exists and is not a directory; {option} only replaces an "
+                              f"empty directory or an earlier drm-jax output")
+    if not out.is_dir() or _is_empty_dir(out):
+        return
+    entries = sorted(out.iterdir())
+    stranger = next((e for e in entries if not _entry_is_ours(e)), None)
+    if stranger is None and not any(_OUTPUT_WEIGHTS.fullmatch(e.name) for e in entries):
+        stranger = entries[0]
+    if stranger is not None:
+        raise CheckpointError(f"{quote_path(out_dir)}: holds {quote(stranger.name)}, which drm-jax did not write; "
+                              f"{option} only replaces an empty directory or an earlier drm-jax output; remove it "
+                              f"yourself or choose another output")
+
+
+def check_dangling_link(out_dir: str | Path, option: str = "overwrite=True") -> None:
+    """Refuse an output that is a symbolic link to nothing, unless `option` asks for it to be replaced."""
+    out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise CheckpointError(f"{quote_path(out_dir)}: a symbolic link to the missing {quote_path(os.readlink(out))}; "
+                              f"pass {option} to replace the link, or choose another output")
+
+
 class CheckpointWriter:
     """Writes one checkpoint into `out_dir`, atomically.
 
@@ -116,7 +178,8 @@ class CheckpointWriter:
       out_dir: destination directory (created, with missing parents, by `close()`).
       format: "hf" (safetensors), "flax" (flax_model.msgpack), "orbax" or "t5x".
       max_shard_size: bytes of tensor data per safetensors shard (default 5 GiB; "hf" only).
-      overwrite: replace an existing non-empty `out_dir` (default: refuse with CheckpointError).
+      overwrite: replace an existing non-empty `out_dir` that is an earlier drm-jax output (default: refuse
+        with CheckpointError; an unrelated directory is refused either way).
       copy_from: directory whose config.json / tokenizer files are copied beside the weights.
 
     "hf" and "t5x" stream: each tensor goes to disk as shards fill (hf) or at once (t5x). "flax" and "orbax"
@@ -132,7 +195,12 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.copy_from = Path(copy_from) if copy_from is not None else None
         if self.out_dir.exists() and not overwrite and not _is_empty_dir(self.out_dir):
-            raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+            raise CheckpointError(f"{quote_path(self.out_dir)}: exists and is not empty (pass overwrite=True to "
+                                  f"replace it)")
+        if overwrite:
+            check_replaceable(self.out_dir)
+        else:
+            check_dangling_link(self.out_dir)
         self._created_parents: list[Path] = []
         self.tmp_dir = None
         with signals_deferred():
@@ -170,10 +238,10 @@ class CheckpointWriter:
         if self._closed:
             raise CheckpointError(f"{self.out_dir}: writer is closed")
         if name in self._names:
-            raise CheckpointError(f"{self.out_dir}: tensor {name!r} added twice")
+            raise CheckpointError(f"{self.out_dir}: tensor {quote(name)} added twice")
         array = np.asarray(array)
         if array.dtype.hasobject:
-            raise CheckpointError(f"{self.out_dir}: tensor {name!r} has object dtype")
+            raise CheckpointError(f"{self.out_dir}: tensor {quote(name)} has object dtype")
         self._names.add(name)
         try:
             if self._shards is not None:
@@ -228,8 +296,10 @@ class CheckpointWriter:
             if _is_empty_dir(self.out_dir) and not self.out_dir.is_symlink():
                 self.out_dir.rmdir()
             elif not self.overwrite:  # appeared while we were writing
-                raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True to replace it)")
+                raise CheckpointError(f"{quote_path(self.out_dir)}: exists and is not empty (pass overwrite=True to "
+                                      f"replace it)")
             else:
+                check_replaceable(self.out_dir)  # it may have changed while we were writing
                 backup = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}-{id(self)}"
                 os.replace(self.out_dir, backup)
         try:

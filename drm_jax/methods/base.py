@@ -24,6 +24,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
+from drm_jax.errors import QUOTE_LIMIT, escape_controls
 from drm_jax.math.state import MergeTransform
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
@@ -128,15 +129,17 @@ def _is_tracer(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
-def short(value: Any, limit: int = 80) -> str:
+def short(value: Any, limit: int = QUOTE_LIMIT) -> str:
     """repr of a value, cut to `limit` characters (error messages never quote unbounded input)."""
     return clip(repr(value), limit)
 
 
-def clip(text: str, limit: int = 80) -> str:
-    """A name or key as it is, cut to `limit` characters."""
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """A name or key as it is, its control characters escaped (`drm_jax.errors.escape_controls`), cut to
+    `limit` characters."""
     text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    shown = escape_controls(text[:limit + 1])  # one more than fits: a longer text is marked as cut
+    return shown if len(text) <= limit and len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class LayerContext(NamedTuple):

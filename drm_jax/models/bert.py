@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from drm_jax.errors import CheckpointError, ConfigError
+from drm_jax.io.model_files import copy_model_files
 
 SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -370,11 +371,7 @@ def save_hf_bert(directory: str | os.PathLike, config: BertConfig, params: Mappi
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         hf_config = {**config.to_hf_dict(), **(extra_config or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_from) / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / name)
+        copy_model_files(tokenizer_from, TOKENIZER_FILES, tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)

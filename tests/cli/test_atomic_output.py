@@ -41,11 +41,11 @@ def _config(tmp_path: Path, models: Path, task_b: Path) -> Path:
 
 @pytest.fixture
 def existing_output(llama_family, tmp_path):
-    """A finished merge in tmp_path/outputs/merged (plus a file of the user's), and its digest."""
+    """A finished merge in tmp_path/outputs/merged (plus a stale shard of an earlier one), and its digest."""
     out = tmp_path / "outputs" / "merged"
     models = llama_family / "models"
     assert main(["merge", str(_config(tmp_path, models, models / "task_b")), str(out), *SHARDS]) == 0
-    (out / "notes.txt").write_text("the user's file")
+    (out / "model-00099-of-00099.safetensors").write_text("a stale shard")
     return out, _digest(out)
 
 
@@ -96,5 +96,5 @@ def test_output_is_never_partial_while_a_force_merge_writes(existing_output, lla
     assert main(["merge", str(_config(tmp_path, models, models / "task_a")), str(out), *SHARDS]) == 0
     assert len(added) >= 10 and all(seen)  # at every tensor written, the old checkpoint was untouched
     after = _digest(out)
-    assert "notes.txt" not in after and after != before  # then replaced as a whole
+    assert "model-00099-of-00099.safetensors" not in after and after != before  # then replaced as a whole
     assert "model.safetensors.index.json" in after

@@ -157,6 +157,10 @@ def test_summary_progress_and_force(llama_family, tmp_path, monkeypatch, capsys)
     assert "--force" in err and str(out) in err and (out / "keep.txt").read_text() == "precious"
 
     monkeypatch.chdir(llama_family)
+    # --force replaces only an earlier output: the user's file stays
+    assert main(["merge", str(EXAMPLES / "linear.yaml"), str(out), "--force", "--quiet"]) == 2
+    assert "keep.txt" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
     assert main(["merge", str(EXAMPLES / "linear.yaml"), str(out), "--force", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()

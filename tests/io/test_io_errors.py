@@ -215,6 +215,11 @@ def test_existing_destination_needs_overwrite(tmp_path, capsys):
     assert main(["convert", str(model), str(dst), "--to", "flax"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    # --force replaces only an earlier output, never the user's files
+    assert main(["convert", str(model), str(dst), "--to", "flax", "--force"]) == 2
+    assert "keep.txt" in capsys.readouterr().err and sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    (dst / "keep.txt").unlink()
+    assert main(["convert", str(model), str(dst), "--to", "hf"]) == 0
     assert main(["convert", str(model), str(dst), "--to", "flax", "--force"]) == 0
     assert sorted(p.name for p in dst.iterdir()) == ["flax_model.msgpack"]
 

@@ -42,9 +42,9 @@ from drm_jax.engine.compiled import is_traced
 from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, rules_for,
                                     streamed_thresholds, whole_model_thresholds)
 from drm_jax.engine.tree import flatten
-from drm_jax.errors import MergeInputError
+from drm_jax.errors import MergeInputError, quote
 from drm_jax.math import lowrank
-from drm_jax.methods.base import FactoredRule, LayerContext, LayerRule, MethodSpec, per_model_values
+from drm_jax.methods.base import FactoredRule, LayerContext, LayerRule, MethodSpec, is_finite_number, per_model_values
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
 
 
@@ -199,10 +199,14 @@ def _check_rank(rank) -> int | None:
 
 def _coefficients(coefficients, k: int):
     if coefficients is None or isinstance(coefficients, (int, float)) and not isinstance(coefficients, bool):
+        if coefficients is not None and not is_finite_number(coefficients):
+            raise MergeInputError(f"coefficients must be finite, got {quote(coefficients)}")
         return np.full(k, 1.0 if coefficients is None else float(coefficients), np.float32)
     if is_traced(coefficients):
         c = jnp.asarray(coefficients, jnp.float32)
     else:
+        if isinstance(coefficients, (list, tuple)) and not all(map(is_finite_number, coefficients)):
+            raise MergeInputError(f"coefficients must be finite numbers, got {quote(coefficients)}")
         c = np.asarray(coefficients, np.float64)
         if not np.all(np.isfinite(c)):
             raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")

@@ -35,6 +35,7 @@ from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
 from drm_jax.io.safetensors_io import SafetensorsReader
 from drm_jax.io.torch_io import TorchReader
 from drm_jax.io.writer import CheckpointWriter
+from drm_jax.methods.base import is_finite_number
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # The adapter's weight files, in the order PEFT prefers them, and their readers.
@@ -59,7 +60,7 @@ class _LoraModule:
 
 
 def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, (int, float)) and is_finite_number(value) and value > 0
 
 
 def _check_pattern(config_path: Path, field: str, patterns: object) -> None:

@@ -82,10 +82,16 @@ class Param:
                 "count": "integer >= 0"}[self.kind]
 
 
-def _is_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """A real number (not a bool) that a float holds finitely: an integer of 400 digits is not one."""
     if hasattr(v, "shape") and getattr(v, "shape", None) == () and not isinstance(v, bool):
         v = v.item() if hasattr(v, "item") else v  # a 0-d array or numpy scalar
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # int -> float conversion of an integer beyond float's range
+        return False
 
 
 def check_value(param: Param, value: Any, where: str) -> Any:
@@ -110,7 +116,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         return value
     if _is_tracer(value):
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
-    if not _is_number(value):
+    if not is_finite_number(value):
         raise ValueError(f"{where}: must be a finite number, got {short(value)}")
     value = float(value)
     if kind == "fraction" and not 0.0 <= value <= 1.0:
@@ -369,5 +375,5 @@ def scalar(value) -> Any:
 
 
 __all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
-           "Rules", "SEED",
+           "Rules", "SEED", "is_finite_number",
            "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]

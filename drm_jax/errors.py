@@ -16,6 +16,11 @@ class MergeInputError(DrmJaxError, ValueError):
     """The models given to a merge do not fit together (structure, shape, NaN/Inf, parameters)."""
 
 
+class AdapterMethodError(MergeInputError):
+    """A merge method whose merged model is not base + a function of the task vectors, asked to merge LoRA
+    adapters into one adapter (`drm_jax.merge_adapters`, `drm-jax merge --adapter-out`)."""
+
+
 class CheckpointError(DrmJaxError, OSError):
     """A checkpoint cannot be read or written (missing, truncated, corrupt, unknown format)."""
 

@@ -189,6 +189,9 @@ class Rules(NamedTuple):
     exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
     linear_combination: the merge is a linear combination of the inputs (a non-finite input always
       makes a non-finite output, so the engine checks the outputs only).
+    shift_equivariant: merging W + delta_t gives W + the merge of the delta_t for any W (a weighted mean:
+      weights that sum to one), so a merge of whole weights over a zero base (the command line's `linear`)
+      equals the merge of task vectors over any base (what `--adapter-out` computes).
     scaled_by: the traced parameter both rules multiply the merged delta by as their last stage (the
       engine may then keep the unscaled delta across a sweep of that parameter alone), else None.
     factored: the `linear` rule's merge of LoRA deltas from their factors (`drm_jax.merge_adapters`),
@@ -203,6 +206,7 @@ class Rules(NamedTuple):
     linear_combination: bool = False
     scaled_by: str | None = None
     factored: "FactoredRule | None" = None
+    shift_equivariant: bool = False
 
 
 class FactoredRule(NamedTuple):
@@ -242,6 +246,9 @@ class MethodSpec:
     layer_hparams: (traced values dict, role, canonical shape, K, static) -> dict of arrays for the
       group's merge program (exact integer counts are computed on the host where values are concrete).
     reference: the anchor of the method in docs/methods.md.
+    reads_base: the merge reads the base weights (`LayerContext.base`: slerp, karcher, arcee_fusion,
+      passthrough): the merged model is not base + a function of the task vectors alone, so no merge of
+      LoRA adapters (`drm_jax.merge_adapters`, `--adapter-out`) computes it from the adapters.
     """
 
     name: str
@@ -258,6 +265,7 @@ class MethodSpec:
     base: str = ""
     min_models: int = 1
     max_models: int | None = None
+    reads_base: bool = False
     _by_name: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):

@@ -5,12 +5,11 @@ never an OverflowError or ValueError traceback."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from .conftest import TASKS, refused, write_merge_config
+from .conftest import TASKS, lora_adapter_dir, refused, write_merge_config
 
 HUGE = "1" + "0" * 400  # an integer beyond float's range: float(HUGE) raises OverflowError
 
@@ -34,22 +33,9 @@ def test_yaml_integer_beyond_float_is_one_line(family, tmp_path, capfd, where, k
     assert "finite" in line and len(line) < 500
 
 
-def _adapter(family, tmp_path, name="adapter", **config):
-    from drm_jax.io.peft_io import write_lora_adapter
-
-    rng = np.random.default_rng(0)
-    weights = {"model.layers.0.self_attn.q_proj.weight": (rng.standard_normal((16, 2)).astype(np.float32),
-                                                          rng.standard_normal((2, 16)).astype(np.float32), False)}
-    path = write_lora_adapter(tmp_path / name, weights)
-    settings = json.loads((path / "adapter_config.json").read_text())
-    settings.update(config)
-    (path / "adapter_config.json").write_text(json.dumps(settings))
-    return path
-
-
 @pytest.mark.parametrize("field", ["r", "lora_alpha"])
 def test_adapter_config_integer_beyond_float_is_one_line(family, tmp_path, capfd, field):
-    adapter = _adapter(family, tmp_path)
+    adapter = lora_adapter_dir(tmp_path)
     text = (adapter / "adapter_config.json").read_text()
     (adapter / "adapter_config.json").write_text(text.replace(f'"{field}": 2', f'"{field}": {HUGE}'))
     config = _config(family, tmp_path)

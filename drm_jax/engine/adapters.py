@@ -161,7 +161,7 @@ def _linear_merge(rule: LayerRule, b, a, scales, coefficients, key, hparams, ran
     """A rule linear in the task vectors: its weights w_t read off the merge of unit task vectors."""
     k, n, r = b.shape
     probe = jnp.eye(k, dtype=b.dtype)
-    w = rule.merge(probe, LayerContext(coefficients, key, None, hparams, jnp.zeros((k,), b.dtype)))
+    w = rule.merge(probe, LayerContext(coefficients, key, None, hparams, None))  # no base: reads_base is refused
     left = jnp.transpose(b, (1, 0, 2)).reshape(n, k * r)
     right = ((w * scales)[:, None, None] * a).reshape(k * r, a.shape[2])
     if rank is None:

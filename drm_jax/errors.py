@@ -8,6 +8,7 @@ tensor (leaf path) or the key, and says what is wrong.
 from __future__ import annotations
 
 import os
+import reprlib
 import unicodedata
 
 # Longest error message: any longer is cut in the middle (its start names the file, its end says what
@@ -62,6 +63,11 @@ class MergeInputError(DrmJaxError, ValueError):
     """The models given to a merge do not fit together (structure, shape, NaN/Inf, parameters)."""
 
 
+class AdapterMethodError(MergeInputError):
+    """A merge method whose merged model is not base + a function of the task vectors, asked to merge LoRA
+    adapters into one adapter (`drm_jax.merge_adapters`, `drm-jax merge --adapter-out`)."""
+
+
 class CheckpointError(DrmJaxError, OSError):
     """A checkpoint cannot be read or written (missing, truncated, corrupt, unknown format)."""
 
@@ -85,8 +91,6 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
 
     Strings are cut before quoting; containers show their first few items and levels ("..." marks a cut).
     """
-    import reprlib
-
     short = reprlib.Repr()
     short.maxstring = short.maxother = limit
     short.maxlist = short.maxtuple = short.maxdict = short.maxset = 6

@@ -21,16 +21,20 @@ from drm_jax.cli import naming
 from drm_jax.cli.config import MergeConfig
 from drm_jax.cli.recipe import Recipe
 from drm_jax.cli.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
+from drm_jax.engine.adapters import adapter_method_problem
+from drm_jax.engine.prepare import rules_for
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.methods.registry import get_method, static_values
 
 
 def _fail(config: MergeConfig, message: str) -> ConfigError:
     return ConfigError((f"{config.source}: " if config.source is not None else "") + f"--adapter-out: {message}")
 
 
-def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path]]:
+def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path | None]]:
     """(base model path, the merged adapters' directories), or ConfigError naming the entry that is not a
-    LoRA adapter of the base model."""
+    LoRA adapter of the base model. The base model itself among the merged models (a `linear` merge
+    averages it with the others) is None: an adapter that changes nothing."""
     if getattr(config, "slices", ()):
         raise _fail(config, "a slices config merges layer ranges of models; give the adapters under models")
     if getattr(config, "tokenizer_spec", None) is not None:
@@ -43,6 +47,9 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path]
     adapters = []
     for entry in recipe.models:
         model, adapter = split_adapter(config, entry.model)
+        if adapter is None and model.expanduser().resolve() == base.expanduser().resolve():
+            adapters.append(None)
+            continue
         if adapter is None:
             model, adapter = base, model
         elif model.expanduser().resolve() != base.expanduser().resolve():
@@ -51,6 +58,8 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path]
             raise _fail(config, f"{entry.key}: {str(adapter)!r} is not a PEFT LoRA adapter directory "
                                 f"({PEFT_CONFIG_NAME} missing)")
         adapters.append(adapter)
+    if all(a is None for a in adapters):
+        raise _fail(config, "no LoRA adapter among the merged models")
     return base, adapters
 
 
@@ -67,9 +76,12 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
 
     if rank is not None and rank < 1:
         raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")
-    if recipe.zero_base and recipe.engine_kwargs.get("normalize") is False:
-        raise _fail(config, "linear with normalize: false sums whole weights (base included), which is not "
-                            "base + a low-rank update")
+    spec = get_method(recipe.method)
+    static = static_values(spec, {p.name: recipe.engine_kwargs[p.name] for p in spec.static
+                                  if p.name in recipe.engine_kwargs})
+    problem = adapter_method_problem(spec, rules_for(spec, static), whole_weights=recipe.zero_base)
+    if problem is not None:
+        raise _fail(config, problem)
     base_path, adapter_dirs = adapter_paths(config, recipe)
     check_output(Path(out_dir), force, input_paths(config, recipe.models) + [base_path])
     base = open_checkpoint(base_path)
@@ -79,14 +91,18 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
             raise _fail(config, f"base_model {str(base_path)!r} is a {base.format} checkpoint; the adapters' "
                                 f"names are Hugging Face's (convert it with drm-jax convert first)")
         for path in adapter_dirs:
-            adapters.append(PeftReader(path, base))
+            if path is not None:
+                adapters.append(PeftReader(path, base))
         arch = naming.architecture_of([base])
         flags = {bool(r.config.get("fan_in_fan_out")) for r in adapters}
         if len(flags) > 1:
             raise _fail(config, "the adapters disagree on fan_in_fan_out")
-        weights = [r.lora_weights() for r in adapters]
-        names = sorted({n for w in weights for n in w})
-        shapes = {n: jax.ShapeDtypeStruct(tuple(base.shape(n)), np.float32) for n in names}
+        readers = iter(adapters)
+        weights = [{} if path is None else next(readers).lora_weights() for path in adapter_dirs]
+        adapted = {n for w in weights for n in w}
+        # every leaf of the base (TIES' whole-model trim counts the ones no adapter changes), adapted ones float32
+        shapes = {n: jax.ShapeDtypeStruct(tuple(base.shape(n)), np.float32 if n in adapted else base.dtype(n))
+                  for n in base.keys()}
         embeddings = {n for r in adapters for n in r.keys() if r.is_embedding(n)}
         task_type = adapters[0].config.get("task_type")
         base_name = adapters[0].config.get("base_model_name_or_path") or str(base_path)

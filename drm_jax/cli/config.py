@@ -43,6 +43,11 @@ TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "
 UNSUPPORTED_KEYS: dict[str, str] = {}
 # mergekit's output slice (`slices[i]`); merge_method is a drm-jax extension (mergekit 0.1.5 ignores it),
 # residual_weight is in mergekit's schema and unused by it (accepted, no effect).
+# Most models one merge (or one slice) takes: per-model costs (readers, stacked inputs, programs) stay
+# bounded; model soups and mergekit configs use a few to a few dozen.
+MAX_MODELS = 256
+# Largest tokenizer.pad_to_multiple_of: real vocabularies pad to 8 ... 128; a larger one only adds rows.
+MAX_PAD_TO_MULTIPLE_OF = 2**16
 SLICE_KEYS = ("sources", "base_model", "parameters", "merge_method", "residual_weight")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
 MODULE_KEYS = ("slices", "models", "parameters")
@@ -322,9 +327,18 @@ def _shared_parameters(source: Path | None, key: str, raw: Any, method: str) -> 
     return out
 
 
+def _check_count(source: Path | None, key: str, entries: list) -> None:
+    """At most MAX_MODELS models in one merge: each is read for every tensor of the merge, and the stacked
+    inputs, the compiled programs and the open readers grow with the count."""
+    if len(entries) > MAX_MODELS:
+        raise _fail(source, f"{key}: {len(entries)} entries; at most {MAX_MODELS} models are merged at once (merge "
+                            f"them in groups and merge the results)")
+
+
 def _models_list(source: Path | None, key: str, raw: Any, method: str, base: str | None) -> tuple[ModelEntry, ...]:
     if not isinstance(raw, list) or not raw:
         raise _fail(source, f"{key}: must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    _check_count(source, key, raw)
     try:
         models = tuple(_model_entry(source, i, m, method) for i, m in enumerate(raw))
     except ConfigError as err:  # modules.default.models[i]: the entry's own key
@@ -364,6 +378,7 @@ def _slice_entry(source: Path | None, key: str, raw: Any, method: str) -> SliceE
     if not isinstance(sources_raw, list) or not sources_raw:
         raise _fail(source, f"{key}.sources: must be a non-empty list of {{model: PATH, layer_range: [start, "
                             f"stop], parameters: {{...}}}}")
+    _check_count(source, f"{key}.sources", sources_raw)
     sources = []
     for j, src in enumerate(sources_raw):
         skey = f"{key}.sources[{j}]"
@@ -526,6 +541,9 @@ def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
     pad = raw.get("pad_to_multiple_of")
     if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
         raise _fail(source, f"tokenizer.pad_to_multiple_of: must be a positive integer, got {short(pad)}")
+    if pad is not None and pad > MAX_PAD_TO_MULTIPLE_OF:  # it adds up to pad - 1 embedding rows
+        raise _fail(source, f"tokenizer.pad_to_multiple_of: at most {MAX_PAD_TO_MULTIPLE_OF} (it adds up to that "
+                            f"many embedding rows), got {short(pad)}")
     return TokenizerSpec(source=tok_source, tokens=tuple(tokens), pad_to_multiple_of=pad or None)
 
 

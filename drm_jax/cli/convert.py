@@ -13,6 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
+from drm_jax.cli.merge import MAX_SIZE
+from drm_jax.errors import quote
 from drm_jax.io.architectures import ARCHITECTURES
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap
 
@@ -25,7 +27,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
     if match is None or match.group(2) not in _SIZE_UNITS:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 5GB, 500MiB, 1000000)")
-    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if not size < MAX_SIZE:  # 1e999 is inf as a float
+        raise argparse.ArgumentTypeError(f"size {quote(text)} is larger than any file (at most 2**62 bytes)")
+    size = int(size)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return size

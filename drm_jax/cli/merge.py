@@ -29,7 +29,7 @@ from drm_jax.cli.config import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.cli.recipe import Recipe, build_recipe
 from drm_jax.cli.streaming import input_paths
-from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line
+from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line, quote
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
 
@@ -54,6 +54,8 @@ NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "float64": "float64"
 HF_DTYPE_KEYS = ("torch_dtype", "dtype")
 _KMB = re.compile(r"^(\d+)([kmb]?)$", re.IGNORECASE)
 _KMB_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+# Larger than any memory or file a size option can describe; sizes at or above it are refused.
+MAX_SIZE = 2**62
 
 
 def parse_size(text: str) -> int:
@@ -64,10 +66,12 @@ def parse_size(text: str) -> int:
     number, unit = float(match.group(1)), match.group(2).lower()
     if unit not in _UNITS:
         raise argparse.ArgumentTypeError(f"unknown size unit in {text!r}")
-    size = int(number * _UNITS[unit])
-    if size <= 0:
+    size = number * _UNITS[unit]
+    if not size < MAX_SIZE:  # a 400-digit number is inf as a float
+        raise argparse.ArgumentTypeError(f"size {quote(text)} is larger than any memory or file (at most 2**62 bytes)")
+    if int(size) <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return size
+    return int(size)
 
 
 def parse_kmb(text: str) -> int:
@@ -77,6 +81,9 @@ def parse_kmb(text: str) -> int:
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (mergekit's syntax: an integer with an optional "
                                          f"K, M or B suffix, e.g. 5B, 500M)")
+    digits = match.group(1).lstrip("0")
+    if len(digits) > 19 or int(match.group(1) or 0) * _KMB_UNITS[match.group(2).lower()] >= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size {quote(text)} is larger than any file (at most 2**62 bytes)")
     return int(match.group(1)) * _KMB_UNITS[match.group(2).lower()]
 
 

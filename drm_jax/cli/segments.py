@@ -32,7 +32,7 @@ import numpy as np
 from drm_jax.cli import naming
 from drm_jax.cli.config import MergeConfig, ModelEntry, SliceEntry, per_model_names
 from drm_jax.cli.settings import FilterList, Gradient, has_per_tensor, resolve
-from drm_jax.errors import CheckpointError, ConfigError
+from drm_jax.errors import CheckpointError, ConfigError, quote
 from drm_jax.io import architectures as arch_lib
 from drm_jax.methods.base import clip
 from drm_jax.methods.registry import get_method
@@ -194,6 +194,10 @@ def _layer_positions(arch: str, names: Sequence[str], num_layers: int | None) ->
         index = arch_lib.layer_index(arch, name)
         if index is None or num_layers is None:
             out.append(0.0)
+        elif index >= num_layers:  # a gradient would be read past its last value
+            key = arch_lib.layer_naming(arch).num_layers_key
+            raise CheckpointError(f"tensor {quote(name)} is in layer {index}, but config.json's {key} is "
+                                  f"{num_layers} (layers 0 to {num_layers - 1})")
         else:
             out.append(index / (num_layers - 1) if num_layers > 1 else 1.0)
     return out

@@ -24,12 +24,10 @@ is refused by name (docs/methods.md#per-tensor-parameters).
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from drm_jax.methods.base import clip, short
+from drm_jax.methods.base import clip, is_finite_number, short
 
 CONDITION_KEYS = ("filter", "value")
 
@@ -83,10 +81,6 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     return setting
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def check_setting(value: Any, key: str, check: Callable[[Any, str], Any], *, varying: bool, name: str) -> Any:
     """A setting as written -> one checked value, a `Gradient` or a `FilterList` (values checked by
     `check(value, key)`, which raises ValueError naming the key).
@@ -113,7 +107,7 @@ def _gradient(value: list, key: str, check: Callable[[Any, str], Any]) -> Gradie
     for i, v in enumerate(value):
         if isinstance(v, (list, dict)):
             raise ValueError(f"{key}[{i}]: a gradient holds numbers, got {short(v)}")
-        if not _is_number(v):
+        if not is_finite_number(v):
             raise ValueError(f"{key}[{i}]: a gradient holds finite numbers, got {short(v)}")
     return Gradient(tuple(check(v, f"{key}[{i}]") for i, v in enumerate(value)))
 

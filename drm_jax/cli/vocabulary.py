@@ -273,11 +273,12 @@ def union_tokenizer(base, others: list[tuple[Any, int]]):
                 ordinary.setdefault(tok, None)
     result = _copy_tokenizer(base)
     base_vocab = base.get_vocab()
-    for tok in ordinary:
-        if tok not in base_vocab:
-            result.add_tokens(tok)
-    for info in added.values():
-        result.add_tokens(info)
+    # one call each: every add_tokens call rebuilds the added-token index, so a call per token is quadratic
+    new = [tok for tok in ordinary if tok not in base_vocab]
+    if new:
+        result.add_tokens(new)
+    if added:
+        result.add_tokens(list(added.values()))
     return result
 
 
@@ -338,10 +339,9 @@ def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> V
     else:
         out = load_tokenizer(model_directory(config, spec.source), "tokenizer source")
     present = set(out.get_vocab())
-    for token, _ in spec.tokens:
-        if token not in present:
-            out.add_tokens(token)
-            present.add(token)
+    missing = list(dict.fromkeys(token for token, _ in spec.tokens if token not in present))
+    if missing:
+        out.add_tokens(missing)  # one call: a call per token rebuilds the added-token index each time
 
     vocab = out.get_vocab()
     size = len(vocab)

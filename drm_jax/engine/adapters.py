@@ -22,9 +22,10 @@ merges the models base + delta_t (same parameters, roles, per-tensor seeds), lea
   are formed (one leaf at a time), merged by the method's rule and truncated to `rank` (default K r) by
   an SVD, with the discarded energy reported.
 
-The base's values are read only by that last path (as `LayerContext.base`, for methods that look at the
-weights); the base may also be a tree of `jax.ShapeDtypeStruct`s (zeros are used there). Every number is
-traced as in `drm_jax.merge`: a sweep compiles nothing new.
+Methods whose merged model is not base + a function of the task vectors (`MethodSpec.reads_base`: slerp,
+karcher, arcee_fusion, passthrough) are refused with `AdapterMethodError` naming the method
+(docs/methods.md#lora-factored), so the base's values are never read: the base may be a tree of
+`jax.ShapeDtypeStruct`s. Every number is traced as in `drm_jax.merge`: a sweep compiles nothing new.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from drm_jax.engine.compiled import is_traced
 from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, rules_for,
                                     streamed_thresholds, whole_model_thresholds)
 from drm_jax.engine.tree import flatten
-from drm_jax.errors import MergeInputError
+from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
-from drm_jax.methods.base import FactoredRule, LayerContext, LayerRule, MethodSpec, per_model_values
+from drm_jax.methods.base import (FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, is_finite_number,
+                                  per_model_values)
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
 
 
@@ -159,7 +161,7 @@ def _linear_merge(rule: LayerRule, b, a, scales, coefficients, key, hparams, ran
     """A rule linear in the task vectors: its weights w_t read off the merge of unit task vectors."""
     k, n, r = b.shape
     probe = jnp.eye(k, dtype=b.dtype)
-    w = rule.merge(probe, LayerContext(coefficients, key, None, hparams, jnp.zeros((k,), b.dtype)))
+    w = rule.merge(probe, LayerContext(coefficients, key, None, hparams, None))  # no base: reads_base is refused
     left = jnp.transpose(b, (1, 0, 2)).reshape(n, k * r)
     right = ((w * scales)[:, None, None] * a).reshape(k * r, a.shape[2])
     if rank is None:
@@ -176,6 +178,22 @@ def _dense_prepare(rule: LayerRule, deltas):
 def _dense_merge(rule: LayerRule, prepared, coefficients, key, threshold, hparams, base, rank: int):
     merged = rule.merge(prepared, LayerContext(coefficients, key, threshold, hparams, base))
     return lowrank.dense_to_lora(merged, rank)
+
+
+def adapter_method_problem(spec: MethodSpec, rules: Rules, *, whole_weights: bool = False) -> str | None:
+    """Why LoRA adapters of one base cannot be merged into one adapter by this method (with the static
+    parameters `rules` were built for), or None: its merged model must be base + a function of the task
+    vectors alone (`MethodSpec.reads_base` says it is not). whole_weights: the model merge to agree with
+    merges whole weights over a zero base (the command line's `linear`): the method must then be
+    shift-equivariant (`Rules.shift_equivariant`), or the base would count once per model."""
+    if spec.reads_base:
+        return (f"method {spec.name!r} merges the weights themselves (its result depends on the base model's "
+                f"weights, not only on the task vectors), so no merge of the adapters gives it; merge the "
+                f"adapted models instead")
+    if whole_weights and not rules.shift_equivariant:
+        return (f"method {spec.name!r} here merges whole weights (the base model's included) over a zero base, "
+                f"which is not base + a merge of the adapters' updates; merge the adapted models instead")
+    return None
 
 
 def _resolve(method: str, params: dict, direction: str | None):
@@ -199,10 +217,14 @@ def _check_rank(rank) -> int | None:
 
 def _coefficients(coefficients, k: int):
     if coefficients is None or isinstance(coefficients, (int, float)) and not isinstance(coefficients, bool):
+        if coefficients is not None and not is_finite_number(coefficients):
+            raise MergeInputError(f"coefficients must be finite, got {quote(coefficients)}")
         return np.full(k, 1.0 if coefficients is None else float(coefficients), np.float32)
     if is_traced(coefficients):
         c = jnp.asarray(coefficients, jnp.float32)
     else:
+        if isinstance(coefficients, (list, tuple)) and not all(map(is_finite_number, coefficients)):
+            raise MergeInputError(f"coefficients must be finite numbers, got {quote(coefficients)}")
         c = np.asarray(coefficients, np.float64)
         if not np.all(np.isfinite(c)):
             raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
@@ -234,8 +256,8 @@ def merge_adapters(
     adapted weight (to the rank cut, which is exact at rank=None for the factored and linear paths).
 
     Args:
-      base: the base model's tree (arrays, or `jax.ShapeDtypeStruct`s: only the adapted leaves' names,
-        shapes and dtypes are needed, and their values for the formed path's `LayerContext.base`).
+      base: the base model's tree (arrays, or `jax.ShapeDtypeStruct`s: only the leaves' names, shapes and
+        dtypes are read; TIES' whole-model trim counts the merged leaves no adapter changes).
       adapters: K adapters, each a mapping name -> LoraWeight / (B, A, scale[, transposed]), or a
         `PeftReader` (module docstring). Names are the base's dotted leaf names.
       method: a registered method name (`drm-jax methods`).
@@ -248,6 +270,8 @@ def merge_adapters(
       MergedAdapter(adapter, discarded, paths).
 
     Raises:
+      AdapterMethodError (a MergeInputError): a method whose merge reads the base weights (slerp, karcher,
+        arcee_fusion, passthrough: `MethodSpec.reads_base`), which no adapter carries.
       MergeInputError: an adapted weight the base lacks, factors whose product does not have the weight's
         shape, NaN/Inf in any factor or in a merged weight, bad parameters; the error names the adapter
         and the weight.
@@ -265,6 +289,9 @@ def merge_adapters(
         params["seed"] = seed
     spec, static, traced = _resolve(method, params, direction)
     rules = rules_for(spec, static)
+    problem = adapter_method_problem(spec, rules)
+    if problem is not None:
+        raise AdapterMethodError(problem)
     values = traced_values(spec, traced)
     values.pop("coefficients", None)
     coeffs = _coefficients(coefficients, k)
@@ -282,11 +309,15 @@ def merge_adapters(
                                       f"the base weight {want}")
             if not traced_mode and not (np.all(np.isfinite(np.asarray(w.b, np.float32)))
                                         and np.all(np.isfinite(np.asarray(w.a, np.float32)))
-                                        and np.isfinite(np.float32(w.scale))):
+                                        and is_finite_number(w.scale) and np.isfinite(np.float32(w.scale))):
                 raise MergeInputError(f"adapter {t}: weight {name!r} contains NaN or Inf")
     names = [n for n in flat.names if any(n in a for a in adapters)]
     shapes = [tuple(np.shape(flat.leaves[index[n]])) for n in names]
     dtypes = [_dtype(flat.leaves[index[n]]) for n in names]
+    largest = max((min(s) for s in shapes), default=0)
+    if rank is not None and rank > largest:  # checked before the factors are padded to it
+        raise MergeInputError(f"rank {quote(rank)} is larger than any adapted weight's rank can be (at most "
+                              f"{largest}, the smaller side of the largest weight)")
     role_rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
     roles = [role_rules(n, s, d) for n, s, d in zip(names, shapes, dtypes)]
     seed_value = static.get("seed", 0)
@@ -315,8 +346,14 @@ def merge_adapters(
         merged[name], discarded[name] = out[:2], out[2]
 
     if dense:
-        _merge_dense_leaves(spec, static, traced, values, rules, adapters, flat, index, names, shapes, dtypes, roles,
-                            dense, coeffs, rank, seed_value, traced_mode, merged, discarded, paths)
+        # TIES' whole-model trim counts every merged entry of the model: the leaves no adapter changes are zeros
+        # of every task vector (drm_jax.merge's thresholds see them), so they take part in the thresholds too
+        adapted = set(names)
+        unadapted = [] if rules.whole_model_density is None else [
+            tuple(np.shape(leaf)) for n, leaf in zip(flat.names, flat.leaves)
+            if n not in adapted and role_rules(n, tuple(np.shape(leaf)), _dtype(leaf)).role in ("linear", "other")]
+        _merge_dense_leaves(spec, static, traced, values, rules, adapters, names, shapes, dtypes, roles,
+                            dense, coeffs, rank, seed_value, traced_mode, merged, discarded, paths, unadapted)
 
     result = {}
     for name in names:
@@ -332,10 +369,12 @@ def merge_adapters(
     return MergedAdapter(result, {n: discarded[n] for n in result}, {n: paths[n] for n in result})
 
 
-def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapters, flat, index, names, shapes, dtypes,
-                        roles, dense, coeffs, rank, seed_value, traced_mode, merged, discarded, paths) -> None:
+def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapters, names, shapes, dtypes,
+                        roles, dense, coeffs, rank, seed_value, traced_mode, merged, discarded, paths,
+                        unadapted: list[tuple[int, ...]]) -> None:
     """The formed path: each leaf's K deltas (in its stored layout for the thresholds, canonical for the
-    merge) one leaf at a time, merged by the method's rule, truncated by an SVD."""
+    merge) one leaf at a time, merged by the method's rule, truncated by an SVD. unadapted: the shapes of
+    the merged leaves no adapter changes (zero deltas in the whole-model thresholds)."""
     k = len(adapters)
 
     def delta(t: int, i: int):
@@ -351,15 +390,20 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
         density = per_model_values(values[rules.whole_model_density], k, rules.whole_model_density)
         if traced_mode:
             per_task = tuple(jnp.stack([delta(t, i).reshape(-1) for t in range(k)]) for i in dense)
+            per_task += tuple(jnp.zeros((k, int(np.prod(s))), jnp.float32) for s in unadapted)
             threshold = whole_model_thresholds(per_task, jnp.asarray(density, jnp.float32))
         else:
-            sub = [names[i] for i in dense]
-            sub_shapes, sub_dtypes = [shapes[i] for i in dense], [np.float32] * len(dense)
+            sub = [names[i] for i in dense] + [f"unadapted.{j}" for j in range(len(unadapted))]
+            sub_shapes = [shapes[i] for i in dense] + list(unadapted)
+            sub_dtypes = [np.float32] * len(sub)
+
+            def sub_delta(t: int, j: int):
+                return np.asarray(delta(t, dense[j])) if j < len(dense) else np.zeros(sub_shapes[j], np.float32)
+
             leaf_roles, groups = plan_roles(sub, sub_shapes, sub_dtypes, include=None, exclude=(), ignore=None,
                                             layout="torch")
             plan = Prepared(spec, static, traced, rules, sub,
-                            Source(lambda j: np.zeros(sub_shapes[j], np.float32),
-                                   lambda t, j: np.asarray(delta(t, dense[j]))),
+                            Source(lambda j: np.zeros(sub_shapes[j], np.float32), sub_delta),
                             k, plan_chunks(groups, leaf_roles, sub, sub_dtypes, k, 0, None), store=False)
             threshold = streamed_thresholds(plan, np.asarray(density, np.float64))
 
@@ -376,15 +420,13 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
             if rule.shrink is not None:
                 prepared = rule.shrink(prepared)
             prepared = jax.tree.map(lambda x: x[0], prepared)
-        leaf = flat.leaves[index[name]]
-        base = jnp.zeros(canonical, jnp.float32) if isinstance(leaf, jax.ShapeDtypeStruct) else \
-            (jnp.asarray(leaf, jnp.float32).T if role.transpose else jnp.asarray(leaf, jnp.float32))
         out_rank = rank if rank is not None else min(min(canonical),
                                                      k * max(int(np.shape(a[name].b)[1]) for a in adapters if name in a))
         hparams = spec.layer_hparams(values, role.role, canonical, k, static)
-        out = _dense_merge(rule, prepared, coeffs, leaf_key(seed_value, name), threshold, hparams, base, out_rank)
+        # no base weights (None): the methods that would read them are refused (`adapter_method_problem`)
+        out = _dense_merge(rule, prepared, coeffs, leaf_key(seed_value, name), threshold, hparams, None, out_rank)
         merged[name], discarded[name] = out[:2], out[2]
         paths[name] = "dense"
 
 
-__all__ = ["LoraWeight", "MergedAdapter", "as_adapter", "merge_adapters"]
+__all__ = ["LoraWeight", "MergedAdapter", "adapter_method_problem", "as_adapter", "merge_adapters"]

@@ -30,7 +30,7 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from drm_jax.errors import CheckpointError
+from drm_jax.errors import CheckpointError, quote
 
 Orientation = Literal["out_in", "in_out"]
 
@@ -225,6 +225,8 @@ LAYER_NAMING: dict[str, LayerNaming] = {
     "bert": LayerNaming(r"^(?P<head>((bert|roberta)\.)?encoder\.layer\.)(?P<index>\d+)(?P<tail>\..+)$",
                         "num_hidden_layers", r"(^|\.)embeddings\."),
 }
+# The longest layer index read from a tensor name (a million layers is beyond any model).
+MAX_LAYER_DIGITS = 6
 _LAYER_PATTERNS = {arch: (re.compile(n.pattern), re.compile(n.before)) for arch, n in LAYER_NAMING.items()}
 
 
@@ -240,7 +242,14 @@ def layer_index(arch: str, name: str) -> int | None:
     if arch not in _LAYER_PATTERNS:
         return None
     match = _LAYER_PATTERNS[arch][0].match(name)
-    return int(match.group("index")) if match else None
+    if match is None:
+        return None
+    text = match.group("index")
+    # "layers.00" would be a second name of layer 0, a 5,000-digit index no model has (and int() refuses)
+    if len(text) > MAX_LAYER_DIGITS or not text.isascii() or text != str(int(text)):
+        raise CheckpointError(f"tensor {quote(name)}: layer index {quote(text)} is not a plain decimal number of "
+                              f"at most {MAX_LAYER_DIGITS} digits")
+    return int(text)
 
 
 def with_layer_index(arch: str, name: str, index: int) -> str:

@@ -41,6 +41,18 @@ CONFIG_FILE_NAMES = (
 )
 
 
+def is_step_number(name: str) -> bool:
+    """Whether a directory name is a training step: ASCII digits only ("²" and "٣" are digits to
+    str.isdigit, and int() refuses the first)."""
+    return name.isascii() and name.isdigit()
+
+
+def step_order(name: str) -> tuple[int, str]:
+    """Sort key of a step number in numeric order, without int() (which refuses 5,000 digits)."""
+    digits = name.lstrip("0")
+    return len(digits), digits
+
+
 def has_config_files(directory: Path) -> bool:
     """Whether `directory` holds a config.json or a tokenizer/processor file worth copying."""
     return any((directory / name).is_file() for name in CONFIG_FILE_NAMES)

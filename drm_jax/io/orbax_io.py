@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from drm_jax.errors import CheckpointError
-from drm_jax.io.base import IndexedReader, check_claimed_size, config_dir, tree_bytes
+from drm_jax.io.base import IndexedReader, check_claimed_size, config_dir, is_step_number, step_order, tree_bytes
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.nested import unflatten_names
 
@@ -39,8 +39,8 @@ def find_orbax_item(path: Path) -> Path | None:
     items = [child for child in path.iterdir() if is_orbax_item(child)]
     if len(items) == 1:
         return items[0]
-    steps = sorted((child for child in path.iterdir() if child.is_dir() and child.name.isdigit()),
-                   key=lambda child: int(child.name))
+    steps = sorted((child for child in path.iterdir() if child.is_dir() and is_step_number(child.name)),
+                   key=lambda child: step_order(child.name))
     for step in reversed(steps):
         item = find_orbax_item(step)
         if item is not None:

@@ -6,9 +6,9 @@ A LoRA adapter stores, for each adapted module `m` of the base model, `m.lora_A.
     delta = scaling * B @ A,   scaling = lora_alpha / r   (lora_alpha / sqrt(r) with use_rslora),
 
 with per-module r and alpha overridden by `rank_pattern` / `alpha_pattern` (matched like PEFT does, as
-the regex `(.*\\.)?(key)$` over the module name). Layouts follow the base weight: with `fan_in_fan_out`
-(GPT-2 Conv1D, stored (in, out)) the delta is transposed; an embedding's `lora_embedding_A` (r, num) and
-`lora_embedding_B` (dim, r) give delta = scaling * (B @ A).T of shape (num, dim); a convolution's
+the regex `(.*\\.)?(key)$` over the module name, in bounded time: `drm_jax.io.bounded_regex`). Layouts
+follow the base weight: with `fan_in_fan_out` (GPT-2 Conv1D, stored (in, out)) the delta is transposed;
+an embedding's `lora_embedding_A` (r, num) and `lora_embedding_B` (dim, r) give delta = scaling * (B @ A).T of shape (num, dim); a convolution's
 A (r, in, *window) and B (out, r, 1, ...) give delta[o, i, ...] = scaling * sum_r B[o, r] A[r, i, ...].
 `lora_B.bias` (lora_bias=True) updates the module's bias by scaling * bias. Tensors saved whole
 (`modules_to_save`, biases with bias="all") replace the base tensor. A `m.base_layer.weight` saved by the
@@ -23,6 +23,7 @@ weight's dtype. Reference: Hu et al., "LoRA" (arXiv 2106.09685); PEFT's LoraLaye
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -32,9 +33,11 @@ import numpy as np
 
 from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
+from drm_jax.io.bounded_regex import BoundedPattern, PatternError
 from drm_jax.io.safetensors_io import SafetensorsReader
 from drm_jax.io.torch_io import TorchReader
 from drm_jax.io.writer import CheckpointWriter
+from drm_jax.methods.base import is_finite_number
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # The adapter's weight files, in the order PEFT prefers them, and their readers.
@@ -59,7 +62,7 @@ class _LoraModule:
 
 
 def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, (int, float)) and is_finite_number(value) and value > 0
 
 
 def _check_pattern(config_path: Path, field: str, patterns: object) -> None:
@@ -72,16 +75,29 @@ def _check_pattern(config_path: Path, field: str, patterns: object) -> None:
     for key, value in patterns.items():
         if not _positive_number(value):
             raise CheckpointError(f"{config_path}: {field}[{quote(key)}] must be a positive number, got {quote(value)}")
+        if not isinstance(key, str):
+            raise CheckpointError(f"{config_path}: {field}: key {quote(key)} is not a pattern")
         try:
-            re.compile(rf"(.*\.)?({key})$")
-        except (re.error, RecursionError, OverflowError) as err:
-            raise CheckpointError(f"{config_path}: {field}: key {quote(key)} is not a valid pattern: {err}") from None
+            _module_pattern(key)
+        except PatternError as err:
+            raise CheckpointError(f"{config_path}: {field}: key {quote(key)}: {err}") from None
 
 
-def _pattern_value(patterns: dict, module: str, default):
+@functools.lru_cache(maxsize=256)
+def _module_pattern(key: str) -> BoundedPattern:
+    """PEFT's match of a pattern key against a module name: re.match(rf"(.*\\.)?({key})$", module), here
+    in bounded time (a key from a checkpoint may be `(.*)*Z`, which backtracks for hours in `re`)."""
+    return BoundedPattern(rf"(.*\.)?({key})$")
+
+
+def _pattern_value(config_path: Path, field: str, patterns: dict, module: str, default):
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if _module_pattern(key).match(module):
+                return value
+        except PatternError as err:
+            raise CheckpointError(f"{config_path}: {field}: key {quote(key)} against module {quote(module)}: "
+                                  f"{err}") from None
     return default
 
 
@@ -96,6 +112,7 @@ class PeftReader(IndexedReader):
         super().__init__(path, base.config_dir if base is not None else None)
         self.base = base
         self.owns_base = owns_base  # close `base` with this reader
+        self.directory = directory
         self.config = self._read_config(directory / ADAPTER_CONFIG_NAME)
         weights = next((directory / n for n in ADAPTER_WEIGHT_NAMES if (directory / n).is_file()), None)
         if weights is None:
@@ -185,8 +202,10 @@ class PeftReader(IndexedReader):
 
     def scaling(self, module: str) -> float:
         """lora_alpha / r (or / sqrt(r) with use_rslora), with rank_pattern / alpha_pattern applied."""
-        rank = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config["r"])
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"])
+        where = self.directory / ADAPTER_CONFIG_NAME
+        rank = _pattern_value(where, "rank_pattern", self.config.get("rank_pattern") or {}, module, self.config["r"])
+        alpha = _pattern_value(where, "alpha_pattern", self.config.get("alpha_pattern") or {}, module,
+                               self.config["lora_alpha"])
         return float(alpha) / (math.sqrt(rank) if self.config.get("use_rslora") else float(rank))
 
     def _lora_delta(self, module: str) -> np.ndarray:

@@ -26,7 +26,8 @@ import ml_dtypes
 import numpy as np
 
 from drm_jax.errors import CheckpointError, quote
-from drm_jax.io.base import CheckpointReader, check_claimed_size, config_dir, open_binary, tree_bytes
+from drm_jax.io.base import (CheckpointReader, check_claimed_size, config_dir, is_step_number, open_binary, step_order,
+                             tree_bytes)
 from drm_jax.io.dtypes import as_numpy_dtype
 from drm_jax.io.msgpack_lazy import ChunkedLazyArray, LazyArray, scan_msgpack
 from drm_jax.io.nested import flatten_tree, unflatten_names
@@ -62,8 +63,8 @@ def find_t5x_checkpoint(path: Path) -> Path | None:
         return candidate
     if path.is_dir():
         steps = [c for c in path.iterdir() if c.is_dir() and c.name.startswith("checkpoint_")
-                 and c.name[len("checkpoint_"):].isdigit()]
-        for step in sorted(steps, key=lambda c: int(c.name[len("checkpoint_"):]), reverse=True):
+                 and is_step_number(c.name[len("checkpoint_"):])]
+        for step in sorted(steps, key=lambda c: step_order(c.name[len("checkpoint_"):]), reverse=True):
             candidate = step / T5X_CHECKPOINT_FILE
             if candidate.is_file() and is_msgpack_map(candidate):
                 return candidate

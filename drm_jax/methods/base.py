@@ -83,10 +83,16 @@ class Param:
                 "count": "integer >= 0"}[self.kind]
 
 
-def _is_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """A real number (not a bool) that a float holds finitely: an integer of 400 digits is not one."""
     if hasattr(v, "shape") and getattr(v, "shape", None) == () and not isinstance(v, bool):
         v = v.item() if hasattr(v, "item") else v  # a 0-d array or numpy scalar
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # int -> float conversion of an integer beyond float's range
+        return False
 
 
 def check_value(param: Param, value: Any, where: str) -> Any:
@@ -111,7 +117,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         return value
     if _is_tracer(value):
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
-    if not _is_number(value):
+    if not is_finite_number(value):
         raise ValueError(f"{where}: must be a finite number, got {short(value)}")
     value = float(value)
     if kind == "fraction" and not 0.0 <= value <= 1.0:
@@ -186,6 +192,9 @@ class Rules(NamedTuple):
     exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
     linear_combination: the merge is a linear combination of the inputs (a non-finite input always
       makes a non-finite output, so the engine checks the outputs only).
+    shift_equivariant: merging W + delta_t gives W + the merge of the delta_t for any W (a weighted mean:
+      weights that sum to one), so a merge of whole weights over a zero base (the command line's `linear`)
+      equals the merge of task vectors over any base (what `--adapter-out` computes).
     scaled_by: the traced parameter both rules multiply the merged delta by as their last stage (the
       engine may then keep the unscaled delta across a sweep of that parameter alone), else None.
     factored: the `linear` rule's merge of LoRA deltas from their factors (`drm_jax.merge_adapters`),
@@ -200,6 +209,7 @@ class Rules(NamedTuple):
     linear_combination: bool = False
     scaled_by: str | None = None
     factored: "FactoredRule | None" = None
+    shift_equivariant: bool = False
 
 
 class FactoredRule(NamedTuple):
@@ -239,6 +249,9 @@ class MethodSpec:
     layer_hparams: (traced values dict, role, canonical shape, K, static) -> dict of arrays for the
       group's merge program (exact integer counts are computed on the host where values are concrete).
     reference: the anchor of the method in docs/methods.md.
+    reads_base: the merge reads the base weights (`LayerContext.base`: slerp, karcher, arcee_fusion,
+      passthrough): the merged model is not base + a function of the task vectors alone, so no merge of
+      LoRA adapters (`drm_jax.merge_adapters`, `--adapter-out`) computes it from the adapters.
     """
 
     name: str
@@ -255,6 +268,7 @@ class MethodSpec:
     base: str = ""
     min_models: int = 1
     max_models: int | None = None
+    reads_base: bool = False
     _by_name: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -372,5 +386,5 @@ def scalar(value) -> Any:
 
 
 __all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
-           "Rules", "SEED",
+           "Rules", "SEED", "is_finite_number",
            "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]

@@ -62,6 +62,7 @@ SLERP = MethodSpec(
     paper="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985",
     params=(T,),
     needs_base=True, elementwise=False, random=False, mergekit=True, base="required", min_models=1, max_models=1,
+    reads_base=True,
     build=_build_slerp, layer_hparams=_t_only, reference="docs/methods.md#slerp",
 )
 
@@ -139,6 +140,7 @@ KARCHER = MethodSpec(
     paper="Karcher mean merging on the hypersphere, arXiv 2603.04972",
     params=(MAX_ITER, TOL),
     needs_base=False, elementwise=False, random=False, mergekit=True, base="input", min_models=1,
+    reads_base=True,
     build=_build_karcher, layer_hparams=_karcher_hparams, reference="docs/methods.md#karcher",
 )
 

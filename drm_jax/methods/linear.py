@@ -22,7 +22,8 @@ TA_RESCALE = Param("rescale", "bool", False, "accepted for mergekit configs; no 
 
 def _build_linear(static: dict) -> Rules:
     rule = chain_rule(weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks()))
-    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True)
+    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True,
+                 shift_equivariant=static["normalize"])
 
 
 def _build_task_arithmetic(static: dict) -> Rules:

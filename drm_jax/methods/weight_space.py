@@ -71,6 +71,7 @@ ARCEE_FUSION = MethodSpec(
     paper="Arcee AI, Arcee Fusion (mergekit's arcee_fusion), no paper",
     params=(),
     needs_base=True, elementwise=False, random=False, mergekit=True, base="required", min_models=1, max_models=1,
+    reads_base=True,
     build=_build_fusion, layer_hparams=_no_hparams, reference="docs/methods.md#arcee-fusion",
 )
 
@@ -114,6 +115,7 @@ PASSTHROUGH = MethodSpec(
     paper="",
     params=(SCALE,),
     needs_base=False, elementwise=True, random=False, mergekit=True, base="input", min_models=1, max_models=1,
+    reads_base=True,
     build=_build_passthrough, layer_hparams=_scale, reference="docs/methods.md#passthrough",
 )
 

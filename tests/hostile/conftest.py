@@ -120,3 +120,22 @@ def refused(capfd, argv: Sequence[str], out_dir: Path, inputs: Sequence[Path], n
     assert leftovers(out_dir) == []
     assert tree_digest(inputs) == before
     return line
+
+
+def lora_adapter_dir(directory: Path, name: str = "adapter", **settings) -> Path:
+    """A rank-2 PEFT LoRA adapter of the tiny family's layer-0 q_proj (width 16) at directory/name, with
+    `settings` written over its adapter_config.json."""
+    import json
+
+    import numpy as np
+
+    from drm_jax.io.peft_io import write_lora_adapter
+
+    rng = np.random.default_rng(len(name))
+    weights = {"model.layers.0.self_attn.q_proj.weight": (0.1 * rng.standard_normal((16, 2)).astype(np.float32),
+                                                          rng.standard_normal((2, 16)).astype(np.float32), False)}
+    path = write_lora_adapter(Path(directory) / name, weights)
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(settings)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path

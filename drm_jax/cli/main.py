@@ -26,8 +26,17 @@ from drm_jax.errors import DrmJaxError, one_line, quote_path
 _SUBCOMMANDS = ("merge", "convert", "methods")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the refusal contract: a bad argument is one line on stderr (no usage block) naming the
+    subcommand and pointing at its --help, exit status 2. Subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        print_error(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="drm-jax",
         description="Merge fine-tuned models (DRM, TIES, DARE, KnOTS, ...) and convert checkpoints, in JAX.",
     )

@@ -1,4 +1,5 @@
-"""Writing checkpoints atomically: Hugging Face safetensors (streamed, sharded), Flax msgpack, Orbax, T5X.
+"""Writing checkpoints atomically: Hugging Face safetensors (streamed, sharded), Flax msgpack, Orbax, T5X,
+MaxText.
 
 Everything is written into a temporary directory beside the destination, which is renamed into place by
 `close()`; any failure (or `abort()`, or an exception inside `with`) removes it, so a half-written
@@ -6,7 +7,8 @@ checkpoint never appears. An existing non-empty destination is refused unless `o
 is replaced only once the new checkpoint is complete.
 
 Names are written as given: Hugging Face names for "hf", dotted Flax paths for "flax" and "orbax"
-(nested on "."), "target.<path>" for "t5x". Conversion between conventions is drm_jax.io.convert's job.
+(nested on "."), "target.<path>" for "t5x", MaxText's presented names for "maxtext"
+(drm_jax.io.maxtext_io). Conversion between conventions is drm_jax.io.convert's job.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import numpy as np
 from drm_jax.errors import CheckpointError
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.flax_io import FLAX_NAME, write_flax_msgpack
+from drm_jax.io.maxtext_io import MaxTextLayout, write_maxtext
 from drm_jax.io.orbax_io import write_orbax
 from drm_jax.io.safetensors_io import SafetensorsShardWriter
 from drm_jax.io.t5x_io import T5xWriter
 
-WRITE_FORMATS = ("hf", "flax", "orbax", "t5x")
+WRITE_FORMATS = ("hf", "flax", "orbax", "t5x", "maxtext")
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 
 
@@ -118,19 +121,23 @@ class CheckpointWriter:
       max_shard_size: bytes of tensor data per safetensors shard (default 5 GiB; "hf" only).
       overwrite: replace an existing non-empty `out_dir` (default: refuse with CheckpointError).
       copy_from: directory whose config.json / tokenizer files are copied beside the weights.
+      maxtext_layout: "maxtext" only: the stored tree to write (a `MaxTextReader.layout`: shapes, scanned
+        or not); None: the arrays' own shapes, layers stacked when `scan_layers` (default True).
 
     "hf" and "t5x" stream: each tensor goes to disk as shards fill (hf) or at once (t5x). "flax" and "orbax"
-    hold the added arrays until `close()` (their files need the whole tree at once).
+    and "maxtext" hold the added arrays until `close()` (their files need the whole tree at once).
     """
 
     def __init__(self, out_dir: str | Path, format: str = "hf", *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 overwrite: bool = False, copy_from: str | Path | None = None) -> None:
+                 overwrite: bool = False, copy_from: str | Path | None = None,
+                 maxtext_layout: MaxTextLayout | None = None, scan_layers: bool = True) -> None:
         if format not in WRITE_FORMATS:
             raise CheckpointError(f"cannot write format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
         self.out_dir = Path(out_dir)
         self.format = format
         self.overwrite = overwrite
         self.copy_from = Path(copy_from) if copy_from is not None else None
+        self.maxtext_layout, self.scan_layers = maxtext_layout, scan_layers
         if self.out_dir.exists() and not overwrite and not _is_empty_dir(self.out_dir):
             raise CheckpointError(f"{self.out_dir}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
         self._created_parents: list[Path] = []
@@ -194,6 +201,8 @@ class CheckpointWriter:
             self._t5x.finish()
         elif self.format == "flax":
             write_flax_msgpack(self._buffered, self.tmp_dir / FLAX_NAME)
+        elif self.format == "maxtext":
+            write_maxtext(self._buffered, self.tmp_dir, self.maxtext_layout, self.scan_layers)
         else:
             write_orbax(self._buffered, self.tmp_dir)
         self._buffered = {}

@@ -325,8 +325,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
 
 def undecomposed_methods(methods: list, counts: dict) -> list[str]:
     """The methods among `methods` whose 2-D weights take a path of their own (DRM's decomposition, the
-    subspace methods') when no leaf took it (`counts["linear"]` is 0): their merge silently became the
-    elementwise one."""
+    subspace methods') when no leaf took it (`counts["linear"]` is 0): every tensor took their other path."""
     if counts.get("linear", 0):
         return []
     found = []
@@ -334,7 +333,7 @@ def undecomposed_methods(methods: list, counts: dict) -> list[str]:
         try:
             spec = get_method(name)
             rules = spec.build({p.name: p.default for p in spec.static})
-        except Exception:  # a method whose defaults do not build alone: nothing to say about it
+        except (KeyError, TypeError, ValueError):  # defaults that do not build alone: nothing to say
             continue
         if rules.linear is not rules.other:
             found.append(name)
@@ -403,7 +402,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                                         on_chunk=progress.on_chunk, compute_dtype=config.dtype)
                 for method in undecomposed_methods([seg.method for seg in segments], counts):
                     _warn(f"merge_method {method}: no tensor went through its decomposition (no 2-D weight "
-                          f"outside the embeddings and LM heads); every tensor took its elementwise path")
+                          f"outside the embeddings and LM heads); every tensor took its other path")
                 finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
                                  vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
                                  write_model_card=write_model_card, name=out_dir.resolve().name)

@@ -158,12 +158,14 @@ def test_convert_to_hf_gives_back_the_tensors_and_the_logits(llama, tmp_path, ca
     np.testing.assert_array_equal(converted, original)
 
 
-def test_hf_to_maxtext_is_maxtexts_tree_and_back_is_exact(llama, tmp_path):
+@pytest.mark.parametrize("scanned", [True, False])
+def test_hf_to_maxtext_is_maxtexts_tree_and_back_is_exact(llama, tmp_path, scanned):
     directory, hf, config = llama
-    assert main(["convert", str(directory), str(tmp_path / "mt"), "--to", "maxtext"]) == 0
+    flags = [] if scanned else ["--no-scan-layers"]
+    assert main(["convert", str(directory), str(tmp_path / "mt"), "--to", "maxtext", *flags]) == 0
     items = tmp_path / "mt" / "0" / "items"
     assert (tmp_path / "mt" / "0" / "_CHECKPOINT_METADATA").is_file()
-    want = {f"params.params.{k}": v for k, v in _flat(maxtext_params(hf, config)).items()}
+    want = {f"params.params.{k}": v for k, v in _flat(maxtext_params(hf, config, scanned)).items()}
     with OrbaxReader(items) as written:
         assert sorted(written.keys()) == sorted(want)
         for name, array in want.items():
@@ -227,6 +229,17 @@ def test_convert_refuses_a_kernel_no_table_places(llama, tmp_path, capsys):
     assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "decoder.layers.0.moe.gate.kernel" in err[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_scanned_leaf_without_the_layer_axis_is_refused(llama, tmp_path, capsys):
+    _, hf, config = llama
+    params = maxtext_params(hf, config)
+    params["decoder"]["layers"]["post_self_attention_layer_norm"]["scale"] = np.ones((16, 3), np.float32)
+    run = save_maxtext_run(tmp_path / "run", params)
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layer axis" in err[0] and "params.params.decoder.layers." in err[0]
     assert not (tmp_path / "hf").exists()
 
 

@@ -259,3 +259,18 @@ def test_drm_merge_without_a_decomposed_leaf_says_so(tmp_path, capsys):
     recipe.write_text(recipe.read_text().replace("merge_method: drm", "merge_method: task_arithmetic"))
     assert main(["merge", str(recipe), str(tmp_path / "out2"), "--quiet", "--no-write-model-card"]) == 0
     assert "decomposition" not in capsys.readouterr().err
+
+
+def test_orbax_leaves_inside_lists_and_tuples_read(tmp_path):
+    # Optax's state is a tuple of named tuples, with empty states (None) between them
+    import orbax.checkpoint as ocp
+
+    tree = {"opt_state": [{"mu": {"k": np.arange(3.0)}}, None, (np.ones(2), {"z": np.full(1, 5.0)})],
+            "params": {"w": np.arange(4.0)}}
+    ocp.PyTreeCheckpointer().save((tmp_path / "ckpt").absolute(), tree)
+    with OrbaxReader(tmp_path / "ckpt") as reader:
+        assert reader.keys() == ["opt_state.0.mu.k", "opt_state.2.0", "opt_state.2.1.z", "params.w"]
+        np.testing.assert_array_equal(reader.get("opt_state.0.mu.k"), np.arange(3.0))
+        np.testing.assert_array_equal(reader.get("opt_state.2.0"), np.ones(2))
+        np.testing.assert_array_equal(reader.get("opt_state.2.1.z"), [5.0])
+        np.testing.assert_array_equal(reader.get("params.w"), np.arange(4.0))

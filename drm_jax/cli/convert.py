@@ -1,7 +1,8 @@
-"""`drm-jax convert SRC DST --to {hf,flax,orbax,t5x}`: convert a checkpoint between formats.
+"""`drm-jax convert SRC DST --to {hf,flax,orbax,t5x,maxtext}`: convert a checkpoint between formats.
 
-The source format is detected (Hugging Face safetensors, PyTorch .bin/.pt, Flax msgpack, Orbax, T5X, or
-a PEFT adapter, which converts to its merged model given --base). config.json and tokenizer files are
+The source format is detected (Hugging Face safetensors, PyTorch .bin/.pt, Flax msgpack, Orbax, T5X,
+MaxText, or a PEFT adapter, which converts to its merged model given --base). MaxText converts to and
+from the Llama family (Llama, Mistral) as MaxText's own converter maps it. config.json and tokenizer files are
 copied beside the weights. Output is written to a temporary directory and renamed into place; an
 existing non-empty DST is refused unless --overwrite (alias --force) is given, and even then unless it
 holds an earlier drm-jax output.
@@ -39,7 +40,7 @@ def parse_size(text: str) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint between Hugging Face, Flax, Orbax and T5X formats",
+        help="convert a checkpoint between Hugging Face, Flax, Orbax, T5X and MaxText formats",
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("src", metavar="SRC", help="source checkpoint (file or directory; format detected)")
@@ -53,6 +54,15 @@ def register(subparsers) -> None:
                         help="base model of a PEFT adapter SRC (the adapter is merged into it)")
     parser.add_argument("--arch", choices=ARCHITECTURES, default=None,
                         help="name-map table to use (default: detected from config.json)")
+    maxtext = parser.add_argument_group("MaxText", "config.json values MaxText's shapes cannot tell (MaxText "
+                                        "source; default: a config.json beside it, else MaxText's defaults)")
+    maxtext.add_argument("--rope-theta", type=float, default=None, help="rope_theta (MaxText default 10000)")
+    maxtext.add_argument("--rms-norm-eps", type=float, default=None, help="rms_norm_eps (MaxText default 1e-5)")
+    maxtext.add_argument("--max-position-embeddings", type=int, default=None,
+                         help="max_position_embeddings (MaxText default 2048)")
+    maxtext.add_argument("--model-type", choices=("llama", "mistral"), default=None, help="default llama")
+    maxtext.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                         help="--to maxtext: stack the layers on MaxText's scan axis (default: on)")
     parser.set_defaults(func=run)
 
 
@@ -66,7 +76,14 @@ def run(args: argparse.Namespace) -> int:
         check_replaceable(Path(args.dst).expanduser(), "--force")
     else:
         check_dangling_link(Path(args.dst).expanduser(), "--force")
+    hf_config = {"rope_theta": args.rope_theta, "rms_norm_eps": args.rms_norm_eps,
+                 "max_position_embeddings": args.max_position_embeddings, "model_type": args.model_type}
+    defaulted: list[str] = []
     out = convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite,
-                             max_shard_size=args.max_shard_size, base=args.base, arch=args.arch)
+                             max_shard_size=args.max_shard_size, base=args.base, arch=args.arch,
+                             hf_config=hf_config, scan_layers=args.scan_layers, defaulted=defaulted)
     print(f"wrote {args.to} checkpoint to {out}")
+    if defaulted:
+        print(f"config.json: {', '.join(defaulted)} at MaxText's defaults (set them with "
+              f"{', '.join('--' + k.replace('_', '-') for k in defaulted)})")
     return 0

@@ -32,6 +32,8 @@ from drm_jax.cli.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line, quote
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
+from drm_jax.io.maxtext_io import writer_options
+from drm_jax.methods.registry import get_method
 
 DEFAULT_MAX_MEMORY = "1GB"
 # Bytes of working memory per byte of stacked float32 inputs the engine accounts for in a chunk: the
@@ -329,6 +331,23 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
         write_card_files(directory, config, name or "merged model")
 
 
+def undecomposed_methods(methods: list, counts: dict) -> list[str]:
+    """The methods among `methods` whose 2-D weights take a path of their own (DRM's decomposition, the
+    subspace methods') when no leaf took it (`counts["linear"]` is 0): every tensor took their other path."""
+    if counts.get("linear", 0):
+        return []
+    found = []
+    for name in dict.fromkeys(m for m in methods if isinstance(m, str)):
+        try:
+            spec = get_method(name)
+            rules = spec.build({p.name: p.default for p in spec.static})
+        except (KeyError, TypeError, ValueError):  # defaults that do not build alone: nothing to say
+            continue
+        if rules.linear is not rules.other:
+            found.append(name)
+    return found
+
+
 def _shard_size(max_memory: int, max_shard_size: int | None, out_shard_size: int | None) -> int:
     if max_shard_size is not None and out_shard_size is not None:
         raise ConfigError("give one of --max-shard-size and --out-shard-size")
@@ -384,11 +403,14 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
         for seg in segments:
             seg.sources.plan_blocks(len(seg.sources.models), max(1, group_bytes // BLOCK_DIVISOR))
         with MergeProgress(sum(seg.sources.merged_count() for seg in segments), quiet=quiet) as progress:
-            writer = CheckpointWriter(out_dir, format="hf", max_shard_size=shard_size, overwrite=force)
+            writer = CheckpointWriter(out_dir, max_shard_size=shard_size, overwrite=force, **writer_options(reference))
             with writer:
                 counts = merge_segments(segments, writer.add, layout=naming.layout_for(arch), mesh=mesh,
                                         max_group_bytes=group_bytes, block_bytes=max(1, group_bytes // BLOCK_DIVISOR),
                                         on_chunk=progress.on_chunk, compute_dtype=config.dtype)
+                for method in undecomposed_methods([seg.method for seg in segments], counts):
+                    _warn(f"merge_method {method}: no tensor went through its decomposition (no 2-D weight "
+                          f"outside the embeddings and LM heads); every tensor took its other path")
                 finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
                                  vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
                                  write_model_card=write_model_card, name=out_dir.resolve().name)

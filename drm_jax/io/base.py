@@ -179,7 +179,7 @@ class CheckpointReader(abc.ABC):
     """Lazy, read-only view of one checkpoint: names, shapes, dtypes, and one tensor at a time.
 
     Attributes:
-      format: "hf" | "torch" | "flax" | "orbax" | "t5x" | "peft".
+      format: "hf" | "torch" | "flax" | "orbax" | "t5x" | "peft" | "maxtext".
       path: the checkpoint as given (file or directory).
       config_dir: the directory holding config.json / tokenizer files to copy with converted weights, or
         None when there are none.

@@ -29,6 +29,7 @@ from drm_jax.io.architectures import (
 from drm_jax.io.base import CheckpointReader, read_json
 from drm_jax.io.detect import open_checkpoint
 from drm_jax.io.model_files import safe_model_file
+from drm_jax.io.maxtext_convert import convert_maxtext
 from drm_jax.io.peft_io import PeftReader
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, refuse_overlap
 
@@ -134,12 +135,19 @@ def _open_source(src: Path, base: str | Path | None) -> CheckpointReader:
 
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: bool = False,
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, base: str | Path | None = None,
-                       arch: str | None = None) -> Path:
-    """Convert checkpoint `src` (any readable format) to format `to` ("hf" | "flax" | "orbax" | "t5x") in `dst`.
+                       arch: str | None = None, hf_config: dict | None = None, scan_layers: bool = True,
+                       defaulted: list | None = None) -> Path:
+    """Convert checkpoint `src` (any readable format) to format `to` ("hf" | "flax" | "orbax" | "t5x" |
+    "maxtext") in `dst`.
 
     config.json, generation config and tokenizer files are copied beside the weights. `arch` overrides the
     architecture detected from config.json (see drm_jax.io.architectures.ARCHITECTURES). `hf -> flax -> hf`
     returns the same tensors, bit for bit, under the same names. Returns `dst`.
+
+    MaxText in or out (Llama family, drm_jax.io.maxtext_convert): `hf_config` gives the config.json values
+    MaxText's shapes cannot tell (rope_theta, rms_norm_eps, max_position_embeddings, model_type), the names
+    of those that took MaxText's defaults are appended to `defaulted`; `scan_layers` (default True) stacks
+    the layers of a MaxText output.
     """
     src, dst = Path(src), Path(dst)
     # Before anything is read or written: --overwrite replaces dst, so no input may lie in or around it.
@@ -151,6 +159,12 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
         if isinstance(reader, PeftReader):
             reader = _MergedAdapter(reader)
         arch = arch or architecture_of(reader)
+        if "maxtext" in (reader.format, to):
+            names = convert_maxtext(reader, dst, to, arch=arch, overwrite=overwrite, max_shard_size=max_shard_size,
+                                    hf_config=hf_config, scan_layers=scan_layers)
+            if defaulted is not None:
+                defaulted.extend(names)
+            return dst
         if to == "t5x" and arch not in ("t5", "t5_v1_1"):
             raise CheckpointError(f"{src}: T5X output supports T5 models only, this checkpoint is {arch!r}")
         plan = plan_conversion(reader, to, arch)

@@ -3,7 +3,8 @@
 Directory rules, first match wins: `adapter_config.json` -> "peft"; `model.safetensors[.index.json]` or a
 single `*.safetensors` -> "hf"; `pytorch_model.bin[.index.json]` or a single `*.bin`/`*.pt`/`*.pth` ->
 "torch"; `flax_model.msgpack[.index.json]` -> "flax"; an Orbax item (`_METADATA`, `manifest.ocdbt`, also
-one level down or under numbered step directories) -> "orbax"; a msgpack `checkpoint` file (also under
+one level down or under numbered step directories) -> "maxtext" when its tree holds MaxText's
+`params.params.decoder` (also a MaxText run directory, through its `checkpoints/`), else "orbax"; a msgpack `checkpoint` file (also under
 `checkpoint_<step>/`) -> "t5x". A file is recognised by its name and suffix.
 """
 
@@ -14,15 +15,16 @@ from pathlib import Path
 from drm_jax.errors import CheckpointError
 from drm_jax.io.base import CheckpointReader, require_regular_file
 from drm_jax.io.flax_io import FLAX_INDEX_NAME, FLAX_NAME, FlaxReader
+from drm_jax.io.maxtext_io import MaxTextReader, find_maxtext_item
 from drm_jax.io.orbax_io import OrbaxReader, find_orbax_item
 from drm_jax.io.peft_io import ADAPTER_CONFIG_NAME, PeftReader
 from drm_jax.io.safetensors_io import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, SafetensorsReader
 from drm_jax.io.t5x_io import T5xReader, find_t5x_checkpoint
 from drm_jax.io.torch_io import TORCH_INDEX_NAME, TORCH_NAME, TORCH_SUFFIXES, TorchReader
 
-FORMATS = ("hf", "torch", "flax", "orbax", "t5x", "peft")
+FORMATS = ("hf", "torch", "flax", "orbax", "t5x", "peft", "maxtext")
 _EXPECTED = (
-    f"{SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, {TORCH_NAME}, {FLAX_NAME}, an Orbax checkpoint, a T5X "
+    f"{SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, {TORCH_NAME}, {FLAX_NAME}, an Orbax or MaxText checkpoint, a T5X "
     f"'checkpoint' file or {ADAPTER_CONFIG_NAME}"
 )
 
@@ -64,6 +66,8 @@ def _detect_directory(path: Path) -> str | None:
         return "hf"
     if len([p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file()]) == 1:
         return "torch"
+    if find_maxtext_item(path) is not None:
+        return "maxtext"
     if find_orbax_item(path) is not None:
         return "orbax"
     if find_t5x_checkpoint(path) is not None:
@@ -72,7 +76,7 @@ def _detect_directory(path: Path) -> str | None:
 
 
 def detect_format(path: str | Path) -> str:
-    """"hf" | "torch" | "flax" | "orbax" | "t5x" | "peft" for a checkpoint file or directory.
+    """"hf" | "torch" | "flax" | "orbax" | "t5x" | "peft" | "maxtext" for a checkpoint file or directory.
 
     Raises CheckpointError naming the path when it is missing or in no known format.
     """
@@ -104,5 +108,6 @@ def open_checkpoint(path: str | Path, *, base: CheckpointReader | str | Path | N
             if owned:
                 base_reader.close()
             raise
-    readers = {"hf": SafetensorsReader, "torch": TorchReader, "flax": FlaxReader, "orbax": OrbaxReader, "t5x": T5xReader}
+    readers = {"hf": SafetensorsReader, "torch": TorchReader, "flax": FlaxReader, "orbax": OrbaxReader, "t5x": T5xReader,
+               "maxtext": MaxTextReader}
     return readers[fmt](path)

@@ -80,6 +80,26 @@ def _flatten_metadata(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, 
     return {path: tree} if getattr(tree, "shape", None) is not None else {}
 
 
+def restore_template(tree: Any, path: tuple[str, ...], wanted: Any, skip: Any) -> Any:
+    """A restore template of the checkpoint's own containers: `wanted` at `path`, `skip` at every other leaf.
+
+    Built from the metadata tree, so a list or tuple (Optax state: `opt_state` is a list of named tuples,
+    stored as lists and dicts) is a list of the same length, never the dict a path of keys would suggest;
+    Orbax refuses a template whose container types or lengths differ from the tree's. Empty states (None)
+    stay None. Only the containers on `path` are copied; the rest of the template is `skip` leaves.
+    """
+    def fill(node: Any, rest: tuple[str, ...] | None) -> Any:
+        if isinstance(node, dict):
+            return {key: fill(value, rest[1:] if rest and str(key) == rest[0] else None) for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [fill(value, rest[1:] if rest and str(i) == rest[0] else None) for i, value in enumerate(node)]
+        if node is None:
+            return None
+        return wanted if rest == () else skip
+
+    return fill(tree, tuple(path))
+
+
 class OrbaxReader(IndexedReader):
     """An Orbax PyTree checkpoint of arrays; names are the tree paths joined by "."."""
 
@@ -102,6 +122,7 @@ class OrbaxReader(IndexedReader):
         # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata.tree; older versions return it bare.
         item_metadata = getattr(metadata, "item_metadata", metadata)
         tree = getattr(item_metadata, "tree", item_metadata)
+        self._tree = tree
         flat = _flatten_metadata(tree)
         if not flat:
             raise CheckpointError(f"{item}: the Orbax metadata lists no arrays (corrupt or empty _METADATA)")
@@ -122,24 +143,17 @@ class OrbaxReader(IndexedReader):
 
         self._record(name)
         path = self._paths[name]
-        # A partial restore takes a tree holding only the wanted leaf, from the root down.
-        item_root: dict[str, Any] = {}
-        args_root: dict[str, Any] = {}
-        node_item, node_args = item_root, args_root
-        for key in path[:-1]:
-            node_item = node_item.setdefault(key, {})
-            node_args = node_args.setdefault(key, {})
-        node_item[path[-1]] = 0
-        node_args[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        item_root = restore_template(self._tree, path, 0, ocp.PLACEHOLDER)
+        args_root = restore_template(self._tree, path, ocp.RestoreArgs(restore_type=np.ndarray), ocp.PLACEHOLDER)
         try:
             with _quiet_absl():
                 restored = self._checkpointer.restore(
                     self.item_dir,
-                    args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root, partial_restore=True))
+                    args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root))
         except Exception as err:
             raise CheckpointError(f"{self.item_dir}: cannot read tensor {name!r}: {err}") from err
         for key in path:
-            restored = restored[key]
+            restored = restored[int(key)] if isinstance(restored, (list, tuple)) else restored[key]
         array = np.asarray(restored)
         if array.shape != self.shape(name):
             raise CheckpointError(f"{self.item_dir}: tensor {name!r} has shape {array.shape}, metadata says {self.shape(name)}")

@@ -1,4 +1,5 @@
-"""Writing checkpoints atomically: Hugging Face safetensors (streamed, sharded), Flax msgpack, Orbax, T5X.
+"""Writing checkpoints atomically: Hugging Face safetensors (streamed, sharded), Flax msgpack, Orbax, T5X,
+MaxText.
 
 Everything is written into a temporary directory beside the destination, which is renamed into place by
 `close()`; any failure (or `abort()`, or an exception inside `with`) removes it, so a half-written
@@ -8,7 +9,8 @@ once the new checkpoint is complete. A destination that is a dangling symbolic l
 without `overwrite=True`.
 
 Names are written as given: Hugging Face names for "hf", dotted Flax paths for "flax" and "orbax"
-(nested on "."), "target.<path>" for "t5x". Conversion between conventions is drm_jax.io.convert's job.
+(nested on "."), "target.<path>" for "t5x", MaxText's presented names for "maxtext"
+(drm_jax.io.maxtext_io). Conversion between conventions is drm_jax.io.convert's job.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from drm_jax.errors import CheckpointError, quote, quote_path
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.flax_io import FLAX_NAME, write_flax_msgpack
 from drm_jax.io.model_files import copy_model_files
+from drm_jax.io.maxtext_io import MaxTextLayout, write_maxtext
 from drm_jax.io.orbax_io import write_orbax
 from drm_jax.io.safetensors_io import SafetensorsShardWriter
 from drm_jax.io.t5x_io import T5xWriter
 
-WRITE_FORMATS = ("hf", "flax", "orbax", "t5x")
+WRITE_FORMATS = ("hf", "flax", "orbax", "t5x", "maxtext")
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 
 
@@ -181,19 +184,23 @@ class CheckpointWriter:
       overwrite: replace an existing non-empty `out_dir` that is an earlier drm-jax output (default: refuse
         with CheckpointError; an unrelated directory is refused either way).
       copy_from: directory whose config.json / tokenizer files are copied beside the weights.
+      maxtext_layout: "maxtext" only: the stored tree to write (a `MaxTextReader.layout`: shapes, scanned
+        or not); None: the arrays' own shapes, layers stacked when `scan_layers` (default True).
 
     "hf" and "t5x" stream: each tensor goes to disk as shards fill (hf) or at once (t5x). "flax" and "orbax"
-    hold the added arrays until `close()` (their files need the whole tree at once).
+    and "maxtext" hold the added arrays until `close()` (their files need the whole tree at once).
     """
 
     def __init__(self, out_dir: str | Path, format: str = "hf", *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 overwrite: bool = False, copy_from: str | Path | None = None) -> None:
+                 overwrite: bool = False, copy_from: str | Path | None = None,
+                 maxtext_layout: MaxTextLayout | None = None, scan_layers: bool = True) -> None:
         if format not in WRITE_FORMATS:
             raise CheckpointError(f"cannot write format {format!r}; choose one of {', '.join(WRITE_FORMATS)}")
         self.out_dir = Path(out_dir)
         self.format = format
         self.overwrite = overwrite
         self.copy_from = Path(copy_from) if copy_from is not None else None
+        self.maxtext_layout, self.scan_layers = maxtext_layout, scan_layers
         if self.out_dir.exists() and not overwrite and not _is_empty_dir(self.out_dir):
             raise CheckpointError(f"{quote_path(self.out_dir)}: exists and is not empty (pass overwrite=True to "
                                   f"replace it)")
@@ -262,6 +269,8 @@ class CheckpointWriter:
             self._t5x.finish()
         elif self.format == "flax":
             write_flax_msgpack(self._buffered, self.tmp_dir / FLAX_NAME)
+        elif self.format == "maxtext":
+            write_maxtext(self._buffered, self.tmp_dir, self.maxtext_layout, self.scan_layers)
         else:
             write_orbax(self._buffered, self.tmp_dir)
         self._buffered = {}

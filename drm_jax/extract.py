@@ -48,7 +48,7 @@ _PEFT_PREFIX = "base_model.model."
 # Output embeddings by module name (mergekit asks the model for get_output_embeddings()).
 _OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
 _TIED_HEAD = "lm_head"
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 # transformers class-name endings -> PEFT task_type (mergekit always writes CAUSAL_LM).
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
                ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -378,7 +378,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
       embed_lora: LoRA factors for embeddings and the output head too (default: saved whole).
       svd_route: "auto", "dense" or "randomized" (drm_jax.math.truncated_svd).
       overwrite: replace an existing non-empty `out_dir`.
-      chunk_bytes: float32 delta bytes decomposed together (default 256 MiB).
+      chunk_bytes: float32 delta bytes decomposed together (default 64 MiB).
 
     Returns:
       ExtractedLora (ranks per module, modules saved whole, left-out tensors, SVD routes).

@@ -19,7 +19,7 @@ import numpy as np
 from drm_jax.errors import CheckpointError
 from drm_jax.io.dtypes import SAFETENSORS_DTYPES
 from drm_jax.io.peft_io import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-from drm_jax.io.writer import CheckpointWriter
+from drm_jax.io.writer import CheckpointWriter, write_failure
 
 _SAFETENSORS_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _COPY_CHUNK = 16 * 2**20
@@ -39,7 +39,11 @@ class StreamingAdapterWriter(CheckpointWriter):
         super().__init__(out_dir, "flax", overwrite=overwrite)  # "flax": no shard writer of its own
         self.adapter_config: dict | None = None
         self._data_path = self.tmp_dir / ".tensors.part"
-        self._data = open(self._data_path, "wb")
+        try:
+            self._data = open(self._data_path, "wb")
+        except OSError as err:
+            self.abort()
+            raise write_failure(self.out_dir, err) from None
         self._header: dict[str, dict] = {}
         self._offset = 0
 

@@ -239,6 +239,9 @@ BAD_INPUTS = {
                        [], "model.layers.0.mlp.up_proj.weight"),
     "missing tensor": (lambda t: t.pop("model.layers.1.self_attn.v_proj.weight"), [],
                        "model.layers.1.self_attn.v_proj.weight"),
+    # found while decomposing, with the adapter half written: the temporary directory goes
+    "NaN in a delta": (lambda t: t["model.layers.1.mlp.gate_proj.weight"].__setitem__((0, 0), np.nan), [],
+                       "model.layers.1.mlp.gate_proj.weight"),
     "rank 0": (None, ["--max-rank", "0"], "max_rank"),
     "absurd rank": (None, ["--max-rank", "1000000"], "max_rank 1000000"),
     "negative epsilon": (None, ["--sv-epsilon", "-1"], "sv_epsilon"),

@@ -13,8 +13,9 @@ a model built from config.json):
   two vocabularies differ.
 * every other weight (norms, convolutions, ...), and the bias of such a module: saved whole, its module
   in `modules_to_save`.
-* tensors that are neither a `.weight` nor a `.bias` (buffers, free parameters): left out, as mergekit
-  leaves out everything that is not a module's weight; listed in the result.
+* tensors that are neither a `.weight` nor a `.bias` (buffers, free parameters), and a `.bias` whose
+  module has no `.weight` (GPT-2's `attn.bias` causal-mask buffer): left out, as mergekit leaves out
+  everything that is not a module's weight or its bias; listed in the result.
 
 A tied output embedding (no `lm_head.weight` in the checkpoint, `tie_word_embeddings`) is written under
 `lm_head` too: PEFT unties a module it saves, so without it the head would keep the base's embedding.
@@ -93,7 +94,7 @@ class ExtractedLora:
     out_dir: the adapter directory.
     ranks: module name -> rank of its LoRA factors.
     modules_to_save: module names saved whole (from the fine-tuned model).
-    skipped: tensor names left out (neither a `.weight` nor a `.bias`).
+    skipped: tensor names left out (neither a module's `.weight` nor its `.bias`).
     routes: "(n, m)" shape -> the truncated SVD route its deltas took ("dense" or "randomized").
     """
 
@@ -171,12 +172,12 @@ def _plan(finetuned: CheckpointReader, base: CheckpointReader, config: dict, emb
         module = name[: -len(".weight")]
         shape, dtype = tuple(finetuned.shape(name)), np.dtype(finetuned.dtype(name))
         kind = param_kind(arch, name, len(shape)).name
-        output = module.rsplit(".", 1)[-1] in _OUTPUT_EMBEDDINGS
+        head = module.rsplit(".", 1)[-1] in _OUTPUT_EMBEDDINGS
         embedding = kind == "embedding"
         two_d_float = len(shape) == 2 and _floating(dtype)
-        if two_d_float and kind in ("linear", "conv1d") and not output:
+        if two_d_float and kind in ("linear", "conv1d") and not head:
             lora[module] = _LoraTarget(name, name, shape, kind == "conv1d", False, dtype)
-        elif two_d_float and (embedding or output) and embed_lora and name in base and tuple(base.shape(name)) == shape:
+        elif two_d_float and (embedding or head) and embed_lora and name in base and tuple(base.shape(name)) == shape:
             lora[module] = _LoraTarget(name, name, shape, embedding, embedding, dtype)
         else:
             whole_modules.add(module)
@@ -184,10 +185,8 @@ def _plan(finetuned: CheckpointReader, base: CheckpointReader, config: dict, emb
         module, leaf = _split_name(name)
         if leaf == "bias" and module in lora:
             lora[module].bias = name
-        elif leaf == "bias":
-            whole_modules.add(module)
-        elif leaf is None:
-            skipped.append(name)
+        elif leaf is None or (leaf == "bias" and module not in whole_modules):
+            skipped.append(name)  # a bias without a weight is a buffer (GPT-2's attn.bias causal mask)
     whole = [(n, n) for n in names if _split_name(n)[1] is not None and _split_name(n)[0] in whole_modules]
     _add_tied_head(finetuned, base, config, arch, embed_lora, lora, whole, whole_modules)
     targets = list(lora.values())

@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.out_dir}: {len(result.ranks)} LoRA modules (rank {span}), "
           f"{len(result.modules_to_save)} modules saved whole", file=sys.stderr)
     if result.skipped:
-        print(f"left out {len(result.skipped)} tensors that are neither a weight nor a bias: "
+        print(f"left out {len(result.skipped)} tensors that are neither a module's weight nor its bias: "
               f"{', '.join(result.skipped[:5])}{' ...' if len(result.skipped) > 5 else ''}", file=sys.stderr)
     return 0

@@ -110,6 +110,23 @@ def test_gpt2_conv1d_is_factored_in_its_layout(pairs, tmp_path):
         assert adapter.shape(f"{prefix}.lora_B.bias") == (128,)
 
 
+def test_buffers_are_left_out(pairs, tmp_path):
+    """GPT-2 checkpoints saved by older transformers hold the causal mask `attn.bias` (a module without a
+    weight): it is left out, as mergekit does, so its module does not land in modules_to_save."""
+    from safetensors.numpy import load_file, save_file
+
+    pair = pairs["gpt2"]
+    for model in ("base", "finetuned"):
+        shutil.copytree(pair / model, tmp_path / model)
+        tensors = load_file(str(tmp_path / model / "model.safetensors"))
+        tensors["transformer.h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+        save_file(tensors, str(tmp_path / model / "model.safetensors"), metadata={"format": "pt"})
+    result = extract_lora(tmp_path / "finetuned", tmp_path / "base", tmp_path / "lora", max_rank=8)
+    assert result.skipped == ("transformer.h.0.attn.bias",)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert "attn" not in config["modules_to_save"]
+
+
 def _best_rank(delta: np.ndarray, rank: int) -> np.ndarray:
     u, s, vh = np.linalg.svd(delta, full_matrices=False)
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
@@ -270,3 +287,19 @@ def test_api_errors_are_drm_jax_errors(pairs, tmp_path):
     with pytest.raises(MergeInputError, match="max_rank"):
         extract_lora(pair / "finetuned", pair / "base", tmp_path / "out", max_rank=2.5)
     assert not (tmp_path / "out").exists()
+
+
+def test_output_over_an_input_or_a_full_directory_is_refused(pairs, tmp_path, capsys):
+    pair = pairs["llama"]
+    before = _digest(pair / "finetuned")
+    for out in (pair / "finetuned", pair / "finetuned" / "lora"):
+        assert main(["extract-lora", str(pair / "finetuned"), str(pair / "base"), str(out), "--max-rank", "8"]) == 2
+        assert "overlaps the input" in capsys.readouterr().err
+    assert _digest(pair / "finetuned") == before
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    args = ["extract-lora", str(pair / "finetuned"), str(pair / "base"), str(tmp_path / "full"), "--max-rank", "8"]
+    assert main(args) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "keep.txt").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

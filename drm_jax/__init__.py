@@ -2,6 +2,7 @@
 
 from drm_jax import math, methods
 from drm_jax.engine import LoraWeight, MergedAdapter, Prepared, merge, merge_adapters, prepare
+from drm_jax.extract import ExtractedLora, extract_lora
 from drm_jax.learned import adamerging, entropy_loss, input_grams, regmean_merge, regmean_plusplus
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, chain
@@ -13,7 +14,8 @@ from drm_jax.permute import (activation_align, average, mudsc, permute_merge, we
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DrmJaxError", "LoraWeight", "MergeInputError", "MergeMethod", "MergeState",
+    "CheckpointError", "ConfigError", "DrmJaxError", "ExtractedLora", "LoraWeight", "MergeInputError", "MergeMethod",
+    "MergeState", "extract_lora",
     "MergedAdapter", "Prepared", "__version__", "merge_adapters", "prepare",
     "chain", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "math", "merge", "methods",
     "task_arithmetic", "ties",

@@ -23,7 +23,7 @@ from drm_jax.errors import DrmJaxError, one_line, quote_path
 
 # Subcommand modules, imported lazily so `drm-jax --help` stays fast and one broken optional
 # dependency does not take the other subcommands down.
-_SUBCOMMANDS = ("merge", "convert", "methods")
+_SUBCOMMANDS = ("merge", "convert", "methods", "extract_lora")
 
 
 class OneLineParser(argparse.ArgumentParser):

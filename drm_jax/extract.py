@@ -5,8 +5,8 @@ Which tensor becomes what (mergekit-extract-lora's rules, read from tensor names
 a model built from config.json):
 
 * a 2-D linear weight (PyTorch Linear (out, in), GPT-2's Conv1D (in, out)): LoRA factors of its delta,
-  rank min(max_rank, out, in), cut further where singular values are at most `sv_epsilon` (or
-  `relative_sv_epsilon` times the largest). Its bias, if any, goes in as PEFT's `lora_B.bias` (the bias
+  rank min(max_rank, out, in), cut further where singular values are at most `sv_epsilon` times the
+  largest (or at most `absolute_sv_epsilon`: mergekit's --sv-epsilon). Its bias, if any, goes in as PEFT's `lora_B.bias` (the bias
   delta; `lora_bias: true` in the config).
 * embeddings (input and output, `lm_head`): saved whole from the fine-tuned model as `modules_to_save`;
   with `embed_lora=True`, LoRA factors instead (`lora_embedding_A/B` for an embedding table), unless the
@@ -133,15 +133,15 @@ def _task_type(config: dict) -> str | None:
     return None
 
 
-def _check_options(max_rank, sv_epsilon, relative_sv_epsilon, route, chunk_bytes) -> None:
+def _check_options(max_rank, absolute_sv_epsilon, sv_epsilon, route, chunk_bytes) -> None:
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
         raise MergeInputError(f"max_rank must be a positive integer, got {quote(max_rank)}")
-    for field, value in (("sv_epsilon", sv_epsilon), ("relative_sv_epsilon", relative_sv_epsilon)):
+    for field, value in (("absolute_sv_epsilon", absolute_sv_epsilon), ("sv_epsilon", sv_epsilon)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise MergeInputError(f"{field} must be a finite number >= 0, got {quote(value)}")
-    if relative_sv_epsilon >= 1:
-        raise MergeInputError(f"relative_sv_epsilon must be below 1 (it keeps singular values above that fraction "
-                              f"of the largest), got {relative_sv_epsilon}")
+    if sv_epsilon >= 1:
+        raise MergeInputError(f"sv_epsilon must be below 1 (it keeps singular values above that fraction "
+                              f"of the largest), got {sv_epsilon}")
     if route not in SVD_ROUTES:
         raise MergeInputError(f"svd_route must be one of {', '.join(SVD_ROUTES)}, got {quote(route)}")
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
@@ -272,13 +272,13 @@ def _read_stack(reader: CheckpointReader, names: list[str], size: int, shape, dt
     return stack
 
 
-def _kept_rank(s: np.ndarray, sv_epsilon: float, relative_sv_epsilon: float) -> int:
-    """mergekit's rule (rank = min(max_rank, count of S > sv_epsilon)), and the relative cut."""
+def _kept_rank(s: np.ndarray, absolute_sv_epsilon: float, sv_epsilon: float) -> int:
+    """mergekit's rule (rank = min(max_rank, count of S > absolute_sv_epsilon)), and the relative cut."""
     rank = s.shape[0]
+    if absolute_sv_epsilon > 0:
+        rank = min(rank, int(np.sum(s > absolute_sv_epsilon)))
     if sv_epsilon > 0:
-        rank = min(rank, int(np.sum(s > sv_epsilon)))
-    if relative_sv_epsilon > 0:
-        rank = min(rank, int(np.sum(s > relative_sv_epsilon * s[0])))
+        rank = min(rank, int(np.sum(s > sv_epsilon * s[0])))
     return rank
 
 
@@ -326,7 +326,7 @@ def _write_bias(writer, finetuned, base, target: _LoraTarget) -> None:
     writer.add(f"{_PEFT_PREFIX}{target.module}.lora_B.bias", delta.astype(_out_dtype(finetuned, base, target.bias)))
 
 
-def _extract(finetuned, base, plan: _Plan, writer, max_rank, sv_epsilon, relative_sv_epsilon, route, chunk_bytes):
+def _extract(finetuned, base, plan: _Plan, writer, max_rank, absolute_sv_epsilon, sv_epsilon, route, chunk_bytes):
     ranks: dict[str, int] = {}
     routes: dict[str, str] = {}
     chunks = list(_chunks(plan.lora, chunk_bytes))
@@ -350,7 +350,7 @@ def _extract(finetuned, base, plan: _Plan, writer, max_rank, sv_epsilon, relativ
             if not finite[i]:
                 raise MergeInputError(f"{target.source!r}: the delta finetuned - base is not finite (NaN or Inf)")
             dtype = _out_dtype(finetuned, base, target.source)
-            kept = _kept_rank(s[i], sv_epsilon, relative_sv_epsilon)
+            kept = _kept_rank(s[i], absolute_sv_epsilon, sv_epsilon)
             ranks[target.module] = _write_factors(writer, target, b[i], a[i], kept, dtype)
             if target.bias is not None:
                 _write_bias(writer, finetuned, base, target)
@@ -360,7 +360,7 @@ def _extract(finetuned, base, plan: _Plan, writer, max_rank, sv_epsilon, relativ
 
 
 def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *, max_rank: int,
-                 sv_epsilon: float = 0.0, relative_sv_epsilon: float = 0.0, embed_lora: bool = False,
+                 absolute_sv_epsilon: float = 0.0, sv_epsilon: float = 0.0, embed_lora: bool = False,
                  svd_route: str = "auto", overwrite: bool = False,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ExtractedLora:
     """Write a PEFT LoRA adapter to `out_dir` whose B A approximates each delta finetuned - base
@@ -372,8 +372,8 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
       out_dir: the adapter directory (adapter_config.json, adapter_model.safetensors), written atomically.
       max_rank: the largest rank of any factor pair (a module smaller than it gets min(out, in): exact).
         At most the largest min(out, in) of the weights decomposed.
-      sv_epsilon: keep only singular values above it (mergekit's --sv-epsilon; 0: keep max_rank).
-      relative_sv_epsilon: keep only singular values above it times the matrix's largest (0: off).
+      absolute_sv_epsilon: keep only singular values above it (mergekit's --sv-epsilon; 0: off).
+      sv_epsilon: keep only singular values above it times the matrix's largest (0: off).
       embed_lora: LoRA factors for embeddings and the output head too (default: saved whole).
       svd_route: "auto", "dense" or "randomized" (drm_jax.math.truncated_svd).
       overwrite: replace an existing non-empty `out_dir`.
@@ -386,7 +386,7 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
       DrmJaxError (one line naming the file or tensor) on bad options or inputs, before anything is
       written; inputs are only read.
     """
-    _check_options(max_rank, sv_epsilon, relative_sv_epsilon, svd_route, chunk_bytes)
+    _check_options(max_rank, absolute_sv_epsilon, sv_epsilon, svd_route, chunk_bytes)
     refuse_overlap(out_dir, [finetuned, base])
     with _open_model(finetuned, "fine-tuned") as ft_reader, _open_model(base, "base") as base_reader:
         config = _read_config(ft_reader)
@@ -398,8 +398,8 @@ def extract_lora(finetuned: str | Path, base: str | Path, out_dir: str | Path, *
         every_module = {n.rsplit(".", k)[0] for n in ft_reader.keys() for k in range(1, n.count(".") + 1)}
         every_module |= {_TIED_HEAD} & (plan.whole_modules | {t.module for t in plan.lora})  # a tied head
         with StreamingAdapterWriter(out_dir, overwrite=overwrite) as writer:
-            ranks, routes = _extract(ft_reader, base_reader, plan, writer, int(max_rank), float(sv_epsilon),
-                                     float(relative_sv_epsilon), svd_route, chunk_bytes)
+            ranks, routes = _extract(ft_reader, base_reader, plan, writer, int(max_rank), float(absolute_sv_epsilon),
+                                     float(sv_epsilon), svd_route, chunk_bytes)
             writer.adapter_config = _adapter_config(plan, ranks, every_module, base, _task_type(config))
     return ExtractedLora(Path(out_dir), ranks, tuple(sorted(plan.whole_modules)), tuple(plan.skipped), routes)
 

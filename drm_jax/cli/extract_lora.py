@@ -1,8 +1,8 @@
 """`drm-jax extract-lora FINETUNED BASE OUT_DIR --max-rank R`: a PEFT LoRA adapter from a weight delta.
 
 mergekit-extract-lora's job (docs/methods.md#extract-lora): each linear weight's delta finetuned - base
-becomes LoRA factors of rank at most R (fewer where singular values are at most --sv-epsilon, or at
-most --relative-sv-epsilon times the largest); embeddings, the output head and every tensor that is not a
+becomes LoRA factors of rank at most R (fewer where singular values are at most --sv-epsilon times the
+largest, or at most --absolute-sv-epsilon: mergekit's --sv-epsilon); embeddings, the output head and every tensor that is not a
 linear weight are saved whole (PEFT's modules_to_save). The adapter is written atomically; an existing
 non-empty OUT_DIR is refused unless --overwrite (alias --force) is given.
 """
@@ -26,9 +26,9 @@ def register(subparsers) -> None:
     parser.add_argument("base", metavar="BASE", help="base model it was fine-tuned from")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="adapter directory to write")
     parser.add_argument("--max-rank", type=int, required=True, metavar="R", help="largest LoRA rank")
-    parser.add_argument("--sv-epsilon", type=float, default=0.0, metavar="E",
+    parser.add_argument("--absolute-sv-epsilon", type=float, default=0.0, metavar="E",
                         help="also drop singular values at most E (mergekit's rule; default 0: off)")
-    parser.add_argument("--relative-sv-epsilon", type=float, default=0.0, metavar="E",
+    parser.add_argument("--sv-epsilon", type=float, default=0.0, metavar="E",
                         help="also drop singular values at most E times the matrix's largest (default 0: off)")
     parser.add_argument("--embed-lora", action="store_true",
                         help="LoRA factors for embeddings and the output head too (default: saved whole)")
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     result = extract_lora(args.finetuned, args.base, args.out_dir, max_rank=args.max_rank,
-                          sv_epsilon=args.sv_epsilon, relative_sv_epsilon=args.relative_sv_epsilon,
+                          absolute_sv_epsilon=args.absolute_sv_epsilon, sv_epsilon=args.sv_epsilon,
                           embed_lora=args.embed_lora, svd_route=args.svd_route, overwrite=args.overwrite)
     ranks = sorted(set(result.ranks.values()))
     span = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"

@@ -142,18 +142,18 @@ def test_rank_r_is_the_truncated_svd_of_each_delta(pairs, tmp_path):
     np.testing.assert_allclose(merged[name] - base[name], best, atol=1e-5)
 
 
-def test_sv_epsilon_cuts_each_module_where_mergekit_does(pairs, tmp_path):
-    """mergekit's rule: keep the singular values above sv_epsilon (absolute), at most max_rank; the
-    relative cut keeps those above the fraction of the largest. Ranks that differ go to rank_pattern."""
+def test_sv_epsilon_cuts_each_module_where_the_singular_values_fall(pairs, tmp_path):
+    """sv_epsilon keeps the singular values above that fraction of the largest; absolute_sv_epsilon is
+    mergekit's rule (above the value itself); at most max_rank. Ranks that differ go to rank_pattern."""
     pair = pairs["llama"]
     finetuned, base = _weights(pair / "finetuned"), _weights(pair / "base")
-    for option, value in (("sv_epsilon", 0.09), ("relative_sv_epsilon", 0.45)):
+    for option, value in (("absolute_sv_epsilon", 0.09), ("sv_epsilon", 0.45)):
         out = tmp_path / option
         result = extract_lora(pair / "finetuned", pair / "base", out, max_rank=FULL_RANK, **{option: value})
         config = json.loads((out / "adapter_config.json").read_text())
         for module, rank in result.ranks.items():
             s = np.linalg.svd(finetuned[f"{module}.weight"] - base[f"{module}.weight"], compute_uv=False)
-            threshold = value if option == "sv_epsilon" else value * s[0]
+            threshold = value if option == "absolute_sv_epsilon" else value * s[0]
             assert rank == max(1, int(np.sum(s > threshold))), module
             assert config["rank_pattern"].get(module, config["r"]) == rank
             assert config["alpha_pattern"].get(module, config["lora_alpha"]) == rank  # scaling 1
@@ -261,7 +261,7 @@ BAD_INPUTS = {
                        "model.layers.1.mlp.gate_proj.weight"),
     "rank 0": (None, ["--max-rank", "0"], "max_rank"),
     "absurd rank": (None, ["--max-rank", "1000000"], "max_rank 1000000"),
-    "negative epsilon": (None, ["--sv-epsilon", "-1"], "sv_epsilon"),
+    "negative epsilon": (None, ["--absolute-sv-epsilon", "-1"], "absolute_sv_epsilon"),
 }
 
 
@@ -301,5 +301,9 @@ def test_output_over_an_input_or_a_full_directory_is_refused(pairs, tmp_path, ca
     args = ["extract-lora", str(pair / "finetuned"), str(pair / "base"), str(tmp_path / "full"), "--max-rank", "8"]
     assert main(args) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "keep.txt").exists()
-    assert main([*args, "--overwrite"]) == 0
-    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert main([*args, "--overwrite"]) == 2  # --overwrite replaces only an earlier output, never a user's files
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    earlier = ["extract-lora", str(pair / "finetuned"), str(pair / "base"), str(tmp_path / "earlier"), "--max-rank", "8"]
+    assert main(earlier) == 0
+    assert main([*earlier, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "earlier").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

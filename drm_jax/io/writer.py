@@ -195,7 +195,7 @@ class CheckpointWriter:
         elif self.format == "flax":
             write_flax_msgpack(self._buffered, self.tmp_dir / FLAX_NAME)
         else:
-            write_orbax(self._buffered, self.tmp_dir)
+            write_orbax(self._buffered, self.tmp_dir, shown_as=self.out_dir)
         self._buffered = {}
 
     def close(self) -> Path:

@@ -172,3 +172,24 @@ def test_huge_coefficients_on_ordinary_inputs_still_say_lower_the_coefficients(m
         drm_jax.merge(base, models, method=method, coefficients=[3e38, 3e38], drop_rate=0.0)
     message = str(info.value)
     assert "'layer.w'" in message and "lower the coefficients" in message, message
+
+
+def test_drm_decomposition_overflow_on_the_command_line_is_one_line(family, tmp_path, capfd):
+    from safetensors.numpy import load_file, save_file
+
+    from .conftest import refused, write_merge_config
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    for task in ("task_a", "task_b"):
+        path = family / task / "model.safetensors"
+        tensors = load_file(str(path))
+        tensors[name] = tensors[name] * np.float32(1e20)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    config = write_merge_config(tmp_path, family / "base", family / "task_a", family / "task_b")
+    config.write_text(config.read_text().replace("task_arithmetic", "drm")
+                      .replace("parameters: {lambda: 1.0}", "parameters: {precision: float32}"))
+    line = refused(capfd, ["merge", config, tmp_path / "out", "--quiet"], tmp_path / "out", [family, config],
+                   [name, "overflowed float32", "the inputs reach"])
+    # DRM's decomposition or its norms (renormalization) overflowed: either way the inputs are too large
+    assert "decomposition overflowed" in line or "too large" in line, line
+    assert "lower the coefficients" not in line

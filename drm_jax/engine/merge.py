@@ -92,7 +92,10 @@ def merge(
         normalize, lambda_ (or lambda).
 
     Returns:
-      A pytree with the base's structure and leaf dtypes.
+      A pytree with the base's structure and leaf dtypes: torch tensors (a PyTorch `state_dict()`) come
+      back as torch tensors; float64 leaves are merged in float64 under jax_enable_x64, else in float32
+      and cast back to float64 on the host (NumPy arrays: JAX then holds no float64). Leaves that are not
+      floating (integer buffers, an NNX State's RNG keys and counters) keep the base's value.
 
     Raises:
       MergeInputError: mismatched structure or shapes, NaN/Inf in any input or a merged value that

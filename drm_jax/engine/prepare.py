@@ -390,7 +390,8 @@ class Prepared:
         def canonical(x, r):
             x = np.asarray(jax.device_get(x))
             if c.layout.round_to is not None:  # mergekit's `dtype`: the input as that dtype holds it
-                x = x.astype(jnp.dtype(c.layout.round_to))
+                with np.errstate(over="ignore"):  # a value it cannot hold becomes Inf: refused by name, no warning
+                    x = x.astype(jnp.dtype(c.layout.round_to))
             x = x.astype(np.float32)
             return x.T if c.layout.transposed[r] else x
 
@@ -495,9 +496,9 @@ class Prepared:
                                                         ", or decompose in float64 (precision='float64')"))
         if largest * largest * max(values[0].size, 1) > limit:
             raise MergeInputError(f"leaf {names[r]!r}: {self.method} overflowed {compute.name} (Inf or NaN) although "
-                                  f"every input is finite: the inputs reach |x| = {largest:.3g}, and sums of their "
-                                  f"squares (norms, Gram matrices) pass {compute.name}'s largest value {limit:.3g}; "
-                                  f"the inputs are too large, scale them down")
+                                  f"every input is finite: the inputs reach |x| = {largest:.3g}, too large for "
+                                  f"{compute.name} arithmetic (their sums, norms or Gram matrices can pass its largest "
+                                  f"value {limit:.3g}); scale the inputs down")
 
     def _locate_non_finite_input(self, chunk: Chunk, names: Sequence[str]) -> None:
         base, models = self._inputs(chunk)

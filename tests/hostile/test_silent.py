@@ -57,7 +57,8 @@ def _gradient_merge(tmp_path: Path, layer_count, weight: str) -> tuple[dict, dic
 
 
 @pytest.mark.parametrize("layer_count", ["absent", None, "three"])
-@pytest.mark.parametrize("weight, inside", [("[0.0, 1.0]", 1.0), ("[{filter: up_proj, value: [0.0, 1.0]}, {value: 0.25}]", 0.25)])
+@pytest.mark.parametrize("weight, inside", [("[0.0, 1.0]", 1.0),
+                                            ("[{filter: up_proj, value: [0.0, 1.0]}, {value: 0.25}]", 0.25)])
 def test_gradient_without_a_layer_count_takes_it_from_the_tensor_names(tmp_path, layer_count, weight, inside):
     """Layer i of 3 takes t = i / 2 as with num_hidden_layers: 3, not t = 0 (the first value) for every layer."""
     merged, base, task = _gradient_merge(tmp_path, layer_count, weight)

@@ -55,6 +55,8 @@ MODULE_KEYS = ("slices", "models", "parameters")
 DEFAULT_MODULE = "default"
 # Leaf-selection patterns every method accepts (keywords of drm_jax.merge itself, not method parameters).
 ROLE_PARAMS = ("include", "exclude", "ignore")
+# The largest float32 (numpy.finfo(numpy.float32).max): the command line's merges compute in float32.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def accepted_names(method: str) -> frozenset[str]:
@@ -238,6 +240,17 @@ def _param_of(method: str, name: str):
     return None
 
 
+def _float32_value(value: Any, key: str) -> Any:
+    """A checked value, refused (ValueError naming the key) where float32 cannot hold it: the command line
+    merges in float32, where it would become Inf (and numpy would warn) deep inside the merge."""
+    if isinstance(value, tuple):
+        return tuple(_float32_value(v, f"{key}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{key}: {value:g} is beyond float32's range (|x| <= {FLOAT32_MAX:.4g}), in which the "
+                         f"merge computes")
+    return value
+
+
 def _check_param(source: Path | None, key: str, method: str, name: str, value: Any) -> Any:
     if name in ROLE_PARAMS:
         if not _is_patterns(value):
@@ -250,7 +263,8 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         param = Param(name, param.kind, None, "")
     try:
         # one value, or a gradient / filter list (mergekit's per-tensor settings) for a traced parameter
-        return check_setting(value, key, lambda v, k: param.check(v, k), varying=owner.traced, name=name)
+        return check_setting(value, key, lambda v, k: _float32_value(param.check(v, k), k), varying=owner.traced,
+                             name=name)
     except ValueError as err:
         raise _fail(source, str(err)) from None
 

@@ -219,11 +219,16 @@ def _gradient_key(seg: SegmentDef) -> str | None:
     return None
 
 
-def _num_layers(arch: str, reference: Any) -> int | None:
+def _num_layers(arch: str, reference: Any, names: Sequence[str]) -> int | None:
+    """The layer count of config.json (e.g. num_hidden_layers), else one past the highest layer index in
+    the tensor names (a config.json without the count must not put every layer at t = 0), else None."""
     layers = arch_lib.layer_naming(arch)
     model_config = naming.read_model_config(reference) or {}
     value = model_config.get(layers.num_layers_key) if layers is not None else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    indices = [i for i in (arch_lib.layer_index(arch, n) for n in names) if i is not None]
+    return max(indices) + 1 if indices else None
 
 
 def _require_layer_naming(arch: str, what: str) -> arch_lib.LayerNaming:
@@ -320,7 +325,7 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
                 grad = _gradient_key(seg)
                 if grad is not None:
                     _require_layer_naming(arch, grad)
-                ts = _layer_positions(arch, names, _num_layers(arch, reference))
+                ts = _layer_positions(arch, names, _num_layers(arch, reference, names))
                 ins = []
                 for m in seg.sources:
                     ins.append(names)

@@ -24,7 +24,7 @@ from drm_jax.engine.prepare import (DEFAULT_GROUP_BYTES, Prepared, Source, _reso
                                     raise_non_finite_inputs, raise_non_finite_outputs, resolve_compute_dtype,
                                     rules_for, whole_model_thresholds)
 from drm_jax.engine.stack import Group
-from drm_jax.engine.tree import unflatten
+from drm_jax.engine.tree import like_leaf, unflatten
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod
 from drm_jax.methods.registry import get_method
@@ -92,7 +92,10 @@ def merge(
         normalize, lambda_ (or lambda).
 
     Returns:
-      A pytree with the base's structure and leaf dtypes.
+      A pytree with the base's structure and leaf dtypes: torch tensors (a PyTorch `state_dict()`) come
+      back as torch tensors; float64 leaves are merged in float64 under jax_enable_x64, else in float32
+      and cast back to float64 on the host (NumPy arrays: JAX then holds no float64). Leaves that are not
+      floating (integer buffers, an NNX State's RNG keys and counters) keep the base's value.
 
     Raises:
       MergeInputError: mismatched structure or shapes, NaN/Inf in any input or a merged value that
@@ -174,23 +177,23 @@ def _merge_composed(base, models, method: MergeMethod, layout, coefficients, *, 
     """A `MergeMethod` of one-shot transforms: grouped, stacked and vmapped like the registry's methods."""
     if params:
         raise MergeInputError(f"parameters {sorted(params)} given with a custom MergeMethod")
-    flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
-                                          layout=layout, seed=seed, max_group_bytes=max_group_bytes,
-                                          compute_as=compute_dtype)
+    flat, base_leaves, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude,
+                                                       ignore=ignore, layout=layout, seed=seed,
+                                                       max_group_bytes=max_group_bytes, compute_as=compute_dtype)
     k = len(model_leaves)
     coeff_rows = coefficient_matrix(coefficients, k, 1)[0]
     threshold = None
     if method.global_density is not None:
         per_task = []
         for c in plan:
-            b, m = stack_inputs(c.layout, tuple(flat.leaves[i] for i in c.members),
+            b, m = stack_inputs(c.layout, tuple(base_leaves[i] for i in c.members),
                                 tuple(tuple(ml[i] for ml in model_leaves) for i in c.members), c.layout.compute)
             per_task.append(jnp.swapaxes(m - b[:, None], 0, 1).reshape(k, -1))
         threshold = whole_model_thresholds(tuple(per_task), np.full(k, method.global_density))
     out = list(flat.leaves)
     for c in plan:
         transform = method.linear if c.group.role == "linear" else method.other
-        b, m = stack_inputs(c.layout, tuple(flat.leaves[i] for i in c.members),
+        b, m = stack_inputs(c.layout, tuple(base_leaves[i] for i in c.members),
                             tuple(tuple(ml[i] for ml in model_leaves) for i in c.members), c.layout.compute)
         merged, finite = merge_transform_jit(transform, b, m, coeff_rows, c.keys, threshold)
         names = [flat.names[i] for i in c.members]
@@ -198,7 +201,7 @@ def _merge_composed(base, models, method: MergeMethod, layout, coefficients, *, 
         raise_non_finite_outputs(np.asarray(jnp.all(jnp.isfinite(merged.reshape(merged.shape[0], -1)), axis=1)),
                                  names)
         for i, leaf in zip(c.members, unstack_outputs(c.layout, merged)):
-            out[i] = leaf
+            out[i] = like_leaf(leaf, flat.leaves[i])
     return unflatten(flat, out)
 
 

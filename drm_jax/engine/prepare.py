@@ -34,7 +34,7 @@ from drm_jax.engine import shard
 from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_traced, merge_deltas_jit, merge_layers_jit,
                                      merge_once, prepare_group)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
-from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
+from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, unflatten
 from drm_jax.errors import MergeInputError, quote
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
 from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
@@ -114,7 +114,11 @@ def coefficient_matrix(coefficients, k: int, num_layers: int):
         raise MergeInputError(f"coefficients must have shape ({k},) or ({k}, {num_layers}), got {c.shape}")
     if not np.all(np.isfinite(c)):
         raise MergeInputError(f"coefficients must be finite, got {c.tolist()}")
-    # float64 where jax_enable_x64 is on (the programs then see float64), else float32
+    # float64 where jax_enable_x64 is on (the programs then see float64), else float32, which must hold them
+    if not jax.config.jax_enable_x64 and np.any(np.abs(c) > np.finfo(np.float32).max):
+        raise MergeInputError(f"coefficients: {float(c.flat[np.argmax(np.abs(c))]):g} is beyond float32's range "
+                              f"(|x| <= {float(np.finfo(np.float32).max):.4g}), in which the merge computes "
+                              f"(jax_enable_x64 is off)")
     c = c.astype(np.float64 if jax.config.jax_enable_x64 else np.float32)
     return np.broadcast_to(c[None, :], (num_layers, k)) if c.ndim == 1 else np.ascontiguousarray(c.T)
 
@@ -232,10 +236,10 @@ class Prepared:
                                   f"drm_jax.prepare, not to merge")
         if self._flat is None:
             raise MergeInputError("this plan streams to a sink: call run(put=...)")
-        out = [self._source.get_base(i) for i in range(len(self.names))]
+        out = list(self._flat.leaves)  # leaves that are not merged: the base's own
 
         def put(i, leaf):
-            out[i] = leaf
+            out[i] = like_leaf(leaf, self._flat.leaves[i])
 
         self.run(put, leaf_params=leaf_params, **given)
         return unflatten(self._flat, out)
@@ -386,7 +390,8 @@ class Prepared:
         def canonical(x, r):
             x = np.asarray(jax.device_get(x))
             if c.layout.round_to is not None:  # mergekit's `dtype`: the input as that dtype holds it
-                x = x.astype(jnp.dtype(c.layout.round_to))
+                with np.errstate(over="ignore"):  # a value it cannot hold becomes Inf: refused by name, no warning
+                    x = x.astype(jnp.dtype(c.layout.round_to))
             x = x.astype(np.float32)
             return x.T if c.layout.transposed[r] else x
 
@@ -446,6 +451,7 @@ class Prepared:
                     finite = finite_flags(tuple(merged))
                 if self.check_finite and not np.asarray(finite).all():
                     self._locate_non_finite_input(c, names)
+                    self._explain_overflow(c, names, np.asarray(finite))
                     raise_non_finite_outputs(finite, names)
             for i, leaf in zip(members if self.mesh is not None else c.members, merged):
                 put(i, leaf)
@@ -465,6 +471,34 @@ class Prepared:
                                        {**hparams, scale_name: jnp.ones_like(hparams[scale_name])}, c.base)
             c.delta_key = key
         return combine_jit(c.layout, c.base, c.delta, hparams[scale_name])
+
+    def _explain_overflow(self, chunk: Chunk, names: Sequence[str], finite: np.ndarray) -> None:
+        """Every input finite, a merged leaf not: say where it overflowed. Raises MergeInputError naming the
+        leaf when the method's decomposition (DRM's prepared state) holds Inf/NaN, or when the inputs are so
+        large that a sum of their squares (a norm, a Gram matrix, an SVD) can pass the compute dtype's
+        largest value; returns otherwise (the coefficients made the merged value overflow)."""
+        r = int(np.flatnonzero(~finite)[0])
+        base, models = self._inputs(chunk)
+        values = [np.asarray(x, np.float64) for x in (base[r], *models[r])]
+        largest = max([float(np.max(np.abs(x), initial=0.0)) for x in values]
+                      + [float(np.max(np.abs(x - values[0]), initial=0.0)) for x in values[1:]])
+        compute = np.dtype(chunk.layout.compute)
+        limit = float(np.finfo(compute).max)
+        state_finite = True
+        if chunk.state is not None and self.mesh is None:
+            state_finite = all(bool(np.all(np.isfinite(np.asarray(x[r])))) for x in jax.tree.leaves(chunk.state)
+                               if jnp.issubdtype(x.dtype, jnp.inexact))
+        if not state_finite:
+            raise MergeInputError(f"leaf {names[r]!r}: {self.method}'s decomposition overflowed {compute.name} "
+                                  f"(Inf or NaN) although every input is finite: the inputs reach |x| = "
+                                  f"{largest:.3g}, too large for its Gram matrices and SVDs in {compute.name}; scale "
+                                  f"the inputs down" + ("" if compute == np.float64 else
+                                                        ", or decompose in float64 (precision='float64')"))
+        if largest * largest * max(values[0].size, 1) > limit:
+            raise MergeInputError(f"leaf {names[r]!r}: {self.method} overflowed {compute.name} (Inf or NaN) although "
+                                  f"every input is finite: the inputs reach |x| = {largest:.3g}, too large for "
+                                  f"{compute.name} arithmetic (their sums, norms or Gram matrices can pass its largest "
+                                  f"value {limit:.3g}); scale the inputs down")
 
     def _locate_non_finite_input(self, chunk: Chunk, names: Sequence[str]) -> None:
         base, models = self._inputs(chunk)
@@ -588,19 +622,21 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_b
 
 
 def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_group_bytes, mesh=None, compute_as=None):
-    """Trees checked against each other, roles given and chunks planned: (flat base, model leaves in the
-    base's leaf order, chunks)."""
+    """Trees checked against each other, roles given and chunks planned: (flat base as given, its leaves as
+    arrays JAX reads (`host_array`: torch tensors as NumPy), model leaves likewise in the base's leaf order,
+    chunks)."""
     models = list(models)
     if not models:
         raise MergeInputError("no models to merge")
     flat = flatten(base)
-    model_leaves = align_models(flat, models)
-    shapes = [np.shape(x) for x in flat.leaves]
-    dtypes = [jnp.result_type(x) for x in flat.leaves]
+    model_leaves = [[host_array(x, n) for n, x in zip(flat.names, leaves)] for leaves in align_models(flat, models)]
+    base_leaves = [host_array(x, n) for n, x in zip(flat.names, flat.leaves)]
+    shapes = [np.shape(x) for x in base_leaves]
+    dtypes = [jnp.result_type(x) for x in base_leaves]
     leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
                                     layout=layout)
-    return flat, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
-                                           max_group_bytes, mesh, compute_as)
+    return flat, base_leaves, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
+                                                        max_group_bytes, mesh, compute_as)
 
 
 def _resolve(method, params: dict, direction):
@@ -639,10 +675,11 @@ def prepare(
     """
     spec, static, traced = _resolve(method, params, direction)
     rules = rules_for(spec, static, resolve_compute_dtype(compute_dtype)[1])
-    flat, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
-                                          layout=layout, seed=static.get("seed", 0),
-                                          max_group_bytes=max_group_bytes, mesh=mesh, compute_as=compute_dtype)
-    source = Source(lambda i: flat.leaves[i], lambda t, i: model_leaves[t][i])
+    flat, base_leaves, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
+                                                       layout=layout, seed=static.get("seed", 0),
+                                                       max_group_bytes=max_group_bytes, mesh=mesh,
+                                                       compute_as=compute_dtype)
+    source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i])
     return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=mesh)
 
 

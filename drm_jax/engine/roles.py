@@ -56,6 +56,14 @@ def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern
     return compiled
 
 
+def _floating(dtype) -> bool:
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # JAX's extended dtypes (an NNX State's RNG keys) hold no numbers
+        return False
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 class RoleRules:
     """include / exclude / ignore patterns and the layout, applied to (name, shape, dtype).
 
@@ -80,8 +88,8 @@ class RoleRules:
             raise MergeInputError(f"unknown layout {layout!r}; expected 'torch', 'flax' or a callable")
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> LeafRole:
-        if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name != "bfloat16":
-            return LeafRole("keep", False)  # integer buffers (position ids, step counters)
+        if not _floating(dtype):
+            return LeafRole("keep", False)  # integer buffers (position ids, step counters), RNG keys
         if any(p.search(name) for p in self.ignore):
             return LeafRole("ignore", False)
         if len(shape) == 2 and (not self.include or any(p.search(name) for p in self.include)) and not any(

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,11 +52,12 @@ def find_orbax_item(path: Path) -> Path | None:
 
 
 @contextlib.contextmanager
-def _quiet_absl():
-    """Orbax logs its own warnings through absl on failures we report ourselves in one line."""
+def _quiet_absl(threshold: int = logging.ERROR):
+    """Orbax logs its own warnings through absl on failures we report ourselves in one line (and, from its
+    writing threads, each failure with a traceback at ERROR level before handing it to us)."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(threshold)
     try:
         yield
     finally:
@@ -112,11 +116,14 @@ class OrbaxReader(IndexedReader):
             raise CheckpointError(f"{path}: not an Orbax checkpoint (no _METADATA or manifest.ocdbt)")
         super().__init__(path, config_dir(item, path))
         self.item_dir = item
+        # Orbax takes a relative path for a path of its own kind and finds no arrays there: it gets ours
+        # absolute (errors still name the path as given).
+        self._item_abs = item.absolute()
         self._checkpointer = _checkpointer()
         stored = tree_bytes(item, item)  # before Orbax reads a byte: every file is the item's own
         try:
             with _quiet_absl():
-                metadata = self._checkpointer.metadata(item)
+                metadata = self._checkpointer.metadata(self._item_abs)
         except Exception as err:  # orbax raises ValueError, FileNotFoundError, tensorstore errors, ...
             raise CheckpointError(f"{item}: cannot read Orbax metadata: {str(err)[:200]}") from None
         # orbax >= 0.11 wraps the tree as StepMetadata.item_metadata.tree; older versions return it bare.
@@ -148,7 +155,7 @@ class OrbaxReader(IndexedReader):
         try:
             with _quiet_absl():
                 restored = self._checkpointer.restore(
-                    self.item_dir,
+                    self._item_abs,
                     args=ocp.args.PyTreeRestore(item=item_root, restore_args=args_root))
         except Exception as err:
             raise CheckpointError(f"{self.item_dir}: cannot read tensor {name!r}: {err}") from err
@@ -160,18 +167,72 @@ class OrbaxReader(IndexedReader):
         return array
 
 
-def write_orbax(tensors: Mapping[str, np.ndarray], directory: Path) -> Path:
-    """Save dotted-name tensors as a nested-dict Orbax PyTree checkpoint in `directory` (replaced)."""
+def _os_error(err: BaseException) -> OSError | None:
+    """The system error behind a failed save: an OSError itself, or the one tensorstore reports inside a
+    ValueError ("... No space left on device [os_error_code='28']"); None for any other failure."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return OSError(err.errno, err.strerror or os.strerror(err.errno))
+    match = re.search(r"os_error_code='?(\d+)", str(err))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def _is_closed_loop_callback(unraisable: Any) -> bool:
+    return (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+            and unraisable.object is None)
+
+
+@contextlib.contextmanager
+def _closed_loop_callbacks_dropped(quiet_s: float = 0.2, limit_s: float = 2.0):
+    """Orbax closes its event loop at the first failed write while tensorstore still has writes of the same
+    save in flight; each of them, failing in turn, calls back into the closed loop, and that RuntimeError
+    reaches sys.unraisablehook as a traceback on stderr, possibly after the save has returned. Inside the
+    block those are dropped; after a failure the block waits until none has come for `quiet_s` seconds
+    (at most `limit_s`), so that none arrives once the previous hook is back."""
+    previous = sys.unraisablehook
+    last = [time.monotonic()]
+
+    def hook(unraisable) -> None:
+        if _is_closed_loop_callback(unraisable):
+            last[0] = time.monotonic()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        start = last[0] = time.monotonic()
+        while time.monotonic() - last[0] < quiet_s and time.monotonic() - start < limit_s:
+            time.sleep(0.02)
+        raise
+    finally:
+        sys.unraisablehook = previous
+
+
+def write_orbax(tensors: Mapping[str, np.ndarray], directory: Path, shown_as: Path | None = None) -> Path:
+    """Save dotted-name tensors as a nested-dict Orbax PyTree checkpoint in `directory` (replaced).
+
+    shown_as: the path errors name (default `directory`; a writer's temporary directory is named by its
+    destination). A system error (a full disk, a file too large) is raised as an OSError without a file
+    name, to be reported against that destination; any other failure as a CheckpointError.
+    """
     tree = unflatten_names({name: np.asarray(array) for name, array in tensors.items()})
     # Orbax wants an absolute path and stages beside its target: save into a folder inside `directory`
     # (its staging folder lands inside too, and goes with it on failure), then move the files up.
     directory = Path(directory).absolute()
     item = directory / ".orbax-item"
     try:
-        _checkpointer().save(item, tree, force=True)
+        with _quiet_absl(logging.CRITICAL), _closed_loop_callbacks_dropped():
+            _checkpointer().save(item, tree, force=True)
     except Exception as err:
+        system = _os_error(err)
+        if system is not None:
+            raise system from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{directory}: cannot write Orbax checkpoint: {first[:300]}") from None
+        raise CheckpointError(f"{shown_as or directory}: cannot write Orbax checkpoint: {first[:300]}") from None
     for child in item.iterdir():
         os.replace(child, directory / child.name)
     item.rmdir()

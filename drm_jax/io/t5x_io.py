@@ -13,12 +13,15 @@ Read with tensorstore (not with t5x). Only the model parameters (`optimizer.targ
 the checkpoint directory (no "..", no absolute path, no symlink out) and exist, and it must be a local
 file store (a checkpoint never makes us read elsewhere or over the network). The files inside an array
 directory are checked the same way (regular files, no link leaving the checkpoint directory), and the
-shape its metadata claims must fit the bytes stored (`drm_jax.io.base.check_claimed_size`).
+shape its metadata claims must fit the bytes stored (`drm_jax.io.base.check_claimed_size`). Every chunk
+must be present: a missing chunk file is refused when the tensor is read (tensorstore would fill it with
+the fill value, zeros).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +114,21 @@ def resolve_array_dir(checkpoint_file: Path, name: str, spec: dict) -> tuple[str
 def _open_store(driver: str, directory: Path):
     import tensorstore as ts
 
-    return ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(directory) + "/"}}, open=True).result()
+    # A chunk file that is not there is an error, not the fill value: t5x writes every chunk (its specs set
+    # no fill_value), so a missing one is a checkpoint cut short, which tensorstore would read as zeros.
+    return ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(directory) + "/"},
+                    "fill_missing_data_reads": False}, open=True).result()
+
+
+def _missing_chunk(array_dir: Path, err: Exception) -> str | None:
+    """The chunk file (relative to the array directory) a tensorstore read error says is missing, or None."""
+    match = re.search(r'NOT_FOUND: chunk .* stored at local file "(.*)" is missing', str(err))
+    if match is None:
+        return None
+    try:
+        return str(Path(match.group(1)).relative_to(array_dir))
+    except ValueError:
+        return match.group(1)
 
 
 class T5xReader(CheckpointReader):
@@ -192,7 +209,11 @@ class T5xReader(CheckpointReader):
         array_dir, store = self._stores[name]
         try:
             array = np.asarray(store.read().result())
-        except Exception as err:  # corrupt or truncated chunk
+        except Exception as err:  # corrupt, truncated or missing chunk
+            missing = _missing_chunk(array_dir, err)
+            if missing is not None:
+                raise CheckpointError(f"{array_dir}: tensor {name!r}: chunk file {quote(missing)} is missing; a "
+                                      f"checkpoint must hold every chunk of its arrays") from None
             raise CheckpointError(f"{array_dir}: cannot read tensor {name!r}: {err}") from err
         return array.view(self.dtype(name))  # same itemsize: only relabels T5X v2's uint16-coded bf16
 

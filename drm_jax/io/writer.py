@@ -272,7 +272,7 @@ class CheckpointWriter:
         elif self.format == "maxtext":
             write_maxtext(self._buffered, self.tmp_dir, self.maxtext_layout, self.scan_layers)
         else:
-            write_orbax(self._buffered, self.tmp_dir)
+            write_orbax(self._buffered, self.tmp_dir, shown_as=self.out_dir)
         self._buffered = {}
 
     def close(self) -> Path:

@@ -238,7 +238,7 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         if not _is_patterns(value):
             raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
         return value
-    from drm_jax.cli.settings import check_setting
+    from drm_jax.config.settings import check_setting
 
     owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
@@ -530,7 +530,7 @@ def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
 
 
 def _chat_template(source: Path | None, value: Any) -> str | None:
-    from drm_jax.cli.chat_templates import check_chat_template
+    from drm_jax.config.chat_templates import check_chat_template
 
     if value is None or value == "":
         return None

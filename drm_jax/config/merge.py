@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig, load_config
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
-from drm_jax.cli.recipe import Recipe, build_recipe
-from drm_jax.cli.streaming import input_paths
+from drm_jax.config.recipe import Recipe, build_recipe
+from drm_jax.config.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
 
 DEFAULT_MAX_MEMORY = "1GB"
@@ -255,8 +255,8 @@ def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: 
 
 def _input_templates(config: MergeConfig) -> list:
     """The chat templates of every input model's tokenizer that loads (for `chat_template: auto`)."""
-    from drm_jax.cli.card import referenced_models
-    from drm_jax.cli.vocabulary import load_tokenizer, model_directory
+    from drm_jax.config.card import referenced_models
+    from drm_jax.config.vocabulary import load_tokenizer, model_directory
 
     templates = []
     for ref in referenced_models(config):
@@ -268,7 +268,7 @@ def _input_templates(config: MergeConfig) -> list:
 
 
 def _save_tokenizer(tokenizer, directory: Path, config: MergeConfig, templates) -> None:
-    from drm_jax.cli.chat_templates import resolve_chat_template
+    from drm_jax.config.chat_templates import resolve_chat_template
 
     template = resolve_chat_template(config.chat_template, templates)
     if template is not None:
@@ -300,7 +300,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
     if vocabulary is not None:
         _save_tokenizer(vocabulary.tokenizer, directory, config, vocabulary.templates)
     elif copy_tokenizer and config_dir is not None and chat_template:
-        from drm_jax.cli.vocabulary import load_tokenizer
+        from drm_jax.config.vocabulary import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(Path(config_dir), "chat_template")
@@ -316,7 +316,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
     elif chat_template:
         _warn("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
     if write_model_card and config is not None:
-        from drm_jax.cli.card import write_card_files
+        from drm_jax.config.card import write_card_files
 
         write_card_files(directory, config, name or "merged model")
 
@@ -340,7 +340,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
     """
-    from drm_jax.cli.segments import check_segments, merge_segments, open_segments, set_layer_count
+    from drm_jax.config.segments import check_segments, merge_segments, open_segments, set_layer_count
     from drm_jax.io.writer import CheckpointWriter
 
     recipe = recipe or build_recipe(config)
@@ -356,7 +356,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 
     vocabulary, wrap = None, None
     if config.tokenizer_spec is not None:
-        from drm_jax.cli.vocabulary import align_views, plan_vocabulary
+        from drm_jax.config.vocabulary import align_views, plan_vocabulary
 
         vocabulary = plan_vocabulary(config)
         for note in vocabulary.warnings:
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
                   config.resolve(recipe.reference.model)])
     devices = select_devices(args.device, args.devices)
     if getattr(args, "adapter_out", False) or getattr(args, "adapter_rank", None) is not None:
-        from drm_jax.cli.adapter_out import run_adapter_out
+        from drm_jax.config.adapter_out import run_adapter_out
 
         return run_adapter_out(args, config, recipe)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from drm_jax.cli.config import MergeConfig
+from drm_jax.config.schema import MergeConfig
 
 TAGS = ("mergekit", "merge")
 _ARXIV = re.compile(r"arXiv[: ]\s*(\d{4}\.\d{4,5})")

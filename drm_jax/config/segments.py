@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig, ModelEntry, SliceEntry, per_model_names
-from drm_jax.cli.settings import FilterList, Gradient, has_per_tensor, resolve
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig, ModelEntry, SliceEntry, per_model_names
+from drm_jax.config.settings import FilterList, Gradient, has_per_tensor, resolve
 from drm_jax.errors import CheckpointError, ConfigError
 from drm_jax.io import architectures as arch_lib
 from drm_jax.methods.base import clip
@@ -120,7 +120,7 @@ def representative(config: MergeConfig, seg: SegmentDef | None = None) -> MergeC
 def check_segments(config: MergeConfig) -> None:
     """Every slice's parameters and inputs checked (as `build_recipe` checks a config), before any
     checkpoint is opened."""
-    from drm_jax.cli.recipe import build_recipe
+    from drm_jax.config.recipe import build_recipe
 
     for s in config.slices:
         build_recipe(representative(config, slice_def(config, s)))
@@ -139,7 +139,7 @@ class TensorParams:
     def recipe(self, out_name: str, in_names: Sequence[str], t: float):
         """The recipe of one tensor: `in_names[k]` is its name in source k (filters of per-model values
         match it), `out_name` its output name (filters of shared values match it)."""
-        from drm_jax.cli.recipe import build_recipe
+        from drm_jax.config.recipe import build_recipe
 
         seg = self.seg
         shared = {}
@@ -305,7 +305,7 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
     (layer-count key, number of layers) or None), readers closed on exit."""
     promote = config.dtype is None and config.out_dtype is None
     if not config.slices:
-        from drm_jax.cli.streaming import open_sources
+        from drm_jax.config.streaming import open_sources
 
         wrap = promoting(wrap_views) if promote else wrap_views
         with open_sources(config, recipe, out_dtype, wrap_views=wrap) as (sources, arch, reference):
@@ -330,7 +330,7 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
 @contextlib.contextmanager
 def _open_readers(config: MergeConfig, wrap_views):
     """{model reference: Hugging Face view} of every model of a slices config, and the architecture."""
-    from drm_jax.cli.streaming import open_model, split_adapter
+    from drm_jax.config.streaming import open_model, split_adapter
 
     base_path = None
     if config.base_model is not None:
@@ -354,7 +354,7 @@ def _open_readers(config: MergeConfig, wrap_views):
 
 
 def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
-    from drm_jax.cli.recipe import build_recipe
+    from drm_jax.config.recipe import build_recipe
 
     key = "slices" if not config.module_parameters else "modules.default.slices"
     layers = _require_layer_naming(arch, key)

@@ -14,7 +14,7 @@ import argparse
 import re
 from pathlib import Path
 
-from drm_jax.cli.merge import MAX_SIZE
+from drm_jax.config.merge import MAX_SIZE
 from drm_jax.errors import quote
 from drm_jax.io.architectures import ARCHITECTURES
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap

@@ -33,6 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         print_error(f"{self.prog}: {message} (see {self.prog} --help)")
         raise SystemExit(2)
+_MODULES = {"merge": "drm_jax.config.merge"}  # moved with the planner; cli/merge.py comes back next commit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _SUBCOMMANDS:
         try:
-            module = importlib.import_module(f"drm_jax.cli.{name}")
+            module = importlib.import_module(_MODULES.get(name, f"drm_jax.cli.{name}"))
         except ModuleNotFoundError as err:
-            if err.name != f"drm_jax.cli.{name}":
+            if err.name != _MODULES.get(name, f"drm_jax.cli.{name}"):
                 raise
             continue  # subcommand not built yet
         module.register(sub)

@@ -122,7 +122,7 @@ _OUTPUT_FILES = re.compile(r"model\.safetensors\.index\.json|adapter_config\.jso
 _OUTPUT_DIRS = re.compile(r"d|ocdbt\.process_\d+|array_metadatas|descriptor|target\..+")
 
 
-# The model card drm-jax writes says so (drm_jax.cli.card); another README.md is someone else's.
+# The model card drm-jax writes says so (drm_jax.config.card); another README.md is someone else's.
 CARD_MARK = "made with drm-jax"
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drm_jax.cli.config import METHOD_PARAMS, load_config, parse_config
-from drm_jax.cli.merge import parse_size
-from drm_jax.cli.recipe import build_recipe
+from drm_jax.config.schema import METHOD_PARAMS, load_config, parse_config
+from drm_jax.config.merge import parse_size
+from drm_jax.config.recipe import build_recipe
 from drm_jax.errors import ConfigError
 from drm_jax.math.state import MergeMethod
 from drm_jax.methods.registry import get_method

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from drm_jax.cli.config import ModelEntry, SliceEntry, parse_config
-from drm_jax.cli.recipe import build_recipe
-from drm_jax.cli.segments import TensorParams, check_segments, models_def, representative, slice_def
-from drm_jax.cli.settings import Conditional, FilterList, Gradient, evaluate, resolve
+from drm_jax.config.schema import ModelEntry, SliceEntry, parse_config
+from drm_jax.config.recipe import build_recipe
+from drm_jax.config.segments import TensorParams, check_segments, models_def, representative, slice_def
+from drm_jax.config.settings import Conditional, FilterList, Gradient, evaluate, resolve
 from drm_jax.errors import ConfigError
 from drm_jax.io import architectures as arch
 

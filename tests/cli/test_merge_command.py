@@ -205,7 +205,7 @@ def test_peft_adapter_over_the_base(llama_family, lora_adapter, tmp_path, monkey
 
 
 def test_layout_follows_the_architecture_tables():
-    from drm_jax.cli.naming import layout_for
+    from drm_jax.io.naming import layout_for
 
     gpt2, llama = layout_for("gpt2"), layout_for("llama")
     assert gpt2("transformer.h.0.attn.c_attn.weight", (32, 96))  # Conv1D: stored (in, out)

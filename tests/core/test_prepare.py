@@ -12,7 +12,7 @@ import pytest
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.cli.config import METHOD_PARAMS, ROLE_PARAMS, parse_config
+from drm_jax.config.schema import METHOD_PARAMS, ROLE_PARAMS, parse_config
 from drm_jax.cli.main import main
 from drm_jax.engine.compiled import Layout, merge_layers_jit, prepare_group
 from drm_jax.engine.prepare import rules_for

@@ -23,7 +23,7 @@ def test_alias_bomb_is_refused_small(tmp_path, capfd, levels, where):
     config = tmp_path / "bomb.yaml"
     config.write_text(_bomb(levels) + f"\n{where}: *l{levels - 1}\n")
     assert config.stat().st_size < 1000
-    from drm_jax.cli.config import load_config
+    from drm_jax.config.schema import load_config
     from drm_jax.errors import ConfigError
 
     started = time.monotonic()

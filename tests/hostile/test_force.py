@@ -83,12 +83,12 @@ def test_force_replaces_an_earlier_output(tmp_path, capfd, family, flags):
 
 @pytest.mark.parametrize("command", ["merge", "convert"])
 def test_dangling_link_output_is_refused_before_merging(tmp_path, capfd, family, monkeypatch, command):
-    import drm_jax.cli.segments
+    import drm_jax.config.segments
 
     def no_merge(*args, **kwargs):
         raise AssertionError("merged before refusing the output")
 
-    monkeypatch.setattr(drm_jax.cli.segments, "open_segments", no_merge)
+    monkeypatch.setattr(drm_jax.config.segments, "open_segments", no_merge)
     out = tmp_path / "out"
     os.symlink(tmp_path / "nowhere", out)
     if command == "merge":
@@ -149,8 +149,8 @@ def test_model_card_escapes_paths_and_comments(tmp_path, capfd, family):
 
 
 def test_model_card_path_with_a_newline_stays_one_line(tmp_path, capfd, family):
-    from drm_jax.cli.card import generate_card
-    from drm_jax.cli.config import load_config
+    from drm_jax.config.card import generate_card
+    from drm_jax.config.schema import load_config
 
     odd = family / "task\n# Injected heading"
     shutil.copytree(family / "task_a", odd)

@@ -93,7 +93,7 @@ def test_api_rank_past_every_weight_raises_naming_rank():
 
 @pytest.mark.parametrize("where", ["models", "slices"])
 def test_thousands_of_models_are_refused_up_front(family, tmp_path, capfd, where):
-    from drm_jax.cli.config import MAX_MODELS
+    from drm_jax.config.schema import MAX_MODELS
 
     count = 10_000 if where == "models" else MAX_MODELS + 1
     model = family / TASKS[0]
@@ -126,7 +126,7 @@ def _word_tokenizer(prefix: str, size: int):
 def test_union_of_two_large_vocabularies_is_linear(monkeypatch):
     from transformers import PreTrainedTokenizerBase
 
-    from drm_jax.cli.vocabulary import union_tokenizer
+    from drm_jax.config.vocabulary import union_tokenizer
 
     union_tokenizer(_word_tokenizer("w", 8), [(_word_tokenizer("w", 8), 8), (_word_tokenizer("v", 8), 8)])  # imports
     calls = []

@@ -252,7 +252,7 @@ def test_named_templates_render_as_mergekits(name, family):
 
     from mergekit._data import chat_templates
 
-    from drm_jax.cli.chat_templates import NAMED_TEMPLATES
+    from drm_jax.config.chat_templates import NAMED_TEMPLATES
 
     theirs = importlib.resources.files(chat_templates).joinpath(f"{name}.jinja").read_text()
     tok = transformers.AutoTokenizer.from_pretrained(str(family / "base"))
@@ -309,8 +309,8 @@ def test_folder_files_and_card(family, our_outputs):
 
 
 def test_card_front_matter_names_hub_models():
-    from drm_jax.cli.card import generate_card
-    from drm_jax.cli.config import parse_config
+    from drm_jax.config.card import generate_card
+    from drm_jax.config.schema import parse_config
 
     config = parse_config({"merge_method": "ties", "base_model": "org/base-model",
                            "models": ["org/tuned+org/adapter", "/local/model"]})
@@ -367,7 +367,7 @@ def test_bad_shard_sizes_are_one_line(family, tmp_path, capsys, flags, message):
 
 
 def test_kmb_sizes():
-    from drm_jax.cli.merge import parse_kmb
+    from drm_jax.config.merge import parse_kmb
 
     assert parse_kmb("5B") == 5 * 10**9 and parse_kmb("500m") == 5 * 10**8 and parse_kmb("7k") == 7000
     assert parse_kmb("1234") == 1234 and parse_kmb("0") == 0

@@ -234,7 +234,7 @@ def test_sce_edge_cases():
     assert (d ** 2).reshape(3, -1).mean(1).sum() < 1e-6
     assert rel(_delta(out, base, name), ref_sce(d, 1.0)) < 1e-5
     # a weight given to sce on the command line is refused (mergekit's sce takes none)
-    from drm_jax.cli.config import parse_config
+    from drm_jax.config.schema import parse_config
     from drm_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"models\[0\]\.parameters\.weight: unknown per-model parameter"):
@@ -588,8 +588,8 @@ def test_random_methods_agree_with_mergekit_in_norm_and_keep_rate(name, outputs,
 
 
 def test_the_command_line_takes_mergekit_defaults():
-    from drm_jax.cli.config import parse_config
-    from drm_jax.cli.recipe import build_recipe
+    from drm_jax.config.schema import parse_config
+    from drm_jax.config.recipe import build_recipe
 
     from drm_jax.methods.registry import get_method
 
@@ -639,7 +639,7 @@ def test_parameters_and_defaults_are_mergekits(method):
     from mergekit.merge_methods import registry as mk_registry
     from mergekit.merge_methods.base import MISSING, ParameterScope
 
-    from drm_jax.cli.config import per_model_names
+    from drm_jax.config.schema import per_model_names
     from drm_jax.methods.registry import get_method
 
     theirs = {p.name: p for p in mk_registry.get(method).spec.parameters}

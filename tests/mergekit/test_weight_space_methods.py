@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import drm_jax
-from drm_jax.cli.config import parse_config
-from drm_jax.cli.recipe import build_recipe
+from drm_jax.config.schema import parse_config
+from drm_jax.config.recipe import build_recipe
 from drm_jax.errors import ConfigError, MergeInputError
 
 EXAMPLES = Path(__file__).parent / "configs"  # in the shape of mergekit's examples
@@ -439,7 +439,7 @@ def test_parameters_defaults_and_contracts_are_mergekits(method):
     from mergekit.merge_methods import registry as mk_registry
     from mergekit.merge_methods.base import MISSING, BasePolicy, ParameterScope
 
-    from drm_jax.cli.config import per_model_names
+    from drm_jax.config.schema import per_model_names
     from drm_jax.methods.registry import get_method
 
     theirs = mk_registry.get(method).spec

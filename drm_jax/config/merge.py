@@ -4,9 +4,9 @@
         [--devices N] [--max-memory 1GB] [--max-shard-size SIZE | --out-shard-size 5B]
         [--copy-tokenizer | --no-copy-tokenizer] [--write-model-card | --no-write-model-card]
 
-The config is checked first (`drm_jax.cli.config`), translated into engine arguments with mergekit's
-semantics (`drm_jax.cli.recipe`), the checkpoints are opened lazily and checked against each other
-(`drm_jax.cli.streaming`), then `drm_jax.engine.merge.merge_leaves` merges one chunk of one group of
+The config is checked first (`drm_jax.config.schema`), translated into engine arguments with mergekit's
+semantics (`drm_jax.config.recipe`), the checkpoints are opened lazily and checked against each other
+(`drm_jax.config.streaming`), then `drm_jax.engine.merge.merge_leaves` merges one chunk of one group of
 same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output shard by
 shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
 groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig, load_config
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig, load_config
 from drm_jax.cli.progress import MergeProgress
-from drm_jax.cli.recipe import Recipe, build_recipe
-from drm_jax.cli.streaming import input_paths
+from drm_jax.config.recipe import Recipe, build_recipe
+from drm_jax.config.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, UnsafeFileError, one_line, quote
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
@@ -268,8 +268,8 @@ def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: 
 
 def _input_templates(config: MergeConfig) -> list:
     """The chat templates of every input model's tokenizer that loads (for `chat_template: auto`)."""
-    from drm_jax.cli.card import referenced_models
-    from drm_jax.cli.vocabulary import load_tokenizer, model_directory
+    from drm_jax.config.card import referenced_models
+    from drm_jax.config.vocabulary import load_tokenizer, model_directory
 
     templates = []
     for ref in referenced_models(config):
@@ -283,7 +283,7 @@ def _input_templates(config: MergeConfig) -> list:
 
 
 def _save_tokenizer(tokenizer, directory: Path, config: MergeConfig, templates) -> None:
-    from drm_jax.cli.chat_templates import resolve_chat_template
+    from drm_jax.config.chat_templates import resolve_chat_template
 
     template = resolve_chat_template(config.chat_template, templates)
     if template is not None:
@@ -301,7 +301,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
     - the tokenizer: the one built for `tokenizer_source` / the `tokenizer` block (`vocabulary`), else,
       with `copy_tokenizer`, the reference's tokenizer files (loaded and saved again when a
       `chat_template` is set, which is written into it);
-    - with `write_model_card`: README.md (`drm_jax.cli.card`) and mergekit_config.yml.
+    - with `write_model_card`: README.md (`drm_jax.config.card`) and mergekit_config.yml.
     """
     copy_model_files(config_dir, [n for n in CONFIG_FILE_NAMES if n not in TOKENIZER_FILES], directory)
     _update_model_config(directory / "config.json", dtype_name,
@@ -310,7 +310,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
     if vocabulary is not None:
         _save_tokenizer(vocabulary.tokenizer, directory, config, vocabulary.templates)
     elif copy_tokenizer and config_dir is not None and chat_template:
-        from drm_jax.cli.vocabulary import load_tokenizer
+        from drm_jax.config.vocabulary import load_tokenizer
 
         try:
             tokenizer = load_tokenizer(Path(config_dir), "chat_template")
@@ -326,7 +326,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
     elif chat_template:
         _warn("chat_template is set but no tokenizer is written (--no-copy-tokenizer); it is not saved")
     if write_model_card and config is not None:
-        from drm_jax.cli.card import write_card_files
+        from drm_jax.config.card import write_card_files
 
         write_card_files(directory, config, name or "merged model")
 
@@ -367,7 +367,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
     """
-    from drm_jax.cli.segments import check_segments, merge_segments, open_segments, set_layer_count
+    from drm_jax.config.segments import check_segments, merge_segments, open_segments, set_layer_count
     from drm_jax.io.writer import CheckpointWriter
 
     recipe = recipe or build_recipe(config)
@@ -383,7 +383,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 
     vocabulary, wrap = None, None
     if config.tokenizer_spec is not None:
-        from drm_jax.cli.vocabulary import align_views, plan_vocabulary
+        from drm_jax.config.vocabulary import align_views, plan_vocabulary
 
         vocabulary = plan_vocabulary(config)
         for note in vocabulary.warnings:
@@ -396,7 +396,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
         wrap = aligned
 
     # segments: one merge for a `models` config, the tensors before the layers, each slice and the tensors
-    # after the layers for a `slices` config (drm_jax.cli.segments)
+    # after the layers for a `slices` config (drm_jax.config.segments)
     with open_segments(config, recipe, _numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
                                                                                           layer_count):
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
@@ -432,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
                   config.resolve(recipe.reference.model)])
     devices = select_devices(args.device, args.devices)
     if getattr(args, "adapter_out", False) or getattr(args, "adapter_rank", None) is not None:
-        from drm_jax.cli.adapter_out import run_adapter_out
+        from drm_jax.config.adapter_out import run_adapter_out
 
         return run_adapter_out(args, config, recipe)
     try:

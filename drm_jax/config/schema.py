@@ -177,14 +177,14 @@ class MergeConfig:
       tokenizer_source: None, "base", "union" or a model reference: the output vocabulary (mergekit's
         tokenizer_source; the embedding rows are aligned to it).
       tokenizer: mergekit's `tokenizer` block (`TokenizerSpec`), or None. At most one of the two is given.
-      chat_template: a template name, "auto", a Jinja template, or None (`drm_jax.cli.chat_templates`).
+      chat_template: a template name, "auto", a Jinja template, or None (`drm_jax.config.chat_templates`).
       source: the YAML file, or None for a config built from a dict.
       text: the config's text as given (written as mergekit_config.yml), or None.
       slices: mergekit's `slices` (or `modules.default.slices`), in output order; empty for a `models`
         config. With slices, `models` lists every source model once (its first source entry).
       module_parameters: `modules.default.parameters` (between a slice's and the top-level parameters).
     Parameter values are numbers, strings and booleans, or, for traced parameters, mergekit's gradients
-    and filter lists (`drm_jax.cli.settings`).
+    and filter lists (`drm_jax.config.settings`).
     """
 
     merge_method: str
@@ -256,7 +256,7 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         if not _is_patterns(value):
             raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
         return value
-    from drm_jax.cli.settings import check_setting
+    from drm_jax.config.settings import check_setting
 
     owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
@@ -562,7 +562,7 @@ def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
 
 
 def _chat_template(source: Path | None, value: Any) -> str | None:
-    from drm_jax.cli.chat_templates import check_chat_template
+    from drm_jax.config.chat_templates import check_chat_template
 
     if value is None or value == "":
         return None

@@ -2,7 +2,7 @@
 sources, method and numbers (mergekit's planner, without its per-tensor task graph).
 
 - A `models` config is one segment: every tensor of the reference, merged from the same tensor of each
-  model. Parameters given as gradients or filter lists (`drm_jax.cli.settings`) resolve to one value
+  model. Parameters given as gradients or filter lists (`drm_jax.config.settings`) resolve to one value
   per tensor; the tensors whose values differ from the segment's reach the engine as `leaf_params`
   (one vmapped program per group still: the engine stacks the values with the layers).
 - A `slices` config (or `modules.default.slices`) is a frankenmerge: the tensors before the layers
@@ -13,7 +13,7 @@ sources, method and numbers (mergekit's planner, without its per-tensor task gra
   for the tensors before and after the layers. The written config.json gets the output's layer count.
 
 Per tensor, each scope's settings are resolved to numbers and the result is translated by
-`drm_jax.cli.recipe.build_recipe` like any config of plain numbers: defaults, aliases and mergekit's
+`drm_jax.config.recipe.build_recipe` like any config of plain numbers: defaults, aliases and mergekit's
 rules stay in one place. Layer naming per architecture is `drm_jax.io.architectures.LAYER_NAMING`.
 """
 
@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig, ModelEntry, SliceEntry, per_model_names
-from drm_jax.cli.settings import FilterList, Gradient, has_per_tensor, resolve
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig, ModelEntry, SliceEntry, per_model_names
+from drm_jax.config.settings import FilterList, Gradient, has_per_tensor, resolve
 from drm_jax.errors import CheckpointError, ConfigError, quote
 from drm_jax.io import architectures as arch_lib
 from drm_jax.methods.base import clip
@@ -120,7 +120,7 @@ def representative(config: MergeConfig, seg: SegmentDef | None = None) -> MergeC
 def check_segments(config: MergeConfig) -> None:
     """Every slice's parameters and inputs checked (as `build_recipe` checks a config), before any
     checkpoint is opened."""
-    from drm_jax.cli.recipe import build_recipe
+    from drm_jax.config.recipe import build_recipe
 
     for s in config.slices:
         build_recipe(representative(config, slice_def(config, s)))
@@ -139,7 +139,7 @@ class TensorParams:
     def recipe(self, out_name: str, in_names: Sequence[str], t: float):
         """The recipe of one tensor: `in_names[k]` is its name in source k (filters of per-model values
         match it), `out_name` its output name (filters of shared values match it)."""
-        from drm_jax.cli.recipe import build_recipe
+        from drm_jax.config.recipe import build_recipe
 
         seg = self.seg
         shared = {}
@@ -314,7 +314,7 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
     (layer-count key, number of layers) or None), readers closed on exit."""
     promote = config.dtype is None and config.out_dtype is None
     if not config.slices:
-        from drm_jax.cli.streaming import open_sources
+        from drm_jax.config.streaming import open_sources
 
         wrap = promoting(wrap_views) if promote else wrap_views
         with open_sources(config, recipe, out_dtype, wrap_views=wrap) as (sources, arch, reference):
@@ -339,7 +339,7 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
 @contextlib.contextmanager
 def _open_readers(config: MergeConfig, wrap_views):
     """{model reference: Hugging Face view} of every model of a slices config, and the architecture."""
-    from drm_jax.cli.streaming import open_model, split_adapter
+    from drm_jax.config.streaming import open_model, split_adapter
 
     base_path = None
     if config.base_model is not None:
@@ -363,7 +363,7 @@ def _open_readers(config: MergeConfig, wrap_views):
 
 
 def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
-    from drm_jax.cli.recipe import build_recipe
+    from drm_jax.config.recipe import build_recipe
 
     key = "slices" if not config.module_parameters else "modules.default.slices"
     layers = _require_layer_naming(arch, key)

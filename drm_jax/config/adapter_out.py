@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig
-from drm_jax.cli.recipe import Recipe
-from drm_jax.cli.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig
+from drm_jax.config.recipe import Recipe
+from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
 from drm_jax.engine.adapters import adapter_method_problem
 from drm_jax.engine.prepare import rules_for
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
@@ -69,7 +69,7 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
     "discarded", "paths"}. Nothing is left at `out_dir` on failure."""
     import jax
 
-    from drm_jax.cli.merge import check_output
+    from drm_jax.config.merge import check_output
     from drm_jax.engine.adapters import merge_adapters
     from drm_jax.io.detect import open_checkpoint
     from drm_jax.io.peft_io import PeftReader, write_lora_adapter

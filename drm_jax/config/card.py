@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from drm_jax.cli.config import MergeConfig
+from drm_jax.config.schema import MergeConfig
 from drm_jax.errors import escape_controls
 from drm_jax.io.writer import CARD_MARK
 

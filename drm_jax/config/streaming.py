@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from drm_jax.cli import naming
-from drm_jax.cli.config import MergeConfig, ModelEntry
-from drm_jax.cli.recipe import Recipe
+from drm_jax.io import naming
+from drm_jax.config.schema import MergeConfig, ModelEntry
+from drm_jax.config.recipe import Recipe
 from drm_jax.engine.sources import CheckpointSources
 from drm_jax.errors import CheckpointError, DrmJaxError
 

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from drm_jax.cli.config import MergeConfig, TokenizerSpec, TokenSetting
+from drm_jax.config.schema import MergeConfig, TokenizerSpec, TokenSetting
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, UnsafeFileError, one_line, quote, quote_path
 from drm_jax.io.base import read_json
 from drm_jax.io.model_files import safe_model_file, stage_tokenizer_files
@@ -114,7 +114,7 @@ class VocabularyPlan:
 def model_directory(config: MergeConfig, reference: str) -> Path:
     """The directory whose tokenizer and config.json describe a model reference (the model of a
     `model+adapter` pair; the base for a PEFT adapter directory given alone)."""
-    from drm_jax.cli.streaming import split_adapter
+    from drm_jax.config.streaming import split_adapter
 
     path, _ = split_adapter(config, reference)
     if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file() and config.base_model is not None:

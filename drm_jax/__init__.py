@@ -2,6 +2,7 @@
 
 from drm_jax import math, methods
 from drm_jax.engine import LoraWeight, MergedAdapter, Prepared, merge, merge_adapters, prepare
+from drm_jax.config.run import merge_config
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, chain
 from drm_jax.methods import dare_linear, dare_ties, drm, knots_ties, linear, task_arithmetic, ties
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DrmJaxError", "LoraWeight", "MergeInputError", "MergeMethod", "MergeState",
-    "MergedAdapter", "Prepared", "__version__", "merge_adapters", "prepare",
+    "MergedAdapter", "Prepared", "__version__", "merge_adapters", "merge_config", "prepare",
     "chain", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "math", "merge", "methods",
     "task_arithmetic", "ties",
     # models from different initializations (MuDSC and the permutation family)

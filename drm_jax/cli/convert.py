@@ -12,6 +12,7 @@ import argparse
 import re
 
 from drm_jax.io.architectures import ARCHITECTURES
+from drm_jax.io.convert import convert_checkpoint
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -50,8 +51,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from drm_jax.io.convert import convert_checkpoint
-
     out = convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite,
                              max_shard_size=args.max_shard_size, base=args.base, arch=args.arch)
     print(f"wrote {args.to} checkpoint to {out}")

@@ -20,11 +20,11 @@ import sys
 import threading
 
 from drm_jax.errors import DrmJaxError
+from drm_jax.io.writer import abort_unfinished
 
 # Subcommand modules, imported lazily so `drm-jax --help` stays fast and one broken optional
 # dependency does not take the other subcommands down.
 _SUBCOMMANDS = ("merge", "convert", "methods")
-_MODULES = {"merge": "drm_jax.config.merge"}  # moved with the planner; cli/merge.py comes back next commit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _SUBCOMMANDS:
         try:
-            module = importlib.import_module(_MODULES.get(name, f"drm_jax.cli.{name}"))
+            module = importlib.import_module(f"drm_jax.cli.{name}")
         except ModuleNotFoundError as err:
-            if err.name != _MODULES.get(name, f"drm_jax.cli.{name}"):
+            if err.name != f"drm_jax.cli.{name}":
                 raise
             continue  # subcommand not built yet
         module.register(sub)
@@ -78,8 +78,6 @@ def _redeliver_unraisable(previous_hook):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from drm_jax.io.writer import abort_unfinished
-
     try:
         return int(args.func(args) or 0)
     except DrmJaxError as err:

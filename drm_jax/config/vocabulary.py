@@ -41,14 +41,15 @@ from typing import Any, Callable
 import numpy as np
 
 from drm_jax.config.schema import MergeConfig, TokenizerSpec, TokenSetting
+from drm_jax.config.streaming import PEFT_CONFIG_NAME, split_adapter
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError
+from drm_jax.io.base import read_json
 
 # Hugging Face names of the tensors whose first axis is indexed by token ids.
 VOCABULARY_TENSORS = re.compile(
     r"^(?:.*\.)?(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$"
     r"|^(?:model\.)?shared\.weight$"
     r"|^(?:lm_head|embed_out)\.(?:weight|bias)$")
-PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 def is_vocabulary_tensor(name: str, shape: tuple[int, ...]) -> bool:
@@ -107,8 +108,6 @@ class VocabularyPlan:
 def model_directory(config: MergeConfig, reference: str) -> Path:
     """The directory whose tokenizer and config.json describe a model reference (the model of a
     `model+adapter` pair; the base for a PEFT adapter directory given alone)."""
-    from drm_jax.config.streaming import split_adapter
-
     path, _ = split_adapter(config, reference)
     if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file() and config.base_model is not None:
         path, _ = split_adapter(config, config.base_model)
@@ -132,8 +131,6 @@ def load_tokenizer(path: Path, what: str):
 
 def config_vocab_size(path: Path) -> int | None:
     """`vocab_size` of a model's config.json (or of its text_config), None if absent."""
-    from drm_jax.io.base import read_json
-
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from drm_jax.config.merge import MAX_SIZE
 from drm_jax.errors import quote
 from drm_jax.io.architectures import ARCHITECTURES
+from drm_jax.io.convert import convert_checkpoint
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -67,8 +68,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from drm_jax.io.convert import convert_checkpoint
-
     # the writer checks the same, but its messages name the Python API's overwrite=True; an overlap with an
     # input is the better reason, so it is checked first
     refuse_overlap(args.dst, [args.src] + ([args.base] if args.base is not None else []), what="destination")

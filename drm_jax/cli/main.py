@@ -20,6 +20,7 @@ import sys
 import threading
 
 from drm_jax.errors import DrmJaxError, one_line, quote_path
+from drm_jax.io.writer import abort_unfinished
 
 # Subcommand modules, imported lazily so `drm-jax --help` stays fast and one broken optional
 # dependency does not take the other subcommands down.
@@ -33,7 +34,6 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         print_error(f"{self.prog}: {message} (see {self.prog} --help)")
         raise SystemExit(2)
-_MODULES = {"merge": "drm_jax.config.merge"}  # moved with the planner; cli/merge.py comes back next commit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in _SUBCOMMANDS:
         try:
-            module = importlib.import_module(_MODULES.get(name, f"drm_jax.cli.{name}"))
+            module = importlib.import_module(f"drm_jax.cli.{name}")
         except ModuleNotFoundError as err:
-            if err.name != _MODULES.get(name, f"drm_jax.cli.{name}"):
+            if err.name != f"drm_jax.cli.{name}":
                 raise
             continue  # subcommand not built yet
         module.register(sub)
@@ -93,8 +93,6 @@ def print_error(message: object) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from drm_jax.io.writer import abort_unfinished
-
     try:
         return int(args.func(args) or 0)
     except DrmJaxError as err:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from drm_jax.methods.registry import METHODS
+from drm_jax.methods.registry import METHODS, get_method
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -61,8 +61,6 @@ def render(spec) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from drm_jax.methods.registry import get_method
-
     specs = [get_method(args.method)] if args.method else list(METHODS.values())
     if args.json:
         print(json.dumps([describe(s) for s in specs], indent=2))

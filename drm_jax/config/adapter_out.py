@@ -1,29 +1,35 @@
-"""`drm-jax merge CONFIG OUT_DIR --adapter-out`: LoRA adapters of one base model merged into one adapter.
+"""LoRA adapters of one base model merged into one adapter (`drm-jax merge CONFIG OUT_DIR --adapter-out`,
+`drm_jax.merge_config(..., adapter_out=True)`).
 
 Every merged model of the config must be a PEFT LoRA adapter of `base_model`: an adapter directory (applied
 over base_model) or mergekit's `base_model+adapter` form. They are merged by `drm_jax.merge_adapters` with
 the config's method and parameters (the same recipe as a model merge), in factored form where the method
 allows (docs/methods.md#lora-factored), and OUT_DIR becomes a PEFT adapter directory (adapter_config.json,
 adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, OUT_DIR)` loads. `--adapter-rank R`
-sets its rank (default K r: exact where the merge factors; the discarded energy is printed otherwise).
+sets its rank (default K r: exact where the merge factors; the discarded energy is returned otherwise).
 Without --adapter-out the same config writes the merged model (base + merged delta) instead.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from drm_jax.io import naming
-from drm_jax.config.schema import MergeConfig
+from drm_jax.config.merge import check_output
 from drm_jax.config.recipe import Recipe
+from drm_jax.config.schema import MergeConfig
 from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
 from drm_jax.engine.adapters import adapter_method_problem
+from drm_jax.engine.adapters import merge_adapters
 from drm_jax.engine.prepare import rules_for
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.io import naming
+from drm_jax.io.detect import open_checkpoint
+from drm_jax.io.dtypes import dtype_from_name
+from drm_jax.io.peft_io import PeftReader, write_lora_adapter
 from drm_jax.methods.registry import get_method, static_values
 
 
@@ -64,16 +70,10 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path 
 
 
 def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, force: bool = False,
-                     quiet: bool = False, rank: int | None = None) -> dict[str, Any]:
-    """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output", "rank",
-    "discarded", "paths"}. Nothing is left at `out_dir` on failure."""
-    import jax
-
-    from drm_jax.config.merge import check_output
-    from drm_jax.engine.adapters import merge_adapters
-    from drm_jax.io.detect import open_checkpoint
-    from drm_jax.io.peft_io import PeftReader, write_lora_adapter
-
+                     rank: int | None = None) -> dict[str, Any]:
+    """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output": Path, "rank": int,
+    "weights": number of adapted weights, "discarded": {weight: discarded energy}, "paths": {weight:
+    "factored" | "linear" | "dense"}}. Nothing is left at `out_dir` on failure."""
     if rank is not None and rank < 1:
         raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")
     spec = get_method(recipe.method)
@@ -112,7 +112,7 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
         base.close()
     result = merge_adapters(shapes, weights, method=recipe.method, rank=rank, layout=naming.layout_for(arch),
                             **recipe.role_kwargs, **recipe.engine_kwargs)
-    dtype = _numpy_dtype(config.out_dtype or config.dtype)
+    dtype = dtype_from_name(config.out_dtype or config.dtype or "float32")
     try:
         output = write_lora_adapter(out_dir, {n: (w.b, w.a, w.transposed) for n, w in result.adapter.items()},
                                     embeddings=embeddings, fan_in_fan_out=flags.pop() if flags else False,
@@ -123,32 +123,8 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
             raise
         raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
     out_rank = max(int(np.shape(w.b)[1]) for w in result.adapter.values()) if result.adapter else 0
-    worst = max(result.discarded.values(), default=0.0)
-    if not quiet:
-        counts = {p: sum(1 for v in result.paths.values() if v == p) for p in ("factored", "linear", "dense")}
-        print(f"drm-jax: wrote a rank-{out_rank} LoRA adapter of {len(result.adapter)} weights to {out_dir} "
-              f"({counts['factored']} merged in factored form, {counts['linear']} as concatenated factors, "
-              f"{counts['dense']} formed and truncated; largest discarded energy {worst:.3g})", file=sys.stderr)
-    return {"output": Path(output), "rank": out_rank, "discarded": result.discarded, "paths": result.paths}
+    return {"output": Path(output), "rank": out_rank, "weights": len(result.adapter), "discarded": result.discarded,
+            "paths": result.paths}
 
 
-def _numpy_dtype(name: str | None):
-    if name is None:
-        return np.float32
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def run_adapter_out(args, config: MergeConfig, recipe: Recipe) -> int:
-    """The --adapter-out branch of `drm-jax merge`."""
-    if not args.adapter_out:
-        raise ConfigError("--adapter-rank needs --adapter-out")
-    merge_to_adapter(config, Path(args.out_dir), recipe=recipe, force=args.force, quiet=args.quiet,
-                     rank=args.adapter_rank)
-    return 0
-
-
-__all__ = ["adapter_paths", "merge_to_adapter", "run_adapter_out"]
+__all__ = ["adapter_paths", "merge_to_adapter"]

@@ -19,6 +19,7 @@ import yaml
 from drm_jax.config.schema import MergeConfig
 from drm_jax.errors import escape_controls
 from drm_jax.io.writer import CARD_MARK
+from drm_jax.methods.registry import get_method
 
 TAGS = ("mergekit", "merge")
 _ARXIV = re.compile(r"arXiv[: ]\s*(\d{4}\.\d{4,5})")
@@ -93,8 +94,6 @@ def model_markdown(config: MergeConfig, reference: str) -> str:
 
 def method_markdown(method: str) -> str:
     """The method's name with its paper, linked to arXiv where the registry gives an arXiv id."""
-    from drm_jax.methods.registry import get_method
-
     spec = get_method(method)
     if not spec.paper:
         return f"`{method}`"

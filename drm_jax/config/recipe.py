@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from drm_jax.config.schema import MergeConfig, ModelEntry
+from drm_jax.config.segment_defs import representative
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.prepare import rules_for
 from drm_jax.errors import ConfigError, DrmJaxError
@@ -181,8 +182,6 @@ def build_recipe(config: MergeConfig) -> Recipe:
       ConfigError: parameters that contradict each other (per-model densities for DRM, drop_rate and
         density both given, a linear base model without a weight), naming the key.
     """
-    from drm_jax.config.segments import representative
-
     # gradients, filter lists, slices: the recipe of one tensor (its checks); per-tensor values and the
     # slices' own recipes are drm_jax.config.segments'
     config = representative(config)

@@ -25,14 +25,18 @@ method's.
 
 from __future__ import annotations
 
-
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from drm_jax.errors import ConfigError
+from drm_jax.config.chat_templates import check_chat_template
+from drm_jax.config.settings import check_setting
+from drm_jax.errors import ConfigError, quote
+from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
 from drm_jax.methods.base import Param, clip, short
 from drm_jax.methods.registry import METHODS, get_method
 
@@ -256,8 +260,6 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         if not _is_patterns(value):
             raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
         return value
-    from drm_jax.config.settings import check_setting
-
     owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
         param = Param(name, param.kind, None, "")
@@ -562,8 +564,6 @@ def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
 
 
 def _chat_template(source: Path | None, value: Any) -> str | None:
-    from drm_jax.config.chat_templates import check_chat_template
-
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -646,13 +646,7 @@ def load_config(path: str | Path) -> MergeConfig:
       ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the line and
         column), expands past the bounds, or does not follow the schema (the message names the key).
     """
-    import os
-    import stat
-
-    from drm_jax.errors import quote
-    from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
-
-    max_bytes, max_message = 2**20, 400
+    max_bytes = 2**20
     path = Path(path)
     try:
         info = os.stat(path)
@@ -668,6 +662,18 @@ def load_config(path: str | Path) -> MergeConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config: {quote(str(err), 120)}") from None
+    return config_from_yaml(text, path)
+
+
+def config_from_yaml(text: str, source: Path | None = None) -> MergeConfig:
+    """Check the YAML text of a merge config (`source`: the file it was read from, which names it in errors
+    and holds the relative model paths; None: text given directly, paths relative to the working directory).
+
+    Raises:
+      ConfigError: as `load_config`, after the file checks.
+    """
+    max_message = 400
+    path = source if source is not None else "<config text>"
     try:
         raw = load_bounded_yaml(text)
     except YamlBoundError as err:
@@ -680,7 +686,7 @@ def load_config(path: str | Path) -> MergeConfig:
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
     try:
-        config = parse_config(raw, source=path, text=text)
+        config = parse_config(raw, source=source, text=text)
     except ConfigError as err:
         message = str(err)
         if len(message) <= max_message:
@@ -695,4 +701,4 @@ def load_config(path: str | Path) -> MergeConfig:
 
 
 __all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "SliceEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
-           "TokenizerSpec", "load_config", "parse_config"]
+           "TokenizerSpec", "config_from_yaml", "load_config", "parse_config"]

@@ -29,25 +29,18 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from drm_jax.io import naming
-from drm_jax.config.schema import MergeConfig, ModelEntry, SliceEntry, per_model_names
-from drm_jax.config.settings import FilterList, Gradient, has_per_tensor, resolve
+from drm_jax.config.recipe import build_recipe
+from drm_jax.config.schema import MergeConfig, ModelEntry, per_model_names
+from drm_jax.config.segment_defs import (SegmentDef, base_policy, models_def, needs_segments, plain_config,
+                                         representative, slice_def)
+from drm_jax.config.settings import FilterList, Gradient, resolve
+from drm_jax.config.streaming import open_model, open_sources, split_adapter
+from drm_jax.engine.sources import CheckpointSources, is_floating, stream_merge
 from drm_jax.errors import CheckpointError, ConfigError, quote
 from drm_jax.io import architectures as arch_lib
+from drm_jax.io import naming
 from drm_jax.methods.base import clip
 from drm_jax.methods.registry import get_method
-
-
-@dataclass(frozen=True)
-class SegmentDef:
-    """One merge before its checkpoints are open: method, base, sources (each with its own parameters
-    and, in a slice, its `layer_range`), and the shared parameter scopes, highest precedence first."""
-
-    key: str
-    method: str
-    base_model: str | None
-    sources: tuple[ModelEntry, ...]
-    scopes: tuple[Mapping[str, Any], ...]
 
 
 @dataclass
@@ -61,67 +54,9 @@ class Segment:
     leaf_params: dict | None = None
 
 
-# -- settings without the tensors ---------------------------------------------------------------------
-def _some(value: Any) -> Any:
-    """A value a setting can take (for the checks made before any tensor is known)."""
-    if isinstance(value, Gradient):
-        return value.values[0]
-    if isinstance(value, FilterList):
-        return _some(value.entries[0].value)
-    return value
-
-
-def needs_segments(config: MergeConfig) -> bool:
-    """Slices, a module's parameters, or a parameter that varies per tensor."""
-    return bool(config.slices) or bool(config.module_parameters) or has_per_tensor(
-        config.parameters, *(m.parameters for m in config.models))
-
-
-def base_policy(spec) -> str:
-    """mergekit's base policy of a method: "required", "optional" or "input" (`MethodSpec.base`)."""
-    return getattr(spec, "base", "") or ("required" if spec.needs_base else "input")
-
-
-def slice_def(config: MergeConfig, s: SliceEntry) -> SegmentDef:
-    """A slice's merge: its own merge_method and base_model, else the config's. A base that is not
-    special to the method ("input": linear, passthrough, ...) is not added to a slice's sources."""
-    method = s.merge_method or config.merge_method
-    base = s.base_model or config.base_model
-    policy = base_policy(get_method(method))
-    if policy == "input" or (policy == "optional" and base not in [m.model for m in s.sources]):
-        base = None
-    return SegmentDef(s.key, method, base, s.sources, (s.parameters, config.module_parameters, config.parameters))
-
-
-def models_def(config: MergeConfig) -> SegmentDef:
-    return SegmentDef("models", config.merge_method, config.base_model, config.models,
-                      (config.module_parameters, config.parameters))
-
-
-def _plain_config(config: MergeConfig, seg: SegmentDef, shared: dict, models: Sequence[ModelEntry]) -> MergeConfig:
-    return dataclasses.replace(config, merge_method=seg.method, base_model=seg.base_model, parameters=shared,
-                               models=tuple(models), slices=(), module_parameters={})
-
-
-def representative(config: MergeConfig, seg: SegmentDef | None = None) -> MergeConfig:
-    """A config of plain numbers standing for a segment (default: the first slice, or the models) in the
-    checks that need no tensor: every setting replaced by a value it can take."""
-    if seg is None:
-        if not needs_segments(config):
-            return config
-        seg = slice_def(config, config.slices[0]) if config.slices else models_def(config)
-    shared: dict[str, Any] = {}
-    for scope in reversed(seg.scopes):  # the highest precedence last: it wins
-        shared.update({n: _some(v) for n, v in scope.items()})
-    models = [ModelEntry(m.model, m.key, {n: _some(v) for n, v in m.parameters.items()}) for m in seg.sources]
-    return _plain_config(config, seg, shared, models)
-
-
 def check_segments(config: MergeConfig) -> None:
     """Every slice's parameters and inputs checked (as `build_recipe` checks a config), before any
     checkpoint is opened."""
-    from drm_jax.config.recipe import build_recipe
-
     for s in config.slices:
         build_recipe(representative(config, slice_def(config, s)))
 
@@ -139,8 +74,6 @@ class TensorParams:
     def recipe(self, out_name: str, in_names: Sequence[str], t: float):
         """The recipe of one tensor: `in_names[k]` is its name in source k (filters of per-model values
         match it), `out_name` its output name (filters of shared values match it)."""
-        from drm_jax.config.recipe import build_recipe
-
         seg = self.seg
         shared = {}
         for n in self.shared_names:
@@ -158,7 +91,7 @@ class TensorParams:
         key = (tuple(sorted(shared.items())), tuple(tuple(sorted(m.parameters.items())) for m in models))
         if key not in self._cache:
             try:
-                self._cache[key] = build_recipe(_plain_config(self.config, seg, shared, models))
+                self._cache[key] = build_recipe(plain_config(self.config, seg, shared, models))
             except ConfigError as err:
                 raise ConfigError(f"{err} (for tensor {clip(out_name)!r})") from None
         return self._cache[key]
@@ -275,8 +208,6 @@ class RenamedView:
 def _sources_of(seg: SegmentDef, recipe, views: Mapping[str, Any], names: Mapping[str, Sequence[str]],
                 out_names: Sequence[str], out_dtype, promote: bool = False):
     """CheckpointSources of a segment: `names[model]` lists, per output tensor, the model's own name."""
-    from drm_jax.engine.sources import CheckpointSources
-
     by_model = {m.model: m for m in seg.sources}
 
     def view(ref: str):
@@ -314,8 +245,6 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
     (layer-count key, number of layers) or None), readers closed on exit."""
     promote = config.dtype is None and config.out_dtype is None
     if not config.slices:
-        from drm_jax.config.streaming import open_sources
-
         wrap = promoting(wrap_views) if promote else wrap_views
         with open_sources(config, recipe, out_dtype, wrap_views=wrap) as (sources, arch, reference):
             params, leaf = recipe.engine_kwargs, None
@@ -339,8 +268,6 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
 @contextlib.contextmanager
 def _open_readers(config: MergeConfig, wrap_views):
     """{model reference: Hugging Face view} of every model of a slices config, and the architecture."""
-    from drm_jax.config.streaming import open_model, split_adapter
-
     base_path = None
     if config.base_model is not None:
         base_path, _ = split_adapter(config, config.base_model)
@@ -363,8 +290,6 @@ def _open_readers(config: MergeConfig, wrap_views):
 
 
 def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
-    from drm_jax.config.recipe import build_recipe
-
     key = "slices" if not config.module_parameters else "modules.default.slices"
     layers = _require_layer_naming(arch, key)
     slices = config.slices
@@ -461,8 +386,6 @@ class PromotedView:
         return self.reference.shape(name)
 
     def dtype(self, name: str):
-        from drm_jax.engine.sources import is_floating
-
         own = np.dtype(self.reference.dtype(name))
         if not is_floating(own):
             return own
@@ -491,8 +414,6 @@ def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray],
     """Stream every segment into the sink; returns the tensors per engine path over all of them.
 
     compute_dtype: the config's `dtype` (inputs rounded to it, `drm_jax.engine.merge.merge`)."""
-    from drm_jax.engine.sources import stream_merge
-
     counts: Counter = Counter()
     for seg in segments:
         params = dict(seg.params)
@@ -520,6 +441,5 @@ def set_layer_count(config_path: Path, layer_count: tuple[str, int] | None) -> N
     config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["PromotedView", "RenamedView", "Segment", "SegmentDef", "TensorParams", "check_segments", "merge_segments",
-           "needs_segments", "open_segments", "per_tensor_params", "promoted_dtype", "representative",
-           "set_layer_count", "slice_def"]
+__all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_segments", "merge_segments", "open_segments",
+           "per_tensor_params", "promoted_dtype", "set_layer_count"]

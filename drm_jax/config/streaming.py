@@ -19,6 +19,7 @@ from drm_jax.config.schema import MergeConfig, ModelEntry
 from drm_jax.config.recipe import Recipe
 from drm_jax.engine.sources import CheckpointSources
 from drm_jax.errors import CheckpointError, DrmJaxError
+from drm_jax.io import detect
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 
@@ -40,20 +41,18 @@ def open_model(config: MergeConfig, entry: ModelEntry, base_path: Path | None):
 
     A PEFT adapter directory given alone is applied over the base model.
     """
-    from drm_jax.io.detect import open_checkpoint
-
     path, adapter = split_adapter(config, entry.model)
     for p, what in ((path, "model"), (adapter, "adapter")):
         if p is not None and not p.exists():
             raise CheckpointError(f"{entry.key}: {what} path {str(p)!r} does not exist")
     if adapter is not None:
-        return _open(lambda: open_checkpoint(adapter, base=path), entry, adapter)
+        return _open(lambda: detect.open_checkpoint(adapter, base=path), entry, adapter)
     if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file():
         if base_path is None:
             raise CheckpointError(f"{entry.key}: {str(path)!r} is a PEFT adapter and there is no base_model to "
                                   f"apply it to")
-        return _open(lambda: open_checkpoint(path, base=base_path), entry, path)
-    return _open(lambda: open_checkpoint(path), entry, path)
+        return _open(lambda: detect.open_checkpoint(path, base=base_path), entry, path)
+    return _open(lambda: detect.open_checkpoint(path), entry, path)
 
 
 def _open(opener: Callable[[], Any], entry: ModelEntry, path: Path):

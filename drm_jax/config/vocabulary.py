@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from drm_jax.config.schema import MergeConfig, TokenizerSpec, TokenSetting
+from drm_jax.config.streaming import PEFT_CONFIG_NAME, split_adapter
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, UnsafeFileError, one_line, quote, quote_path
 from drm_jax.io.base import read_json
 from drm_jax.io.model_files import safe_model_file, stage_tokenizer_files
@@ -55,7 +56,6 @@ VOCABULARY_TENSORS = re.compile(
     r"^(?:.*\.)?(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$"
     r"|^(?:model\.)?shared\.weight$"
     r"|^(?:lm_head|embed_out)\.(?:weight|bias)$")
-PEFT_CONFIG_NAME = "adapter_config.json"
 
 
 def is_vocabulary_tensor(name: str, shape: tuple[int, ...]) -> bool:
@@ -114,8 +114,6 @@ class VocabularyPlan:
 def model_directory(config: MergeConfig, reference: str) -> Path:
     """The directory whose tokenizer and config.json describe a model reference (the model of a
     `model+adapter` pair; the base for a PEFT adapter directory given alone)."""
-    from drm_jax.config.streaming import split_adapter
-
     path, _ = split_adapter(config, reference)
     if path.is_dir() and (path / PEFT_CONFIG_NAME).is_file() and config.base_model is not None:
         path, _ = split_adapter(config, config.base_model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -172,5 +171,5 @@ def test_parse_size():
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1234") == 1234
     for bad, message in (("lots", "not a size"), ("2 parsecs", "not a size"), ("0", "must be positive")):
-        with pytest.raises(argparse.ArgumentTypeError, match=message):
+        with pytest.raises(ConfigError, match=message):
             parse_size(bad)

@@ -10,7 +10,8 @@ import pytest
 
 from drm_jax.config.schema import ModelEntry, SliceEntry, parse_config
 from drm_jax.config.recipe import build_recipe
-from drm_jax.config.segments import TensorParams, check_segments, models_def, representative, slice_def
+from drm_jax.config.segment_defs import models_def, representative, slice_def
+from drm_jax.config.segments import TensorParams, check_segments
 from drm_jax.config.settings import Conditional, FilterList, Gradient, evaluate, resolve
 from drm_jax.errors import ConfigError
 from drm_jax.io import architectures as arch

@@ -12,8 +12,10 @@ on frozen pretrained mean-pooled features; the encoder fine-tuned through that f
 linear warmup+decay), or LoRA adapters of it; fine-tuned encoders cached as Hugging Face BERT directories
 (adapters as PEFT directories), loadable by transformers / PEFT and by `drm-jax merge`; every method
 prepared once per seed (`drm_jax.prepare`) and its hyperparameters searched on validation with
-`Prepared.merge`; AdaMerging coefficients learned through the differentiable merge; test reported for the
-chosen settings. Outputs go to runs/text_tasks/<profile>/.
+`Prepared.merge`, by the same search for every method of the same number of parameters (merging.py);
+AdaMerging coefficients learned through `drm_jax.adamerging`; test reported for the chosen settings, twice
+(each method's own rule for the non-matrix leaves, and task arithmetic's for every method), with paired
+bootstrap intervals against the best row and DRM-H (report.py). Outputs go to runs/text_tasks/<profile>/.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ RESCALED = ("ties", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 # Methods whose own rule for the non-matrix leaves already is task arithmetic at their scale (the linear
 # average's mean: lambda 1/K): in the one-rule table their rows are their own, not evaluated again.
 OTHER_LEAVES_BY_TASK_ARITHMETIC = ("linear", "task_arithmetic")
+# Lambda-1 merges kept per plan: the coordinate search comes back to an earlier setting of the other
+# parameter (Iso-CTS: each common fraction is a new decomposition, about 9 s with 4 tasks).
+UNITS_KEPT = 3
 
 
 def log(message: str) -> None:
@@ -137,7 +142,7 @@ class MergePlan:
         self.factored = experiment.profile.lora is not None and spec.method in FACTORED_METHODS
         self.paths: dict[str, int] = {}
         self.merges = 0
-        self._unit, self._unit_key = None, None
+        self._units: dict[str, Any] = {}  # the lambda-1 merges of the last few settings (RESCALED methods)
         self._last = None
 
     def identity(self, params: Mapping, coefficients=None, names: Sequence[str] | None = None) -> dict:
@@ -170,11 +175,14 @@ class MergePlan:
             return self.dense_prepared(static).merge(**kwargs)
         lam = float(kwargs.pop("lambda_", 1.0))
         key = json.dumps({**kwargs, **static}, sort_keys=True, default=str)
-        if self._unit_key != key:
-            self._unit, self._unit_key = self.dense_prepared(static).merge(**kwargs, lambda_=1.0), key
+        if key not in self._units:
+            if len(self._units) >= UNITS_KEPT:
+                self._units.pop(next(iter(self._units)))
+            self._units[key] = self.dense_prepared(static).merge(**kwargs, lambda_=1.0)
+        unit = self._units[key]
         if lam == 1.0:
-            return self._unit
-        return jax.tree.map(lambda m, b: b + lam * (m - b), self._unit, self.x.base)
+            return unit
+        return jax.tree.map(lambda m, b: b + lam * (m - b), unit, self.x.base)
 
     def merged(self, params: Mapping, coefficients=None):
         """The merged encoder at these numbers (the last one is kept: the two tables evaluate it twice)."""
@@ -536,10 +544,12 @@ class Experiment:
             if uniform:
                 both = (test if spec.method in OTHER_LEAVES_BY_TASK_ARITHMETIC
                         else plan.outcome(selection.chosen, "test", uniform_other=True))
-                uniform_rows[spec.label] = {**rows[spec.label], "test": both["acc"], "test_correct": both["correct"]}
+                uniform_rows[spec.label] = {"test": both["acc"], "test_correct": both["correct"],
+                                            "chosen": selection.chosen}
             selections[spec.label] = selection
             log(f"{spec.label:16s} {selection.chosen} test: {_fmt(test['acc'])} normalized "
-                f"{100 * normalized(test['acc'], ft['test']):.1f} ({len(selection.trials)} tried, {plan.merges} merged)")
+                f"{100 * normalized(test['acc'], ft['test']):.1f} ({len(selection.trials)} tried, "
+                f"{plan.merges} merged)")
             if spec.label in p.grid.sweep_test and "drop_rate" in selection.stages:
                 result["sweep"][spec.label] = self._sweep(plan, selection, ft, test["acc"])
             if p.time_one_shot and plan.merges:
@@ -560,11 +570,12 @@ class Experiment:
                 if uniform:
                     both = (test if spec.method in OTHER_LEAVES_BY_TASK_ARITHMETIC else
                             plan.outcome(info["params"], "test", coefficients, tree=info["tree"], uniform_other=True))
-                    uniform_rows[label] = {**rows[label], "test": both["acc"], "test_correct": both["correct"]}
+                    uniform_rows[label] = {"test": both["acc"], "test_correct": both["correct"],
+                                           "chosen": rows[label]["chosen"]}
                 log(f"{label}: entropy {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}, coefficients "
                     f"{coefficients.min():.3f}..{coefficients.max():.3f}; test: {_fmt(test['acc'])} normalized "
                     f"{100 * normalized(test['acc'], ft['test']):.1f}")
-            plan.prepared, plan._last, plan._unit = None, None, None  # free the plan before the next method
+            plan.prepared, plan._last, plan._units = None, None, {}  # free the plan before the next method
         result["counts"] = self._counts(names, selections, ft, rows)
         result["cost"].update({"stages": self.costs.as_dict(), "tokens_encoded": self.encoder.tokens,
                                "encoder_seconds": round(self.encoder.seconds, 2),

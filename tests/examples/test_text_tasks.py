@@ -575,7 +575,7 @@ def test_scaling_one_merge_on_the_host_is_the_merge_at_that_lambda(tiny, label):
     plan = MergePlan(experiment, spec_by_label(label), names)
     params = {**result["rows"][label]["chosen"], "alpha": 0.7}
     ours = plan.merged(params)
-    assert plan._unit is not None  # the lambda-1 merge was kept and scaled
+    assert plan._units  # the lambda-1 merge was kept and scaled
     theirs = merge_encoders(experiment.base, [experiment.finetuned[n] for n in names], plan.spec, params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6)

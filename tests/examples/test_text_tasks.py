@@ -199,6 +199,15 @@ def test_unknown_task_is_rejected_and_absent_optional_tasks_skipped(monkeypatch)
     assert set(PROFILES["default"].tasks) <= set(tasks.LOADERS)
 
 
+def test_measured_profiles_follow_the_validation_size_rule():
+    """README, validation size: at least 500 validation texts over all tasks and 128 per task, so that the
+    paired standard error between two candidates that read one text in ten differently is <= 1.4 points."""
+    for name in ("default", "full", "lora"):
+        profile = PROFILES[name]
+        assert profile.n_val >= 128 and len(profile.tasks) * profile.n_val >= 500, name
+        assert np.sqrt(0.1 / (len(profile.tasks) * profile.n_val)) <= 0.0141, name
+
+
 # ------------------------------------------------------------------------------------ heads, batches
 def test_fit_head_folds_standardisation_and_handles_binary_and_padding():
     rng = np.random.default_rng(0)

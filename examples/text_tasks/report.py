@@ -200,13 +200,25 @@ def main_table(results: Sequence[Mapping], labels: Sequence[str], key: str = "ro
     return "\n".join(lines)
 
 
+def sweep_points(results: Sequence[Mapping], label: str) -> dict[float, list[Mapping]]:
+    """{drop rate: that point of every seed that tried it}, by increasing drop rate (the search extends
+    past its starting values where each seed's validation leads, so seeds may try different rates)."""
+    points: dict[float, list[Mapping]] = {}
+    for r in results:
+        for point in r.get("sweep", {}).get(label, []):
+            points.setdefault(point["drop_rate"], []).append(point)
+    return dict(sorted(points.items()))
+
+
 def sweep_table(results: Sequence[Mapping]) -> str:
+    """One line per method and drop rate; a cell over the seeds that tried that rate (their number where
+    not all did)."""
     lines = ["| Method | Drop rate | lambda | Normalized (val) | Normalized (test) |", "|---|---:|---:|---:|---:|"]
     for label in results[0].get("sweep", {}):
-        for i, point in enumerate(results[0]["sweep"][label]):
-            points = [r["sweep"][label][i] for r in results if i < len(r["sweep"].get(label, []))]
+        for rate, points in sweep_points(results, label).items():
             lam = "; ".join(dict.fromkeys(f"{p['lambda']:.4g}" for p in points))
-            lines.append(f"| {label} | {point['drop_rate']:g} | {lam} | {_cell([p['val_norm'] for p in points])}"
+            seeds = "" if len(points) == len(results) else f" ({len(points)} of {len(results)} seeds)"
+            lines.append(f"| {label} | {rate:g}{seeds} | {lam} | {_cell([p['val_norm'] for p in points])}"
                          f" | {_cell([p['test_norm'] for p in points])} |")
     return "\n".join(lines)
 
@@ -326,11 +338,11 @@ def plot_counts(results: Sequence[Mapping], labels: Sequence[str], path: Path,
 def plot_sweep(results: Sequence[Mapping], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
-    for n, (label, points) in enumerate(results[0]["sweep"].items()):
-        rates = [p["drop_rate"] for p in points]
+    for n, label in enumerate(results[0]["sweep"]):
+        points = sweep_points(results, label)
         for key, style in (("test_norm", "-"), ("val_norm", "--")):
-            values = np.array([[p[key] for p in r["sweep"][label]] for r in results]) * 100
-            ax.plot(rates, values.mean(0), style, marker="o", color=f"C{n}", label=f"{label} ({key.split('_')[0]})")
+            means = [100 * np.mean([p[key] for p in seeds]) for seeds in points.values()]
+            ax.plot(list(points), means, style, marker="o", color=f"C{n}", label=f"{label} ({key.split('_')[0]})")
     ax.set_xlabel("drop rate p")
     ax.set_ylabel("normalized accuracy (%)")
     ax.legend(fontsize=7)

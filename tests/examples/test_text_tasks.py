@@ -385,8 +385,9 @@ def _fake_result(seed, shift):
     rows = {report.PRETRAINED: {"test": {"a": 0.5, "b": 0.6}}, report.FINETUNED: {"test": {"a": 0.9, "b": 0.8}}}
     for m in METHODS:
         rows[m.label] = {"test": {"a": 0.7 + shift, "b": 0.6}, "chosen": {"lambda": 1.0}, "at_edge": m.label == "TIES"}
+    rates = (0.8, 0.9) + ((0.95,) if seed else ())  # the search may extend past the grid in one seed only
     sweep = {"DRM-H": [{"drop_rate": p, "lambda": 1.0, "val_norm": 0.8, "test_norm": 0.7 + shift, "test_avg": 0.6}
-                       for p in (0.8, 0.9)]}
+                       for p in rates]}
     counts = {"2": {m.label: {"test_norm": 0.8 + shift} for m in METHODS[:3]}}
     return {"seed": seed, "tasks": tasks_, "rows": rows, "sweep": sweep, "counts": counts}
 
@@ -404,6 +405,7 @@ def test_report_table_spread_and_plots(tmp_path):
     # gap closed of a row: mean(test - pretrained) / mean(fine-tuned - pretrained) = (0.2 + 0.0) / (0.4 + 0.2)
     assert ties.split("|")[-4].strip() == "35.0 ± 2.4"
     assert "vs best" not in text  # rows without per-text results: no paired columns
+    assert "| DRM-H | 0.9 | 1 | 80.0 ± 0.0 | 71.0 ± 1.4 |" in text and "| DRM-H | 0.95 (1 of 2 seeds) | 1 |" in text
     assert "| TIES |" in text.split("number of merged tasks")[1] and "| DRM-H |" not in text.split("number of merged")[1]
     assert (tmp_path / "results.md").read_text().startswith("## header")
     for name in ("per_task.png", "num_tasks.png", "drop_rate_sweep.png"):

@@ -6,14 +6,17 @@ is one `Prepared.merge(...)` with new numbers: nothing is decomposed or compiled
 scored by the mean over tasks of the *validation* accuracy normalised by the individually fine-tuned
 model's validation accuracy; the test split is only evaluated for the chosen setting.
 
-The search is a coordinate search: a scale (lambda, or alpha for TSV-M / Iso-CTS) by a line search whose
-grid is extended past an edge while the best value sits on it and then refined around the best, so the
-chosen value always has tried neighbours on both sides; a drop rate or density over a fixed list.
+The search is the same for every method with the same number of parameters: a coordinate search in
+which every parameter (a scale, lambda or alpha; a drop rate, density or common fraction) is
+line-searched from three starting values, extended past an edge while the best value sits on it and
+refined around the best, so the chosen value has tried neighbours on both sides (or sits at a natural
+bound: drop rate 0, density 1); a method with two parameters then searches each again around its choice
+until neither moves.
 
-`learn_coefficients` is AdaMerging (Yang et al., arXiv 2310.02575, layer-wise): one coefficient per task
-and merged leaf, shape (K, num_layers), learned by gradient descent on the entropy of the merged model's
-predictions on unlabeled validation texts, through the differentiable merge
-(`jax.vjp` of `Prepared.merge(coefficients=c)`).
+`learn_coefficients` is layer-wise AdaMerging (Yang et al., arXiv 2310.02575) through
+`drm_jax.adamerging(..., granularity="layer")`: one coefficient per task and merged leaf, shape
+(K, num_layers), learned by gradient descent on the entropy of the merged model's predictions on
+unlabeled validation texts, through the differentiable merge.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import drm_jax
@@ -33,25 +35,77 @@ Evaluate = Callable[[Any, Sequence[str], str], dict]
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """Where the validation search starts (profiles.py sets them).
+    """Where the validation search starts (profiles.py sets them): three values per searched parameter.
 
-    Scales (lambda, alpha) are line-searched from these points: extended by one step past an edge while
-    the best is on it (at most `max_extend` times; below `lower` the step is halved instead), then refined
-    `refine` times by trying the midpoints next to the best. Drop rates and densities are tried as listed.
+    Every parameter is line-searched from its three values (`line_search`): extended by one step past an
+    edge while the best is on it (at most `max_extend` times; a step that would leave the parameter's
+    domain goes to its natural bound, or halfway to an open one), then refined `refine` times by the
+    midpoints next to the best. A method with two parameters searches its scale, then the other, then,
+    for at most `rounds` rounds, each again around its choice until neither moves.
     """
 
-    ta_lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # task arithmetic's lambda
-    disjoint_lambdas: tuple[float, ...] = (0.75, 1.0, 1.25, 1.5)  # lambda of TIES-family (disjoint-mean) merges
-    subspace_alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)  # alpha of TSV-M / Iso-C / Iso-CTS
-    ties_densities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)  # TIES: fraction kept (drop rates 0.5 to 0.9)
-    dare_drop_rates: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
-    drop_rates: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97)  # DRM / KnOTS
-    default_drop_rate: float = 0.8  # DRM-family methods whose drop rate is not swept
-    sweep: tuple[str, ...] = ("DRM-H",)  # labels whose drop rate is searched over `drop_rates`
-    sweep_test: tuple[str, ...] = ("DRM-H",)  # of those, the ones whose sweep is also evaluated on test
+    ta_lambdas: tuple[float, ...] = (0.2, 0.4, 0.6)  # task arithmetic's lambda
+    disjoint_lambdas: tuple[float, ...] = (0.75, 1.0, 1.25)  # lambda of TIES / DARE / DRM-family merges
+    subspace_alphas: tuple[float, ...] = (0.5, 1.0, 1.5)  # alpha of TSV-M / Iso-C / Iso-CTS
+    densities: tuple[float, ...] = (0.1, 0.5, 0.9)  # TIES: fraction kept
+    drop_rates: tuple[float, ...] = (0.1, 0.5, 0.9)  # DRM, KnOTS-TIES, DARE-TIES
+    common_fractions: tuple[float, ...] = (0.65, 0.8, 0.95)  # Iso-CTS (0.8: the paper's)
+    sweep_test: tuple[str, ...] = ("DRM-H",)  # labels whose drop-rate stage is also evaluated on test
     refine: int = 1
     max_extend: int = 6
-    lower: float = 0.0  # scales stay above this
+    rounds: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Axis:
+    """One searched parameter: its starting values and its domain. `low` / `high` bound it (None: no
+    bound); a bound marked natural is a value the parameter may take and where the search may stop
+    (drop rate 0: nothing dropped; density 1: everything kept); an open bound is approached by halving."""
+
+    param: str
+    start: tuple[float, ...]
+    low: float | None = 0.0
+    high: float | None = None
+    low_natural: bool = False
+    high_natural: bool = False
+
+    def inside(self, v: float) -> bool:
+        ok_low = self.low is None or v > self.low + 1e-9 or (self.low_natural and abs(v - self.low) <= 1e-9)
+        ok_high = self.high is None or v < self.high - 1e-9 or (self.high_natural and abs(v - self.high) <= 1e-9)
+        return ok_low and ok_high
+
+    def at_natural_bound(self, v: float) -> bool:
+        return ((self.low_natural and abs(v - self.low) <= 1e-9)
+                or (self.high_natural and abs(v - self.high) <= 1e-9))
+
+    def beyond(self, v: float, step: float, direction: int) -> float | None:
+        """The next value past v (direction +1 up, -1 down): v +- step, or where that leaves the domain the
+        natural bound itself, or halfway to an open bound; None where v already is the natural bound."""
+        bound, natural = (self.high, self.high_natural) if direction > 0 else (self.low, self.low_natural)
+        if bound is not None and abs(v - bound) <= 1e-9:
+            return None
+        nxt = v + direction * step
+        if bound is None or (bound - nxt) * direction > 1e-9:
+            return nxt
+        return bound if natural else (v + bound) / 2
+
+
+def scale_axis(param: str, start: Sequence[float]) -> Axis:
+    """A global scale (lambda, alpha): above 0, unbounded."""
+    return Axis(param, tuple(start), low=0.0)
+
+
+def drop_rate_axis(start: Sequence[float]) -> Axis:
+    return Axis("drop_rate", tuple(start), low=0.0, high=1.0, low_natural=True)
+
+
+def density_axis(start: Sequence[float]) -> Axis:
+    return Axis("density", tuple(start), low=0.0, high=1.0, high_natural=True)
+
+
+def common_fraction_axis(start: Sequence[float]) -> Axis:
+    """Iso-CTS's common fraction f in [0, 1] (f = 1 is Iso-C): both ends are values it may take."""
+    return Axis("common_fraction", tuple(start), low=0.0, high=1.0, low_natural=True, high_natural=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +141,30 @@ def spec_by_label(label: str) -> MethodSpec:
     return next(m for m in METHODS if m.label == label)
 
 
+SCALES = ("lambda", "alpha")  # the global scale's name: "alpha" for the subspace methods
+STATIC = {"iso_cts": ("common_fraction",)}  # parameters that set shapes: given to prepare, not to merge
+
+
+def scale_of(params: Mapping[str, Any]) -> float | None:
+    """The global scale of a search point (lambda, or alpha for the subspace methods), None if it has none."""
+    return next((float(params[k]) for k in SCALES if k in params), None)
+
+
 def merge_kwargs(spec: MethodSpec, params: Mapping[str, Any]) -> dict:
-    """Prepared.merge keyword arguments of one search point: 'lambda' is the method's global scale."""
+    """Prepared.merge keyword arguments of one search point: 'lambda' / 'alpha' is the method's global
+    scale, passed as lambda_ (an alias of alpha for TSV-M / Iso-CTS)."""
     kwargs = dict(params)
-    lam = kwargs.pop("lambda", None)
-    if lam is not None:
-        kwargs["lambda_"] = lam
+    for name in SCALES:
+        lam = kwargs.pop(name, None)
+        if lam is not None:
+            kwargs["lambda_"] = lam
     return kwargs
+
+
+def split_static(spec: MethodSpec, kwargs: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(static, traced) keyword arguments: the static ones go to drm_jax.prepare."""
+    names = STATIC.get(spec.method, ())
+    return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})
 
 
 def prepare_method(base, finetuned: Sequence, spec: MethodSpec):
@@ -109,55 +180,42 @@ def merge_encoders(base, finetuned: Sequence, spec: MethodSpec, params: Mapping[
 
 
 # ------------------------------------------------------------------------------------------- the plan
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """kind 'grid': try `values` of `param`; kind 'line': line-search the scale `param` from `values`
-    (None: around the current choice, one step of the last line search either side)."""
+def search_plan(spec: MethodSpec, grid: Grid) -> tuple[dict, list[Axis]]:
+    """(starting parameters, searched axes in order) of a method's coordinate search on validation.
 
-    kind: str
-    param: str
-    values: tuple[float, ...] | None
-
-
-def search_plan(spec: MethodSpec, grid: Grid) -> tuple[dict, list[Stage]]:
-    """(starting parameters, stages) of a method's coordinate search on validation.
-
-    Task arithmetic, TSV-M, Iso-CTS: their scale. TIES / DARE-TIES: density / drop rate (at lambda 1),
-    then lambda. DRM / KnOTS: lambda at the default drop rate; for the swept labels then the drop rate at
-    that lambda and lambda again around its choice at the new drop rate.
+    One parameter: task arithmetic (lambda), TSV-M and Iso-C (alpha). Two: TIES (lambda, density),
+    DARE-TIES (lambda, drop rate), DRM-H / DRM-V / KnOTS-TIES (lambda, drop rate), Iso-CTS (alpha,
+    common fraction). The scale is searched first, at the middle starting value of the other parameter.
     """
     m = spec.method
     if m == "linear":
         return {}, []
-    one = {"lambda": 1.0}  # the scale of the stages before its own (every candidate names its lambda)
     if m == "task_arithmetic":
-        return one, [Stage("line", "lambda", grid.ta_lambdas)]
-    if m in SUBSPACE_METHODS:
-        return one, [Stage("line", "lambda", grid.subspace_alphas)]
-    if m == "ties":
-        return one, [Stage("grid", "density", grid.ties_densities), Stage("line", "lambda", grid.disjoint_lambdas)]
-    if m in ("dare_ties", "dare_linear"):
-        return one, [Stage("grid", "drop_rate", grid.dare_drop_rates), Stage("line", "lambda", grid.disjoint_lambdas)]
-    if m in DRM_FAMILY:
-        stages = [Stage("line", "lambda", grid.disjoint_lambdas)]
-        if spec.label in grid.sweep:
-            stages += [Stage("grid", "drop_rate", grid.drop_rates), Stage("line", "lambda", None)]
-        return {"drop_rate": grid.default_drop_rate, **one}, stages
-    return one, [Stage("line", "lambda", grid.disjoint_lambdas)]
+        axes = [scale_axis("lambda", grid.ta_lambdas)]
+    elif m in SUBSPACE_METHODS:
+        axes = [scale_axis("alpha", grid.subspace_alphas)]
+        if m == "iso_cts":
+            axes.append(common_fraction_axis(grid.common_fractions))
+    elif m == "ties":
+        axes = [scale_axis("lambda", grid.disjoint_lambdas), density_axis(grid.densities)]
+    else:  # DARE, the DRM family and any other method with a drop rate
+        axes = [scale_axis("lambda", grid.disjoint_lambdas), drop_rate_axis(grid.drop_rates)]
+    start = {a.param: (1.0 if a.param in SCALES else float(sorted(a.start)[len(a.start) // 2])) for a in axes}
+    return start, axes
 
 
 def _key(params: Mapping) -> tuple:
     return tuple(sorted((k, round(v, 6) if isinstance(v, float) else v) for k, v in params.items()))
 
 
-def line_search(score: Callable[[float], float], start: Sequence[float], *, refine: int = 1, max_extend: int = 6,
-                lower: float = 0.0, step: float | None = None) -> tuple[float, float, bool]:
-    """Maximise score(v) over a scale v > lower: (best, last step, whether the best is still at an edge).
+def line_search(score: Callable[[float], float], axis: Axis, start: Sequence[float] | None = None, *,
+                refine: int = 1, max_extend: int = 6, step: float | None = None) -> tuple[float, float, bool]:
+    """Maximise score(v) over the axis' domain: (best, last step, whether the best is still at an edge).
 
-    Every value in `start` is tried; while the best is the largest (smallest) value tried, one step more
-    (less) is tried, at most `max_extend` times (a step that would reach `lower` halves the distance to it
-    instead); then `refine` times the step is halved and the two values next to the best are tried. Ties
-    keep the value tried first. `score` may be called again for a value (callers cache).
+    Every value in `start` (default: the axis' starting values) is tried; while the best is the largest
+    (smallest) value tried, one step more (less) is tried (`Axis.beyond`), at most `max_extend` times; then
+    `refine` times the step is halved and the two values next to the best are tried. A best at a natural
+    bound is not at an edge. Ties keep the value tried first. `score` may be called again (callers cache).
     """
     tried: dict[float, float] = {}
     order: list[float] = []
@@ -171,28 +229,33 @@ def line_search(score: Callable[[float], float], start: Sequence[float], *, refi
     def best() -> float:
         return max(order, key=lambda v: (tried[v], -order.index(v)))
 
-    values = sorted({round(float(v), 6) for v in start})
+    values = sorted({round(float(v), 6) for v in (axis.start if start is None else start) if axis.inside(v)})
     if step is None:
         step = float(np.min(np.diff(values))) if len(values) > 1 else max(abs(values[0]) / 2, 0.1)
     for v in values:
         trial(v)
     for _ in range(max_extend):
         b, ordered = best(), sorted(tried)
-        if len(ordered) > 1 and ordered[0] < b < ordered[-1]:
+        moves = [axis.beyond(b, step, d) for d, end in ((1, ordered[-1]), (-1, ordered[0])) if b == end]
+        moves = [v for v in moves if v is not None and round(v, 6) not in tried]
+        if not moves:
             break
-        if b == ordered[-1]:
-            trial(b + step)
-        if b == ordered[0]:
-            below = b - step
-            trial(below if below > lower + 1e-9 else (b + lower) / 2)
+        for v in moves:
+            trial(v)
     for _ in range(refine):
         step /= 2
         b = best()
         for v in (b - step, b + step):
-            if v > lower + 1e-9:
+            if axis.inside(v):
                 trial(v)
     b, ordered = best(), sorted(tried)
-    return b, step, not (ordered[0] < b < ordered[-1])
+    return b, step, at_edge(axis, b, ordered)
+
+
+def at_edge(axis: Axis, chosen: float, tried: Sequence[float]) -> bool:
+    """Whether `chosen` is the smallest or largest value tried (and not at a natural bound)."""
+    low, high = min(tried), max(tried)
+    return not axis.at_natural_bound(chosen) and not (low < chosen < high)
 
 
 @dataclasses.dataclass
@@ -200,7 +263,7 @@ class Trial:
     params: dict
     val: dict
     score: float
-    stage: int = 0  # the index of the search stage that first tried it
+    stage: int = 0  # the index of the search stage that first tried it (Selection.stages names its axis)
 
 
 @dataclasses.dataclass
@@ -208,12 +271,16 @@ class Selection:
     label: str
     chosen: dict
     trials: list[Trial]
-    at_edge: bool = False  # a scale whose best stayed at an edge after max_extend extensions
-    scale_grid: tuple[float, ...] = ()  # the scale values tried at the chosen other parameters
+    stages: list[str] = dataclasses.field(default_factory=list)  # the axis searched at each stage
+    grids: dict = dataclasses.field(default_factory=dict)  # {param: {"tried", "chosen", "at_edge"}}
 
     @property
     def chosen_val(self) -> dict:
         return next(t.val for t in self.trials if t.params == self.chosen)
+
+    @property
+    def at_edge(self) -> bool:
+        return any(g["at_edge"] for g in self.grids.values())
 
 
 def normalized(acc: Mapping[str, float], reference: Mapping[str, float]) -> float:
@@ -223,17 +290,20 @@ def normalized(acc: Mapping[str, float], reference: Mapping[str, float]) -> floa
 
 def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict], dict],
                          ft_val: Mapping[str, float], progress: Callable[[str], None] | None = None) -> Selection:
-    """Run the method's search plan; validate(params) -> {task: validation accuracy} of that merge.
+    """Run the method's coordinate search; validate(params) -> {task: validation accuracy} of that merge.
 
-    Every candidate is validated once (a repeated one is looked up); ties keep the earlier candidate, so
-    the outcome does not depend on float noise in later ones.
+    Each axis is line-searched from its starting values at the best values of the others so far; with two
+    axes, each is then searched again around its choice (its last step either side, extended past an
+    edge, not refined) until a round moves neither, at most `grid.rounds` rounds. Every candidate is
+    validated once (a repeated one is looked up); ties keep the earlier candidate, so the outcome does not
+    depend on float noise in later ones. Selection.grids gives, per axis, the values tried at the chosen
+    values of the other axes, and whether the chosen value is at an edge of them.
     """
-    start, stages = search_plan(spec, grid)
+    start, axes = search_plan(spec, grid)
     seen: dict[tuple, Trial] = {}
     trials: list[Trial] = []
     best: list[Trial] = []
-    last_step: float | None = None
-    at_edge = False
+    stages: list[str] = []
 
     def run(params: dict, stage: int) -> Trial:
         key = _key(params)
@@ -249,29 +319,35 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
             best[:] = [trial]
         return trial
 
-    if not stages:
-        run(dict(start), 0)
-    for index, stage in enumerate(stages):
+    def search(axis: Axis, values, step, refine: int) -> float:
         current = dict(best[0].params) if best else dict(start)
-        if stage.kind == "grid":
-            for v in stage.values:
-                run({**current, stage.param: float(v)}, index)
-            continue
-        if stage.values is None:  # around the current choice, one step of the last line search either side
-            centre = float(current.get(stage.param, 1.0))
-            step = last_step if last_step is not None else 0.25
-            values = tuple(v for v in (centre - step, centre, centre + step) if v > grid.lower + 1e-9)
-            step_arg = step
-        else:
-            values, step_arg = stage.values, None
-        _, last_step, at_edge = line_search(lambda v: run({**current, stage.param: v}, index).score, values,
-                                            refine=grid.refine, max_extend=grid.max_extend, lower=grid.lower,
-                                            step=step_arg)
+        stages.append(axis.param)
+        index = len(stages) - 1
+        _, last, _ = line_search(lambda v: run({**current, axis.param: v}, index).score, axis, values,
+                                 refine=refine, max_extend=grid.max_extend, step=step)
+        return last
+
+    if not axes:
+        run(dict(start), 0)
+    steps = {axis.param: search(axis, None, None, grid.refine) for axis in axes}
+    for _ in range(grid.rounds if len(axes) > 1 else 0):
+        moved = False
+        for axis in axes:
+            centre, step = float(best[0].params[axis.param]), steps[axis.param]
+            values = [v for v in (centre - step, centre, centre + step) if axis.inside(v)]
+            steps[axis.param] = search(axis, values, step, 0)
+            moved |= round(float(best[0].params[axis.param]), 6) != round(centre, 6)
+        if not moved:
+            break
     chosen = best[0]
-    others = {k: v for k, v in chosen.params.items() if k != "lambda"}
-    scale_grid = tuple(sorted(t.params["lambda"] for t in trials if "lambda" in t.params
-                              and {k: v for k, v in t.params.items() if k != "lambda"} == others))
-    return Selection(spec.label, dict(chosen.params), trials, at_edge, scale_grid)
+    grids = {}
+    for axis in axes:
+        others = {k: v for k, v in chosen.params.items() if k != axis.param}
+        tried = sorted({t.params[axis.param] for t in trials
+                        if {k: v for k, v in t.params.items() if k != axis.param} == others})
+        value = chosen.params[axis.param]
+        grids[axis.param] = {"tried": tried, "chosen": value, "at_edge": at_edge(axis, value, tried)}
+    return Selection(spec.label, dict(chosen.params), trials, stages, grids)
 
 
 # ------------------------------------------------------------------------------------ learned coefficients
@@ -280,48 +356,51 @@ class AdaConfig:
     """AdaMerging's optimisation: Adam on the coefficients, `steps` steps, each on `batch_per_task`
     unlabeled validation texts of every task (fresh ones each step, cycling).
 
-    relative=True: Adam runs on each coefficient divided by its starting value, so one step moves a
-    coefficient by about `learning_rate` times where it started, whatever the method's scale (task
-    arithmetic starts near 0.3, DRM near 1), and coefficients are kept >= 0 (AdaMerging's paper clamps
-    them to [0, 1]). relative=False: Adam on the coefficients themselves, unbounded (the default
-    profile's setting, kept so that its table is unchanged; at the full profile's 16 steps it drove task
+    relative=True (every profile): Adam runs on each coefficient divided by its starting value, so one
+    step moves a coefficient by about `learning_rate` times where it started, whatever the method's scale
+    (task arithmetic starts near 0.3, DRM near 1), and coefficients are kept >= 0 (AdaMerging's paper
+    clamps them to [0, 1]). relative=False: Adam on the coefficients themselves, unbounded (it drove task
     arithmetic's coefficients from 0.3 to -0.17..0.76 and collapsed some tasks)."""
 
     steps: int = 12
     batch_per_task: int = 8
-    learning_rate: float = 0.03
-    relative: bool = False
+    learning_rate: float = 0.02
+    relative: bool = True
 
 
-def learn_coefficients(prepared, init, loss_and_grad: Callable[[Any, int], tuple[float, Any]], cfg: AdaConfig,
+class AtFixedNumbers:
+    """A prepared plan seen by `drm_jax.adamerging`, whose merge(coefficients=c) then merges at the
+    method's other chosen numbers (`fixed`: drop rate, lambda_ 1, ...)."""
+
+    def __init__(self, prepared, fixed: Mapping[str, Any] | None = None):
+        self.prepared, self.fixed = prepared, dict(fixed or {})
+        self.num_models, self.layer_names = prepared.num_models, prepared.layer_names
+
+    def merge(self, coefficients=None):
+        return self.prepared.merge(coefficients=coefficients, **self.fixed)
+
+
+def learn_coefficients(prepared, init, loss_fn: Callable[[Any, Any], Any], batches: Sequence, cfg: AdaConfig,
                        fixed: Mapping[str, Any] | None = None,
-                       progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[float]]:
-    """AdaMerging: coefficients c (K, num_layers) minimising loss(merge(c)) by Adam, from `init`.
+                       progress: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[float], Any]:
+    """Layer-wise AdaMerging through `drm_jax.adamerging` (docs/methods.md#adamerging): coefficients c
+    (K, num_layers) minimising loss_fn(merge(c), batch) by Adam from `init`, at the fixed other numbers
+    (the gradient is the method's own derivative, at fixed masks for the masked methods).
 
-    loss_and_grad(merged_tree, step) -> (loss, d loss / d merged_tree) (the entropy of the predictions on
-    that step's batch); the gradient reaches c through `jax.vjp` of `prepared.merge(coefficients=c,
-    **fixed)`, the method's own derivative (at fixed masks for the masked methods).
-    Returns (learned c as numpy, loss per step).
+    loss_fn(merged_tree, batch) -> scalar (the entropy of the predictions on that batch); batches are
+    used in order, cycled. Returns (learned c as numpy, loss per step, the merged tree at c).
     """
     import optax
 
-    init = jnp.asarray(init, jnp.float32)
-    # relative: the variable is r = c / init (a zero start is left on the absolute scale).
-    scale = jnp.where(init > 0, init, 1.0) if cfg.relative else jnp.ones_like(init)
-    r = init / scale
-    fixed = dict(fixed or {})
-    optimizer = optax.adam(cfg.learning_rate)
-    state = optimizer.init(r)
-    losses = []
-    for step in range(cfg.steps):
-        merged, pullback = jax.vjp(lambda v: prepared.merge(coefficients=v * scale, **fixed), r)
-        loss, grad_tree = loss_and_grad(merged, step)
-        (grad,) = pullback(grad_tree)
-        updates, state = optimizer.update(grad, state, r)
-        r = optax.apply_updates(r, updates)
-        if cfg.relative:
-            r = optax.projections.projection_non_negative(r)
-        losses.append(float(loss))
+    losses: list[float] = []
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
         if progress:
-            progress(f"step {step + 1}/{cfg.steps} entropy {losses[-1]:.4f}")
-    return np.asarray(r * scale), losses
+            progress(f"step {step + 1}/{cfg.steps} entropy {loss:.4f}")
+
+    coefficients, merged = drm_jax.adamerging(AtFixedNumbers(prepared, fixed), loss_fn, batches, granularity="layer",
+                                              optimizer=optax.adam(cfg.learning_rate), steps=cfg.steps,
+                                              init=np.asarray(init, np.float32), relative=cfg.relative,
+                                              on_step=on_step)
+    return np.asarray(coefficients), losses, merged

@@ -12,8 +12,10 @@ on frozen pretrained mean-pooled features; the encoder fine-tuned through that f
 linear warmup+decay), or LoRA adapters of it; fine-tuned encoders cached as Hugging Face BERT directories
 (adapters as PEFT directories), loadable by transformers / PEFT and by `drm-jax merge`; every method
 prepared once per seed (`drm_jax.prepare`) and its hyperparameters searched on validation with
-`Prepared.merge`; AdaMerging coefficients learned through the differentiable merge; test reported for the
-chosen settings. Outputs go to runs/text_tasks/<profile>/.
+`Prepared.merge`, by the same search for every method of the same number of parameters (merging.py);
+AdaMerging coefficients learned through `drm_jax.adamerging`; test reported for the chosen settings, twice
+(each method's own rule for the non-matrix leaves, and task arithmetic's for every method), with paired
+bootstrap intervals against the best row and DRM-H (report.py). Outputs go to runs/text_tasks/<profile>/.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 if __package__ in (None, ""):  # run as a script: make `text_tasks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,14 +38,16 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import drm_jax  # noqa: E402
+from drm_jax.engine import RoleRules  # noqa: E402
+from drm_jax.engine.tree import leaf_name  # noqa: E402
 from drm_jax.models import load_hf_bert, save_hf_bert  # noqa: E402
 from text_tasks import assets, report  # noqa: E402
 from text_tasks.encoder import (Encoder, FineTuner, Head, LoraFineTuner, Tokenizer, apply_lora, fit_head,  # noqa: E402
                                 join_params, load_lora_adapter, lora_factors, pad_batch, save_lora_adapter,
                                 split_frozen)
 from text_tasks.merging import (ADAMERGING, METHODS, MethodSpec, Selection, learn_coefficients,  # noqa: E402
-                                merge_encoders, merge_kwargs, normalized, prepare_method, search_plan,
-                                select_on_validation, spec_by_label)
+                                merge_encoders, merge_kwargs, normalized, prepare_method, scale_of,
+                                select_on_validation, spec_by_label, split_static)
 from text_tasks.profiles import PROFILES, Profile  # noqa: E402
 from text_tasks.tasks import Task, available_tasks, load_task, split_task  # noqa: E402
 
@@ -56,6 +60,12 @@ FACTORED_METHODS = ("linear", "task_arithmetic", "drm", "knots_ties", "tsv_m", "
 # search (MergePlan._dense): their prepare keeps no decomposition (TSV-M and Iso-CTS decompose at every merge)
 # or their merge is a full elementwise pass; DRM and KnOTS keep their unscaled delta inside the plan.
 RESCALED = ("ties", "dare_ties", "tsv_m", "iso_c", "iso_cts")
+# Methods whose own rule for the non-matrix leaves already is task arithmetic at their scale (the linear
+# average's mean: lambda 1/K): in the one-rule table their rows are their own, not evaluated again.
+OTHER_LEAVES_BY_TASK_ARITHMETIC = ("linear", "task_arithmetic")
+# Lambda-1 merges kept per plan: the coordinate search comes back to an earlier setting of the other
+# parameter (Iso-CTS: each common fraction is a new decomposition, about 9 s with 4 tasks).
+UNITS_KEPT = 3
 
 
 def log(message: str) -> None:
@@ -127,11 +137,13 @@ class MergePlan:
 
     def __init__(self, experiment: "Experiment", spec: MethodSpec, names: Sequence[str]):
         self.x, self.spec, self.names = experiment, spec, list(names)
-        self.prepared = None
+        self.prepared = None  # the plan of the last static parameters (Iso-CTS's common fraction), and its key
+        self._static_key = None
         self.factored = experiment.profile.lora is not None and spec.method in FACTORED_METHODS
         self.paths: dict[str, int] = {}
         self.merges = 0
-        self._unit, self._unit_key = None, None
+        self._units: dict[str, Any] = {}  # the lambda-1 merges of the last few settings (RESCALED methods)
+        self._last = None
 
     def identity(self, params: Mapping, coefficients=None, names: Sequence[str] | None = None) -> dict:
         x = self.x
@@ -140,10 +152,14 @@ class MergePlan:
                 "params": {k: round(v, 6) if isinstance(v, float) else v for k, v in sorted(params.items())},
                 "coefficients": None if coefficients is None else _digest(np.round(np.asarray(coefficients), 6).tolist())}
 
-    def dense_prepared(self):
-        if self.prepared is None:
+    def dense_prepared(self, static: Mapping | None = None):
+        """The method prepared with these static parameters (one plan kept: a new setting prepares again)."""
+        key = json.dumps(dict(static or {}), sort_keys=True)
+        if self.prepared is None or self._static_key != key:
             start = time.perf_counter()
-            self.prepared = prepare_method(self.x.base, [self.x.finetuned[n] for n in self.names], self.spec)
+            spec = dataclasses.replace(self.spec, fixed={**self.spec.fixed, **dict(static or {})})
+            self.prepared = prepare_method(self.x.base, [self.x.finetuned[n] for n in self.names], spec)
+            self._static_key = key
             self.x.costs.add(f"prepare {self.spec.label}", time.perf_counter() - start)
         return self.prepared
 
@@ -152,19 +168,27 @@ class MergePlan:
         whose prepare keeps nothing to rescale (RESCALED), the merge at lambda 1 is kept per setting of the
         other numbers and scaled on the host: base + lambda (merged_1 - base), exactly what
         merge(lambda_=lambda) computes (tests/examples check it), without decomposing again."""
+        static, kwargs = split_static(self.spec, kwargs)
         if coefficients is not None:
             kwargs = {**kwargs, "coefficients": coefficients}
         if self.spec.method not in RESCALED or coefficients is not None:
-            return self.dense_prepared().merge(**kwargs)
+            return self.dense_prepared(static).merge(**kwargs)
         lam = float(kwargs.pop("lambda_", 1.0))
-        key = json.dumps(kwargs, sort_keys=True, default=str)
-        if self._unit_key != key:
-            self._unit, self._unit_key = self.dense_prepared().merge(**kwargs, lambda_=1.0), key
+        key = json.dumps({**kwargs, **static}, sort_keys=True, default=str)
+        if key not in self._units:
+            if len(self._units) >= UNITS_KEPT:
+                self._units.pop(next(iter(self._units)))
+            self._units[key] = self.dense_prepared(static).merge(**kwargs, lambda_=1.0)
+        unit = self._units[key]
         if lam == 1.0:
-            return self._unit
-        return jax.tree.map(lambda m, b: b + lam * (m - b), self._unit, self.x.base)
+            return unit
+        return jax.tree.map(lambda m, b: b + lam * (m - b), unit, self.x.base)
 
     def merged(self, params: Mapping, coefficients=None):
+        """The merged encoder at these numbers (the last one is kept: the two tables evaluate it twice)."""
+        key = _digest(self.identity(params, coefficients))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         start = time.perf_counter()
         kwargs = merge_kwargs(self.spec, params)
         if self.factored and (coefficients is None or np.ndim(coefficients) == 1):
@@ -180,19 +204,48 @@ class MergePlan:
         tree = jax.block_until_ready(tree)
         self.merges += 1
         self.x.costs.add(f"merge {self.spec.label}", time.perf_counter() - start)
+        self._last = (key, tree)
         return tree
 
-    def evaluate(self, params: Mapping, part: str, coefficients=None, tree=None) -> dict[str, float]:
-        key = _digest({**self.identity(params, coefficients), "part": part, "split": self.x.split_id})
+    def outcome(self, params: Mapping, part: str, coefficients=None, tree=None,
+                uniform_other: bool = False) -> dict[str, dict]:
+        """{"acc": {task: accuracy}, "correct": {task: "0110..."}} of the merge on a split: which texts its
+        heads read right (report.encode_correct), for the paired bootstrap. uniform_other: the merge with
+        its non-matrix leaves replaced by task arithmetic's at its own scale (Experiment.uniform_other)."""
+        identity = self.identity(params, coefficients)
+        if uniform_other:
+            identity["other_leaves"] = "task arithmetic at the method's scale"
+        key = _digest({**identity, "part": part, "split": self.x.split_id})
         found = self.x.eval_cache.get(key)
         if found is not None:
             return found
         tree = self.merged(params, coefficients) if tree is None else tree
+        if uniform_other:
+            tree = self.x.uniform_other(tree, self.names, self._other_weights(params, coefficients))
         start = time.perf_counter()
-        acc = self.x.evaluate(tree, self.names, part)
+        correct = self.x.correct(tree, self.names, part)
         self.x.costs.add(f"evaluate {part}", time.perf_counter() - start)
-        self.x.eval_cache.put(key, acc)
-        return acc
+        found = {"acc": {n: float(np.mean(c)) for n, c in correct.items()},
+                 "correct": {n: report.encode_correct(c) for n, c in correct.items()}}
+        self.x.eval_cache.put(key, found)
+        return found
+
+    def evaluate(self, params: Mapping, part: str, coefficients=None, tree=None) -> dict[str, float]:
+        return self.outcome(params, part, coefficients, tree)["acc"]
+
+    def _other_weights(self, params: Mapping, coefficients) -> Callable[[str], np.ndarray]:
+        """Leaf name -> (K,) task-arithmetic weights of the non-matrix leaves: the method's scale (1/K for
+        the linear average, whose rule is that mean), or AdaMerging's learned coefficient of that leaf."""
+        k = len(self.names)
+        if coefficients is not None:
+            c = np.asarray(coefficients, np.float32)
+            if c.ndim == 1:
+                return lambda name: c
+            column = {name: j for j, name in enumerate(self.dense_prepared().layer_names)}
+            return lambda name: c[:, column[name]]
+        scale = scale_of(params)
+        weights = np.full(k, 1.0 / k if scale is None else scale, np.float32)
+        return lambda name: weights
 
 
 class Experiment:
@@ -215,7 +268,6 @@ class Experiment:
         self.code = code_digest()
         self.eval_cache = EvalCache(self.cache / "evaluations.jsonl" if eval_cache else None)
         self.costs = Costs()
-        self._entropy_grad = jax.jit(jax.value_and_grad(self._entropy))
 
     # ---------------------------------------------------------------------------------- data
     def prepare(self, seed: int) -> None:
@@ -253,40 +305,90 @@ class Experiment:
         return self._key(name, "finetune" if self.profile.lora is None else "lora")
 
     # ---------------------------------------------------------------------------------- evaluation
-    def evaluate(self, trainable, names: Sequence[str], part: str) -> dict[str, float]:
-        """Accuracy of `trainable` (encoder) read out by each task's own frozen head."""
+    def correct(self, trainable, names: Sequence[str], part: str) -> dict[str, np.ndarray]:
+        """Per task, which texts of the split `trainable` (encoder) reads right through the task's own
+        frozen head: a bool array in the split's order."""
         out = {}
         for name in names:
             feats = self.encoder.features(trainable, self.frozen, self.seqs[name, part], desc=f"eval {name}/{part}")
-            out[name] = self.heads[name].accuracy(feats, self.labels[name, part])
+            out[name] = self.heads[name].predict(feats) == self.labels[name, part]
         return out
+
+    def evaluate(self, trainable, names: Sequence[str], part: str) -> dict[str, float]:
+        """Accuracy of `trainable` (encoder) read out by each task's own frozen head."""
+        return {name: float(np.mean(c)) for name, c in self.correct(trainable, names, part).items()}
+
+    # ---------------------------------------------------------------------------------- non-matrix leaves
+    def other_deltas(self, names: Sequence[str]) -> dict[str, tuple[Any, np.ndarray]]:
+        """{leaf name: (base leaf, stacked deltas (K, ...))} of the leaves that take the merge methods'
+        other path (docs/methods.md#leaf-roles: embeddings, biases, norms) and that fine-tuning moved."""
+        key = tuple(names)
+        if getattr(self, "_other_key", None) != key:
+            roles = RoleRules(layout="flax")
+            models = [jax.tree_util.tree_flatten_with_path(self.finetuned[n])[0] for n in names]
+            out = {}
+            for i, (path, base) in enumerate(jax.tree_util.tree_flatten_with_path(self.base)[0]):
+                name = leaf_name(path)
+                if roles(name, np.shape(base), np.asarray(base).dtype).role != "other":
+                    continue
+                deltas = np.stack([np.asarray(m[i][1], np.float32) - np.asarray(base, np.float32) for m in models])
+                if np.any(deltas):
+                    out[name] = (base, deltas)
+            self._other_key, self._other = key, out
+        return self._other
+
+    def uniform_other(self, tree, names: Sequence[str], weights: Callable[[str], np.ndarray]):
+        """`tree` with each non-matrix leaf replaced by task arithmetic's: base + sum_t w_t delta_t, with
+        w = weights(leaf name) of shape (K,): every method's non-matrix leaves by one rule."""
+        other = self.other_deltas(names)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        out = []
+        for path, leaf in leaves:
+            name = leaf_name(path)
+            if name in other:
+                base, deltas = other[name]
+                w = np.asarray(weights(name), np.float32).reshape((-1,) + (1,) * (deltas.ndim - 1))
+                leaf = (np.asarray(base, np.float32) + np.sum(w * deltas, axis=0)).astype(np.asarray(leaf).dtype)
+            out.append(leaf)
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     # ---------------------------------------------------------------------------------- heads
     def fit_heads(self) -> dict[str, dict]:
         """A logistic-regression head per task on frozen pretrained features (cached as .npz)."""
         self.heads: dict[str, Head] = {}
-        pretrained = {"val": {}, "test": {}}
+        pretrained = {"val": {}, "test": {}, "test_correct": {}}
         for name in self.tasks:
             path = self.cache / "heads" / f"{self._key(name, 'head')}.npz"
             if path.is_file():
                 saved = np.load(path)
                 self.heads[name] = Head(saved["weight"], saved["bias"])
                 pretrained["val"][name], pretrained["test"][name] = float(saved["val"]), float(saved["test"])
+                if "test_correct" not in saved:  # a head cached before the paired statistics
+                    self._save_head(path, name, pretrained)
+                pretrained["test_correct"][name] = report.encode_correct(np.load(path)["test_correct"])
                 continue
             log(f"head for {name}: pretrained features of {len(self.seqs[name, 'head'])} texts")
             start = time.perf_counter()
             feats = self.encoder.features(self.base, self.frozen, self.seqs[name, "head"], desc=f"features {name}")
             head = fit_head(feats, self.labels[name, "head"], self.tasks[name].num_classes, c_reg=self.profile.head_c)
             self.heads[name] = head
-            for part in ("val", "test"):
-                pretrained[part][name] = self.evaluate(self.base, [name], part)[name]
+            self._save_head(path, name, pretrained)
             self.costs.add("heads", time.perf_counter() - start)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, weight=head.weight, bias=head.bias, val=pretrained["val"][name],
-                     test=pretrained["test"][name])
-            tmp.replace(path)
+            pretrained["test_correct"][name] = report.encode_correct(np.load(path)["test_correct"])
         return pretrained
+
+    def _save_head(self, path: Path, name: str, pretrained: dict) -> None:
+        """The head, the pretrained encoder's val / test accuracy through it and which test texts it reads
+        right, as one .npz (written then renamed)."""
+        head = self.heads[name]
+        correct = {part: self.correct(self.base, [name], part)[name] for part in ("val", "test")}
+        for part in ("val", "test"):
+            pretrained[part][name] = float(np.mean(correct[part]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, weight=head.weight, bias=head.bias, val=pretrained["val"][name], test=pretrained["test"][name],
+                 test_correct=correct["test"])
+        tmp.replace(path)
 
     # ---------------------------------------------------------------------------------- fine-tuning
     def checkpoint_dir(self, name: str) -> Path:
@@ -334,18 +436,21 @@ class Experiment:
 
     def finetuned_accuracies(self, names: Sequence[str]) -> dict[str, dict]:
         """Each fine-tuned model on its own task (val and test), cached beside the evaluations."""
-        ft = {"val": {}, "test": {}}
+        ft = {"val": {}, "test": {}, "test_correct": {}}
         for name in names:
             for part in ("val", "test"):
                 key = _digest({"code": self.code, "model": self.model_key(name), "part": part,
                                "split": self.split_id, "individual": True})
-                acc = self.eval_cache.get(key)
-                if acc is None:
+                found = self.eval_cache.get(key)
+                if found is None:
                     start = time.perf_counter()
-                    acc = self.evaluate(self.finetuned[name], [name], part)[name]
+                    correct = self.correct(self.finetuned[name], [name], part)[name]
                     self.costs.add(f"evaluate {part}", time.perf_counter() - start)
-                    self.eval_cache.put(key, acc)
-                ft[part][name] = acc
+                    found = {"acc": float(np.mean(correct)), "correct": report.encode_correct(correct)}
+                    self.eval_cache.put(key, found)
+                ft[part][name] = found["acc"]
+                if part == "test":
+                    ft["test_correct"][name] = found["correct"]
         return ft
 
     # ---------------------------------------------------------------------------------- AdaMerging
@@ -376,9 +481,10 @@ class Experiment:
         return out
 
     def adamerge(self, plan: MergePlan, selection: Selection, names: Sequence[str], bar) -> tuple[np.ndarray, dict]:
-        """AdaMerging on top of `plan`'s method at its chosen numbers: coefficients (K, num_layers) start at
-        the chosen lambda (lambda itself then 1) and are learned on the entropy of validation predictions
-        (labels unused). Cached by everything that decides them."""
+        """Layer-wise AdaMerging (drm_jax.adamerging) on top of `plan`'s method at its chosen numbers:
+        coefficients (K, num_layers) start at the chosen lambda (lambda itself then 1) and are learned on the
+        entropy of validation predictions (labels unused). Cached by everything that decides them; info
+        has the merged tree at the learned coefficients when they were learned now."""
         cfg = self.profile.ada
         chosen = dict(selection.chosen)
         lam = float(chosen.pop("lambda", 1.0))
@@ -387,28 +493,28 @@ class Experiment:
         path = self.cache / "adamerging" / f"{plan.spec.method}-seed{self.seed}-{key}.npz"
         if path.is_file():
             saved = np.load(path)
-            return saved["coefficients"], {"params": fixed, "init": lam, "losses": saved["losses"].tolist()}
+            return saved["coefficients"], {"params": fixed, "init": lam, "losses": saved["losses"].tolist(),
+                                            "tree": None}
         prepared = plan.dense_prepared()
         init = np.full((len(names), len(prepared.layer_names)), lam, np.float32)
         batches = self.entropy_batches(names, cfg.batch_per_task, cfg.steps)
         start = time.perf_counter()
-
-        def loss_and_grad(tree, step):
-            ids, mask, weight, bias = batches[step]
-            return self._entropy_grad(tree, ids, mask, weight, bias)
-
-        coefficients, losses = learn_coefficients(prepared, init, loss_and_grad, cfg,
-                                                  fixed=merge_kwargs(plan.spec, fixed),
-                                                  progress=lambda s: bar.set_postfix_str(f"AdaMerging {s}"))
+        coefficients, losses, tree = learn_coefficients(prepared, init, lambda t, b: self._entropy(t, *b), batches,
+                                                        cfg, fixed=merge_kwargs(plan.spec, fixed),
+                                                        progress=lambda s: bar.set_postfix_str(f"AdaMerging {s}"))
         self.costs.add(f"AdaMerging {plan.spec.label}", time.perf_counter() - start)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(tmp, coefficients=coefficients, losses=np.asarray(losses))
         tmp.replace(path)
-        return coefficients, {"params": fixed, "init": lam, "losses": losses}
+        return coefficients, {"params": fixed, "init": lam, "losses": losses, "tree": tree}
 
     # ---------------------------------------------------------------------------------- one seed
     def run_seed(self, seed: int) -> dict:
+        """One seed: every method searched on validation and tested at its choice. rows: each method's own
+        rule for every leaf; uniform_rows: the same merges with the non-matrix leaves (embeddings, biases,
+        norms) of every method replaced by task arithmetic's at the method's scale (empty where fine-tuning
+        moved no such leaf, as with LoRA)."""
         names = list(self.tasks)
         p = self.profile
         self.costs, self.encoder.tokens, self.encoder.seconds, self.eval_cache.hits = Costs(), 0, 0.0, 0
@@ -418,8 +524,11 @@ class Experiment:
         ft = self.finetuned_accuracies(names)
         log("pretrained test: " + _fmt(pretrained["test"]) + " | fine-tuned test: " + _fmt(ft["test"]))
         rows = {report.PRETRAINED: {**pretrained, "chosen": {}}, report.FINETUNED: {**ft, "chosen": {}}}
-        result = {"seed": seed, "tasks": names, "rows": rows, "sweep": {}, "counts": {}, "cost": {},
-                  "lora": None if p.lora is None else dataclasses.asdict(p.lora)}
+        uniform = bool(self.other_deltas(names))
+        uniform_rows = {report.PRETRAINED: dict(rows[report.PRETRAINED]),
+                        report.FINETUNED: dict(rows[report.FINETUNED])} if uniform else {}
+        result = {"seed": seed, "tasks": names, "rows": rows, "uniform_rows": uniform_rows, "sweep": {},
+                  "counts": {}, "cost": {}, "lora": None if p.lora is None else dataclasses.asdict(p.lora)}
         selections: dict[str, Selection] = {}
         ada_sources = {source: label for label, source in ADAMERGING} if p.ada is not None else {}
         bar = tqdm(METHODS, desc="merge", leave=False)
@@ -427,15 +536,22 @@ class Experiment:
             plan = MergePlan(self, spec, names)
             selection = select_on_validation(spec, p.grid, lambda params: plan.evaluate(params, "val"), ft["val"],
                                              progress=lambda s: bar.set_postfix_str(s))
-            test = plan.evaluate(selection.chosen, "test")
-            rows[spec.label] = {"val": selection.chosen_val, "test": test, "chosen": selection.chosen,
-                                "at_edge": selection.at_edge, "scale_grid": list(selection.scale_grid),
+            test = plan.outcome(selection.chosen, "test")
+            rows[spec.label] = {"val": selection.chosen_val, "test": test["acc"], "test_correct": test["correct"],
+                                "chosen": selection.chosen, "at_edge": selection.at_edge, "search": selection.grids,
+                                "evaluations": len(selection.trials),
                                 "trials": [{"params": t.params, "val_norm": t.score} for t in selection.trials]}
+            if uniform:
+                both = (test if spec.method in OTHER_LEAVES_BY_TASK_ARITHMETIC
+                        else plan.outcome(selection.chosen, "test", uniform_other=True))
+                uniform_rows[spec.label] = {"test": both["acc"], "test_correct": both["correct"],
+                                            "chosen": selection.chosen}
             selections[spec.label] = selection
-            log(f"{spec.label:16s} {selection.chosen} test: {_fmt(test)} normalized "
-                f"{100 * normalized(test, ft['test']):.1f} ({len(selection.trials)} tried, {plan.merges} merged)")
-            if spec.label in p.grid.sweep_test and spec.label in p.grid.sweep:
-                result["sweep"][spec.label] = self._sweep(plan, selection, ft, test)
+            log(f"{spec.label:16s} {selection.chosen} test: {_fmt(test['acc'])} normalized "
+                f"{100 * normalized(test['acc'], ft['test']):.1f} ({len(selection.trials)} tried, "
+                f"{plan.merges} merged)")
+            if spec.label in p.grid.sweep_test and "drop_rate" in selection.stages:
+                result["sweep"][spec.label] = self._sweep(plan, selection, ft, test["acc"])
             if p.time_one_shot and plan.merges:
                 result["cost"][f"one-shot {spec.label}"] = self._time_one_shot(plan, selection.chosen)
             if plan.paths:
@@ -443,17 +559,23 @@ class Experiment:
             if spec.label in ada_sources:
                 label = ada_sources[spec.label]
                 coefficients, info = self.adamerge(plan, selection, names, bar)
-                val = plan.evaluate(info["params"], "val", coefficients)
-                test = plan.evaluate(info["params"], "test", coefficients)
-                rows[label] = {"val": val, "test": test, "chosen": {"init": info["init"], **info["params"]},
+                val = plan.evaluate(info["params"], "val", coefficients, tree=info["tree"])
+                test = plan.outcome(info["params"], "test", coefficients, tree=info["tree"])
+                rows[label] = {"val": val, "test": test["acc"], "test_correct": test["correct"],
+                               "chosen": {"init": info["init"], **info["params"]},
                                "coefficients": {"shape": list(coefficients.shape),
                                                 "mean": float(coefficients.mean()), "min": float(coefficients.min()),
                                                 "max": float(coefficients.max())},
                                "entropy": [float(info["losses"][0]), float(info["losses"][-1])]}
+                if uniform:
+                    both = (test if spec.method in OTHER_LEAVES_BY_TASK_ARITHMETIC else
+                            plan.outcome(info["params"], "test", coefficients, tree=info["tree"], uniform_other=True))
+                    uniform_rows[label] = {"test": both["acc"], "test_correct": both["correct"],
+                                           "chosen": rows[label]["chosen"]}
                 log(f"{label}: entropy {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}, coefficients "
-                    f"{coefficients.min():.3f}..{coefficients.max():.3f}; test: {_fmt(test)} normalized "
-                    f"{100 * normalized(test, ft['test']):.1f}")
-            plan.prepared = None  # free the decompositions before the next method
+                    f"{coefficients.min():.3f}..{coefficients.max():.3f}; test: {_fmt(test['acc'])} normalized "
+                    f"{100 * normalized(test['acc'], ft['test']):.1f}")
+            plan.prepared, plan._last, plan._units = None, None, {}  # free the plan before the next method
         result["counts"] = self._counts(names, selections, ft, rows)
         result["cost"].update({"stages": self.costs.as_dict(), "tokens_encoded": self.encoder.tokens,
                                "encoder_seconds": round(self.encoder.seconds, 2),
@@ -461,12 +583,11 @@ class Experiment:
         return result
 
     def _sweep(self, plan: MergePlan, selection: Selection, ft, chosen_test) -> list[dict]:
-        """Test accuracy at every drop rate tried on validation at the lambda of the drop-rate stage."""
-        stage = next(i for i, s in enumerate(search_plan(plan.spec, self.profile.grid)[1])
-                     if s.kind == "grid" and s.param == "drop_rate")
+        """Test accuracy at every drop rate tried on validation at the lambda of the first drop-rate stage."""
+        stage = selection.stages.index("drop_rate")
         lam = next(t.params.get("lambda") for t in selection.trials if t.stage == stage)
         points = []
-        for trial in sorted((t for t in selection.trials if t.params.get("lambda") == lam and "drop_rate" in t.params),
+        for trial in sorted((t for t in selection.trials if t.params.get("lambda") == lam),
                             key=lambda t: t.params["drop_rate"]):
             test = chosen_test if trial.params == selection.chosen else plan.evaluate(trial.params, "test")
             points.append({"drop_rate": trial.params["drop_rate"], "lambda": lam, "val_norm": trial.score,
@@ -529,6 +650,7 @@ def row_labels(results: Sequence[Mapping]) -> list[str]:
 def write_outputs(results: list[dict], out_dir: Path, header: str) -> str:
     """results.json, results.md and plots/ under out_dir (each file written then renamed)."""
     labels = row_labels(results)
+    report.add_intervals(results)
     text = report.markdown_report(results, labels, header)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, content in (("results.md", text + "\n"), ("results.json", json.dumps(results, indent=1, default=float))):

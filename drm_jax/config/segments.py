@@ -14,7 +14,10 @@ sources, method and numbers (mergekit's planner, without its per-tensor task gra
 
 Per tensor, each scope's settings are resolved to numbers and the result is translated by
 `drm_jax.config.recipe.build_recipe` like any config of plain numbers: defaults, aliases and mergekit's
-rules stay in one place. Layer naming per architecture is `drm_jax.io.architectures.LAYER_NAMING`.
+rules stay in one place. Layer naming per architecture is the table of `drm_jax.arch` (read through
+`drm_jax.io.architectures`). A model of several layer stacks (T5's encoder and decoder, CLIP's text and
+vision towers) is sliced stack by stack with the same `layer_range` (each stack must have those layers),
+and a gradient's t is the layer's position within its own stack.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from drm_jax.config.settings import FilterList, Gradient, resolve
 from drm_jax.config.streaming import open_model, open_sources, split_adapter
 from drm_jax.engine.sources import CheckpointSources, is_floating, stream_merge
 from drm_jax.errors import CheckpointError, ConfigError, quote
+from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
 from drm_jax.methods.base import clip
@@ -120,19 +124,21 @@ def per_tensor_params(resolver: TensorParams, names: Sequence[str], in_names: Se
     return dict(default), (leaf or None)
 
 
-def _layer_positions(arch: str, names: Sequence[str], num_layers: int | None) -> list[float]:
-    """t of each tensor of a `models` merge: layer i of n -> i / (n - 1) (1 if n = 1); 0 outside layers."""
+def _layer_positions(arch: str, names: Sequence[str], counts: Mapping[str, tuple[str, int]]) -> list[float]:
+    """t of each tensor of a `models` merge: layer i of n (in its stack) -> i / (n - 1) (1 if n = 1); 0
+    outside the layers. counts: {stack name: (config.json key, layer count)}."""
     out = []
     for name in names:
         index = arch_lib.layer_index(arch, name)
-        if index is None or num_layers is None:
+        stack = arch_lib.layer_stack(arch, name)
+        if index is None or stack is None or stack.name not in counts:
             out.append(0.0)
-        elif index >= num_layers:  # a gradient would be read past its last value
-            key = arch_lib.layer_naming(arch).num_layers_key
+            continue
+        key, num_layers = counts[stack.name]
+        if index >= num_layers:  # a gradient would be read past its last value
             raise CheckpointError(f"tensor {quote(name)} is in layer {index}, but config.json's {key} is "
                                   f"{num_layers} (layers 0 to {num_layers - 1})")
-        else:
-            out.append(index / (num_layers - 1) if num_layers > 1 else 1.0)
+        out.append(index / (num_layers - 1) if num_layers > 1 else 1.0)
     return out
 
 
@@ -152,25 +158,39 @@ def _gradient_key(seg: SegmentDef) -> str | None:
     return None
 
 
-def _num_layers(arch: str, reference: Any, names: Sequence[str]) -> int | None:
-    """The layer count of config.json (e.g. num_hidden_layers), else one past the highest layer index in
-    the tensor names (a config.json without the count must not put every layer at t = 0), else None."""
-    layers = arch_lib.layer_naming(arch)
+def _layer_counts(arch: str, reference: Any, names: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """{stack name: (config.json key, layer count)}: the count of config.json (e.g. num_hidden_layers), else
+    one past the highest layer index of the stack in the tensor names (a config.json without the count
+    must not put every layer at t = 0); stacks with neither are left out."""
+    row = arch_lib.layer_naming(arch)
+    if row is None:
+        return {}
     model_config = naming.read_model_config(reference) or {}
-    value = model_config.get(layers.num_layers_key) if layers is not None else None
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    indices = [i for i in (arch_lib.layer_index(arch, n) for n in names) if i is not None]
-    return max(indices) + 1 if indices else None
+    counts = {}
+    for stack in row.stacks:
+        key = arch_lib.num_layers_key(stack, model_config)
+        value = arch_lib.config_value(model_config, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            counts[stack.name] = (key, value)
+            continue
+        indices = [arch_lib.layer_index(arch, n) for n in names if arch_lib.layer_stack(arch, n) is stack]
+        if indices:
+            counts[stack.name] = (key, max(indices) + 1)
+    return counts
 
 
-def _require_layer_naming(arch: str, what: str) -> arch_lib.LayerNaming:
-    layers = arch_lib.layer_naming(arch)
-    if layers is None:
-        known = ", ".join(sorted(arch_lib.LAYER_NAMING))
-        raise ConfigError(f"{what} needs each tensor's layer index, and drm-jax knows the layer naming of the "
-                          f"{known} architectures (llama includes mistral and qwen2); this model is {arch!r}")
-    return layers
+def _require_layer_naming(arch: str, what: str, reference: Any) -> arch_data.Architecture:
+    """The architecture table's row, or one line naming what is missing for `what` (slices, a gradient)."""
+    row = arch_lib.layer_naming(arch)
+    if row is None:
+        model_config = naming.read_model_config(reference) or {}
+        model_type = model_config.get("model_type")
+        which = (f"config.json's model_type {clip(str(model_type))!r}" if model_type
+                 else "a model without a config.json model_type")
+        known = ", ".join(sorted(arch_data.MODEL_TYPES))
+        raise ConfigError(f"{what} needs each tensor's layer index, and drm-jax's architecture table (drm_jax/arch.py) "
+                          f"has no layer naming for {which}; it knows the model types {known}")
+    return row
 
 
 # -- views --------------------------------------------------------------------------------------------
@@ -240,9 +260,10 @@ def _merged_mask(sources) -> list[bool]:
 @contextlib.contextmanager
 def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None,
                   wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
-                  ) -> Iterator[tuple[list[Segment], str, Any, tuple[str, int] | None]]:
+                  ) -> Iterator[tuple[list[Segment], str, Any, dict[str, Any] | None]]:
     """(segments, architecture name, the reference view whose config.json the output takes, the output's
-    (layer-count key, number of layers) or None), readers closed on exit."""
+    config.json updates of a frankenmerge {dotted key: value} (layer counts, per-layer lists) or None),
+    readers closed on exit."""
     promote = config.dtype is None and config.out_dtype is None
     if not config.slices:
         wrap = promoting(wrap_views) if promote else wrap_views
@@ -253,8 +274,8 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
                 names = sources.info.names
                 grad = _gradient_key(seg)
                 if grad is not None:
-                    _require_layer_naming(arch, grad)
-                ts = _layer_positions(arch, names, _num_layers(arch, reference, names))
+                    _require_layer_naming(arch, grad, reference)
+                ts = _layer_positions(arch, names, _layer_counts(arch, reference, names))
                 ins = []
                 for m in seg.sources:
                     ins.append(names)
@@ -291,7 +312,6 @@ def _open_readers(config: MergeConfig, wrap_views):
 
 def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
     key = "slices" if not config.module_parameters else "modules.default.slices"
-    layers = _require_layer_naming(arch, key)
     slices = config.slices
     segments: list[Segment] = []
 
@@ -313,11 +333,13 @@ def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, ou
     # tensors before the layers: the first slice's sources (mergekit: pre_weights)
     first = slice_def(config, slices[0])
     ref_view = views[reference_of(first).model]
+    row = _require_layer_naming(arch, key, ref_view)
     outside = [n for n in ref_view.keys() if arch_lib.layer_index(arch, n) is None]
     before = [n for n in outside if arch_lib.before_layers(arch, n)]
     add(dataclasses.replace(first, key=f"{first.key} (tensors before the layers)"), before,
         {m.model: list(before) for m in first.sources}, [0.0] * len(before))
     out_layer = 0
+    origins: dict[str, list[tuple[str, int]]] = {}  # {stack name: (model, layer) of each output layer}
     for s in slices:
         seg = slice_def(config, s)
         ref = reference_of(seg)
@@ -325,13 +347,23 @@ def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, ou
         out_names: list[str] = []
         own: dict[str, list[str]] = {m.model: [] for m in seg.sources}
         ts: list[float] = []
+        # {stack name: {layer index: the reference's tensor names}}
+        positions: dict[str, dict[int, list[str]]] = {}
+        for name in views[ref.model].keys():
+            stack = arch_lib.layer_stack(arch, name)
+            if stack is not None:
+                positions.setdefault(stack.name, {}).setdefault(arch_lib.layer_index(arch, name), []).append(name)
         for offset in range(n):
             t = offset / (n - 1) if n > 1 else 1.0
-            layer_names = [name for name in views[ref.model].keys()
-                           if arch_lib.layer_index(arch, name) == ref.layer_range[0] + offset]
-            if not layer_names:
-                raise CheckpointError(f"{ref.key}.layer_range: {ref.model} has no layer "
-                                      f"{ref.layer_range[0] + offset} (layer_range {list(ref.layer_range)})")
+            layer = ref.layer_range[0] + offset
+            layer_names = []
+            for stack_name in positions or [""]:  # a reference without layers: "has no layer"
+                if layer not in positions.get(stack_name, {}):
+                    where = f" in its {stack_name} stack" if len(positions) > 1 else ""
+                    raise CheckpointError(f"{ref.key}.layer_range: {ref.model} has no layer {layer}{where} "
+                                          f"(layer_range {list(ref.layer_range)})")
+                layer_names += positions[stack_name][layer]
+                origins.setdefault(stack_name, []).append((ref.model, layer))
             for name in layer_names:
                 out_names.append(arch_lib.with_layer_index(arch, name, out_layer + offset))
                 for m in seg.sources:
@@ -348,7 +380,34 @@ def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, ou
     after = [n for n in ref_view.keys()
              if arch_lib.layer_index(arch, n) is None and not arch_lib.before_layers(arch, n)]
     add(last, after, {m.model: list(after) for m in last.sources}, [0.0] * len(after))
-    return segments, arch, views[reference_of(first).model], (layers.num_layers_key, out_layer)
+    reference = views[reference_of(first).model]
+    return segments, arch, reference, _config_updates(row, views, reference, origins)
+
+
+def _config_updates(row: arch_data.Architecture, views: Mapping[str, Any], reference: Any,
+                    origins: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
+    """{dotted config.json key: value} of a frankenmerge: each stack's layer count, and each per-layer list
+    (`layer_types`) made of the entries of the layers taken, from their own model's config.json (left as
+    it is where a model lacks the list)."""
+    configs: dict[str, dict] = {}
+
+    def config_of(model: str) -> dict:
+        if model not in configs:
+            configs[model] = naming.read_model_config(views[model]) or {}
+        return configs[model]
+
+    updates: dict[str, Any] = {}
+    own = naming.read_model_config(reference) or {}
+    for stack in row.stacks:
+        origin = origins.get(stack.name)
+        if not origin:
+            continue
+        updates[arch_lib.num_layers_key(stack, own)] = len(origin)
+        for key in stack.per_layer_keys:
+            lists = [arch_lib.config_value(config_of(model), key) for model, _ in origin]
+            if all(isinstance(v, list) and layer < len(v) for v, (_, layer) in zip(lists, origin)):
+                updates[key] = [v[layer] for v, (_, layer) in zip(lists, origin)]
+    return updates
 
 
 # -- running them ---------------------------------------------------------------------------------------
@@ -426,9 +485,10 @@ def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray],
     return dict(counts)
 
 
-def set_layer_count(config_path: Path, layer_count: tuple[str, int] | None) -> None:
-    """Write the output's number of layers into config.json (mergekit: num_layers_config_key)."""
-    if layer_count is None or not config_path.is_file():
+def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> None:
+    """Write a frankenmerge's layer counts (mergekit: num_layers_config_key) and per-layer lists into the
+    output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
+    if not updates or not config_path.is_file():
         return
     try:
         model_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -436,8 +496,14 @@ def set_layer_count(config_path: Path, layer_count: tuple[str, int] | None) -> N
         return  # not ours to repair: it was copied as it is
     if not isinstance(model_config, dict):
         return
-    key, count = layer_count
-    model_config[key] = count
+    for key, value in updates.items():
+        *parents, leaf = key.split(".")
+        target = model_config
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[leaf] = value
     config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

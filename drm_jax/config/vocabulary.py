@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -45,17 +44,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from drm_jax.arch import VOCABULARY_TENSORS  # Hugging Face names of the tensors indexed by token ids
 from drm_jax.config.schema import MergeConfig, TokenizerSpec, TokenSetting
 from drm_jax.config.streaming import PEFT_CONFIG_NAME, split_adapter
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, UnsafeFileError, one_line, quote, quote_path
 from drm_jax.io.base import read_json
 from drm_jax.io.model_files import safe_model_file, stage_tokenizer_files
 
-# Hugging Face names of the tensors whose first axis is indexed by token ids.
-VOCABULARY_TENSORS = re.compile(
-    r"^(?:.*\.)?(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$"
-    r"|^(?:model\.)?shared\.weight$"
-    r"|^(?:lm_head|embed_out)\.(?:weight|bias)$")
 
 
 def is_vocabulary_tensor(name: str, shape: tuple[int, ...]) -> bool:

@@ -1,8 +1,9 @@
 """Which leaves go through DRM, which take the other path, which keep their base value.
 
 Roles are decided on the dotted leaf name and the shape, by patterns (regular expressions searched in
-the name), as data: the defaults below exclude the token embeddings, position embeddings and LM heads of
-the common architectures (BERT, GPT-2, Llama, T5, ViT, CLIP, OPT, GPT-NeoX, Flax `Embed`).
+the name), as data: the default exclusions (`DEFAULT_EXCLUDE`, derived from the architecture table in
+`drm_jax.arch`) are the token embeddings, position embeddings and LM heads of the common architectures
+(BERT, GPT-2, Llama, T5, ViT, CLIP, OPT, GPT-NeoX, Flax `Embed`).
 """
 
 from __future__ import annotations
@@ -13,23 +14,10 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
+from drm_jax.arch import DEFAULT_EXCLUDE, EMBEDDING_AND_HEAD_NAMES
 from drm_jax.errors import MergeInputError
 
 Role = Literal["linear", "other", "ignore", "keep"]
-
-# Name components of embeddings and LM heads: a 2-D weight whose dotted name contains one of them as a
-# whole component is not a linear layer's weight.
-EMBEDDING_AND_HEAD_NAMES = (
-    # token embeddings
-    "embed_tokens", "word_embeddings", "wte", "shared", "tok_embeddings", "token_embedding",
-    "token_embeddings", "embed_in", "embedding", "embeddings_table",
-    # position and segment embeddings
-    "position_embeddings", "position_embedding", "positional_embedding", "wpe", "embed_positions",
-    "relative_attention_bias", "token_type_embeddings", "rel_embedding",
-    # LM heads
-    "lm_head", "embed_out", "output_embedding", "logits_dense",
-)
-DEFAULT_EXCLUDE = (r"(^|\.)(" + "|".join(map(re.escape, EMBEDDING_AND_HEAD_NAMES)) + r")(\.|$)",)
 
 # layout name -> whether a 2-D linear weight is stored (in, out) and must be transposed to (out, in)
 LAYOUTS = {"torch": False, "flax": True}

@@ -30,6 +30,7 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from drm_jax import arch as arch_data
 from drm_jax.errors import CheckpointError, quote
 
 Orientation = Literal["out_in", "in_out"]
@@ -76,7 +77,7 @@ _BERT_RULES = (
 _GPT2_RULES = (
     (r"(^|\.)(wte|wpe)\.weight$", EMBEDDING),
     (r"(^|\.)(ln_1|ln_2|ln_f|ln_cross_attn)\.weight$", NORM),
-    (r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$", CONV1D),
+    (arch_data.ARCHITECTURES["gpt2"].in_out, CONV1D),  # stored (in, out): the architecture table says which
     (r"\.weight$", LINEAR),  # lm_head, score
 )
 _VIT_RULES = (
@@ -99,21 +100,16 @@ ARCHITECTURE_RULES: dict[str, tuple[tuple[str, ParamKind], ...]] = {
     "gpt2": _GPT2_RULES,
     "vit": _VIT_RULES,
     "clip": _CLIP_RULES,
+    "gpt_neox": (),  # the generic rules name its tensors right
     "generic": (),
 }
 ARCHITECTURES = tuple(ARCHITECTURE_RULES)
 _COMPILED = {arch: tuple((re.compile(pattern), kind) for pattern, kind in rules)
              for arch, rules in ARCHITECTURE_RULES.items()}
 
-# config.json model_type -> table
-_MODEL_TYPES = {
-    "t5": "t5", "mt5": "t5_v1_1", "umt5": "t5_v1_1",
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama",
-    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert",
-    "gpt2": "gpt2",
-    "vit": "vit",
-    "clip": "clip", "clip_text_model": "clip", "clip_vision_model": "clip",
-}
+# `architectures` class-name fragments -> model_type, for a config.json without a model_type
+_CLASS_NAMES = (("t5", "t5"), ("llama", "llama"), ("bert", "bert"), ("gpt2", "gpt2"), ("gptneox", "gpt_neox"),
+                ("vit", "vit"), ("clip", "clip"))
 
 
 def detect_architecture(config: Mapping | None) -> str:
@@ -130,8 +126,8 @@ def detect_architecture(config: Mapping | None) -> str:
         if not isinstance(architectures, (list, tuple)):
             architectures = ()
         names = " ".join(str(a) for a in architectures).lower()
-        model_type = next((t for t in ("t5", "llama", "bert", "gpt2", "vit", "clip") if t in names), "")
-    arch = _MODEL_TYPES.get(model_type, "generic")
+        model_type = next((t for fragment, t in _CLASS_NAMES if fragment in names), "")
+    arch = arch_data.MODEL_TYPES.get(model_type, "generic")
     if arch == "t5" and str(config.get("feed_forward_proj", "relu")).startswith("gated"):
         arch = "t5_v1_1"
     return arch
@@ -198,53 +194,41 @@ def weight_orientation(arch: str, name: str, ndim: int | None = 2) -> Orientatio
 # --- layer-indexed names (slices and layer renumbering) ----------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerNaming:
-    """How an architecture names the tensors of its repeated layers, as mergekit's layer templates do
-    (`model.layers.${layer_index}.self_attn.q_proj.weight`), in one pattern.
-
-    pattern: regex over Hugging Face names with the groups `head` (up to the index), `index`, `tail`.
-    num_layers_key: the config.json key holding the number of layers (mergekit's num_layers_config_key).
-    before: regex of the tensors that are not layer-indexed and come before the layers (mergekit's
-      pre_weights: embeddings); every other tensor that is not layer-indexed comes after them (post_weights:
-      final norm, LM head, pooler).
-    """
-
-    pattern: str
-    num_layers_key: str
-    before: str
-
-
-LAYER_NAMING: dict[str, LayerNaming] = {
-    # Llama, Mistral, Qwen2 and Qwen3 share the table (and mergekit's templates name the same tensors)
-    "llama": LayerNaming(r"^(?P<head>model\.layers\.)(?P<index>\d+)(?P<tail>\..+)$", "num_hidden_layers",
-                         r"(^|\.)embed_tokens\."),
-    "gpt2": LayerNaming(r"^(?P<head>(transformer\.)?h\.)(?P<index>\d+)(?P<tail>\..+)$", "n_layer",
-                        r"(^|\.)(wte|wpe)\."),
-    # BERT and RoBERTa, bare or under a task head's prefix
-    "bert": LayerNaming(r"^(?P<head>((bert|roberta)\.)?encoder\.layer\.)(?P<index>\d+)(?P<tail>\..+)$",
-                        "num_hidden_layers", r"(^|\.)embeddings\."),
-}
+# The rows live in `drm_jax.arch` (one table: layer stacks, embeddings and heads, orientation, vocabulary).
 # The longest layer index read from a tensor name (a million layers is beyond any model).
 MAX_LAYER_DIGITS = 6
-_LAYER_PATTERNS = {arch: (re.compile(n.pattern), re.compile(n.before)) for arch, n in LAYER_NAMING.items()}
+_STACKS = {name: tuple((re.compile(stack.pattern), stack) for stack in row.stacks)
+           for name, row in arch_data.ARCHITECTURES.items() if row.stacks}
+_BEFORE = {name: re.compile(row.before) for name, row in arch_data.ARCHITECTURES.items()}
 
 
-def layer_naming(arch: str) -> LayerNaming | None:
-    """The layer naming of an architecture table, or None where drm_jax does not know it."""
+def layer_naming(arch: str) -> arch_data.Architecture | None:
+    """The architecture table's row of `arch` when it names layers (has layer stacks), else None."""
     _check_arch(arch)
-    return LAYER_NAMING.get(arch)
+    return arch_data.ARCHITECTURES[arch] if arch in _STACKS else None
+
+
+def _match(arch: str, name: str) -> tuple[re.Match, arch_data.LayerStack] | None:
+    for pattern, stack in _STACKS.get(arch, ()):
+        match = pattern.match(name)
+        if match is not None:
+            return match, stack
+    return None
+
+
+def layer_stack(arch: str, name: str) -> arch_data.LayerStack | None:
+    """The layer stack a Hugging Face tensor name belongs to (T5's "encoder" or "decoder"), or None."""
+    found = _match(arch, name)
+    return None if found is None else found[1]
 
 
 def layer_index(arch: str, name: str) -> int | None:
-    """The layer index in a Hugging Face tensor name ("model.layers.7.mlp.up_proj.weight" -> 7), or None for
-    a tensor outside the layers (or an architecture without layer naming)."""
-    if arch not in _LAYER_PATTERNS:
+    """The layer index in a Hugging Face tensor name ("model.layers.7.mlp.up_proj.weight" -> 7), within its
+    stack, or None for a tensor outside the layers (or an architecture without layer naming)."""
+    found = _match(arch, name)
+    if found is None:
         return None
-    match = _LAYER_PATTERNS[arch][0].match(name)
-    if match is None:
-        return None
-    text = match.group("index")
+    text = found[0].group("index")
     # "layers.00" would be a second name of layer 0, a 5,000-digit index no model has (and int() refuses)
     if len(text) > MAX_LAYER_DIGITS or not text.isascii() or text != str(int(text)):
         raise CheckpointError(f"tensor {quote(name)}: layer index {quote(text)} is not a plain decimal number of "
@@ -254,15 +238,31 @@ def layer_index(arch: str, name: str) -> int | None:
 
 def with_layer_index(arch: str, name: str, index: int) -> str:
     """The same tensor of layer `index` ("model.layers.7.mlp.up_proj.weight", 2 -> "model.layers.2.mlp...")."""
-    match = _LAYER_PATTERNS[arch][0].match(name) if arch in _LAYER_PATTERNS else None
-    if match is None:
+    found = _match(arch, name)
+    if found is None:
         raise CheckpointError(f"tensor {name!r} is not layer-indexed in architecture {arch!r}")
+    match = found[0]
     return f"{match.group('head')}{int(index)}{match.group('tail')}"
 
 
 def before_layers(arch: str, name: str) -> bool:
     """Whether a tensor outside the layers comes before them (embeddings) rather than after."""
-    return arch in _LAYER_PATTERNS and bool(_LAYER_PATTERNS[arch][1].search(name))
+    return arch in _STACKS and bool(_BEFORE[arch].search(name))
+
+
+def config_value(config: Mapping, key: str):
+    """The value at a dotted config.json key ("text_config.num_hidden_layers"), or None."""
+    for part in key.split("."):
+        if not isinstance(config, Mapping) or part not in config:
+            return None
+        config = config[part]
+    return config
+
+
+def num_layers_key(stack: arch_data.LayerStack, config: Mapping | None) -> str:
+    """The config.json key of a stack's layer count: the first of its keys the config has, else the first."""
+    return next((k for k in stack.num_layers_keys if config_value(config or {}, k) is not None),
+                stack.num_layers_keys[0])
 
 
 # --- Hugging Face <-> Flax ------------------------------------------------------------------------------

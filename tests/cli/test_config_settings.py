@@ -264,7 +264,11 @@ def test_tensors_outside_the_layers(table, name, before):
 
 
 def test_model_types_with_layer_naming():
-    for model_type in ("llama", "mistral", "qwen2", "gpt2", "bert", "roberta"):
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral", "gpt2", "gpt_neox",
+                       "bert", "roberta", "t5", "mt5", "vit", "clip", "clip_text_model"):
         assert arch.layer_naming(arch.detect_architecture({"model_type": model_type})) is not None
-    assert arch.layer_naming("t5") is None and arch.layer_index("t5", "encoder.block.0.layer.0.weight") is None
-    assert arch.layer_naming("gpt2").num_layers_key == "n_layer"
+    assert arch.layer_naming("generic") is None and arch.layer_index("generic", "model.layers.0.mlp.weight") is None
+    assert arch.layer_naming("gpt2").stacks[0].num_layers_keys == ("n_layer",)
+    # T5's two stacks: each tensor's index is within its own stack
+    assert arch.layer_index("t5", "decoder.block.1.layer.2.DenseReluDense.wo.weight") == 1
+    assert arch.layer_stack("t5", "decoder.block.1.layer.0.SelfAttention.q.weight").name == "decoder"

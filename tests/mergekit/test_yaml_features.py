@@ -16,8 +16,6 @@ mergekit and agree to one float16 ulp (float32 rounding of sums, fused or not, b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import pytest
 import yaml
 
 from drm_jax.cli.main import main
+from mergekit_yaml import run_mergekit_yaml
 
 pytestmark = pytest.mark.optional
 
@@ -141,30 +140,18 @@ def _localized(raw, root: Path):
     return raw
 
 
-_DRIVER = """
-import sys
-from mergekit.scripts.run_yaml import main
-args = sys.argv[1:]
-for config, out in zip(args[::2], args[1::2]):
-    main([config, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--no-lazy-unpickle"],
-         standalone_mode=False)
-"""
-
-
 @pytest.fixture(scope="module")
 def outputs(family, tmp_path_factory):
     """{config name: (mergekit's output dir, ours, our exit status)}."""
     pytest.importorskip("mergekit")
     work = tmp_path_factory.mktemp("yaml_runs")
-    args, runs = [], {}
+    runs = {}
     for name, raw in {**CONFIGS, **EXAMPLES}.items():
         path = work / f"{name.replace('.', '_')}.yaml"
         path.write_text(yaml.safe_dump(_localized(raw, family), sort_keys=False))
         theirs, ours = work / f"mk_{path.stem}", work / f"ours_{path.stem}"
-        args += [str(path), str(theirs)]
         runs[name] = (path, theirs, ours)
-    proc = subprocess.run([sys.executable, "-c", _DRIVER, *args], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_mergekit_yaml([(path, theirs) for path, theirs, _ in runs.values()])
     return {name: (theirs, ours, main(["merge", str(path), str(ours), "--quiet"]))
             for name, (path, theirs, ours) in runs.items()}
 

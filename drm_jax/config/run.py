@@ -103,7 +103,7 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     if adapter_out or adapter_rank is not None:
         if not adapter_out:
             raise ConfigError("--adapter-rank needs --adapter-out")
-        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank)
+        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank, warn=warn)
     try:
         return merge_checkpoints(config, out_dir, force=force, devices=list(devices),
                                  max_memory=_bytes(max_memory, parse_size),

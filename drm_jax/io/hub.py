@@ -68,17 +68,17 @@ def hub_snapshot(reference: str, cache_dir: str | os.PathLike | None = None) -> 
                                                       local_files_only=True))
     except Exception:  # not in the cache (LocalEntryNotFoundError and kin): try the network below
         pass
+    missing = f"{quote(reference)} does not exist here, and the Hugging Face model {named} is not in the cache " \
+              f"{str(cache)!r}"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
-        raise CheckpointError(f"{quote(reference)} does not exist here, and the Hugging Face model {named} is not "
-                              f"in the cache {str(cache)!r} while HF_HUB_OFFLINE is set: download it where the "
-                              f"network is allowed ({fetch}) or give the model's local folder")
+        raise CheckpointError(f"{missing} while HF_HUB_OFFLINE is set: download it where the network is allowed "
+                              f"({fetch}) or give the model's local folder")
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache,
                                                       allow_patterns=DOWNLOADED))
     except Exception as err:  # no network, no such repository, a gated one, a full disk
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise CheckpointError(f"{quote(reference)} does not exist here, and the Hugging Face model {named} is not "
-                              f"in the cache {str(cache)!r} and could not be downloaded ({reason}): check the id "
+        raise CheckpointError(f"{missing} and could not be downloaded ({reason}): check the id "
                               f"and the network ({fetch}), or give the model's local folder") from None
 
 

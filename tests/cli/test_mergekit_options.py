@@ -211,3 +211,16 @@ def test_a_hub_id_missing_offline_is_one_line_naming_it(family, tmp_path, capsys
     assert "'org/absent'" in err and "revision 'v2'" in err and "HF_HUB_OFFLINE" in err
     assert "huggingface-cli download org/absent --revision v2" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_base_model_is_the_reference_whose_files_are_copied(family, tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("HF_HUB_CACHE", str(_hub_cache(tmp_path / "hub", "org/tiny-base", family / "base")))
+    local = _config(tmp_path / "local.yaml", "task_arithmetic", [str(family / "task_a"), str(family / "task_b")],
+                    str(family / "base"))
+    hub = _config(tmp_path / "hub.yaml", "task_arithmetic", [str(family / "task_a"), str(family / "task_b")],
+                  "org/tiny-base")
+    assert main(["merge", str(local), str(tmp_path / "local_out"), "--quiet"]) == 0
+    assert main(["merge", str(hub), str(tmp_path / "hub_out"), "--quiet"]) == 0
+    _same(tmp_path / "local_out", tmp_path / "hub_out")
+    assert json.loads((tmp_path / "hub_out" / "config.json").read_text())["model_type"] == "llama"  # via its blob
+    assert "https://huggingface.co/org/tiny-base" in (tmp_path / "hub_out" / "README.md").read_text()

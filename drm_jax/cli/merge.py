@@ -3,7 +3,7 @@
     drm-jax merge examples/configs/drm.yaml merged/ [--force] [--quiet] [--device cpu|gpu|tpu]
         [--devices N] [--max-memory 1GB] [--max-shard-size SIZE | --out-shard-size 5B]
         [--copy-tokenizer | --no-copy-tokenizer] [--write-model-card | --no-write-model-card]
-        [--adapter-out [--adapter-rank R]]
+        [--adapter-out [--adapter-rank R]] [mergekit-yaml's options: drm_jax.cli.mergekit_options]
 
 Only the command line lives here: the flags become the keywords of `drm_jax.merge_config`
 (`drm_jax.config.run`), which checks, plans and runs the merge; this module shows its progress bar, its
@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 
+from drm_jax.cli.mergekit_options import apply_mergekit_options, device_name, register_mergekit_options
 from drm_jax.cli.progress import MergeProgress
 from drm_jax.config.merge import DEFAULT_MAX_MEMORY, parse_kmb, parse_size
 from drm_jax.config.run import merge_config
@@ -52,9 +53,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, help="output directory (Hugging Face safetensors layout)")
     parser.add_argument("--force", action="store_true",
                         help="replace OUT_DIR when it holds an earlier drm-jax output (never other files)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
-    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
-                        help="where to compute (default: JAX's default device)")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False,
+                        help="no progress bar and no summary")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="where to compute: cpu, gpu (mergekit's cuda), tpu, or auto (default: JAX's default "
+                             "device)")
     parser.add_argument("--devices", type=int, default=None, metavar="N",
                         help="split stacked layers over N local devices of that kind (default: all of them)")
     parser.add_argument("--max-memory", type=_argument(parse_size), default=parse_size(DEFAULT_MAX_MEMORY),
@@ -77,6 +80,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--adapter-rank", type=int, default=None, metavar="R",
                         help="with --adapter-out: the merged adapter's rank (default K r: exact where the merge "
                              "factors)")
+    register_mergekit_options(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -118,6 +122,14 @@ def _warn(note: str) -> None:
     print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
+def _note(text: str) -> None:
+    print(f"drm-jax: note: {one_line(text)}", file=sys.stderr)
+
+
+def _silent(text: str) -> None:
+    """--quiet: mergekit's notes are not essential output."""
+
+
 def _print_adapter(result: dict, out_dir: Path) -> None:
     counts = {p: sum(1 for v in result["paths"].values() if v == p) for p in ("factored", "linear", "dense")}
     worst = max(result["discarded"].values(), default=0.0)
@@ -128,6 +140,7 @@ def _print_adapter(result: dict, out_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of `drm-jax merge`; DrmJaxErrors propagate to `drm_jax.cli.main` (one line, exit 2)."""
+    mergekit_options = apply_mergekit_options(args, note=_silent if args.quiet else _note)
     return_freed_memory_to_the_os()
     enable_compilation_cache()
     bars: list[MergeProgress] = []
@@ -140,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                           max_memory=args.max_memory, max_shard_size=args.max_shard_size,
                           out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
                           write_model_card=args.write_model_card, adapter_out=args.adapter_out,
-                          adapter_rank=args.adapter_rank, progress=progress, warn=_warn)
+                          adapter_rank=args.adapter_rank, progress=progress, warn=_warn, **mergekit_options)
     if args.adapter_out and not args.quiet:
         _print_adapter(result, args.out_dir)
     for bar in bars:

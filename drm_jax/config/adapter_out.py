@@ -12,13 +12,14 @@ Without --adapter-out the same config writes the merged model (base + merged del
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from drm_jax.config.merge import check_output
+from drm_jax.config.merge import check_output, python_warning
 from drm_jax.config.recipe import Recipe
 from drm_jax.config.schema import MergeConfig
 from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
@@ -70,10 +71,11 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path 
 
 
 def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, force: bool = False,
-                     rank: int | None = None) -> dict[str, Any]:
+                     rank: int | None = None, warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
     """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output": Path, "rank": int,
     "weights": number of adapted weights, "discarded": {weight: discarded energy}, "paths": {weight:
-    "factored" | "linear" | "dense"}}. Nothing is left at `out_dir` on failure."""
+    "factored" | "linear" | "dense"}}. Nothing is left at `out_dir` on failure. `warn` receives the notes of
+    the merge (a rank cut that discards more than 1% of a weight's energy)."""
     if rank is not None and rank < 1:
         raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")
     spec = get_method(recipe.method)
@@ -110,8 +112,12 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
         for reader in adapters:
             reader.close()  # the adapter's files; the base is closed below
         base.close()
-    result = merge_adapters(shapes, weights, method=recipe.method, rank=rank, layout=naming.layout_for(arch),
-                            **recipe.role_kwargs, **recipe.engine_kwargs)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        result = merge_adapters(shapes, weights, method=recipe.method, rank=rank, layout=naming.layout_for(arch),
+                                **recipe.role_kwargs, **recipe.engine_kwargs)
+    for note in notes:
+        warn(str(note.message))
     dtype = dtype_from_name(config.out_dtype or config.dtype or "float32")
     try:
         output = write_lora_adapter(out_dir, {n: (w.b, w.a, w.transposed) for n, w in result.adapter.items()},

@@ -45,7 +45,7 @@ def is_hub_id(config: MergeConfig, path: str) -> bool:
     characters (letters, digits, '-', '_', '.'), not dot-relative, and nothing by that name on disk."""
     if not path or path[0] == "." or _HUB_ID.fullmatch(path) is None:
         return False
-    return not config.resolve(path).exists()
+    return not config.local_path(path).exists()
 
 
 def markdown_text(text: str) -> str:

@@ -12,6 +12,7 @@ itself, the checks and the files written are the same.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
@@ -25,6 +26,7 @@ from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import MergeConfig, config_from_yaml, load_config
 from drm_jax.config.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.methods.registry import get_method
 
 _YAML_SUFFIXES = (".yml", ".yaml")
 
@@ -53,6 +55,26 @@ def read_config(config: str | os.PathLike | Mapping | MergeConfig) -> tuple[Merg
     raise ConfigError(f"config must be a path, YAML text, a dict or a MergeConfig, got {type(config).__name__}")
 
 
+def with_random_seed(config: MergeConfig, seed: int | None, warn: Callable[[str], None]) -> MergeConfig:
+    """The config with `seed` (mergekit's --random-seed) as its `parameters.seed` where it gives none and a
+    method it runs draws at random (DARE, DELLA, ...: their `seed`); a note through `warn` otherwise."""
+    if seed is None:
+        return config
+    if not 0 <= seed < 2**31:
+        raise ConfigError(f"--random-seed: must be an integer from 0 to {2**31 - 1}, got {seed}")
+    methods = {config.merge_method} | {s.merge_method for s in config.slices if s.merge_method is not None}
+    random = sorted(m for m in methods if "seed" in get_method(m).names)
+    given = [p for p in (config.parameters, config.module_parameters, *(s.parameters for s in config.slices))
+             if "seed" in p]
+    if not random:
+        warn(f"--random-seed {seed}: method {', '.join(map(repr, sorted(methods)))} draws nothing at random; unused")
+        return config
+    if given:
+        warn(f"--random-seed {seed}: the config's own parameters.seed is used")
+        return config
+    return dataclasses.replace(config, parameters={**config.parameters, "seed": seed})
+
+
 def _bytes(value: int | str | None, parse: Callable[[str], int]) -> int | None:
     return parse(value) if isinstance(value, str) else value
 
@@ -63,7 +85,8 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
                  out_shard_size: int | str | None = None, copy_tokenizer: bool = True,
                  write_model_card: bool = True, adapter_out: bool = False, adapter_rank: int | None = None,
                  progress: Callable[[int], ContextManager] | None = None,
-                 warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
+                 warn: Callable[[str], None] = python_warning, random_seed: int | None = None,
+                 hub_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Merge the models a mergekit config names into `out_dir`, streamed, as `drm-jax merge` does.
 
     Args (each mirrors the command line's flag of the same name):
@@ -83,6 +106,10 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
       progress: progress(total) -> a context manager whose value has on_chunk(group, n_layers) (the
         command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent.
       warn: receives each note for the user (default: a UserWarning).
+      random_seed: the seed of the random methods (DARE, DELLA, ...) where the config gives none
+        (mergekit's --random-seed; `with_random_seed`).
+      hub_cache: the Hugging Face Hub cache that models named `org/name[@revision]` are found in (mergekit's
+        --transformers-cache; default: HF_HUB_CACHE, else $HF_HOME/hub); see `drm_jax.io.hub`.
 
     Returns:
       {"counts": tensors per engine path, "output": Path}; with adapter_out `merge_to_adapter`'s dict.
@@ -92,6 +119,9 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
       is left at `out_dir` and no input is modified.
     """
     config, config_file = read_config(config)
+    config = with_random_seed(config, random_seed, warn)
+    if hub_cache is not None:
+        config = dataclasses.replace(config, hub_cache=str(hub_cache))
     out_dir = Path(out_dir)
     recipe = build_recipe(config)
     # The config file is an input too: force must never remove the folder holding it.
@@ -103,7 +133,7 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     if adapter_out or adapter_rank is not None:
         if not adapter_out:
             raise ConfigError("--adapter-rank needs --adapter-out")
-        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank)
+        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank, warn=warn)
     try:
         return merge_checkpoints(config, out_dir, force=force, devices=list(devices),
                                  max_memory=_bytes(max_memory, parse_size),
@@ -117,4 +147,4 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
         raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
 
 
-__all__ = ["merge_config", "read_config"]
+__all__ = ["merge_config", "read_config", "with_random_seed"]

@@ -37,6 +37,7 @@ from drm_jax.config.chat_templates import check_chat_template
 from drm_jax.config.settings import check_setting
 from drm_jax.errors import ConfigError, quote
 from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
+from drm_jax.io.hub import hub_snapshot, split_hub_id
 from drm_jax.methods.base import Param, clip, short
 from drm_jax.methods.registry import METHODS, get_method
 
@@ -187,6 +188,8 @@ class MergeConfig:
       slices: mergekit's `slices` (or `modules.default.slices`), in output order; empty for a `models`
         config. With slices, `models` lists every source model once (its first source entry).
       module_parameters: `modules.default.parameters` (between a slice's and the top-level parameters).
+      hub_cache: the Hugging Face Hub cache folder that models named by a Hub id are found in (mergekit's
+        --transformers-cache), or None: the environment's (`drm_jax.io.hub.hub_cache_dir`).
     Parameter values are numbers, strings and booleans, or, for traced parameters, mergekit's gradients
     and filter lists (`drm_jax.config.settings`).
     """
@@ -204,6 +207,7 @@ class MergeConfig:
     text: str | None = field(default=None, repr=False, compare=False)
     slices: tuple[SliceEntry, ...] = ()
     module_parameters: Mapping[str, Any] = field(default_factory=dict)
+    hub_cache: str | None = field(default=None, compare=False)
 
     @property
     def tokenizer_spec(self) -> TokenizerSpec | None:
@@ -213,14 +217,24 @@ class MergeConfig:
             return self.tokenizer
         return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
-    def resolve(self, reference: str) -> Path:
-        """Path of a model reference: relative paths are taken from the current directory (mergekit's
+    def local_path(self, reference: str) -> Path:
+        """Path of a model reference on disk: relative paths are taken from the current directory (mergekit's
         convention) or, where nothing exists there, from the config file's directory."""
         path = Path(reference).expanduser()
         if path.is_absolute() or path.exists() or self.source is None:
             return path
         beside = self.source.parent / path
         return beside if beside.exists() else path
+
+    def resolve(self, reference: str) -> Path:
+        """Path of a model reference: `local_path`, or where nothing exists there and the reference is a
+        Hugging Face Hub id (`org/name[@revision]`), its snapshot in the Hub cache (`hub_cache`, else the
+        environment's), downloaded when the network is allowed (`drm_jax.io.hub`; CheckpointError naming
+        the id otherwise)."""
+        path = self.local_path(reference)
+        if path.exists() or path.is_absolute() or split_hub_id(reference) is None:
+            return path
+        return hub_snapshot(reference, self.hub_cache)
 
 
 def _where(source: Path | None) -> str:

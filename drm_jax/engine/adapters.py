@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -62,6 +63,9 @@ class LoraWeight(NamedTuple):
     a: Any
     scale: Any = 1.0
     transposed: bool = False
+
+
+DISCARDED_WARNING = 0.01  # share of a merged weight's squared singular values above which the cut is warned of
 
 
 class MergedAdapter(NamedTuple):
@@ -366,6 +370,13 @@ def merge_adapters(
         result[name] = LoraWeight(b, a, 1.0, roles[names.index(name)].transpose)
         if not traced_mode:
             discarded[name] = float(discarded[name])
+    lossy = {n: discarded[n] for n in result if not traced_mode and discarded[n] > DISCARDED_WARNING}
+    if lossy:  # the returned `.discarded` alone went unread: say it where the user looks
+        worst = sorted(lossy, key=lossy.get, reverse=True)
+        listed = ", ".join(f"{n!r} ({lossy[n]:.1%})" for n in worst[:5]) + (", ..." if len(worst) > 5 else "")
+        warnings.warn(f"merge_adapters: the rank cut discards more than {DISCARDED_WARNING:.0%} of the merged "
+                      f"update's energy in {len(lossy)} weight(s): {listed}; pass a larger rank, or merge the "
+                      f"adapted models (drm_jax.merge) for the exact result", stacklevel=2)
     return MergedAdapter(result, {n: discarded[n] for n in result}, {n: paths[n] for n in result})
 
 

@@ -158,7 +158,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
         refuse_overlap(dst, [p for p in inputs if p is not None], what="destination")
         if isinstance(reader, PeftReader):
             reader = _MergedAdapter(reader)
-        arch = arch or architecture_of(reader)
+        detected = architecture_of(reader)
+        asked, arch = arch, arch or detected
         if "maxtext" in (reader.format, to):
             names = convert_maxtext(reader, dst, to, arch=arch, overwrite=overwrite, max_shard_size=max_shard_size,
                                     hf_config=hf_config, scan_layers=scan_layers)
@@ -166,7 +167,9 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
                 defaulted.extend(names)
             return dst
         if to == "t5x" and arch not in ("t5", "t5_v1_1"):
-            raise CheckpointError(f"{src}: T5X output supports T5 models only, this checkpoint is {arch!r}")
+            raise CheckpointError(f"{src}: T5X output supports T5 models only, "
+                                  + (f"and --arch {asked!r} was asked (this checkpoint is {detected!r})"
+                                     if asked is not None else f"this checkpoint is {detected!r}"))
         plan = plan_conversion(reader, to, arch)
         if not plan:
             raise CheckpointError(f"{src}: no tensors to convert (empty or corrupt checkpoint)")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from drm_jax.engine.adapters import LoraWeight
 from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
 from drm_jax.io.bounded_regex import BoundedPattern, PatternError
@@ -232,9 +233,10 @@ class PeftReader(IndexedReader):
         kind, key = self._record(name)
         return kind == "lora" and self._modules[key].embedding
 
-    def lora_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray, float, bool]]:
-        """Every adapted base weight's LoRA factors: name -> (B, A, scaling, transposed), the update being
-        scaling * B @ A, stored as its transpose where `transposed` (fan_in_fan_out, embeddings).
+    def lora_weights(self) -> dict[str, LoraWeight]:
+        """Every adapted base weight's LoRA factors: name -> `LoraWeight(b=B, a=A, scale, transposed)` (the
+        form `drm_jax.merge_adapters` takes), the update being scale * B @ A, stored as its transpose where
+        `transposed` (fan_in_fan_out, embeddings).
 
         B is lora_B (out, r) (an embedding's lora_embedding_B (dim, r)), A is lora_A (r, in)
         (lora_embedding_A (r, num)), both float32. Raises CheckpointError where the adapter changes a tensor
@@ -253,7 +255,7 @@ class PeftReader(IndexedReader):
                 raise CheckpointError(f"{self.adapter.path}: module {key!r}: LoRA factors A {a.shape} and B {b.shape} "
                                       f"are not a linear layer's or an embedding's")
             transposed = entry.embedding or bool(self.config.get("fan_in_fan_out"))
-            out[name] = (b, a, self.scaling(key), transposed)
+            out[name] = LoraWeight(b, a, self.scaling(key), transposed)
         return out
 
     # -- the reader interface ---------------------------------------------------------------------------

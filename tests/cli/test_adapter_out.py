@@ -79,6 +79,9 @@ def test_adapter_rank_truncates_and_reports(adapters, tmp_path, capsys):
     assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["r"] == 3
     note = capsys.readouterr().err
     assert "rank-3 LoRA adapter" in note and "largest discarded energy" in note
+    # the cut's warning, as one line of the command line's own, naming the weights
+    assert "drm-jax: warning: merge_adapters: the rank cut discards more than 1%" in note
+    assert "'model.layers." in note and "UserWarning" not in note
     from safetensors.numpy import load_file
 
     tensors = load_file(str(tmp_path / "low" / "adapter_model.safetensors"))

@@ -6,6 +6,8 @@ result depends only on the deltas, not on how they are factored (sign flips, rot
 on the order of the adapters.
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -238,11 +240,31 @@ def test_peft_reader_factors_round_trip_through_the_writer(tmp_path):
         assert reader.is_embedding("model.embed_tokens.weight")
         assert not reader.is_embedding("model.layers.0.q_proj.weight")
         factors = reader.lora_weights()
+        assert all(isinstance(w, LoraWeight) for w in factors.values())  # the documented form
         for name, (b, a, _) in weights.items():
             want = b @ a  # the update in the orientation given (transposed=False)
             np.testing.assert_allclose(reader.delta(name), want, rtol=1e-6, atol=1e-6)
-            fb, fa, scale, transposed = factors[name]
+            fb, fa, scale, transposed = factors[name].b, factors[name].a, factors[name].scale, factors[name].transposed
             product = scale * fb @ fa
             np.testing.assert_allclose(product.T if transposed else product, want, rtol=1e-6, atol=1e-6)
         assert factors["model.embed_tokens.weight"][3] and factors["model.layers.0.q_proj.weight"][3] == fan_in_fan_out
         reader.close()
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.4}), ("dare_ties", {"density": 0.5})])
+def test_a_lossy_rank_cut_is_warned_of_naming_the_weights(method, params):
+    base, adapters = make(3)
+    with pytest.warns(UserWarning, match="discards more than 1%") as caught:
+        result = drm_jax.merge_adapters(base, adapters, method=method, **params)
+    lossy = [n for n, d in result.discarded.items() if d > 0.01]
+    assert lossy  # what the warning is about: the sparsified deltas have more than K r directions
+    message = str(caught[-1].message)
+    assert all(repr(n) in message for n in lossy) and f"{len(lossy)} weight(s)" in message
+
+
+def test_an_exact_merge_warns_nothing():
+    base, adapters = make(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = drm_jax.merge_adapters(base, adapters, method="task_arithmetic")
+    assert max(result.discarded.values()) < 1e-10

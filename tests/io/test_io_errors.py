@@ -275,3 +275,13 @@ def test_flipped_bytes_never_crash_the_readers(tmp_path):
                         reader.get(key)
             except CheckpointError as err:
                 assert name in str(err)
+
+
+def test_t5x_output_with_a_wrong_arch_names_the_checkpoint_and_the_request(tmp_path, capsys):
+    model = write_checkpoint(TENSORS, tmp_path / "model")
+    (model / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    dst = tmp_path / "converted"
+    assert main(["convert", str(model), str(dst), "--to", "t5x", "--arch", "llama"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--arch 'llama' was asked" in err and "this checkpoint is 't5'" in err, err
+    assert "\n" not in err and not dst.exists()

@@ -15,9 +15,11 @@ import contextlib
 import importlib.util
 import json
 import re
+import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import jax
 import numpy as np
@@ -26,9 +28,10 @@ from drm_jax.config.card import referenced_models, write_card_files
 from drm_jax.config.chat_templates import resolve_chat_template
 from drm_jax.config.recipe import Recipe, build_recipe
 from drm_jax.config.schema import MergeConfig
-from drm_jax.config.segments import check_segments, merge_segments, open_segments, set_layer_count
+from drm_jax.config.segments import Segment, check_segments, merge_segments, open_segments, set_layer_count
 from drm_jax.config.streaming import input_paths
 from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
+from drm_jax.engine.sources import is_floating
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
 from drm_jax.io.base import CONFIG_FILE_NAMES
@@ -261,18 +264,106 @@ def _shard_size(max_memory: int, max_shard_size: int | None, out_shard_size: int
     return max_shard_size or max(1, max_memory // SHARD_SHARE)
 
 
+# -- the plan --------------------------------------------------------------------------------------------
+def _free_bytes(out_dir: Path) -> int | None:
+    """Free bytes on the disk that will hold `out_dir` (its nearest existing folder), or None if unknown."""
+    where = out_dir.expanduser().absolute()
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return None
+
+
+def output_bytes(segments: Sequence[Segment], out_dtype: np.dtype | None) -> int:
+    """Bytes of tensor data the merge writes: every output tensor's elements times its written dtype."""
+    total = 0
+    for seg in segments:
+        info = seg.sources.info
+        for shape, dtype in zip(info.shapes, info.dtypes):
+            written = out_dtype if out_dtype is not None and is_floating(dtype) else np.dtype(dtype)
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(written).itemsize
+    return total
+
+
+def check_disk(out_dir: Path, needed: int, what: str = "the output") -> int | None:
+    """Refuse a merge whose output cannot fit on its disk (free space from `shutil.disk_usage`); returns
+    the free bytes (None when the disk cannot tell)."""
+    free = _free_bytes(out_dir)
+    if free is not None and needed > free:
+        raise CheckpointError(f"{out_dir}: {what} needs about {format_size(needed)} of disk but only {format_size(free)} "
+                              f"is free there")
+    return free
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: '1.2 GB', '340.0 kB', '12 B' (decimal units)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memory: int, shard_size: int,
+                  out_dtype: np.dtype | None) -> dict[str, Any]:
+    """What a merge will do, from the checkpoints' headers only (`merge_checkpoints(..., dry_run=True)`).
+
+    Returns {"segments": [{"key", "method", "models", "roles": {role: tensors}, "groups", "programs"}],
+    "roles": tensors per role over all segments, "groups": groups of same-shaped leaves the engine stacks,
+    "programs": compiled merge programs (one per method, role, leaf shape and dtype; an upper bound: chunks
+    of one group share theirs), "output_bytes", "peak_memory_bytes" (an estimate: the chunk budget, or the
+    largest leaf stacked over the models where one leaf exceeds it, plus one output shard being written),
+    "notes": what was not checked}."""
+    group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
+    described, roles, programs, largest = [], Counter(), set(), 0
+    groups_total = 0
+    for seg in segments:
+        src = seg.sources
+        leaves = src.plan_blocks(len(src.models), max(1, group_bytes // BLOCK_DIVISOR))
+        signatures: dict[tuple, int] = {}
+        for part, name, shape, dtype in zip(src.parts, leaves.names, leaves.shapes, leaves.dtypes):
+            role = src.roles[part[0]] if isinstance(part, tuple) else "other"  # a Slab: the other path
+            if role not in ("linear", "other"):
+                continue
+            key = (role, tuple(shape), np.dtype(dtype).name)
+            signatures[key] = signatures.get(key, 0) + 1
+            largest = max(largest, (len(src.models) + 1) * 4 * int(np.prod(shape, dtype=np.int64)))
+        programs.update((seg.method,) + k for k in signatures)
+        counts = src.counts()
+        roles.update(counts)
+        groups_total += len(signatures)
+        described.append({"key": seg.key, "method": seg.method, "models": len(src.models), "roles": counts,
+                          "groups": len(signatures), "programs": len(signatures)})
+    peak = max(max_memory, largest * WORKSPACE_FACTOR) + 2 * min(shard_size, output_bytes(segments, out_dtype))
+    notes = ["values beyond the output dtype's range (e.g. float16's 65504) and non-finite results need the "
+             "tensor data: the merge checks each tensor as it writes it and stops without output"]
+    if out_dtype is not None and out_dtype.itemsize < 4 and any(
+            np.dtype(d).itemsize >= 4 for seg in segments for d in seg.sources.info.dtypes if is_floating(d)):
+        notes.append(f"out_dtype {out_dtype.name} is narrower than some float32 inputs: values past its range "
+                     f"would stop the merge")
+    return {"segments": described, "roles": dict(roles), "groups": groups_total, "programs": len(programs),
+            "output_bytes": output_bytes(segments, out_dtype), "peak_memory_bytes": peak, "notes": notes,
+            "method": config.merge_method}
+
+
 # -- the command -----------------------------------------------------------------------------------------
 def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False,
                       devices: list | None = None, max_memory: int = parse_size(DEFAULT_MAX_MEMORY),
                       max_shard_size: int | None = None, recipe: Recipe | None = None,
                       out_shard_size: int | None = None, copy_tokenizer: bool = True,
                       write_model_card: bool = True, progress: Callable[[int], ContextManager] | None = None,
-                      warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
+                      warn: Callable[[str], None] = python_warning, dry_run: bool = False,
+                      reserved_bytes: int = 0) -> dict[str, Any]:
     """Run a checked config end to end; returns {"counts": tensors per engine path, "output": Path}.
 
     progress: called once with the number of tensors to merge; returns a context manager whose value has
       `on_chunk(group, n_layers)`, called after each merged chunk (`drm_jax.cli.progress.MergeProgress`).
     warn: receives each note for the user (default: a UserWarning).
+    dry_run: stop after every check that needs no tensor data (the config, each checkpoint's header and
+      config.json, names, shapes and dtypes across models, layer ranges, vocabularies and tokenizers, the
+      output's disk space) and return {"plan": `describe_plan`'s dict, "output": Path}; nothing is written.
+    reserved_bytes: disk space other outputs of the same run will take besides this one (multi-stage).
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
@@ -304,6 +395,11 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     # after the layers for a `slices` config (drm_jax.config.segments)
     with open_segments(config, recipe, numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
                                                                                          layer_count):
+        needed = output_bytes(segments, numpy_dtype(out_dtype_name))
+        check_disk(out_dir, needed + reserved_bytes)
+        if dry_run:
+            return {"plan": describe_plan(segments, config, max_memory=max_memory, shard_size=shard_size,
+                                          out_dtype=numpy_dtype(out_dtype_name)), "output": out_dir}
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
         for seg in segments:
             seg.sources.plan_blocks(len(seg.sources.models), max(1, group_bytes // BLOCK_DIVISOR))
@@ -326,5 +422,6 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     return {"counts": counts, "output": Path(output)}
 
 
-__all__ = ["build_mesh", "check_output", "finish_directory", "merge_checkpoints", "numpy_dtype", "parse_kmb", "parse_size",
+__all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size", "merge_checkpoints",
+           "output_bytes", "numpy_dtype", "parse_kmb", "parse_size",
            "python_warning", "select_devices"]

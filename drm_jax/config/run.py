@@ -13,6 +13,8 @@ itself, the checks and the files written are the same.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
@@ -23,8 +25,10 @@ from drm_jax.config.merge import (DEFAULT_MAX_MEMORY, check_output, merge_checkp
                                   python_warning, select_devices)
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import MergeConfig, config_from_yaml, load_config
+from drm_jax.config.stages import plan_stages, stage_documents
 from drm_jax.config.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.io.writer import refuse_overlap
 
 _YAML_SUFFIXES = (".yml", ".yaml")
 
@@ -62,15 +66,19 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
                  max_memory: int | str = DEFAULT_MAX_MEMORY, max_shard_size: int | str | None = None,
                  out_shard_size: int | str | None = None, copy_tokenizer: bool = True,
                  write_model_card: bool = True, adapter_out: bool = False, adapter_rank: int | None = None,
+                 intermediate_dir: str | os.PathLike | None = None, dry_run: bool = False,
                  progress: Callable[[int], ContextManager] | None = None,
                  warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
     """Merge the models a mergekit config names into `out_dir`, streamed, as `drm-jax merge` does.
 
     Args (each mirrors the command line's flag of the same name):
-      config: a path, YAML text, a dict or a `MergeConfig` (`read_config`).
+      config: a path, YAML text, a dict or a `MergeConfig` (`read_config`). A file or text of several
+        YAML documents is a multi-stage config (mergekit-multi's format, `drm_jax.config.stages`): its
+        stages run in dependency order and the final one is written to `out_dir`.
       out_dir: the output folder (a Hugging Face safetensors checkpoint, or a PEFT adapter with
         `adapter_out`); written whole or not at all.
-      force: replace `out_dir` if it exists and is not empty.
+      force: replace `out_dir` (and a multi-stage config's intermediate outputs) if it exists and is not
+        empty.
       device: "cpu", "gpu" or "tpu" (default: JAX's default device); sets JAX's default device.
       devices: how many local devices of that kind split the stacked layers (default: all), or the devices.
       max_memory: working-memory budget in bytes, or a size such as "1GB", "2GiB" (default "1GB").
@@ -80,17 +88,34 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
       write_model_card: write README.md and mergekit_config.yml.
       adapter_out: the models are LoRA adapters of base_model; write one merged PEFT adapter.
       adapter_rank: its rank (default K r); needs adapter_out.
+      intermediate_dir: where a multi-stage config's named stages are written (`<dir>/<name>`, kept);
+        default: a temporary folder beside `out_dir`, removed at the end.
+      dry_run: check everything that needs no tensor data and return the plan; nothing is written
+        (`drm_jax.config.merge.describe_plan`).
       progress: progress(total) -> a context manager whose value has on_chunk(group, n_layers) (the
-        command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent.
+        command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent. Called once per stage.
       warn: receives each note for the user (default: a UserWarning).
 
     Returns:
-      {"counts": tensors per engine path, "output": Path}; with adapter_out `merge_to_adapter`'s dict.
+      {"counts": tensors per engine path, "output": Path}; with adapter_out `merge_to_adapter`'s dict;
+      with dry_run {"plan": ..., "output": Path}; a multi-stage config adds "stages": one such dict per
+      stage, in the order they ran, each with its "name".
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError), naming the key, file or tensor; nothing
       is left at `out_dir` and no input is modified.
     """
+    options = dict(force=force, max_memory=_bytes(max_memory, parse_size),
+                   max_shard_size=_bytes(max_shard_size, parse_size), out_shard_size=_bytes(out_shard_size, parse_kmb),
+                   copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, progress=progress, warn=warn,
+                   dry_run=dry_run)
+    staged = stage_documents(config)
+    if staged is not None:
+        if adapter_out or adapter_rank is not None:
+            raise ConfigError("--adapter-out merges one config into an adapter; a multi-stage config writes models")
+        if devices is None or isinstance(devices, int):
+            devices = select_devices(device, devices)
+        return _merge_stages(*staged, Path(out_dir), intermediate_dir, devices=list(devices), **options)
     config, config_file = read_config(config)
     out_dir = Path(out_dir)
     recipe = build_recipe(config)
@@ -103,18 +128,64 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     if adapter_out or adapter_rank is not None:
         if not adapter_out:
             raise ConfigError("--adapter-rank needs --adapter-out")
+        if dry_run:
+            raise ConfigError("--dry-run plans model merges; it does not cover --adapter-out yet")
         return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank)
+    return _merge_one(config, out_dir, recipe=recipe, devices=list(devices), **options)
+
+
+def _merge_one(config: MergeConfig, out_dir: Path, **options) -> dict[str, Any]:
     try:
-        return merge_checkpoints(config, out_dir, force=force, devices=list(devices),
-                                 max_memory=_bytes(max_memory, parse_size),
-                                 max_shard_size=_bytes(max_shard_size, parse_size), recipe=recipe,
-                                 out_shard_size=_bytes(out_shard_size, parse_kmb), copy_tokenizer=copy_tokenizer,
-                                 write_model_card=write_model_card, progress=progress, warn=warn)
+        return merge_checkpoints(config, out_dir, **options)
     except OSError as err:
         if isinstance(err, DrmJaxError):
             raise
         # e.g. an unwritable output directory or a full disk: one line, no traceback
         raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
+
+
+def _merge_stages(documents: list, source: Path | None, out_dir: Path, intermediate_dir, *, force: bool,
+                  dry_run: bool, warn: Callable[[str], None], **options) -> dict[str, Any]:
+    """Run a multi-stage config (`drm_jax.config.stages`): every stage planned and checked first, then run
+    in order; a dry run checks each stage whose inputs exist and the rest as far as their config goes."""
+    keep = intermediate_dir is not None
+    if keep:
+        intermediate = Path(intermediate_dir).expanduser()
+        refuse_overlap(out_dir, [intermediate])
+    elif dry_run:  # nothing is written: the folders are only named
+        intermediate = out_dir.expanduser().absolute().parent / f".{out_dir.name}.stages"
+    else:  # beside the output, on its disk
+        parent = out_dir.expanduser().absolute().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        intermediate = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=parent))
+    try:
+        stages = plan_stages(documents, source, out_dir, intermediate.absolute())
+        for stage in stages:
+            inputs = [source] if source is not None and stage.final else []
+            check_output(stage.out_dir, force, inputs + input_paths(stage.config, stage.config.models))
+        named = [s.name for s in stages if not s.final]
+        unused = [n for n in named if not any(n in s.needs for s in stages)]
+        for name in unused:
+            warn(f"stage {name!r} is used by no other stage" + (f"; its output is {intermediate / name}" if keep
+                                                                else " and its output is discarded (pass "
+                                                                     "--intermediate-dir to keep it)"))
+        results = []
+        for stage in stages:
+            if dry_run and any(not p.exists() for p in input_paths(stage.config, stage.config.models)):
+                # its inputs are earlier stages' outputs, which a dry run does not write
+                results.append({"name": stage.name, "output": stage.out_dir,
+                                "plan": {"checked": "config only (its inputs are outputs of earlier stages)"}})
+                continue
+            if not dry_run:
+                stage.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            result = _merge_one(stage.config, stage.out_dir, recipe=build_recipe(stage.config), force=force,
+                                dry_run=dry_run, warn=warn, **options)
+            results.append({"name": stage.name, **result})
+        final = results[-1] if stages[-1].final else next(r for r, s in zip(results, stages) if s.final)
+        return {**final, "output": out_dir, "stages": results}
+    finally:
+        if not keep and not dry_run:
+            shutil.rmtree(intermediate, ignore_errors=True)
 
 
 __all__ = ["merge_config", "read_config"]

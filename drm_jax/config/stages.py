@@ -84,6 +84,12 @@ def _check_name(where: str, index: int, name: Any, seen: Mapping[Any, int]) -> N
                           f"{seen[name] + 1})")
 
 
+def _in_stage(where: str, label: str, err: ConfigError) -> ConfigError:
+    """A stage's config error, named as `<file>: <stage>: <key>: ...`."""
+    message = str(err)
+    return ConfigError(f"{where}{label}: {message[len(where):] if message.startswith(where) else message}")
+
+
 def _substitute(raw: Any, folders: Mapping[str, Path], used: list[str], key: str | None = None) -> Any:
     """`raw` with every model reference naming a stage replaced by that stage's folder (in `used`)."""
     if isinstance(raw, dict):
@@ -158,7 +164,7 @@ def plan_stages(documents: list[Any], source: Path | None, out_dir: Path, interm
             configs[raw["name"]] = parse_config(doc, source=source,
                                                 text=yaml.safe_dump(doc, sort_keys=False))
         except ConfigError as err:
-            raise ConfigError(f"{label}: {err}") from None
+            raise _in_stage(where, label, err) from None
         needs[raw["name"]] = used
     order = _order(where, needs, names)
     used_by_any = {n for deps in needs.values() for n in deps}
@@ -186,7 +192,7 @@ def plan_stages(documents: list[Any], source: Path | None, out_dir: Path, interm
             build_recipe(config)
             check_segments(config)
         except ConfigError as err:
-            raise ConfigError(f"{where}{label}: {err}") from None
+            raise _in_stage(where, label, err) from None
         stages.append(Stage(name, config, tuple(needs[name]), out_dir if name == final else folders[name],
                             final=name == final))
     return stages

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import warnings
@@ -265,11 +266,16 @@ def _shard_size(max_memory: int, max_shard_size: int | None, out_shard_size: int
 
 
 # -- the plan --------------------------------------------------------------------------------------------
-def _free_bytes(out_dir: Path) -> int | None:
-    """Free bytes on the disk that will hold `out_dir` (its nearest existing folder), or None if unknown."""
+def _nearest_existing(out_dir: Path) -> Path:
     where = out_dir.expanduser().absolute()
     while not where.exists() and where.parent != where:
         where = where.parent
+    return where
+
+
+def _free_bytes(out_dir: Path) -> int | None:
+    """Free bytes on the disk that will hold `out_dir` (its nearest existing folder), or None if unknown."""
+    where = _nearest_existing(out_dir)
     try:
         return shutil.disk_usage(where).free
     except OSError:
@@ -288,12 +294,15 @@ def output_bytes(segments: Sequence[Segment], out_dtype: np.dtype | None) -> int
 
 
 def check_disk(out_dir: Path, needed: int, what: str = "the output") -> int | None:
-    """Refuse a merge whose output cannot fit on its disk (free space from `shutil.disk_usage`); returns
-    the free bytes (None when the disk cannot tell)."""
+    """Refuse a merge whose output cannot be written: its nearest existing folder not writable, or too
+    little free space on its disk (`shutil.disk_usage`). Returns the free bytes (None when unknown)."""
+    where = _nearest_existing(out_dir)
+    if where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{out_dir}: cannot write the output: {where} is not writable")
     free = _free_bytes(out_dir)
     if free is not None and needed > free:
-        raise CheckpointError(f"{out_dir}: {what} needs about {format_size(needed)} of disk but only {format_size(free)} "
-                              f"is free there")
+        raise CheckpointError(f"{out_dir}: {what} needs about {format_size(needed)} of disk but only "
+                              f"{format_size(free)} is free there")
     return free
 
 
@@ -353,8 +362,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                       max_shard_size: int | None = None, recipe: Recipe | None = None,
                       out_shard_size: int | None = None, copy_tokenizer: bool = True,
                       write_model_card: bool = True, progress: Callable[[int], ContextManager] | None = None,
-                      warn: Callable[[str], None] = python_warning, dry_run: bool = False,
-                      reserved_bytes: int = 0) -> dict[str, Any]:
+                      warn: Callable[[str], None] = python_warning, dry_run: bool = False) -> dict[str, Any]:
     """Run a checked config end to end; returns {"counts": tensors per engine path, "output": Path}.
 
     progress: called once with the number of tensors to merge; returns a context manager whose value has
@@ -363,7 +371,6 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     dry_run: stop after every check that needs no tensor data (the config, each checkpoint's header and
       config.json, names, shapes and dtypes across models, layer ranges, vocabularies and tokenizers, the
       output's disk space) and return {"plan": `describe_plan`'s dict, "output": Path}; nothing is written.
-    reserved_bytes: disk space other outputs of the same run will take besides this one (multi-stage).
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
@@ -396,7 +403,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     with open_segments(config, recipe, numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
                                                                                          layer_count):
         needed = output_bytes(segments, numpy_dtype(out_dtype_name))
-        check_disk(out_dir, needed + reserved_bytes)
+        check_disk(out_dir, needed)
         if dry_run:
             return {"plan": describe_plan(segments, config, max_memory=max_memory, shard_size=shard_size,
                                           out_dtype=numpy_dtype(out_dtype_name)), "output": out_dir}
@@ -422,6 +429,6 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     return {"counts": counts, "output": Path(output)}
 
 
-__all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size", "merge_checkpoints",
-           "output_bytes", "numpy_dtype", "parse_kmb", "parse_size",
-           "python_warning", "select_devices"]
+__all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size",
+           "merge_checkpoints", "numpy_dtype", "output_bytes", "parse_kmb", "parse_size", "python_warning",
+           "select_devices"]

@@ -14,7 +14,6 @@ import pytest
 import drm_jax
 from drm_jax.cli.main import main
 from drm_jax.errors import ConfigError
-from drm_jax.io.safetensors_io import SafetensorsFile, SafetensorsReader
 
 # The final (unnamed) merge first, its inputs after it: the stages run in dependency order, not file order.
 STAGES = """merge_method: linear
@@ -61,13 +60,9 @@ def _write(tmp_path: Path, llama_family: Path, text: str = STAGES) -> Path:
 
 
 @pytest.fixture
-def no_tensor_reads(monkeypatch):
-    """Reading any tensor's data from a safetensors checkpoint fails the test (headers stay readable)."""
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("tensor data was read")
-
-    monkeypatch.setattr(SafetensorsFile, "read", refuse)
-    monkeypatch.setattr(SafetensorsReader, "get", refuse)
+def no_tensor_reads(monkeypatch, tensor_reads_refused):
+    with tensor_reads_refused(monkeypatch):
+        yield
 
 
 def test_multi_stage_agrees_with_mergekit_multi(llama_family, tmp_path, read_output):

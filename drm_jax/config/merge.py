@@ -39,6 +39,7 @@ from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.dtypes import dtype_from_name
 from drm_jax.io.maxtext_io import writer_options
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
+from drm_jax.io.safetensors_io import write_header_only
 from drm_jax.io.writer import CheckpointWriter, check_dangling_link, check_replaceable, refuse_overlap
 from drm_jax.methods.registry import get_method
 
@@ -314,6 +315,17 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
+def write_stand_in(directory: Path, segments: Sequence[Segment], out_dtype: np.dtype | None) -> None:
+    """The output's `model.safetensors` with its names, shapes and written dtypes, and no data (a sparse
+    file: `drm_jax.io.safetensors_io.write_header_only`)."""
+    tensors = {}
+    for seg in segments:
+        info = seg.sources.info
+        for name, shape, dtype in zip(info.names, info.shapes, info.dtypes):
+            tensors[name] = (tuple(shape), out_dtype if out_dtype is not None and is_floating(dtype) else dtype)
+    write_header_only(directory / "model.safetensors", tensors)
+
+
 def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memory: int, shard_size: int,
                   out_dtype: np.dtype | None) -> dict[str, Any]:
     """What a merge will do, from the checkpoints' headers only (`merge_checkpoints(..., dry_run=True)`).
@@ -362,7 +374,8 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                       max_shard_size: int | None = None, recipe: Recipe | None = None,
                       out_shard_size: int | None = None, copy_tokenizer: bool = True,
                       write_model_card: bool = True, progress: Callable[[int], ContextManager] | None = None,
-                      warn: Callable[[str], None] = python_warning, dry_run: bool = False) -> dict[str, Any]:
+                      warn: Callable[[str], None] = python_warning, dry_run: bool = False,
+                      stand_in: Path | None = None) -> dict[str, Any]:
     """Run a checked config end to end; returns {"counts": tensors per engine path, "output": Path}.
 
     progress: called once with the number of tensors to merge; returns a context manager whose value has
@@ -371,6 +384,9 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     dry_run: stop after every check that needs no tensor data (the config, each checkpoint's header and
       config.json, names, shapes and dtypes across models, layer ranges, vocabularies and tokenizers, the
       output's disk space) and return {"plan": `describe_plan`'s dict, "output": Path}; nothing is written.
+    stand_in: with dry_run, a folder (existing, empty) where a stand-in of the output is written: its
+      safetensors header with no data (`write_stand_in`) and the files beside the weights, so that a later
+      stage of a multi-stage dry run checks its inputs as it would check the real output.
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
@@ -405,6 +421,11 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
         needed = output_bytes(segments, numpy_dtype(out_dtype_name))
         check_disk(out_dir, needed)
         if dry_run:
+            if stand_in is not None:
+                write_stand_in(Path(stand_in), segments, numpy_dtype(out_dtype_name))
+                finish_directory(Path(stand_in), reference.config_dir, out_dtype_name, config=config,
+                                 vocabulary=vocabulary, copy_tokenizer=copy_tokenizer, warn=warn)
+                set_layer_count(Path(stand_in) / "config.json", layer_count)
             return {"plan": describe_plan(segments, config, max_memory=max_memory, shard_size=shard_size,
                                           out_dtype=numpy_dtype(out_dtype_name)), "output": out_dir}
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
@@ -431,4 +452,4 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
 
 __all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size",
            "merge_checkpoints", "numpy_dtype", "output_bytes", "parse_kmb", "parse_size", "python_warning",
-           "select_devices"]
+           "select_devices", "write_stand_in"]

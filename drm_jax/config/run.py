@@ -147,45 +147,50 @@ def _merge_one(config: MergeConfig, out_dir: Path, **options) -> dict[str, Any]:
 def _merge_stages(documents: list, source: Path | None, out_dir: Path, intermediate_dir, *, force: bool,
                   dry_run: bool, warn: Callable[[str], None], **options) -> dict[str, Any]:
     """Run a multi-stage config (`drm_jax.config.stages`): every stage planned and checked first, then run
-    in order; a dry run checks each stage whose inputs exist and the rest as far as their config goes."""
+    in order. A dry run checks every stage as the merge would: each stage's output is stood in for, in a
+    temporary folder, by its header without data (`drm_jax.config.merge.write_stand_in`) for the stages
+    that read it."""
     keep = intermediate_dir is not None
     if keep:
         intermediate = Path(intermediate_dir).expanduser()
         refuse_overlap(out_dir, [intermediate])
-    elif dry_run:  # nothing is written: the folders are only named
-        intermediate = out_dir.expanduser().absolute().parent / f".{out_dir.name}.stages"
     else:  # beside the output, on its disk
-        parent = out_dir.expanduser().absolute().parent
-        parent.mkdir(parents=True, exist_ok=True)
-        intermediate = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=parent))
+        intermediate = out_dir.expanduser().absolute().parent / f".{out_dir.name}.stages"
+    destinations = plan_stages(documents, source, out_dir, intermediate.absolute())
+    for stage in destinations:
+        inputs = [source] if source is not None and stage.final else []
+        check_output(stage.out_dir, force, inputs + input_paths(stage.config, stage.config.models))
+    for stage in destinations:
+        if not stage.final and not any(stage.name in s.needs for s in destinations):
+            warn(f"stage {stage.name!r} is used by no other stage" + (
+                f"; its output is {stage.out_dir}" if keep else
+                " and its output is discarded (pass --intermediate-dir to keep it)"))
+    if dry_run:
+        work = Path(tempfile.mkdtemp(prefix="drm-jax-dry-run-"))
+    elif keep:
+        work = intermediate
+    else:
+        intermediate.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=intermediate.parent))
     try:
-        stages = plan_stages(documents, source, out_dir, intermediate.absolute())
-        for stage in stages:
-            inputs = [source] if source is not None and stage.final else []
-            check_output(stage.out_dir, force, inputs + input_paths(stage.config, stage.config.models))
-        named = [s.name for s in stages if not s.final]
-        unused = [n for n in named if not any(n in s.needs for s in stages)]
-        for name in unused:
-            warn(f"stage {name!r} is used by no other stage" + (f"; its output is {intermediate / name}" if keep
-                                                                else " and its output is discarded (pass "
-                                                                     "--intermediate-dir to keep it)"))
+        stages = destinations if work == intermediate else plan_stages(documents, source, out_dir, work.absolute())
         results = []
-        for stage in stages:
-            if dry_run and any(not p.exists() for p in input_paths(stage.config, stage.config.models)):
-                # its inputs are earlier stages' outputs, which a dry run does not write
-                results.append({"name": stage.name, "output": stage.out_dir,
-                                "plan": {"checked": "config only (its inputs are outputs of earlier stages)"}})
-                continue
-            if not dry_run:
+        for stage, destination in zip(stages, destinations):
+            extra = {}
+            if dry_run and not stage.final:
+                stage.out_dir.mkdir(parents=True)
+                extra["stand_in"] = stage.out_dir
+            elif not dry_run:
                 stage.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            result = _merge_one(stage.config, stage.out_dir, recipe=build_recipe(stage.config), force=force,
-                                dry_run=dry_run, warn=warn, **options)
-            results.append({"name": stage.name, **result})
-        final = results[-1] if stages[-1].final else next(r for r, s in zip(results, stages) if s.final)
+            result = _merge_one(stage.config, destination.out_dir if dry_run else stage.out_dir,
+                                recipe=build_recipe(stage.config), force=force, dry_run=dry_run, warn=warn,
+                                **options, **extra)
+            results.append({"name": stage.name, **result, "output": destination.out_dir})
+        final = next(r for r, s in zip(results, stages) if s.final)
         return {**final, "output": out_dir, "stages": results}
     finally:
-        if not keep and not dry_run:
-            shutil.rmtree(intermediate, ignore_errors=True)
+        if work != intermediate:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["merge_config", "read_config"]

@@ -121,3 +121,22 @@ def test_refusals_are_one_line_before_any_tensor_is_read(text, needle, llama_fam
     assert [p.name for p in tmp_path.iterdir()] == ["stages.yaml"]  # no intermediate folder either
     with pytest.raises(ConfigError):
         drm_jax.merge_config(config.read_text(), tmp_path / "out")  # the same config given as text
+
+
+def test_dry_run_checks_later_stages_against_the_earlier_outputs(llama_family, tmp_path, capsys, no_tensor_reads):
+    """Stage `first` keeps one layer; the final stage merges it with a two-layer model: the dry run sees the
+    missing layer through `first`'s stand-in (its header without data), as the merge would."""
+    text = ("name: first\nmerge_method: passthrough\nslices:\n  - sources:\n      - model: {models}/task_a\n"
+            "        layer_range: [0, 1]\n---\n"
+            "merge_method: linear\nmodels: [{{model: {models}/task_a}}, {{model: first}}]\n")
+    config = _write(tmp_path, llama_family, text)
+    assert main(["merge", str(config), str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor 'model.layers.1." in err and "is missing from models[1]" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.yaml"]
+    good = config.read_text().replace("layer_range: [0, 1]", "layer_range: [0, 2]")
+    config.write_text(good)
+    result = drm_jax.merge_config(config, tmp_path / "out", dry_run=True)
+    assert [s["name"] for s in result["stages"]] == ["first", None]
+    assert result["stages"][0]["plan"]["roles"]["other"] > 0 and result["plan"]["output_bytes"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["stages.yaml"]  # nothing written

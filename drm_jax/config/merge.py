@@ -333,8 +333,10 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
     Returns {"segments": [{"key", "method", "models", "roles": {role: tensors}, "groups", "programs"}],
     "roles": tensors per role over all segments, "groups": groups of same-shaped leaves the engine stacks,
     "programs": compiled merge programs (one per method, role, leaf shape and dtype; an upper bound: chunks
-    of one group share theirs), "output_bytes", "peak_memory_bytes" (an estimate: the chunk budget, or the
-    largest leaf stacked over the models where one leaf exceeds it, plus one output shard being written),
+    of one group share theirs), "output_bytes", "peak_memory_bytes" (an estimate of the working memory
+    above the runtime's own: every merged tensor stacked in float32 over the base and the models, times
+    WORKSPACE_FACTOR, capped at `max_memory` but never below the largest single leaf's share, which the
+    engine cannot cut; plus twice one output shard, serialized as it is written),
     "notes": what was not checked}."""
     group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
     described, roles, programs, largest = [], Counter(), set(), 0
@@ -356,7 +358,11 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
         groups_total += len(signatures)
         described.append({"key": seg.key, "method": seg.method, "models": len(src.models), "roles": counts,
                           "groups": len(signatures), "programs": len(signatures)})
-    peak = max(max_memory, largest * WORKSPACE_FACTOR) + 2 * min(shard_size, output_bytes(segments, out_dtype))
+    stacked = sum((len(seg.sources.models) + 1) * 4 * int(np.prod(shape, dtype=np.int64))
+                  for seg in segments for shape, role in zip(seg.sources.info.shapes, seg.sources.roles)
+                  if role in ("linear", "other"))
+    peak = (max(min(max_memory, stacked * WORKSPACE_FACTOR), largest * WORKSPACE_FACTOR)
+            + 2 * min(shard_size, output_bytes(segments, out_dtype)))
     notes = ["values beyond the output dtype's range (e.g. float16's 65504) and non-finite results need the "
              "tensor data: the merge checks each tensor as it writes it and stops without output"]
     if out_dtype is not None and out_dtype.itemsize < 4 and any(

@@ -140,3 +140,38 @@ def test_dry_run_checks_later_stages_against_the_earlier_outputs(llama_family, t
     assert [s["name"] for s in result["stages"]] == ["first", None]
     assert result["stages"][0]["plan"]["roles"]["other"] > 0 and result["plan"]["output_bytes"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["stages.yaml"]  # nothing written
+
+
+def test_stage_names_are_replaced_wherever_a_model_goes(llama_family, tmp_path):
+    """base_model, models, slice sources, tokenizer_source and NAME+LORA name a stage's output folder."""
+    from drm_jax.config.stages import plan_stages
+
+    models = llama_family / "models"
+    documents = [
+        {"name": "first", "merge_method": "linear", "models": [{"model": str(models / "task_a")},
+                                                               {"model": str(models / "task_b")}]},
+        {"name": "sliced", "merge_method": "passthrough",
+         "slices": [{"sources": [{"model": "first", "layer_range": [0, 2]}]}]},
+        {"merge_method": "task_arithmetic", "base_model": "first", "tokenizer_source": "first",
+         "models": [{"model": "sliced", "parameters": {"weight": 1.0}},
+                    {"model": f"first+{models / 'task_a'}", "parameters": {"weight": 0.5}}]},
+    ]
+    stages = plan_stages(documents, None, tmp_path / "out", tmp_path / "stages")
+    assert [(s.name, s.needs, s.final) for s in stages] == [
+        ("first", (), False), ("sliced", ("first",), False), (None, ("first", "sliced"), True)]
+    first, final = str(tmp_path / "stages" / "first"), stages[-1].config
+    assert stages[1].config.slices[0].sources[0].model == first
+    assert final.base_model == first and final.tokenizer_source == first
+    assert [m.model for m in final.models] == [str(tmp_path / "stages" / "sliced"), f"{first}+{models / 'task_a'}"]
+    assert stages[-1].out_dir == tmp_path / "out" and stages[0].out_dir == tmp_path / "stages" / "first"
+
+
+def test_existing_intermediate_is_refused_before_any_stage_runs(llama_family, tmp_path, capsys, no_tensor_reads):
+    config = _write(tmp_path, llama_family)
+    (tmp_path / "stages" / "mid").mkdir(parents=True)
+    (tmp_path / "stages" / "mid" / "notes.txt").write_text("mine")
+    assert main(["merge", str(config), str(tmp_path / "out"), "-I", str(tmp_path / "stages"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mid" in err and "not empty" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["mid"]  # stage 'first' did not run
+    assert not (tmp_path / "out").exists()

@@ -119,6 +119,9 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     config, config_file = read_config(config)
     out_dir = Path(out_dir)
     recipe = build_recipe(config)
+    if intermediate_dir is not None:
+        warn("--intermediate-dir: the config is a single merge (one YAML document without a name); "
+             "nothing is written there")
     # The config file is an input too: force must never remove the folder holding it.
     check_output(out_dir, force, ([config_file] if config_file is not None else [])
                  + input_paths(config, config.models if config.slices else recipe.models)

@@ -175,3 +175,11 @@ def test_existing_intermediate_is_refused_before_any_stage_runs(llama_family, tm
     assert "mid" in err and "not empty" in err and err.count("\n") == 1, err
     assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["mid"]  # stage 'first' did not run
     assert not (tmp_path / "out").exists()
+
+
+def test_intermediate_dir_of_a_single_merge_is_named_in_a_warning(llama_family, tmp_path):
+    models = llama_family / "models"
+    single = f"merge_method: linear\nmodels: [{{model: {models}/task_a}}, {{model: {models}/task_b}}]\n"
+    with pytest.warns(UserWarning, match="--intermediate-dir: the config is a single merge"):
+        drm_jax.merge_config(single, tmp_path / "out", intermediate_dir=tmp_path / "stages", dry_run=True)
+    assert not (tmp_path / "stages").exists()

@@ -3,7 +3,8 @@
     drm-jax merge examples/configs/drm.yaml merged/ [--force] [--quiet] [--device cpu|gpu|tpu]
         [--devices N] [--max-memory 1GB] [--max-shard-size SIZE | --out-shard-size 5B]
         [--copy-tokenizer | --no-copy-tokenizer] [--write-model-card | --no-write-model-card]
-        [--adapter-out [--adapter-rank R]] [mergekit-yaml's options: drm_jax.cli.mergekit_options]
+        [--adapter-out [--adapter-rank R]] [--intermediate-dir DIR] [--dry-run]
+        [mergekit-yaml's options: drm_jax.cli.mergekit_options]
 
 Only the command line lives here: the flags become the keywords of `drm_jax.merge_config`
 (`drm_jax.config.run`), which checks, plans and runs the merge; this module shows its progress bar, its
@@ -23,7 +24,7 @@ import jax
 
 from drm_jax.cli.mergekit_options import apply_mergekit_options, device_name, register_mergekit_options
 from drm_jax.cli.progress import MergeProgress
-from drm_jax.config.merge import DEFAULT_MAX_MEMORY, parse_kmb, parse_size
+from drm_jax.config.merge import DEFAULT_MAX_MEMORY, format_size, parse_kmb, parse_size
 from drm_jax.config.run import merge_config
 from drm_jax.errors import ConfigError, one_line
 
@@ -81,6 +82,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="with --adapter-out: the merged adapter's rank (default K r: exact where the merge "
                              "factors)")
     register_mergekit_options(parser)
+    parser.add_argument("--intermediate-dir", "-I", type=Path, default=None, metavar="DIR",
+                        help="a multi-stage config (several YAML documents, mergekit-multi's format): write its "
+                             "named stages to DIR/<name> and keep them (default: a temporary folder, removed)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything that needs no tensor data (config, headers, shapes, layer ranges, "
+                             "vocabularies, disk space) and print the plan; write nothing")
     parser.set_defaults(func=run)
     return parser
 
@@ -138,6 +145,27 @@ def _print_adapter(result: dict, out_dir: Path) -> None:
           f"{counts['dense']} formed and truncated; largest discarded energy {worst:.3g})", file=sys.stderr)
 
 
+def print_plan(result: dict, out_dir: Path) -> None:
+    """The plan of `--dry-run` on stdout: per stage and segment, tensors per role, groups, programs."""
+    for stage in result.get("stages", [{"name": None, **result}]):
+        plan, where = stage["plan"], stage["output"]
+        title = f"stage {stage['name']}: " if stage.get("name") is not None else ""
+        if "segments" not in plan:
+            print(f"{title}{where}: {plan['checked']}")
+            continue
+        roles = ", ".join(f"{n} {role}" for role, n in plan["roles"].items() if n)
+        print(f"{title}{where}: {plan['method']}; tensors: {roles}; {plan['groups']} groups, at most "
+              f"{plan['programs']} compiled programs; output {format_size(plan['output_bytes'])}, peak memory about "
+              f"{format_size(plan['peak_memory_bytes'])}")
+        if len(plan["segments"]) > 1:
+            for seg in plan["segments"]:
+                roles = ", ".join(f"{n} {role}" for role, n in seg["roles"].items() if n)
+                print(f"  {seg['key']}: {seg['method']} of {seg['models']} models; {roles}; {seg['groups']} groups")
+        for note in plan["notes"]:
+            print(f"  not checked: {note}")
+    print(f"drm-jax: dry run: no problem found; nothing was written to {out_dir}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of `drm-jax merge`; DrmJaxErrors propagate to `drm_jax.cli.main` (one line, exit 2)."""
     mergekit_options = apply_mergekit_options(args, note=_silent if args.quiet else _note)
@@ -153,7 +181,15 @@ def run(args: argparse.Namespace) -> int:
                           max_memory=args.max_memory, max_shard_size=args.max_shard_size,
                           out_shard_size=args.out_shard_size, copy_tokenizer=args.copy_tokenizer,
                           write_model_card=args.write_model_card, adapter_out=args.adapter_out,
-                          adapter_rank=args.adapter_rank, progress=progress, warn=_warn, **mergekit_options)
+                          adapter_rank=args.adapter_rank, intermediate_dir=args.intermediate_dir,
+                          dry_run=args.dry_run, progress=progress, warn=_warn, **mergekit_options)
+    if args.dry_run:
+        print_plan(result, args.out_dir)
+        return 0
+    if "stages" in result:
+        for bar, stage in zip(bars, [s for s in result["stages"] if "counts" in s]):
+            bar.summary(stage["counts"], output=str(stage["output"]))
+        return 0
     if args.adapter_out and not args.quiet:
         _print_adapter(result, args.out_dir)
     for bar in bars:
@@ -161,4 +197,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["enable_compilation_cache", "register", "return_freed_memory_to_the_os", "run"]
+__all__ = ["enable_compilation_cache", "print_plan", "register", "return_freed_memory_to_the_os", "run"]

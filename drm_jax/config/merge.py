@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import re
+import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import jax
 import numpy as np
@@ -26,15 +29,17 @@ from drm_jax.config.card import referenced_models, write_card_files
 from drm_jax.config.chat_templates import resolve_chat_template
 from drm_jax.config.recipe import Recipe, build_recipe
 from drm_jax.config.schema import MergeConfig
-from drm_jax.config.segments import check_segments, merge_segments, open_segments, set_layer_count
+from drm_jax.config.segments import Segment, check_segments, merge_segments, open_segments, set_layer_count
 from drm_jax.config.streaming import input_paths
 from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
+from drm_jax.engine.sources import is_floating
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
 from drm_jax.io.base import CONFIG_FILE_NAMES
 from drm_jax.io.dtypes import dtype_from_name
 from drm_jax.io.maxtext_io import writer_options
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
+from drm_jax.io.safetensors_io import write_header_only
 from drm_jax.io.writer import CheckpointWriter, check_dangling_link, check_replaceable, refuse_overlap
 from drm_jax.methods.registry import get_method
 
@@ -261,18 +266,133 @@ def _shard_size(max_memory: int, max_shard_size: int | None, out_shard_size: int
     return max_shard_size or max(1, max_memory // SHARD_SHARE)
 
 
+# -- the plan --------------------------------------------------------------------------------------------
+def _nearest_existing(out_dir: Path) -> Path:
+    where = out_dir.expanduser().absolute()
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    return where
+
+
+def _free_bytes(out_dir: Path) -> int | None:
+    """Free bytes on the disk that will hold `out_dir` (its nearest existing folder), or None if unknown."""
+    where = _nearest_existing(out_dir)
+    try:
+        return shutil.disk_usage(where).free
+    except OSError:
+        return None
+
+
+def output_bytes(segments: Sequence[Segment], out_dtype: np.dtype | None) -> int:
+    """Bytes of tensor data the merge writes: every output tensor's elements times its written dtype."""
+    total = 0
+    for seg in segments:
+        info = seg.sources.info
+        for shape, dtype in zip(info.shapes, info.dtypes):
+            written = out_dtype if out_dtype is not None and is_floating(dtype) else np.dtype(dtype)
+            total += int(np.prod(shape, dtype=np.int64)) * np.dtype(written).itemsize
+    return total
+
+
+def check_disk(out_dir: Path, needed: int, what: str = "the output") -> int | None:
+    """Refuse a merge whose output cannot be written: its nearest existing folder not writable, or too
+    little free space on its disk (`shutil.disk_usage`). Returns the free bytes (None when unknown)."""
+    where = _nearest_existing(out_dir)
+    if where.is_dir() and not os.access(where, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{out_dir}: cannot write the output: {where} is not writable")
+    free = _free_bytes(out_dir)
+    if free is not None and needed > free:
+        raise CheckpointError(f"{out_dir}: {what} needs about {format_size(needed)} of disk but only "
+                              f"{format_size(free)} is free there")
+    return free
+
+
+def format_size(n: int) -> str:
+    """Bytes for people: '1.2 GB', '340.0 kB', '12 B' (decimal units)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def write_stand_in(directory: Path, segments: Sequence[Segment], out_dtype: np.dtype | None) -> None:
+    """The output's `model.safetensors` with its names, shapes and written dtypes, and no data (a sparse
+    file: `drm_jax.io.safetensors_io.write_header_only`)."""
+    tensors = {}
+    for seg in segments:
+        info = seg.sources.info
+        for name, shape, dtype in zip(info.names, info.shapes, info.dtypes):
+            tensors[name] = (tuple(shape), out_dtype if out_dtype is not None and is_floating(dtype) else dtype)
+    write_header_only(directory / "model.safetensors", tensors)
+
+
+def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memory: int, shard_size: int,
+                  out_dtype: np.dtype | None) -> dict[str, Any]:
+    """What a merge will do, from the checkpoints' headers only (`merge_checkpoints(..., dry_run=True)`).
+
+    Returns {"segments": [{"key", "method", "models", "roles": {role: tensors}, "groups", "programs"}],
+    "roles": tensors per role over all segments, "groups": groups of same-shaped leaves the engine stacks,
+    "programs": compiled merge programs (one per method, role, leaf shape and dtype; an upper bound: chunks
+    of one group share theirs), "output_bytes", "peak_memory_bytes" (an estimate of the working memory
+    above the runtime's own: every merged tensor stacked in float32 over the base and the models, times
+    WORKSPACE_FACTOR, capped at `max_memory` but never below the largest single leaf's share, which the
+    engine cannot cut; plus twice one output shard, serialized as it is written),
+    "notes": what was not checked}."""
+    group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
+    described, roles, programs, largest = [], Counter(), set(), 0
+    groups_total = 0
+    for seg in segments:
+        src = seg.sources
+        leaves = src.plan_blocks(len(src.models), max(1, group_bytes // BLOCK_DIVISOR))
+        signatures: dict[tuple, int] = {}
+        for part, name, shape, dtype in zip(src.parts, leaves.names, leaves.shapes, leaves.dtypes):
+            role = src.roles[part[0]] if isinstance(part, tuple) else "other"  # a Slab: the other path
+            if role not in ("linear", "other"):
+                continue
+            key = (role, tuple(shape), np.dtype(dtype).name)
+            signatures[key] = signatures.get(key, 0) + 1
+            largest = max(largest, (len(src.models) + 1) * 4 * int(np.prod(shape, dtype=np.int64)))
+        programs.update((seg.method,) + k for k in signatures)
+        counts = src.counts()
+        roles.update(counts)
+        groups_total += len(signatures)
+        described.append({"key": seg.key, "method": seg.method, "models": len(src.models), "roles": counts,
+                          "groups": len(signatures), "programs": len(signatures)})
+    stacked = sum((len(seg.sources.models) + 1) * 4 * int(np.prod(shape, dtype=np.int64))
+                  for seg in segments for shape, role in zip(seg.sources.info.shapes, seg.sources.roles)
+                  if role in ("linear", "other"))
+    peak = (max(min(max_memory, stacked * WORKSPACE_FACTOR), largest * WORKSPACE_FACTOR)
+            + 2 * min(shard_size, output_bytes(segments, out_dtype)))
+    notes = ["values beyond the output dtype's range (e.g. float16's 65504) and non-finite results need the "
+             "tensor data: the merge checks each tensor as it writes it and stops without output"]
+    if out_dtype is not None and out_dtype.itemsize < 4 and any(
+            np.dtype(d).itemsize >= 4 for seg in segments for d in seg.sources.info.dtypes if is_floating(d)):
+        notes.append(f"out_dtype {out_dtype.name} is narrower than some float32 inputs: values past its range "
+                     f"would stop the merge")
+    return {"segments": described, "roles": dict(roles), "groups": groups_total, "programs": len(programs),
+            "output_bytes": output_bytes(segments, out_dtype), "peak_memory_bytes": peak, "notes": notes,
+            "method": config.merge_method}
+
+
 # -- the command -----------------------------------------------------------------------------------------
 def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False,
                       devices: list | None = None, max_memory: int = parse_size(DEFAULT_MAX_MEMORY),
                       max_shard_size: int | None = None, recipe: Recipe | None = None,
                       out_shard_size: int | None = None, copy_tokenizer: bool = True,
                       write_model_card: bool = True, progress: Callable[[int], ContextManager] | None = None,
-                      warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
+                      warn: Callable[[str], None] = python_warning, dry_run: bool = False,
+                      stand_in: Path | None = None) -> dict[str, Any]:
     """Run a checked config end to end; returns {"counts": tensors per engine path, "output": Path}.
 
     progress: called once with the number of tensors to merge; returns a context manager whose value has
       `on_chunk(group, n_layers)`, called after each merged chunk (`drm_jax.cli.progress.MergeProgress`).
     warn: receives each note for the user (default: a UserWarning).
+    dry_run: stop after every check that needs no tensor data (the config, each checkpoint's header and
+      config.json, names, shapes and dtypes across models, layer ranges, vocabularies and tokenizers, the
+      output's disk space) and return {"plan": `describe_plan`'s dict, "output": Path}; nothing is written.
+    stand_in: with dry_run, a folder (existing, empty) where a stand-in of the output is written: its
+      safetensors header with no data (`write_stand_in`) and the files beside the weights, so that a later
+      stage of a multi-stage dry run checks its inputs as it would check the real output.
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError): nothing is left at `out_dir`.
@@ -304,6 +424,16 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     # after the layers for a `slices` config (drm_jax.config.segments)
     with open_segments(config, recipe, numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
                                                                                          layer_count):
+        needed = output_bytes(segments, numpy_dtype(out_dtype_name))
+        check_disk(out_dir, needed)
+        if dry_run:
+            if stand_in is not None:
+                write_stand_in(Path(stand_in), segments, numpy_dtype(out_dtype_name))
+                finish_directory(Path(stand_in), reference.config_dir, out_dtype_name, config=config,
+                                 vocabulary=vocabulary, copy_tokenizer=copy_tokenizer, warn=warn)
+                set_layer_count(Path(stand_in) / "config.json", layer_count)
+            return {"plan": describe_plan(segments, config, max_memory=max_memory, shard_size=shard_size,
+                                          out_dtype=numpy_dtype(out_dtype_name)), "output": out_dir}
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
         for seg in segments:
             seg.sources.plan_blocks(len(seg.sources.models), max(1, group_bytes // BLOCK_DIVISOR))
@@ -326,5 +456,6 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     return {"counts": counts, "output": Path(output)}
 
 
-__all__ = ["build_mesh", "check_output", "finish_directory", "merge_checkpoints", "numpy_dtype", "parse_kmb", "parse_size",
-           "python_warning", "select_devices"]
+__all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size",
+           "merge_checkpoints", "numpy_dtype", "output_bytes", "parse_kmb", "parse_size", "python_warning",
+           "select_devices", "write_stand_in"]

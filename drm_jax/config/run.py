@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
@@ -24,9 +26,11 @@ from drm_jax.config.merge import (DEFAULT_MAX_MEMORY, check_output, merge_checkp
                                   python_warning, select_devices)
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import MergeConfig, config_from_yaml, load_config
+from drm_jax.config.stages import plan_stages, stage_documents
 from drm_jax.config.streaming import input_paths
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
 from drm_jax.methods.registry import get_method
+from drm_jax.io.writer import refuse_overlap
 
 _YAML_SUFFIXES = (".yml", ".yaml")
 
@@ -84,16 +88,20 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
                  max_memory: int | str = DEFAULT_MAX_MEMORY, max_shard_size: int | str | None = None,
                  out_shard_size: int | str | None = None, copy_tokenizer: bool = True,
                  write_model_card: bool = True, adapter_out: bool = False, adapter_rank: int | None = None,
+                 intermediate_dir: str | os.PathLike | None = None, dry_run: bool = False,
                  progress: Callable[[int], ContextManager] | None = None,
                  warn: Callable[[str], None] = python_warning, random_seed: int | None = None,
                  hub_cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Merge the models a mergekit config names into `out_dir`, streamed, as `drm-jax merge` does.
 
     Args (each mirrors the command line's flag of the same name):
-      config: a path, YAML text, a dict or a `MergeConfig` (`read_config`).
+      config: a path, YAML text, a dict or a `MergeConfig` (`read_config`). A file or text of several
+        YAML documents is a multi-stage config (mergekit-multi's format, `drm_jax.config.stages`): its
+        stages run in dependency order and the final one is written to `out_dir`.
       out_dir: the output folder (a Hugging Face safetensors checkpoint, or a PEFT adapter with
         `adapter_out`); written whole or not at all.
-      force: replace `out_dir` if it exists and is not empty.
+      force: replace `out_dir` (and a multi-stage config's intermediate outputs) if it exists and is not
+        empty.
       device: "cpu", "gpu" or "tpu" (default: JAX's default device); sets JAX's default device.
       devices: how many local devices of that kind split the stacked layers (default: all), or the devices.
       max_memory: working-memory budget in bytes, or a size such as "1GB", "2GiB" (default "1GB").
@@ -103,8 +111,12 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
       write_model_card: write README.md and mergekit_config.yml.
       adapter_out: the models are LoRA adapters of base_model; write one merged PEFT adapter.
       adapter_rank: its rank (default K r); needs adapter_out.
+      intermediate_dir: where a multi-stage config's named stages are written (`<dir>/<name>`, kept);
+        default: a temporary folder beside `out_dir`, removed at the end.
+      dry_run: check everything that needs no tensor data and return the plan; nothing is written
+        (`drm_jax.config.merge.describe_plan`).
       progress: progress(total) -> a context manager whose value has on_chunk(group, n_layers) (the
-        command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent.
+        command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent. Called once per stage.
       warn: receives each note for the user (default: a UserWarning).
       random_seed: the seed of the random methods (DARE, DELLA, ...) where the config gives none
         (mergekit's --random-seed; `with_random_seed`).
@@ -112,18 +124,34 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
         --transformers-cache; default: HF_HUB_CACHE, else $HF_HOME/hub); see `drm_jax.io.hub`.
 
     Returns:
-      {"counts": tensors per engine path, "output": Path}; with adapter_out `merge_to_adapter`'s dict.
+      {"counts": tensors per engine path, "output": Path}; with adapter_out `merge_to_adapter`'s dict;
+      with dry_run {"plan": ..., "output": Path}; a multi-stage config adds "stages": one such dict per
+      stage, in the order they ran, each with its "name".
 
     Raises:
       DrmJaxError (ConfigError, CheckpointError, MergeInputError), naming the key, file or tensor; nothing
       is left at `out_dir` and no input is modified.
     """
+    options = dict(force=force, max_memory=_bytes(max_memory, parse_size),
+                   max_shard_size=_bytes(max_shard_size, parse_size), out_shard_size=_bytes(out_shard_size, parse_kmb),
+                   copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, progress=progress, warn=warn,
+                   dry_run=dry_run)
+    staged = stage_documents(config)
+    if staged is not None:
+        if adapter_out or adapter_rank is not None:
+            raise ConfigError("--adapter-out merges one config into an adapter; a multi-stage config writes models")
+        if devices is None or isinstance(devices, int):
+            devices = select_devices(device, devices)
+        return _merge_stages(*staged, Path(out_dir), intermediate_dir, devices=list(devices), **options)
     config, config_file = read_config(config)
     config = with_random_seed(config, random_seed, warn)
     if hub_cache is not None:
         config = dataclasses.replace(config, hub_cache=str(hub_cache))
     out_dir = Path(out_dir)
     recipe = build_recipe(config)
+    if intermediate_dir is not None:
+        warn("--intermediate-dir: the config is a single merge (one YAML document without a name); "
+             "nothing is written there")
     # The config file is an input too: force must never remove the folder holding it.
     check_output(out_dir, force, ([config_file] if config_file is not None else [])
                  + input_paths(config, config.models if config.slices else recipe.models)
@@ -133,18 +161,69 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     if adapter_out or adapter_rank is not None:
         if not adapter_out:
             raise ConfigError("--adapter-rank needs --adapter-out")
+        if dry_run:
+            raise ConfigError("--dry-run plans model merges; it does not cover --adapter-out yet")
         return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank, warn=warn)
+    return _merge_one(config, out_dir, recipe=recipe, devices=list(devices), **options)
+
+
+def _merge_one(config: MergeConfig, out_dir: Path, **options) -> dict[str, Any]:
     try:
-        return merge_checkpoints(config, out_dir, force=force, devices=list(devices),
-                                 max_memory=_bytes(max_memory, parse_size),
-                                 max_shard_size=_bytes(max_shard_size, parse_size), recipe=recipe,
-                                 out_shard_size=_bytes(out_shard_size, parse_kmb), copy_tokenizer=copy_tokenizer,
-                                 write_model_card=write_model_card, progress=progress, warn=warn)
+        return merge_checkpoints(config, out_dir, **options)
     except OSError as err:
         if isinstance(err, DrmJaxError):
             raise
         # e.g. an unwritable output directory or a full disk: one line, no traceback
         raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
+
+
+def _merge_stages(documents: list, source: Path | None, out_dir: Path, intermediate_dir, *, force: bool,
+                  dry_run: bool, warn: Callable[[str], None], **options) -> dict[str, Any]:
+    """Run a multi-stage config (`drm_jax.config.stages`): every stage planned and checked first, then run
+    in order. A dry run checks every stage as the merge would: each stage's output is stood in for, in a
+    temporary folder, by its header without data (`drm_jax.config.merge.write_stand_in`) for the stages
+    that read it."""
+    keep = intermediate_dir is not None
+    if keep:
+        intermediate = Path(intermediate_dir).expanduser()
+        refuse_overlap(out_dir, [intermediate])
+    else:  # beside the output, on its disk
+        intermediate = out_dir.expanduser().absolute().parent / f".{out_dir.name}.stages"
+    destinations = plan_stages(documents, source, out_dir, intermediate.absolute())
+    for stage in destinations:
+        inputs = [source] if source is not None and stage.final else []
+        check_output(stage.out_dir, force, inputs + input_paths(stage.config, stage.config.models))
+    for stage in destinations:
+        if not stage.final and not any(stage.name in s.needs for s in destinations):
+            warn(f"stage {stage.name!r} is used by no other stage" + (
+                f"; its output is {stage.out_dir}" if keep else
+                " and its output is discarded (pass --intermediate-dir to keep it)"))
+    if dry_run:
+        work = Path(tempfile.mkdtemp(prefix="drm-jax-dry-run-"))
+    elif keep:
+        work = intermediate
+    else:
+        intermediate.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=intermediate.parent))
+    try:
+        stages = destinations if work == intermediate else plan_stages(documents, source, out_dir, work.absolute())
+        results = []
+        for stage, destination in zip(stages, destinations):
+            extra = {}
+            if dry_run and not stage.final:
+                stage.out_dir.mkdir(parents=True)
+                extra["stand_in"] = stage.out_dir
+            elif not dry_run:
+                stage.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            result = _merge_one(stage.config, destination.out_dir if dry_run else stage.out_dir,
+                                recipe=build_recipe(stage.config), force=force, dry_run=dry_run, warn=warn,
+                                **options, **extra)
+            results.append({"name": stage.name, **result, "output": destination.out_dir})
+        final = next(r for r, s in zip(results, stages) if s.final)
+        return {**final, "output": out_dir, "stages": results}
+    finally:
+        if work != intermediate:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["merge_config", "read_config", "with_random_seed"]

@@ -660,6 +660,16 @@ def load_config(path: str | Path) -> MergeConfig:
       ConfigError: the file is missing or unreadable, is not valid YAML (the message gives the line and
         column), expands past the bounds, or does not follow the schema (the message names the key).
     """
+    path = Path(path)
+    return config_from_yaml(read_config_text(path), path)
+
+
+def read_config_text(path: str | Path) -> str:
+    """The text of a config file, after `load_config`'s checks (a regular file of at most 1 MiB, UTF-8).
+
+    Raises:
+      ConfigError: naming the file.
+    """
     max_bytes = 2**20
     path = Path(path)
     try:
@@ -676,7 +686,7 @@ def load_config(path: str | Path) -> MergeConfig:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config: {quote(str(err), 120)}") from None
-    return config_from_yaml(text, path)
+    return text
 
 
 def config_from_yaml(text: str, source: Path | None = None) -> MergeConfig:
@@ -715,4 +725,4 @@ def config_from_yaml(text: str, source: Path | None = None) -> MergeConfig:
 
 
 __all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "SliceEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
-           "TokenizerSpec", "config_from_yaml", "load_config", "parse_config"]
+           "TokenizerSpec", "config_from_yaml", "load_config", "parse_config", "read_config_text"]

@@ -59,6 +59,15 @@ def _expanded_size(root: yaml.Node, max_nodes: int) -> int:
     return sizes[id(root)]
 
 
+def _construct(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    try:
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YamlBoundError("nested too deeply to build; refused") from None
+    except ValueError as err:  # int() of a number with more digits than Python converts
+        raise YamlBoundError(f"a value cannot be converted: {str(err)[:120]}") from None
+
+
 def load_bounded_yaml(text: str, max_nodes: int = MAX_NODES) -> Any:
     """yaml.safe_load(text), refusing documents that expand past `max_nodes` values.
 
@@ -75,14 +84,36 @@ def load_bounded_yaml(text: str, max_nodes: int = MAX_NODES) -> Any:
         if node is None:
             return None
         _expanded_size(node, max_nodes)
-        try:
-            return loader.construct_document(node)
-        except RecursionError:
-            raise YamlBoundError("nested too deeply to build; refused") from None
-        except ValueError as err:  # int() of a number with more digits than Python converts
-            raise YamlBoundError(f"a value cannot be converted: {str(err)[:120]}") from None
+        return _construct(loader, node)
     finally:
         loader.dispose()
 
 
-__all__ = ["MAX_NODES", "YamlBoundError", "load_bounded_yaml"]
+def load_bounded_documents(text: str, max_nodes: int = MAX_NODES) -> list[Any]:
+    """yaml.safe_load_all(text) as a list, with `load_bounded_yaml`'s bounds over all documents together
+    (a multi-stage merge config is several documents separated by `---`).
+
+    Raises:
+      as `load_bounded_yaml`.
+    """
+    loader = yaml.SafeLoader(text)
+    documents, total = [], 0
+    try:
+        while True:
+            try:
+                if not loader.check_node():
+                    break
+                node = loader.get_node()
+            except RecursionError:
+                raise YamlBoundError("nested too deeply to parse; refused") from None
+            if node is None:
+                documents.append(None)
+                continue
+            total += _expanded_size(node, max_nodes - total)
+            documents.append(_construct(loader, node))
+    finally:
+        loader.dispose()
+    return documents
+
+
+__all__ = ["MAX_NODES", "YamlBoundError", "load_bounded_documents", "load_bounded_yaml"]

@@ -221,6 +221,25 @@ def shard_file_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
+def write_header_only(path: Path, tensors: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    """A safetensors file with the header of `tensors` ({name: (shape, dtype)}) and its data left as a hole
+    (a sparse file on most filesystems: the size the header promises, no data written). A stand-in whose
+    names, shapes and dtypes a reader checks exactly as a real file's; reading its tensors gives zeros.
+    Used by multi-stage dry runs for the output of a stage that did not run."""
+    codes = {np.dtype(d): code for code, d in SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in tensors.items():
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": codes[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+
+
 class SafetensorsShardWriter:
     """Streams tensors into safetensors shards of at most `max_shard_size` bytes of tensor data.
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -86,6 +87,27 @@ def _read_safetensors_dir(directory: Path) -> dict[str, np.ndarray]:
         for name, tensor in load_file(str(f)).items():
             out[name] = tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
     return out
+
+
+@contextlib.contextmanager
+def _tensor_reads_refused(monkeypatch):
+    """Reading any tensor's data from a safetensors checkpoint raises (headers stay readable): what a dry
+    run must never do. `monkeypatch`: pytest's fixture or a `pytest.MonkeyPatch`."""
+    from drm_jax.io.safetensors_io import SafetensorsFile, SafetensorsReader
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("tensor data was read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SafetensorsFile, "read", refuse)
+        patch.setattr(SafetensorsReader, "get", refuse)
+        yield
+
+
+@pytest.fixture(scope="session")
+def tensor_reads_refused():
+    """tensor_reads_refused(monkeypatch) -> a context manager in which reading tensor data raises."""
+    return _tensor_reads_refused
 
 
 @pytest.fixture(scope="session")

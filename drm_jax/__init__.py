@@ -1,7 +1,7 @@
 """drm_jax: Decom-Renorm-Merge and classic model merging as compiled, vmapped JAX transforms."""
 
 from drm_jax import math, methods
-from drm_jax.engine import LoraWeight, MergedAdapter, Prepared, merge, merge_adapters, prepare
+from drm_jax.engine import LoraWeight, MergedAdapter, MergeOptions, Prepared, merge, merge_adapters, prepare
 from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError, MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, chain
 from drm_jax.methods import dare_linear, dare_ties, drm, knots_ties, linear, task_arithmetic, ties
@@ -12,7 +12,7 @@ from drm_jax.permute import (activation_align, average, mudsc, permute_merge, we
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DrmJaxError", "LoraWeight", "MergeInputError", "MergeMethod", "MergeState",
+    "CheckpointError", "ConfigError", "DrmJaxError", "LoraWeight", "MergeInputError", "MergeMethod", "MergeOptions", "MergeState",
     "MergedAdapter", "Prepared", "__version__", "merge_adapters", "prepare",
     "chain", "dare_linear", "dare_ties", "drm", "knots_ties", "linear", "math", "merge", "methods",
     "task_arithmetic", "ties",

@@ -7,7 +7,7 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, task_sum
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, reads, task_sum
 
 # mergekit's guard for a vanishing sum of weights.
 _TINY_WEIGHT = 1e-8
@@ -91,7 +91,7 @@ def scale(factor: float | None = None) -> MergeTransform:
             raise ValueError("scale() multiplies the merged value: put a mean or sum stage before it")
         return state.replace(merged=state.merged * jnp.asarray(hyper(state, factor, "lambda_"), state.merged.dtype))
 
-    return apply
+    return apply if factor is not None else reads(apply, "lambda_")
 
 
 def generalized_reduce(consensus: bool, normalize: bool) -> MergeTransform:

@@ -99,14 +99,6 @@ def pruning_counts(keep, rows: int, row_size: int, rule: str = "kthvalue"):
     return k.astype(jnp.int32)
 
 
-def drop_count(
-    n_rows: Int[Array, ""] | int, row_size: int, max_rows: int, keep: float
-) -> Int[Array, ""]:
-    """k = N - round(N * keep) for N = n_rows * row_size, exact for n_rows in [0, max_rows] (a lookup in
-    the host-computed `pruning_counts` table, so N may be traced)."""
-    return pruning_counts(keep, max_rows, row_size, "kthvalue")[jnp.asarray(n_rows, jnp.int32)]
-
-
 def task_variance(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
     """Population variance over the K tasks, per entry (shape values.shape[1:]).
 
@@ -138,4 +130,4 @@ def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, ".
     return mask.reshape(var.shape)
 
 
-__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "pruning_counts", "task_variance", "top_variance_mask"]
+__all__ = ["keep_at_least_kth", "kth_smallest", "pruning_counts", "task_variance", "top_variance_mask"]

@@ -15,7 +15,7 @@ from jaxtyping import Array, Bool, Float
 
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, reads
 
 Scope = Literal["joint", "per_task"]
 Rule = Literal["kthvalue", "top_k"]
@@ -106,7 +106,7 @@ def prune(keep: float | None = None, scope: Scope = "joint", rule: Rule = "kthva
         mask = magnitude_mask(unit_magnitudes(state), density, scope, rule, state.valid, counts)
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return apply
+    return apply if keep is not None else reads(apply, "density")
 
 
 def prune_by_threshold() -> MergeTransform:
@@ -121,7 +121,7 @@ def prune_by_threshold() -> MergeTransform:
         keep = unit_magnitudes(state) >= broadcast_tasks(state.threshold, state.values)
         return state.replace(values=jnp.where(keep, state.values, 0.0))
 
-    return apply
+    return reads(apply, "threshold")  # the engine's whole-model thresholds of a traced density
 
 
 def random_drop_mask(key: Array, shape: tuple[int, ...], drop_rate) -> Bool[Array, "..."]:
@@ -166,7 +166,7 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
             factor = broadcast_tasks(factor, state.values)
         return state.replace(values=jnp.where(mask, state.values * factor, 0.0))
 
-    return apply
+    return reads(apply, "seed") if drop_rate is not None else reads(apply, "drop_rate", "seed")
 
 
 def dare_factors(drop_rate):
@@ -266,7 +266,7 @@ def magnitude_band() -> MergeTransform:
                                    hyper(state, None, "band_count"))
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return apply
+    return reads(apply, "band_low", "band_count")
 
 
 def ranked_keep_probabilities(magnitudes: Float[Array, "K ..."], density, epsilon) -> Float[Array, "K ..."]:
@@ -314,7 +314,7 @@ def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransfor
             masked = jnp.where(mask, x / jnp.where(mask, p, 1.0).astype(x.dtype), 0.0)
         return state.replace(values=masked)
 
-    return apply
+    return reads(apply, "della_density", "della_epsilon", "seed")
 
 
 __all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",

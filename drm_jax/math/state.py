@@ -2,8 +2,8 @@
 
 As optax threads gradients through `GradientTransformation`s, drm_jax threads a `MergeState` through
 `MergeTransform`s: pure functions `MergeState -> MergeState` that run on one layer (vmap adds the layer
-axis) and compose with `chain`. A named method (see `drm_jax.methods.alias`) is a `MergeMethod`: one chain
-for DRM's linear weights and one for every other leaf.
+axis) and compose with `chain`. A `MergeMethod` is one chain for the 2-D weights of a method's linear path
+and one for every other leaf; `drm_jax.methods.compose` makes it a method like any registered one.
 
 A state starts in weight space (`values` are the K task deltas). `joint_space` moves it into a shared SVD
 basis (`values` become coordinates, `basis` is set); pruning, sign election and the means work in either
@@ -64,13 +64,29 @@ class MergeState:
 MergeTransform = Callable[[MergeState], MergeState]
 
 
+def reads(transform: MergeTransform, *names: str) -> MergeTransform:
+    """Declare the traced numbers a stage reads from `MergeState.hparams` (or, for "seed", its key).
+
+    Each stage built without a fixed number calls this next to its definition, so a composition's
+    parameters are derived from its chains (`stage_reads`): a `MergeMethod` then takes exactly those as
+    traced parameters of the method (drm_jax.methods.compose). Returns the transform itself.
+    """
+    transform.reads = tuple(names)
+    return transform
+
+
+def stage_reads(transform: MergeTransform) -> tuple[str, ...]:
+    """The numbers a transform (a stage or a chain of stages) reads, in first-use order."""
+    return tuple(getattr(transform, "reads", ()))
+
+
 def chain(*transforms: MergeTransform) -> MergeTransform:
-    """Apply transforms left to right, like `optax.chain`."""
+    """Apply transforms left to right, like `optax.chain`; the chain reads what its stages read."""
 
     def apply(state: MergeState) -> MergeState:
         return functools.reduce(lambda s, t: t(s), transforms, state)
 
-    return apply
+    return reads(apply, *dict.fromkeys(n for t in transforms for n in stage_reads(t)))
 
 
 class MergeMethod(NamedTuple):
@@ -79,14 +95,16 @@ class MergeMethod(NamedTuple):
     linear: transform applied to 2-D weights selected for DRM (in (out, in) orientation).
     other: transform applied to every other floating leaf (biases, norms, embeddings, N-D leaves).
     global_density: when set, pruning uses per-task thresholds computed over the whole task vector
-      (TIES paper) at this density; the engine computes them and passes them in `MergeState.threshold`.
-    random: the method consumes `MergeState.key`.
+      (TIES paper) at this density (the default of the method's traced `density`); the engine computes
+      them and passes them in `MergeState.threshold`.
+
+    A `MergeMethod` is a method like any registered one (`drm_jax.methods.compose.composed`): its traced
+    parameters are the numbers its stages read (`stage_reads`), plus the per-model `coefficients`.
     """
 
     linear: MergeTransform
     other: MergeTransform
     global_density: float | None = None
-    random: bool = False
 
 
 def init_state(
@@ -150,5 +168,6 @@ def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
     return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state",
+__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state", "reads",
+           "stage_reads",
            "merge_deltas", "merged_of", "task_sum"]

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
+from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeTransform
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
@@ -112,7 +113,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
     if not _is_number(value):
         raise ValueError(f"{where}: must be a finite number, got {short(value)}")
-    value = float(value)
+    value = value if isinstance(value, Complement) else float(value)
     if kind == "fraction" and not 0.0 <= value <= 1.0:
         raise ValueError(f"{where}: must be in [0, 1], got {value}")
     if kind == "rtol" and not 0.0 <= value < 1.0:
@@ -310,6 +311,20 @@ class MethodSpec:
     def with_defaults(self, values: dict) -> dict:
         return {p.name: values.get(p.name, p.default) for p in self.params}
 
+    def __repr__(self) -> str:
+        return f"MethodSpec({self.name!r})"
+
+    def __call__(self, **params: Any) -> "MethodSpec":
+        """This method with some parameters bound: `drm_jax.drm(direction="vertical", drop_rate=0.7)` is DRM
+        whose defaults are those values (checked here; aliases converted where the method reads them).
+        The bound method has the same rules, so it shares every compiled program with the method."""
+        try:
+            values = self.canonical(params)
+        except ValueError as err:
+            raise MergeInputError(str(err) if isinstance(err, UnknownParameter) else f"method {self.name!r}: {err}") from None
+        bound = tuple(replace(p, default=values[p.name]) if p.name in values else p for p in self.params)
+        return replace(self, params=bound, _by_name={})
+
 
 def _mapped(p: Param, alias: str, value: Any, where: str):
     fn = dict(p.alias_maps)[alias]
@@ -325,9 +340,27 @@ class UnknownParameter(ValueError):
         super().__init__(f"unknown parameter {name!r} for method {spec.name!r}; accepted: {sorted(spec.names)}")
 
 
+class Complement(float):
+    """1 - x that remembers x: an alias given as its complement (`density` for a drop rate) converts back to
+    exactly the number given (float64's 1 - (1 - 0.3) is 0.30000000000000004, one pruned entry apart at
+    N = 15)."""
+
+    def __new__(cls, of: float):
+        self = super().__new__(cls, 1.0 - of)
+        self.of = of
+        return self
+
+
 def one_minus(x: float) -> float:
-    """density -> drop rate (and back): the one place `drop_rate = 1 - density` is written."""
-    return 1.0 - x
+    """density -> drop rate (and back): the one place `drop_rate = 1 - density` is written. The complement
+    of a `Complement` is the number it was made from, exactly."""
+    if isinstance(x, Complement):
+        return x.of
+    if isinstance(x, (list, tuple)):
+        return type(x)(one_minus(v) for v in x)
+    if getattr(x, "ndim", 0) or _is_tracer(x):
+        return 1.0 - x
+    return Complement(float(x))
 
 
 def per_model_values(value: Any, k: int, name: str) -> Sequence[Any]:

@@ -18,8 +18,7 @@ from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients
 from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune, prune_geometry
-from drm_jax.math.state import chain, init_state, merged_of
-from drm_jax.methods.alias import ties_like
+from drm_jax.math.state import MergeTransform, chain, init_state, merged_of
 from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, FactoredRule, LayerContext, LayerRule, MethodSpec, Param,
                                   Rules, chain_rule, one_minus, scalar)
 
@@ -46,6 +45,18 @@ RENORMALIZE = Param("renormalize", "bool", True, "renormalize each task's block 
 RANK_FLOOR = {"float64": 1e-7, "dense": 1e-6, "qr": 1e-6, "gram": 5e-4}
 
 
+def _identity(state):
+    return state
+
+
+def ties_like(density: float | None = None) -> MergeTransform:
+    """DRM's path for the leaves that are not its linear weights (biases, norms, embeddings, N-D;
+    docs/methods.md#other-leaves): an optional magnitude trim per task (default none), sign election by
+    mass (majority tie rule), lambda_t, disjoint mean."""
+    trim = _identity if density is None else prune(density, scope="per_task", rule="kthvalue")
+    return chain(trim, elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"))
+
+
 def use_float64(precision: str) -> bool:
     """precision "auto": float64 decompositions where they are cheap (CPU), float32 on accelerators."""
     if precision == "auto":
@@ -65,7 +76,7 @@ def build(static: dict) -> Rules:
     direction, route, precision = static["direction"], static["svd_route"], static["precision"]
     x64 = use_float64(precision)
     in_space = chain(  # steps 4-8: the merged coordinates X in the joint space
-        space.renormalize() if static["renormalize"] else (lambda s: s),
+        space.renormalize() if static["renormalize"] else _identity,
         prune(None, scope=static["prune_scope"], rule="kthvalue"),
         elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"),
     )
@@ -162,4 +173,4 @@ KNOTS_TIES = MethodSpec(
     build=_knots_build, layer_hparams=layer_hparams, reference="docs/methods.md#knots-ties",
 )
 
-__all__ = ["DRM", "KNOTS_TIES", "RANK_FLOOR", "build", "layer_hparams", "use_float64"]
+__all__ = ["DRM", "KNOTS_TIES", "RANK_FLOOR", "build", "layer_hparams", "ties_like", "use_float64"]

@@ -17,7 +17,8 @@ from jax.sharding import Mesh
 import drm_jax
 import merge_reference as ref
 from drm_jax.engine import shard
-from drm_jax.methods import resolve_method
+from drm_jax.engine.prepare import rules_for
+from drm_jax.methods.registry import get_method, static_values, traced_values
 
 HERE = Path(__file__).parent
 # The CPU devices (8, forced by tests/conftest.py), so the meshes are the same on a machine with a GPU.
@@ -53,8 +54,9 @@ def test_sharded_equals_single_device(mesh, method, layers, direction):
     base, models = models_with(layers)
     most = drm_jax.methods.get_method(method).max_models  # slerp, nearswap, passthrough: one; nuslerp: two
     models = models[:most] if most else models
-    single = drm_jax.merge(base, models, method=method, direction=direction)
-    sharded = drm_jax.merge(base, models, method=method, direction=direction, mesh=mesh)
+    given = {"direction": direction} if "direction" in drm_jax.methods.get_method(method).names else {}
+    single = drm_jax.merge(base, models, method=method, **given)
+    sharded = drm_jax.merge(base, models, method=method, mesh=mesh, **given)
     for name in base:
         assert ref.relative_error(sharded[name], single[name]) < 1e-5, name
 
@@ -78,19 +80,27 @@ def test_ties_over_the_whole_task_vector_shards_too(mesh):
 
 @pytest.mark.parametrize("method", ["drm", "ties", "dare_ties"])
 def test_compiled_program_has_no_collectives(mesh, method):
+    # the programs `drm_jax.merge(mesh=...)` runs: the method's rule prepared and merged under shard_map
     layers, k, shape = 16, 3, (6, 5)
-    transform = resolve_method(method).linear
-    fn = shard.sharded_merge_fn(mesh, transform, False)
+    spec = get_method(method)
+    static = static_values(spec, {"precision": "float32"} if "precision" in spec.names else {})
+    rule = rules_for(spec, static).linear
+    hparams = spec.layer_hparams(traced_values(spec, {}), "linear", shape, k, static)
     sharding = shard.layer_sharding(mesh)
-    args = (jax.ShapeDtypeStruct((layers,) + shape, jnp.float32, sharding=sharding),
-            jax.ShapeDtypeStruct((layers, k) + shape, jnp.float32, sharding=sharding),
-            jax.ShapeDtypeStruct((k,), jnp.float32),
-            jax.ShapeDtypeStruct((layers, 2), jnp.uint32, sharding=sharding))
-    hlo = fn.lower(*args).compile().as_text()
-    for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
-        assert collective not in hlo, collective
+    base = jax.ShapeDtypeStruct((layers,) + shape, jnp.float32, sharding=sharding)
+    models = jax.ShapeDtypeStruct((layers, k) + shape, jnp.float32, sharding=sharding)
+    prepare_fn = shard.sharded_prepare_fn(mesh, rule)
+    _, prepared, _ = jax.eval_shape(prepare_fn, base, models)
+    prepared = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), prepared)
+    merge_fn = shard.sharded_rule_merge_fn(mesh, rule, False)
+    args = (prepared, base, jax.ShapeDtypeStruct((layers, k), jnp.float32, sharding=sharding),
+            jax.ShapeDtypeStruct((layers, 2), jnp.uint32, sharding=sharding), hparams)
+    prepare_hlo = prepare_fn.lower(base, models).compile().as_text()
+    for hlo in (prepare_hlo, merge_fn.lower(*args).compile().as_text()):
+        for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+            assert collective not in hlo, collective
     # and the stacked weights stay split: each device's program sees 16 / 8 = 2 layers
-    assert f"f32[2,{k},6,5]" in hlo
+    assert f"f32[2,{k},6,5]" in prepare_hlo
 
 
 def test_padded_length():

@@ -318,8 +318,8 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
         return d.T if w.transposed else d
 
     threshold = None
-    if rules.whole_model_density is not None:  # TIES' whole-model trim: thresholds over every formed leaf
-        density = per_model_values(values[rules.whole_model_density], k, rules.whole_model_density)
+    if rules.whole_model_trim_param is not None:  # TIES' whole-model trim: thresholds over every formed leaf
+        density = per_model_values(values[rules.whole_model_trim_param], k, rules.whole_model_trim_param)
         if traced_mode:
             per_task = tuple(jnp.stack([delta(t, i).reshape(-1) for t in range(k)]) for i in dense)
             threshold = whole_model_thresholds(per_task, jnp.asarray(density, jnp.float32))

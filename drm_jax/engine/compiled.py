@@ -14,13 +14,14 @@ layout and dtype.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from drm_jax.math.arrays import is_traced
 from drm_jax.math.rounding import round_to_dtype
 from drm_jax.math.task_vectors import task_vectors
 from drm_jax.methods.base import LayerContext, LayerRule
@@ -172,11 +173,6 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
         merged.append((b + delta).T if transposed else b + delta)
     outputs = tuple(_rounded(x, layout.round_to).astype(d) for x, d in zip(merged, layout.dtypes))
     return outputs, (jnp.stack(flags) if check_inputs else None)
-
-
-def is_traced(*values: Any) -> bool:
-    """Whether any leaf of the values is a tracer (a merge inside the caller's jit or grad)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
 
 
 __all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams",

@@ -284,8 +284,8 @@ class Prepared:
                 raise MergeInputError(f"leaf_params[{clip(name)!r}].{sorted(static)[0]}: a static (structural) "
                                       f"parameter of method {self.spec.name!r} cannot vary per leaf; give it to "
                                       f"drm_jax.prepare")
-            if self.rules.whole_model_density is not None and self.rules.whole_model_density in traced:
-                raise MergeInputError(f"leaf_params[{clip(name)!r}].{self.rules.whole_model_density}: the "
+            if self.rules.whole_model_trim_param is not None and self.rules.whole_model_trim_param in traced:
+                raise MergeInputError(f"leaf_params[{clip(name)!r}].{self.rules.whole_model_trim_param}: the "
                                       f"whole-model trim takes one threshold per task over every leaf, so it "
                                       f"cannot vary per leaf")
             for i in indices:
@@ -333,7 +333,7 @@ class Prepared:
 
     def _thresholds(self, values: dict, traced_mode: bool):
         """Per-task magnitude thresholds over the whole task vector (TIES' model-scope trim)."""
-        name = self.rules.whole_model_density
+        name = self.rules.whole_model_trim_param
         if name is None:
             return None
         density = per_model_values(values[name], self.num_models, name)

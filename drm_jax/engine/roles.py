@@ -36,6 +36,12 @@ LAYOUTS = {"torch": False, "flax": True}
 Orientation = Callable[[str, tuple[int, ...]], bool]
 
 
+def is_floating(dtype) -> bool:
+    """A floating dtype, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as np.floating)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 @dataclass(frozen=True)
 class LeafRole:
     role: Role
@@ -80,7 +86,7 @@ class RoleRules:
             raise MergeInputError(f"unknown layout {layout!r}; expected 'torch', 'flax' or a callable")
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> LeafRole:
-        if not np.issubdtype(np.dtype(dtype), np.floating) and np.dtype(dtype).name != "bfloat16":
+        if not is_floating(dtype):
             return LeafRole("keep", False)  # integer buffers (position ids, step counters)
         if any(p.search(name) for p in self.ignore):
             return LeafRole("ignore", False)
@@ -91,4 +97,4 @@ class RoleRules:
         return LeafRole("other", False)
 
 
-__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules"]
+__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules", "is_floating"]

@@ -15,6 +15,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from drm_jax.math.arrays import is_traced
+
 # Bit pattern of +inf in float32: every finite non-negative float32 maps below it.
 _INF_BITS = 0x7F800000
 
@@ -83,7 +85,7 @@ def pruning_counts(keep, rows: int, row_size: int, rule: str = "kthvalue"):
     on the device in float32, which can differ by one entry where N * keep is within rounding of x.5.
     """
     n = np.arange(rows + 1, dtype=np.int64) * row_size
-    if isinstance(keep, jax.core.Tracer):
+    if is_traced(keep):
         xp, n, keep = jnp, jnp.asarray(n, jnp.float32), jnp.asarray(keep, jnp.float32)[..., None]
     else:
         xp, keep = np, np.asarray(keep, np.float64)[..., None]

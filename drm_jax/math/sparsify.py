@@ -15,6 +15,7 @@ from jaxtyping import Array, Bool, Float
 
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
+from drm_jax.math.arrays import is_traced
 from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, reads
 
 Scope = Literal["joint", "per_task"]
@@ -70,7 +71,7 @@ def magnitude_mask(
     joint_space = valid_rows is not None
     rows, row_size = prune_geometry(magnitudes.shape, scope, joint_space)
     if counts is None:
-        counts = pruning_counts(check_fraction("density", keep) if not isinstance(keep, jax.core.Tracer) else keep,
+        counts = pruning_counts(check_fraction("density", keep) if not is_traced(keep) else keep,
                                 rows, row_size, rule)
     k_tasks = magnitudes.shape[0]
     flat = magnitudes.reshape(k_tasks, -1) if per_task else magnitudes.reshape(1, -1)
@@ -172,7 +173,7 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
 def dare_factors(drop_rate):
     """(keep probability 1 - p, rescaling 1 / (1 - p), 0 where p = 1), in float64 on the host for
     concrete p (the float32 of 1 - 0.9 is not 1 - float32(0.9)), on the device for a traced one."""
-    if isinstance(drop_rate, jax.core.Tracer):
+    if is_traced(drop_rate):
         keep = 1.0 - drop_rate
         return keep, jnp.where(keep > 0, 1.0 / jnp.where(keep > 0, keep, 1.0), 0.0)
     keep = 1.0 - np.asarray(drop_rate, np.float64)
@@ -222,7 +223,7 @@ def band_counts(density, gamma, n: int):
     Concrete values are counted on the host in float64, as Python's int(density * n) does; traced ones
     on the device in float32 (which can differ by one where density * n is within rounding of an integer).
     """
-    if isinstance(density, jax.core.Tracer) or isinstance(gamma, jax.core.Tracer):
+    if is_traced(density, gamma):
         count = jnp.floor(jnp.asarray(density, jnp.float32) * n)
         top = jnp.floor(jnp.asarray(gamma, jnp.float32) * n)
         low = jnp.maximum(0.0, n - count - top)

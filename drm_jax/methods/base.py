@@ -24,8 +24,12 @@ import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
-from drm_jax.errors import MergeInputError
-from drm_jax.math.state import MergeTransform
+import jax.numpy as jnp
+import numpy as np
+
+from drm_jax.errors import MergeInputError, quote
+from drm_jax.math.arrays import is_traced
+from drm_jax.math.state import MergeTransform, init_state, merged_of
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
 _NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
@@ -100,7 +104,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: must be one of {list(param.choices)}, got {short(value)}")
         return value
     if kind == "count":
-        if _is_tracer(value):
+        if is_traced(value):
             return value
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**31:
             raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
@@ -109,7 +113,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
             raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
         return value
-    if _is_tracer(value):
+    if is_traced(value):
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
     if not _is_number(value):
         raise ValueError(f"{where}: must be a finite number, got {short(value)}")
@@ -123,15 +127,8 @@ def check_value(param: Param, value: Any, where: str) -> Any:
     return value
 
 
-def _is_tracer(value: Any) -> bool:
-    import jax
-
-    return isinstance(value, jax.core.Tracer)
-
-
-def short(value: Any, limit: int = 80) -> str:
-    """repr of a value, cut to `limit` characters (error messages never quote unbounded input)."""
-    return clip(repr(value), limit)
+# repr of a value, cut (error messages never quote unbounded input): the one quoting rule, drm_jax.errors.quote
+short = quote
 
 
 def clip(text: str, limit: int = 80) -> str:
@@ -179,9 +176,9 @@ class Rules(NamedTuple):
 
     linear: 2-D weights on the method's linear path (DRM's joint space); other: every other leaf.
     linear_only_2d: whether `linear` needs (K, n, m) deltas (the engine then routes 2-D weights there).
-    whole_model_density: the name of the traced parameter that sets per-task thresholds over the whole
+    whole_model_trim_param: the name of the traced parameter that sets per-task thresholds over the whole
       task vector (TIES' model-scope trim), else None.
-    exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
+    row_separable: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
     linear_combination: the merge is a linear combination of the inputs (a non-finite input always
       makes a non-finite output, so the engine checks the outputs only).
     scaled_by: the traced parameter both rules multiply the merged delta by as their last stage (the
@@ -193,8 +190,8 @@ class Rules(NamedTuple):
 
     linear: LayerRule
     other: LayerRule
-    whole_model_density: str | None = None
-    exact_if_blocked: frozenset[str] = frozenset()
+    whole_model_trim_param: str | None = None
+    row_separable: frozenset[str] = frozenset()
     linear_combination: bool = False
     scaled_by: str | None = None
     factored: "FactoredRule | None" = None
@@ -358,7 +355,7 @@ def one_minus(x: float) -> float:
         return x.of
     if isinstance(x, (list, tuple)):
         return type(x)(one_minus(v) for v in x)
-    if getattr(x, "ndim", 0) or _is_tracer(x):
+    if getattr(x, "ndim", 0) or is_traced(x):
         return 1.0 - x
     return Complement(float(x))
 
@@ -370,6 +367,21 @@ def per_model_values(value: Any, k: int, name: str) -> Sequence[Any]:
             raise ValueError(f"{name}: {len(value)} values given for {k} models")
         return list(value)
     return [value] * k
+
+
+def per_model_numbers(value: Any, k: int, name: str):
+    """`per_model_values` as K numbers (a (K,) array also accepted): float64 numpy where concrete (host-side
+    counts), a float32 JAX array where traced (a merge inside the caller's jit)."""
+    if is_traced(value):
+        if isinstance(value, (list, tuple)):
+            value = jnp.stack([jnp.asarray(v, jnp.float32) for v in value])
+        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (k,))
+    if getattr(value, "ndim", 0) >= 1:
+        value = np.asarray(value, np.float64)
+        if value.shape != (k,):
+            raise ValueError(f"{name}: {value.shape} values given for {k} models")
+        return value
+    return np.asarray(per_model_values(value, k, name), np.float64)
 
 
 
@@ -386,8 +398,6 @@ INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its 
 
 def chain_rule(transform: MergeTransform) -> LayerRule:
     """A rule that prepares nothing (the deltas themselves) and merges with one chain of stages."""
-    from drm_jax.math.state import init_state, merged_of
-
     def merge(deltas, ctx: LayerContext):
         return merged_of(transform(init_state(deltas, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)))
 
@@ -396,11 +406,9 @@ def chain_rule(transform: MergeTransform) -> LayerRule:
 
 def scalar(value) -> Any:
     """A traced hyperparameter as a float32 array (a Python number becomes a constant-shaped input)."""
-    import jax.numpy as jnp
-
     return jnp.asarray(value, jnp.float32)
 
 
 __all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
            "Rules", "SEED",
-           "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]
+           "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_numbers", "per_model_values", "scalar", "short"]

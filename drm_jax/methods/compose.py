@@ -77,7 +77,7 @@ def composed(method: MergeMethod, name: str = "composition") -> MethodSpec:
     traced = tuple(p.name for p in params if p.traced and p.name != "coefficients" and p.name != whole)
 
     def build(static: dict) -> Rules:
-        return Rules(linear=chain_rule(method.linear), other=chain_rule(method.other), whole_model_density=whole)
+        return Rules(linear=chain_rule(method.linear), other=chain_rule(method.other), whole_model_trim_param=whole)
 
     return MethodSpec(name=name, summary="a composition of drm_jax.math stages", paper="", params=params,
                       needs_base=True, elementwise=False, random="seed" in reads_all, build=build,

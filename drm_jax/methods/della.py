@@ -16,8 +16,8 @@ from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.sparsify import ranked_drop
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule,
-                                  scalar)
-from drm_jax.methods.breadcrumbs import DENSITY, per_model_numbers
+                                  per_model_numbers, scalar)
+from drm_jax.methods.breadcrumbs import DENSITY
 
 EPSILON = Param("epsilon", "float", 0.15, "half-width of the keep probabilities: from density - epsilon (smallest "
                 "magnitude of a row) to density + epsilon (largest)", traced=True, per_model=True)

@@ -129,7 +129,7 @@ def build(static: dict) -> Rules:
 
     linear = LayerRule(prepare=prepare, merge=merge, shrink=shrink, x64=x64)
     return Rules(linear=linear, other=chain_rule(chain(ties_like(static["nonlinear_density"]), scale())),
-                 exact_if_blocked=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
+                 row_separable=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
                  scaled_by="lambda_",  # both chains end with scale()
                  factored=FactoredRule(factored_prepare, factored_merge, x64=x64))
 

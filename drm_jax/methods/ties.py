@@ -18,8 +18,7 @@ from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry, res
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
-                                  scalar)
-from drm_jax.methods.breadcrumbs import per_model_numbers
+                                  per_model_numbers, scalar)
 
 DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept by the trim (= 1 - drop_rate)",
                 traced=True, per_model=True, mergekit_default=1.0, aliases=("drop_rate",),
@@ -41,7 +40,7 @@ def build(static: dict) -> Rules:
     rule = chain_rule(chain(trim, scale_by_coefficients(), elect_sign(tie), reduce, scale()))
     if static.get("round_to") is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
         rule = chain_rule(rounded_task_arithmetic(trim, True, static["normalize"], static["round_to"]))
-    return Rules(linear=rule, other=rule, whole_model_density=whole)
+    return Rules(linear=rule, other=rule, whole_model_trim_param=whole)
 
 
 def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:

@@ -26,7 +26,7 @@ SCALE = Param("scale", "float", 1.0, "multiplies the model's weights (mergekit's
 def _rules(merge, *, exact: bool = False, linear_combination: bool = False) -> Rules:
     rule = LayerRule(prepare=None, merge=merge)
     roles = frozenset({"linear", "other"}) if exact else frozenset()
-    return Rules(linear=rule, other=rule, exact_if_blocked=roles, linear_combination=linear_combination)
+    return Rules(linear=rule, other=rule, row_separable=roles, linear_combination=linear_combination)
 
 
 def _no_hparams(values, role, shape, k, static) -> dict:

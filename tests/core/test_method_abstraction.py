@@ -160,3 +160,14 @@ def test_register_makes_a_composition_a_named_method():
         drm_jax.methods.unregister("my_task_arithmetic")
     with pytest.raises(MergeInputError, match="unknown merge method"):
         drm_jax.merge(base, models, method="my_task_arithmetic")
+
+
+def test_the_readme_composition_runs():
+    base, models = trees()
+    my_drm = drm_jax.MergeMethod(
+        linear=m.chain(m.joint_space("vertical"), m.renormalize(), m.prune(0.3, scope="per_task"),
+                       m.elect_sign(), m.scale_by_coefficients(), m.disjoint_mean(), m.recompose()),
+        other=drm_jax.methods.ties_like())
+    merged = drm_jax.merge(base, models, method=my_drm)
+    assert drm_jax.methods.method_spec(my_drm).traced == (drm_jax.methods.get_method("drm").param("coefficients"),)
+    assert all(np.isfinite(np.asarray(merged[n])).all() for n in base)

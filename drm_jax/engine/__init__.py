@@ -6,5 +6,5 @@ from drm_jax.engine.options import MergeOptions
 from drm_jax.engine.prepare import Prepared, prepare
 from drm_jax.engine.roles import DEFAULT_EXCLUDE, RoleRules
 
-__all__ = ["DEFAULT_EXCLUDE", "LoraWeight", "MergeOptions", "MergedAdapter", "Prepared", "RoleRules", "merge", "merge_adapters",
-           "merge_leaves", "prepare"]
+__all__ = ["DEFAULT_EXCLUDE", "LoraWeight", "MergeOptions", "MergedAdapter", "Prepared", "RoleRules", "merge",
+           "merge_adapters", "merge_leaves", "prepare"]

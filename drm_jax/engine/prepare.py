@@ -48,11 +48,13 @@ def _rules(build, static: tuple) -> Rules:
 
 
 def rules_for(spec: MethodSpec, static: dict, round_to: str | None = None) -> Rules:
-    """The method's rules for its static parameters; `round_to` (a half dtype, mergekit's `dtype`) reaches
-    `build` as static["round_to"], for the methods whose stages round where mergekit's arithmetic does."""
-    if round_to is not None:
-        static = {**static, "round_to": round_to}
-    return _rules(spec.build, tuple(sorted(static.items())))
+    """The method's rules for its static parameters and the engine's (`MethodSpec.engine_params`): `round_to`
+    (a half dtype, mergekit's `dtype`) reaches `build` for the methods that declare it (their stages round
+    where mergekit's arithmetic does); the others round only their inputs and outputs (`Layout.round_to`)."""
+    engine = {p.name: None for p in spec.engine_params}
+    if "round_to" in engine:
+        engine["round_to"] = round_to
+    return _rules(spec.build, tuple(sorted({**static, **engine}.items())))
 
 
 # mergekit's `dtype` (inputs are cast to it before merging) -> (the engine's compute dtype, rounding dtype)

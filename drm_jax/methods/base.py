@@ -247,6 +247,9 @@ class MethodSpec:
     layer_hparams: Callable[..., dict]
     reference: str = ""
     mergekit: bool = False  # the command line gives mergekit's meaning to its parameters
+    # static parameters the engine supplies, not the caller (`ROUND_TO`, from `compute_dtype`): `build`
+    # receives each of them (None where unset); they are not keywords of the entry points
+    engine_params: tuple[Param, ...] = ()
     base: str = ""
     min_models: int = 1
     max_models: int | None = None
@@ -318,7 +321,8 @@ class MethodSpec:
         try:
             values = self.canonical(params)
         except ValueError as err:
-            raise MergeInputError(str(err) if isinstance(err, UnknownParameter) else f"method {self.name!r}: {err}") from None
+            message = str(err) if isinstance(err, UnknownParameter) else f"method {self.name!r}: {err}"
+            raise MergeInputError(message) from None
         bound = tuple(replace(p, default=values[p.name]) if p.name in values else p for p in self.params)
         return replace(self, params=bound, _by_name={})
 
@@ -391,6 +395,9 @@ COEFFICIENTS = Param("coefficients", "float", 1.0, "per-model coefficient lambda
                      traced=True, per_model=True, aliases=("weight",))
 LAMBDA = Param("lambda_", "float", 1.0, "global scaling of the merged delta", traced=True,
                aliases=("lambda", "scaling"))
+ROUND_TO = Param("round_to", "choice", None, "mergekit's float16 / bfloat16 `dtype`: the stages round where "
+                 "mergekit's arithmetic in that dtype rounds (set by compute_dtype; docs/methods.md#compute-dtype)",
+                 choices=("float16", "bfloat16"), optional=True)
 SEED = Param("seed", "seed", 0, "seed of the random draws (each tensor's key folds in its name)")
 INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its masks; accepted for mergekit "
                   "configs, no effect on the result (masks here are boolean)")
@@ -409,6 +416,6 @@ def scalar(value) -> Any:
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
-           "Rules", "SEED",
-           "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_numbers", "per_model_values", "scalar", "short"]
+__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec",
+           "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip", "one_minus",
+           "per_model_numbers", "per_model_values", "scalar", "short"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from drm_jax.math.mean import scale, scale_by_coefficients, sum_tasks, weighted_mean
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
-from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
+from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, ROUND_TO, MethodSpec, Param, Rules, chain_rule, scalar
 
 LINEAR_NORMALIZE = Param("normalize", "bool", True, "divide by the sum of the weights (false: a weighted sum)")
 TA_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
@@ -28,7 +28,7 @@ def _build_linear(static: dict) -> Rules:
 def _build_task_arithmetic(static: dict) -> Rules:
     reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
     rule = chain_rule(chain(reduce, scale()))
-    if static.get("round_to") is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
+    if static["round_to"] is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
         rule = chain_rule(rounded_task_arithmetic(None, False, static["normalize"], static["round_to"]))
     return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}), linear_combination=True)
 
@@ -57,6 +57,7 @@ TASK_ARITHMETIC = MethodSpec(
     params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE, TA_DENSITY, TA_RESCALE, INT8_MASK),
     needs_base=True, elementwise=True, random=False, mergekit=True,
     build=_build_task_arithmetic, layer_hparams=_lambda_only, reference="docs/methods.md#task-arithmetic",
+    engine_params=(ROUND_TO,),
 )
 
 __all__ = ["LINEAR", "TASK_ARITHMETIC"]

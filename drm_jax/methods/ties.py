@@ -17,8 +17,8 @@ from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry, rescale_l1
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
-from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
-                                  per_model_numbers, scalar)
+from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, ROUND_TO, MethodSpec, Param, Rules, chain_rule,
+                                  one_minus, per_model_numbers, scalar)
 
 DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept by the trim (= 1 - drop_rate)",
                 traced=True, per_model=True, mergekit_default=1.0, aliases=("drop_rate",),
@@ -38,7 +38,7 @@ def build(static: dict) -> Rules:
     if static["rescale"]:
         trim = rescale_l1(trim)
     rule = chain_rule(chain(trim, scale_by_coefficients(), elect_sign(tie), reduce, scale()))
-    if static.get("round_to") is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
+    if static["round_to"] is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
         rule = chain_rule(rounded_task_arithmetic(trim, True, static["normalize"], static["round_to"]))
     return Rules(linear=rule, other=rule, whole_model_trim_param=whole)
 
@@ -58,7 +58,7 @@ TIES = MethodSpec(
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708",
     params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE, RESCALE, INT8_MASK),
     needs_base=True, elementwise=False, random=False, mergekit=True,
-    build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties",
+    build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties", engine_params=(ROUND_TO,),
 )
 
 __all__ = ["TIES"]

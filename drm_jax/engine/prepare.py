@@ -36,6 +36,7 @@ from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_trace
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, model_label, unflatten
 from drm_jax.errors import MergeInputError
+from drm_jax.math.state import number, with_number
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
 from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, method_params, split_keywords
 from drm_jax.methods.registry import method_spec, split_params, static_values, traced_values
@@ -461,10 +462,10 @@ class Prepared:
         scale_name = self.rules.scaled_by
         key = (tuple(sorted((n, _hashable(v)) for n, v in values.items() if n != scale_name)), _hashable(coeffs))
         if c.delta_key != key:
-            c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold,
-                                       {**hparams, scale_name: jnp.ones_like(hparams[scale_name])}, c.base)
+            unscaled = with_number(hparams, scale_name, jnp.ones_like(number(hparams, scale_name)))
+            c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold, unscaled, c.base)
             c.delta_key = key
-        return combine_jit(c.layout, c.base, c.delta, hparams[scale_name])
+        return combine_jit(c.layout, c.base, c.delta, number(hparams, scale_name))
 
     def _locate_non_finite_input(self, chunk: Chunk, names: Sequence[str]) -> None:
         base, models = self._inputs(chunk)
@@ -642,6 +643,6 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
         return prepare_group(rule, layout, base, models, check_inputs=check_inputs)
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "streamed_thresholds", "coefficient_matrix", "leaf_key", "plan_chunks", "plan_roles",
-           "plan_trees", "prepare", "resolve", "resolve_compute_dtype", "rules_for", "run_prepare", "whole_model_thresholds",
-           "compute_dtype"]
+__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "coefficient_matrix", "compute_dtype", "leaf_key",
+           "plan_chunks", "plan_roles", "plan_trees", "prepare", "resolve", "resolve_compute_dtype", "rules_for",
+           "run_prepare", "streamed_thresholds", "whole_model_thresholds"]

@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
 from drm_jax.math.arrays import is_traced
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, reads
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, number, reads
 
 Scope = Literal["joint", "per_task"]
 Rule = Literal["kthvalue", "top_k"]
@@ -102,12 +102,19 @@ def prune(keep: float | None = None, scope: Scope = "joint", rule: Rule = "kthva
         raise ValueError(f"unknown pruning rule {rule!r}; expected 'kthvalue' or 'top_k'")
 
     def apply(state: MergeState) -> MergeState:
-        counts = None if keep is not None else state.hparams.get("prune_counts")
+        counts = None if keep is not None else number(state.hparams, "prune_counts", required=False)
         density = keep if keep is not None or counts is not None else hyper(state, None, "density")
         mask = magnitude_mask(unit_magnitudes(state), density, scope, rule, state.valid, counts)
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
     return apply if keep is not None else reads(apply, "density")
+
+
+def prune_counts(density, shape: tuple[int, ...], scope: Scope, rule: Rule, joint: bool):
+    """The host hook of `prune(None)`: its exact counts (`pruning_counts`) for values of shape (K, ...) at
+    the stage (a joint space's (K, q, m) with `joint`), from a concrete or traced density."""
+    rows, row_size = prune_geometry(shape, scope, joint=joint)
+    return pruning_counts(density, rows, row_size, rule)
 
 
 def prune_by_threshold() -> MergeTransform:
@@ -152,8 +159,8 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
             raise ValueError("dare_drop() needs a PRNG key in MergeState.key")
         if drop_rate is not None:
             keep_p, factor = dare_factors(drop_rate)
-        elif "dare_keep" in state.hparams:
-            keep_p, factor = state.hparams["dare_keep"], state.hparams["dare_scale"]
+        elif number(state.hparams, "dare_keep", required=False) is not None:  # `dare_factors` on the host
+            keep_p, factor = number(state.hparams, "dare_keep"), number(state.hparams, "dare_scale")
         else:
             keep_p, factor = dare_factors(hyper(state, None, "drop_rate"))
         keep_p = jnp.asarray(keep_p, jnp.float32)
@@ -320,4 +327,5 @@ def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransfor
 
 __all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",
            "l1_rescaled", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
-           "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities", "rescale_l1"]
+           "prune_counts", "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities",
+           "rescale_l1"]

@@ -15,6 +15,7 @@ from drm_jax.engine.merge import merge_leaves
 from drm_jax.errors import MergeInputError
 from drm_jax.math.select import pruning_counts
 from drm_jax.math.sparsify import prune_geometry
+from drm_jax.math.state import number
 from drm_jax.methods.registry import get_method, static_values, traced_values
 
 
@@ -110,7 +111,7 @@ def test_density_on_drm_stays_density():
     static = static_values(spec, {})
     k, shape = 3, (5, 5)  # joint space: q = 5 rows of 5 entries, every task ranked together
     values = traced_values(spec, spec.canonical({"density": 0.3}))
-    counts = np.asarray(spec.layer_hparams(values, "linear", shape, k, static)["prune_counts"])
+    counts = np.asarray(spec.layer_hparams(values, "linear", shape, k, static).prune_counts)
     rows, row_size = prune_geometry((k, 5, 5), "joint", joint=True)
     assert row_size == 15  # one valid row of the joint space: N = 15
     np.testing.assert_array_equal(counts, np.asarray(pruning_counts(0.3, rows, row_size)))
@@ -171,3 +172,18 @@ def test_the_readme_composition_runs():
     merged = drm_jax.merge(base, models, method=my_drm)
     assert drm_jax.methods.method_spec(my_drm).traced == (drm_jax.methods.get_method("drm").param("coefficients"),)
     assert all(np.isfinite(np.asarray(merged[n])).all() for n in base)
+
+
+@pytest.mark.parametrize(("method", "derived"), [("drm", {"prune_counts"}), ("knots_ties", {"prune_counts"}),
+                                                 ("ties", {"prune_counts"}), ("dare_ties", {"dare_keep", "dare_scale"}),
+                                                 ("task_arithmetic", set()), ("linear", set())])
+def test_a_rule_reads_its_methods_declared_numbers(method, derived):
+    # a typed structure per method: its traced parameters (coefficients travel apart) and what the host hooks
+    # beside the stages derive from them; a stage reading a number the method does not declare fails loudly
+    spec = get_method(method)
+    static = static_values(spec, {})
+    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), 3, static)
+    traced = {p.name for p in spec.traced} - {"coefficients"}
+    assert set(numbers._fields) <= traced | derived and derived <= set(numbers._fields)
+    with pytest.raises(ValueError, match="does not declare"):
+        number(numbers, "not_a_number")

@@ -19,7 +19,8 @@ from jax.sharding import Mesh
 
 import drm_jax
 from drm_jax.engine import shard
-from drm_jax.methods import resolve_method
+from drm_jax.engine.prepare import rules_for, x64_scope
+from drm_jax.methods.registry import get_method, static_values, traced_values
 
 
 def best_of(fn, repeats):
@@ -55,13 +56,13 @@ def main() -> None:
         err = max(float(np.linalg.norm(np.asarray(x) - np.asarray(y)) / np.linalg.norm(np.asarray(x)))
                   for x, y in zip(a, b))
         t1, t8 = best_of(single, args.repeats), best_of(sharded, args.repeats)
-        fn = shard.sharded_merge_fn(mesh, resolve_method(method).linear, False)
-        length = shard.padded_length(args.layers, mesh)
-        sh = shard.layer_sharding(mesh)
-        hlo = fn.lower(jax.ShapeDtypeStruct((length,) + shape, np.float32, sharding=sh),
-                       jax.ShapeDtypeStruct((length, args.k) + shape, np.float32, sharding=sh),
-                       jax.ShapeDtypeStruct((args.k,), np.float32),
-                       jax.ShapeDtypeStruct((length, 2), np.uint32, sharding=sh)).compile().as_text()
+        spec = get_method(method)
+        static = static_values(spec, {})
+        numbers = spec.layer_hparams(traced_values(spec, {}), "linear", shape, args.k, static)
+        with x64_scope(rules_for(spec, static).linear):  # DRM decomposes in float64 on CPU
+            texts = shard.compiled_texts(mesh, rules_for(spec, static).linear, numbers,
+                                         shard.padded_length(args.layers, mesh), shape, args.k)
+        hlo = "\n".join(texts)  # the programs drm_jax.merge(mesh=...) runs: prepare, then merge
         found = [c for c in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if c in hlo]
         print(f"| {method} | {args.layers} | {len(devices)} | {t1:.2f} | {t8:.2f} | {t1 / t8:.2f}x | {err:.1e} | "
               f"{', '.join(found) or 'none'} |", flush=True)

@@ -138,6 +138,23 @@ def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold,
     return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding), hparams, *extra)
 
 
-__all__ = ["layer_sharding", "layer_spec", "merge_chunk", "owned_rows", "padded_length", "prepare_chunk",
+def compiled_texts(mesh: Mesh, rule, hparams, length: int, shape: tuple[int, ...], num_models: int) -> tuple[str, str]:
+    """The optimized HLO text of the two programs `drm_jax.merge(mesh=...)` runs on a chunk of `length`
+    stacked layers of `shape` (prepare, then merge with the group's `hparams`), for checking that neither
+    has a collective (benchmarks/bench_shard.py, tests/core/test_shard.py)."""
+    sharding = layer_sharding(mesh)
+    base = jax.ShapeDtypeStruct((length,) + tuple(shape), jnp.float32, sharding=sharding)
+    models = jax.ShapeDtypeStruct((length, num_models) + tuple(shape), jnp.float32, sharding=sharding)
+    prepare_fn = sharded_prepare_fn(mesh, rule)
+    _, prepared, _ = jax.eval_shape(prepare_fn, base, models)
+    prepared = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), prepared)
+    rows = jax.ShapeDtypeStruct((length, num_models), jnp.float32, sharding=sharding)
+    keys = jax.ShapeDtypeStruct((length, 2), jnp.uint32, sharding=sharding)
+    merge_fn = sharded_rule_merge_fn(mesh, rule, False)
+    return (prepare_fn.lower(base, models).compile().as_text(),
+            merge_fn.lower(prepared, base, rows, keys, hparams).compile().as_text())
+
+
+__all__ = ["compiled_texts", "layer_sharding", "layer_spec", "merge_chunk", "owned_rows", "padded_length", "prepare_chunk",
            "sharded_prepare_fn", "sharded_rule_merge_fn", "stack_from_callback"]
 

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -86,17 +85,8 @@ def test_compiled_program_has_no_collectives(mesh, method):
     static = static_values(spec, {"precision": "float32"} if "precision" in spec.names else {})
     rule = rules_for(spec, static).linear
     hparams = spec.layer_hparams(traced_values(spec, {}), "linear", shape, k, static)
-    sharding = shard.layer_sharding(mesh)
-    base = jax.ShapeDtypeStruct((layers,) + shape, jnp.float32, sharding=sharding)
-    models = jax.ShapeDtypeStruct((layers, k) + shape, jnp.float32, sharding=sharding)
-    prepare_fn = shard.sharded_prepare_fn(mesh, rule)
-    _, prepared, _ = jax.eval_shape(prepare_fn, base, models)
-    prepared = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), prepared)
-    merge_fn = shard.sharded_rule_merge_fn(mesh, rule, False)
-    args = (prepared, base, jax.ShapeDtypeStruct((layers, k), jnp.float32, sharding=sharding),
-            jax.ShapeDtypeStruct((layers, 2), jnp.uint32, sharding=sharding), hparams)
-    prepare_hlo = prepare_fn.lower(base, models).compile().as_text()
-    for hlo in (prepare_hlo, merge_fn.lower(*args).compile().as_text()):
+    prepare_hlo, merge_hlo = shard.compiled_texts(mesh, rule, hparams, layers, shape, k)
+    for hlo in (prepare_hlo, merge_hlo):
         for collective in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
             assert collective not in hlo, collective
     # and the stacked weights stay split: each device's program sees 16 / 8 = 2 layers

@@ -141,8 +141,8 @@ class LayerContext(NamedTuple):
     """What a layer's merge receives besides its prepared state (all arrays; vmapped per layer).
 
     coefficients: (K,) lambda_t of this layer. key: PRNG key of this leaf. threshold: (K,) whole-model
-    magnitude thresholds (TIES' model-scope trim) or None. hparams: the traced hyperparameters, a dict of
-    arrays shared by the layers of a group (see `MethodSpec.layer_hparams`). base: the base model's
+    magnitude thresholds (TIES' model-scope trim) or None. hparams: the method's numbers shared by the
+    layers of a group (`MethodSpec.layer_hparams`: a NamedTuple the method declares, or a dict). base: the base model's
     weights of this layer, (out, in) orientation and the compute dtype, for the methods that work on
     weights rather than task vectors (slerp, model stock, ...): the model weights are base + delta_t.
     """
@@ -231,8 +231,10 @@ class MethodSpec:
     elementwise: every entry of the output depends only on the same entry of the inputs.
     random: draws random numbers (seeded per tensor by `seed`).
     build: static parameters (a dict of name -> value for every non-traced parameter) -> `Rules`.
-    layer_hparams: (traced values dict, role, canonical shape, K, static) -> dict of arrays for the
-      group's merge program (exact integer counts are computed on the host where values are concrete).
+    layer_hparams: (traced values dict, role, canonical shape, K, static) -> the group's numbers: a
+      NamedTuple the method declares (`DrmNumbers`, ...: its traced parameters and what the hooks beside
+      the stages derive, exact integer counts on the host where values are concrete), or a dict of arrays
+      (the methods not yet typed).
     reference: the anchor of the method in docs/methods.md.
     """
 

@@ -38,7 +38,7 @@ class MergeState:
     hparams: the method's numbers, which stages read when they were built without a fixed number (the way
       optax's `inject_hyperparams` makes numbers state): a NamedTuple the method declares (its traced
       parameters and what the stages' host hooks derive from them, e.g. exact pruning counts), or a dict
-      for the methods not yet typed; see `number` and `hyper`.
+      for a composition; see `number` and `hyper`.
     transposed: static; the joint space was built on transposed deltas (DRM-V).
     """
 

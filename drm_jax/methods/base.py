@@ -413,11 +413,25 @@ def chain_rule(transform: MergeTransform) -> LayerRule:
     return LayerRule(prepare=None, merge=merge)
 
 
+def traced_numbers(type_name: str, *names: str, counts: tuple[str, ...] = ()):
+    """The `layer_hparams` of a method whose numbers are some of its traced parameters as given: a NamedTuple
+    type named `type_name` with exactly those fields (float32 scalars; the ones in `counts` int32).
+    The type is the function's `numbers_type`."""
+    numbers_type = NamedTuple(type_name, [(n, Any) for n in names])
+
+    def layer_hparams(values: dict, role: str, shape, k: int, static: dict):
+        return numbers_type(*(jnp.asarray(values[n], jnp.int32) if n in counts else scalar(values[n])
+                              for n in names))
+
+    layer_hparams.numbers_type = numbers_type
+    return layer_hparams
+
+
 def scalar(value) -> Any:
     """A traced hyperparameter as a float32 array (a Python number becomes a constant-shaped input)."""
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec",
-           "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip", "one_minus",
-           "per_model_numbers", "per_model_values", "scalar", "short"]
+__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule",
+           "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip",
+           "one_minus", "per_model_numbers", "per_model_values", "scalar", "short", "traced_numbers"]

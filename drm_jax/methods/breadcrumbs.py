@@ -11,7 +11,7 @@ vectors.
 from __future__ import annotations
 
 import math
-
+from typing import Any, NamedTuple
 
 from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.sparsify import band_counts, magnitude_band, rescale_l1
@@ -38,11 +38,20 @@ def _builder(consensus: bool):
     return build
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
+class BreadcrumbsNumbers(NamedTuple):
+    """The numbers Breadcrumbs' rule reads: lambda_, and each model's magnitude band (K,) that `band_counts`,
+    the hook of `magnitude_band()`, derives from density and gamma."""
+
+    lambda_: Any
+    band_low: Any
+    band_count: Any
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> BreadcrumbsNumbers:
     n = int(math.prod(shape))
     low, count = band_counts(per_model_numbers(values["density"], k, "density"),
                              per_model_numbers(values["gamma"], k, "gamma"), n)
-    return {"lambda_": scalar(values["lambda_"]), "band_low": low, "band_count": count}
+    return BreadcrumbsNumbers(scalar(values["lambda_"]), low, count)
 
 
 _PARAMS = (DENSITY, GAMMA, COEFFICIENTS, LAMBDA, NORMALIZE, RESCALE, INT8_MASK)

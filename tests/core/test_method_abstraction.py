@@ -174,15 +174,20 @@ def test_the_readme_composition_runs():
     assert all(np.isfinite(np.asarray(merged[n])).all() for n in base)
 
 
-@pytest.mark.parametrize(("method", "derived"), [("drm", {"prune_counts"}), ("knots_ties", {"prune_counts"}),
-                                                 ("ties", {"prune_counts"}), ("dare_ties", {"dare_keep", "dare_scale"}),
-                                                 ("task_arithmetic", set()), ("linear", set())])
-def test_a_rule_reads_its_methods_declared_numbers(method, derived):
+DERIVED = {"drm": {"prune_counts"}, "knots_ties": {"prune_counts"}, "ties": {"prune_counts"},
+           "dare_ties": {"dare_keep", "dare_scale"}, "dare_linear": {"dare_keep", "dare_scale"},
+           "breadcrumbs": {"band_low", "band_count"}, "breadcrumbs_ties": {"band_low", "band_count"},
+           "della": {"della_density", "della_epsilon"}, "della_linear": {"della_density", "della_epsilon"}}
+
+
+@pytest.mark.parametrize("method", sorted(drm_jax.methods.METHODS))
+def test_a_rule_reads_its_methods_declared_numbers(method):
     # a typed structure per method: its traced parameters (coefficients travel apart) and what the host hooks
     # beside the stages derive from them; a stage reading a number the method does not declare fails loudly
-    spec = get_method(method)
+    spec, derived = get_method(method), DERIVED.get(method, set())
     static = static_values(spec, {})
-    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), 3, static)
+    k = spec.max_models or 3
+    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), k, static)
     traced = {p.name for p in spec.traced} - {"coefficients"}
     assert set(numbers._fields) <= traced | derived and derived <= set(numbers._fields)
     with pytest.raises(ValueError, match="does not declare"):

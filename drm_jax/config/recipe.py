@@ -215,7 +215,7 @@ def build_recipe(config: MergeConfig) -> Recipe:
     if "coefficients" in params:
         engine_kwargs["coefficients"] = list(params["coefficients"])
     zero_base = spec.base == "input" or (spec.base == "optional" and config.base_model is None)
-    return Recipe(models, reference, zero_base, spec.name, engine_kwargs, role_kwargs, rules.exact_if_blocked)
+    return Recipe(models, reference, zero_base, spec.name, engine_kwargs, role_kwargs, rules.row_separable)
 
 
 __all__ = ["Recipe", "build_recipe"]

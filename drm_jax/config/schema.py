@@ -79,8 +79,31 @@ def per_model_names(method: str) -> frozenset[str]:
     return frozenset(names)
 
 
-METHOD_PARAMS: dict[str, frozenset[str]] = {name: accepted_names(name) for name in METHODS}
-NEEDS_BASE = frozenset(name for name, spec in METHODS.items() if spec.needs_base)
+class _MethodParams(Mapping):
+    """method name -> `accepted_names`, read from the registry at each lookup (a method registered with
+    `drm_jax.methods.register` is accepted as soon as it is registered)."""
+
+    def __getitem__(self, name: str) -> frozenset[str]:
+        if name not in METHODS:
+            raise KeyError(name)
+        return accepted_names(name)
+
+    def __iter__(self):
+        return iter(list(METHODS))
+
+    def __len__(self) -> int:
+        return len(METHODS)
+
+
+class _NeedsBase:
+    """The registered methods that need a base model, read from the registry at each lookup."""
+
+    def __contains__(self, name) -> bool:
+        return name in METHODS and METHODS[name].needs_base
+
+
+METHOD_PARAMS: Mapping[str, frozenset[str]] = _MethodParams()
+NEEDS_BASE = _NeedsBase()
 
 DTYPES = {
     "float32": "float32", "fp32": "float32", "float": "float32",

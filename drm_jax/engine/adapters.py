@@ -41,14 +41,15 @@ import numpy as np
 
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.compiled import is_traced
-from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, rules_for,
+from drm_jax.engine.options import MergeOptions, split_keywords
+from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, resolve, rules_for,
                                     streamed_thresholds, whole_model_thresholds)
 from drm_jax.engine.tree import flatten
 from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
 from drm_jax.methods.base import (FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, is_finite_number,
                                   per_model_values)
-from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
+from drm_jax.methods.registry import traced_values
 
 
 class LoraWeight(NamedTuple):
@@ -200,17 +201,6 @@ def adapter_method_problem(spec: MethodSpec, rules: Rules, *, whole_weights: boo
     return None
 
 
-def _resolve(method: str, params: dict, direction: str | None):
-    if not isinstance(method, str):
-        raise MergeInputError(f"merge_adapters takes a registered method name, got {type(method).__name__}")
-    spec = get_method(method)
-    given = dict(params)
-    if direction is not None and "direction" in spec.names:
-        given["direction"] = direction
-    static, traced = split_params(spec, given)
-    return spec, static_values(spec, static), traced
-
-
 def _check_rank(rank) -> int | None:
     if rank is None:
         return None
@@ -238,22 +228,8 @@ def _coefficients(coefficients, k: int):
     return c
 
 
-def merge_adapters(
-    base: Any,
-    adapters: Sequence[Any],
-    method: str = "drm",
-    rank: int | None = None,
-    *,
-    layout: str | roles_lib.Orientation = "torch",
-    direction: str | None = None,
-    drop_rate: float | None = None,
-    coefficients: Sequence[float] | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
-    ignore: Sequence[str] | None = None,
-    seed: int | None = None,
-    **method_params: Any,
-) -> MergedAdapter:
+def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank: int | None = None, *,
+                   options: MergeOptions | None = None, **keywords: Any) -> MergedAdapter:
     """Merge K LoRA adapters of one base model into one LoRA adapter (module docstring).
 
     The result equals `drm_jax.merge(base, [base + delta_t ...], method, ...)` minus the base on every
@@ -264,11 +240,11 @@ def merge_adapters(
         dtypes are read; TIES' whole-model trim counts the merged leaves no adapter changes).
       adapters: K adapters, each a mapping name -> LoraWeight / (B, A, scale[, transposed]), or a
         `PeftReader` (module docstring). Names are the base's dotted leaf names.
-      method: a registered method name (`drm-jax methods`).
+      method: a method in any form `drm_jax.merge` takes (a registered name, a `MethodSpec`, a `MergeMethod`).
       rank: the rank of every merged weight; None: K r exactly where the merge factors (r the largest
         input rank of the weight), and K r for the formed path too (truncated, reported).
-      layout, direction, drop_rate, coefficients (one per adapter), include, exclude, ignore, seed,
-        **method_params: as in `drm_jax.merge`.
+      options, **keywords: as in `drm_jax.merge` (the layout and leaf patterns of `MergeOptions`; the
+        method's parameters, `coefficients` one per adapter). A keyword the method does not take raises.
 
     Returns:
       MergedAdapter(adapter, discarded, paths).
@@ -285,20 +261,14 @@ def merge_adapters(
     if k == 0:
         raise MergeInputError("no adapters to merge")
     rank = _check_rank(rank)
-    params = dict(method_params)
-    spec = get_method(method) if isinstance(method, str) else None
-    if drop_rate is not None and spec is not None and "drop_rate" in spec.names:
-        params["drop_rate"] = drop_rate
-    if seed is not None and spec is not None and "seed" in spec.names:
-        params["seed"] = seed
-    spec, static, traced = _resolve(method, params, direction)
+    options, keywords = split_keywords(keywords, options)
+    spec, static, traced = resolve(method, keywords)
     rules = rules_for(spec, static)
     problem = adapter_method_problem(spec, rules)
     if problem is not None:
         raise AdapterMethodError(problem)
     values = traced_values(spec, traced)
-    values.pop("coefficients", None)
-    coeffs = _coefficients(coefficients, k)
+    coeffs = _coefficients(values.pop("coefficients", None), k)
     traced_mode = is_traced(coeffs, values)
 
     flat = flatten(base)
@@ -322,7 +292,8 @@ def merge_adapters(
     if rank is not None and rank > largest:  # checked before the factors are padded to it
         raise MergeInputError(f"rank {quote(rank)} is larger than any adapted weight's rank can be (at most "
                               f"{largest}, the smaller side of the largest weight)")
-    role_rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
+    role_rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
+                                     layout=options.layout)
     roles = [role_rules(n, s, d) for n, s, d in zip(names, shapes, dtypes)]
     seed_value = static.get("seed", 0)
 
@@ -353,7 +324,7 @@ def merge_adapters(
         # TIES' whole-model trim counts every merged entry of the model: the leaves no adapter changes are zeros
         # of every task vector (drm_jax.merge's thresholds see them), so they take part in the thresholds too
         adapted = set(names)
-        unadapted = [] if rules.whole_model_density is None else [
+        unadapted = [] if rules.whole_model_trim_param is None else [
             tuple(np.shape(leaf)) for n, leaf in zip(flat.names, flat.leaves)
             if n not in adapted and role_rules(n, tuple(np.shape(leaf)), _dtype(leaf)).role in ("linear", "other")]
         _merge_dense_leaves(spec, static, traced, values, rules, adapters, names, shapes, dtypes, roles,
@@ -397,8 +368,8 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
         return d.T if w.transposed else d
 
     threshold = None
-    if rules.whole_model_density is not None:  # TIES' whole-model trim: thresholds over every formed leaf
-        density = per_model_values(values[rules.whole_model_density], k, rules.whole_model_density)
+    if rules.whole_model_trim_param is not None:  # TIES' whole-model trim: thresholds over every formed leaf
+        density = per_model_values(values[rules.whole_model_trim_param], k, rules.whole_model_trim_param)
         if traced_mode:
             per_task = tuple(jnp.stack([delta(t, i).reshape(-1) for t in range(k)]) for i in dense)
             per_task += tuple(jnp.zeros((k, int(np.prod(s))), jnp.float32) for s in unadapted)
@@ -411,11 +382,11 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
             def sub_delta(t: int, j: int):
                 return np.asarray(delta(t, dense[j])) if j < len(dense) else np.zeros(sub_shapes[j], np.float32)
 
-            leaf_roles, groups = plan_roles(sub, sub_shapes, sub_dtypes, include=None, exclude=(), ignore=None,
-                                            layout="torch")
+            whole = MergeOptions(exclude=(), max_group_bytes=None)
+            leaf_roles, groups = plan_roles(sub, sub_shapes, sub_dtypes, whole)
             plan = Prepared(spec, static, traced, rules, sub,
                             Source(lambda j: np.zeros(sub_shapes[j], np.float32), sub_delta),
-                            k, plan_chunks(groups, leaf_roles, sub, sub_dtypes, k, 0, None), store=False)
+                            k, plan_chunks(groups, leaf_roles, sub, sub_dtypes, k, 0, whole), store=False)
             threshold = streamed_thresholds(plan, np.asarray(density, np.float64))
 
     for i in dense:

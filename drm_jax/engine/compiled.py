@@ -14,15 +14,15 @@ layout and dtype.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array
 
+from drm_jax.math.arrays import is_traced
 from drm_jax.math.rounding import round_to_dtype
-from drm_jax.math.state import MergeTransform, merge_deltas
 from drm_jax.math.task_vectors import task_vectors
 from drm_jax.methods.base import LayerContext, LayerRule
 
@@ -175,37 +175,5 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     return outputs, (jnp.stack(flags) if check_inputs else None)
 
 
-# -- the first design's one-shot transforms (a `MergeMethod` of `MergeTransform`s) ----------------------
-def merge_layers(
-    transform: MergeTransform,
-    base: Float[Array, "L ..."],
-    models: Float[Array, "L K ..."],
-    coefficients: Float[Array, " K"],
-    keys: Array,
-    threshold: Float[Array, " K"] | None,
-    hparams: dict | None = None,
-) -> tuple[Float[Array, "L ..."], Bool[Array, "L K1"]]:
-    """Merge a stack of L layers with a one-shot transform; also report which inputs were finite.
-
-    Returns (merged (L, ...), finite (L, K + 1): column 0 the base, 1..K the models). Non-finite inputs
-    are replaced by zeros before the merge so that no LAPACK routine ever sees a NaN; the caller raises on
-    the flags before returning anything. The layers are vmapped: one batched program, no loop.
-    """
-    base, models, finite = _sanitize(base, models, True)
-
-    def one_layer(b, ms, key):
-        return b + merge_deltas(transform, task_vectors(b, ms), coefficients, key, threshold, hparams)
-
-    return jax.vmap(one_layer)(base, models, keys), finite
-
-
-merge_transform_jit = jax.jit(merge_layers, static_argnums=(0,))
-
-
-def is_traced(*values: Any) -> bool:
-    """Whether any leaf of the values is a tracer (a merge inside the caller's jit or grad)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(values))
-
-
-__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams", "merge_layers",
-           "merge_layers_jit", "merge_once", "merge_transform_jit", "prepare_group", "stack_inputs", "unstack_outputs"]
+__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams",
+           "merge_layers_jit", "merge_once", "prepare_group", "stack_inputs", "unstack_outputs"]

@@ -36,25 +36,26 @@ from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_trace
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, unflatten
 from drm_jax.errors import MergeInputError, quote
+from drm_jax.math.state import number, with_number
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
-from drm_jax.methods.registry import get_method, split_params, static_values, traced_values
-
-# Stacked inputs of one call, in bytes, before a group is cut into chunks (None: no limit).
-DEFAULT_GROUP_BYTES = 2 * 2**30
-
+from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, method_params, split_keywords
+from drm_jax.methods.registry import method_spec, split_params, static_values, traced_values
 
 @functools.lru_cache(maxsize=128)
-def _rules(method: str, static: tuple) -> Rules:
-    # Same static parameters -> the same rule objects -> jax.jit's caches hit across prepare/merge calls.
-    return get_method(method).build(dict(static))
+def _rules(build, static: tuple) -> Rules:
+    # Same build and static parameters -> the same rule objects -> jax.jit's caches hit across prepare/merge
+    # calls (a method with bound parameters, `drm_jax.drm(...)`, shares its method's build).
+    return build(dict(static))
 
 
 def rules_for(spec: MethodSpec, static: dict, round_to: str | None = None) -> Rules:
-    """The method's rules for its static parameters; `round_to` (a half dtype, mergekit's `dtype`) reaches
-    `build` as static["round_to"], for the methods whose stages round where mergekit's arithmetic does."""
-    if round_to is not None:
-        static = {**static, "round_to": round_to}
-    return _rules(spec.name, tuple(sorted(static.items())))
+    """The method's rules for its static parameters and the engine's (`MethodSpec.engine_params`): `round_to`
+    (a half dtype, mergekit's `dtype`) reaches `build` for the methods that declare it (their stages round
+    where mergekit's arithmetic does); the others round only their inputs and outputs (`Layout.round_to`)."""
+    engine = {p.name: None for p in spec.engine_params}
+    if "round_to" in engine:
+        engine["round_to"] = round_to
+    return _rules(spec.build, tuple(sorted({**static, **engine}.items())))
 
 
 # mergekit's `dtype` (inputs are cast to it before merging) -> (the engine's compute dtype, rounding dtype)
@@ -230,7 +231,7 @@ class Prepared:
         given = dict(hyperparameters)
         if coefficients is not None:
             given["coefficients"] = coefficients
-        static, traced = split_params(spec, given)
+        static, traced = split_params(spec, method_params(spec, given))
         if static:
             raise MergeInputError(f"{sorted(static)} of method {spec.name!r} are structure: give them to "
                                   f"drm_jax.prepare, not to merge")
@@ -255,7 +256,7 @@ class Prepared:
         group whose layers have different values is still one vmapped program, and new values (or new
         leaves given values) compile nothing new. Static parameters cannot vary per leaf (MergeInputError).
         """
-        static, traced = split_params(self.spec, given)
+        static, traced = split_params(self.spec, method_params(self.spec, given))
         if static:
             raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
                                   f"drm_jax.prepare, not to merge")
@@ -290,8 +291,8 @@ class Prepared:
                 raise MergeInputError(f"leaf_params[{clip(name)!r}].{sorted(static)[0]}: a static (structural) "
                                       f"parameter of method {self.spec.name!r} cannot vary per leaf; give it to "
                                       f"drm_jax.prepare")
-            if self.rules.whole_model_density is not None and self.rules.whole_model_density in traced:
-                raise MergeInputError(f"leaf_params[{clip(name)!r}].{self.rules.whole_model_density}: the "
+            if self.rules.whole_model_trim_param is not None and self.rules.whole_model_trim_param in traced:
+                raise MergeInputError(f"leaf_params[{clip(name)!r}].{self.rules.whole_model_trim_param}: the "
                                       f"whole-model trim takes one threshold per task over every leaf, so it "
                                       f"cannot vary per leaf")
             for i in indices:
@@ -339,7 +340,7 @@ class Prepared:
 
     def _thresholds(self, values: dict, traced_mode: bool):
         """Per-task magnitude thresholds over the whole task vector (TIES' model-scope trim)."""
-        name = self.rules.whole_model_density
+        name = self.rules.whole_model_trim_param
         if name is None:
             return None
         density = per_model_values(values[name], self.num_models, name)
@@ -467,10 +468,10 @@ class Prepared:
         scale_name = self.rules.scaled_by
         key = (tuple(sorted((n, _hashable(v)) for n, v in values.items() if n != scale_name)), _hashable(coeffs))
         if c.delta_key != key:
-            c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold,
-                                       {**hparams, scale_name: jnp.ones_like(hparams[scale_name])}, c.base)
+            unscaled = with_number(hparams, scale_name, jnp.ones_like(number(hparams, scale_name)))
+            c.delta = merge_deltas_jit(rule, c.state, rows, c.keys, threshold, unscaled, c.base)
             c.delta_key = key
-        return combine_jit(c.layout, c.base, c.delta, hparams[scale_name])
+        return combine_jit(c.layout, c.base, c.delta, number(hparams, scale_name))
 
     def _explain_overflow(self, chunk: Chunk, names: Sequence[str], finite: np.ndarray) -> None:
         """Every input finite, a merged leaf not: say where it overflowed. Raises MergeInputError naming the
@@ -593,19 +594,21 @@ def streamed_thresholds(plan: Prepared, density: np.ndarray) -> jax.Array:
     return jnp.asarray(out)
 
 
-def plan_roles(names, shapes, dtypes, *, include, exclude, ignore, layout):
-    rules = roles_lib.RoleRules(include=include, exclude=exclude, ignore=ignore, layout=layout)
+def plan_roles(names, shapes, dtypes, options: MergeOptions):
+    """(each leaf's role, the groups of same-shaped leaves of the merged roles)."""
+    rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
+                                layout=options.layout)
     leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
     canonical = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
     groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("linear", "other")]
     return leaf_roles, groups
 
 
-def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_bytes, mesh=None,
-                compute_as: str | None = None) -> list[Chunk]:
-    """Every group cut into chunks of at most `max_group_bytes` of stacked float32 inputs; `compute_as`:
-    a `compute_dtype` name (`resolve_compute_dtype`), None for each leaf's own."""
-    compute, round_to = resolve_compute_dtype(compute_as)
+def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, options: MergeOptions) -> list[Chunk]:
+    """Every group cut into chunks of at most `options.max_group_bytes` of stacked float32 inputs (padded
+    to the device count of `options.mesh`), computed in `options.compute_dtype` (`resolve_compute_dtype`)."""
+    compute, round_to = resolve_compute_dtype(options.compute_dtype)
+    max_group_bytes, mesh = options.max_group_bytes, options.mesh
     out = []
     for group in groups:
         layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
@@ -621,7 +624,7 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, max_group_b
     return out
 
 
-def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_group_bytes, mesh=None, compute_as=None):
+def plan_trees(base, models, options: MergeOptions, seed: int):
     """Trees checked against each other, roles given and chunks planned: (flat base as given, its leaves as
     arrays JAX reads (`host_array`: torch tensors as NumPy), model leaves likewise in the base's leaf order,
     chunks)."""
@@ -633,54 +636,37 @@ def plan_trees(base, models, *, include, exclude, ignore, layout, seed, max_grou
     base_leaves = [host_array(x, n) for n, x in zip(flat.names, flat.leaves)]
     shapes = [np.shape(x) for x in base_leaves]
     dtypes = [jnp.result_type(x) for x in base_leaves]
-    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, include=include, exclude=exclude, ignore=ignore,
-                                    layout=layout)
+    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, options)
     return flat, base_leaves, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
-                                                        max_group_bytes, mesh, compute_as)
+                                                        options)
 
 
-def _resolve(method, params: dict, direction):
-    if not isinstance(method, str):
-        raise MergeInputError(f"method must be a registered name or a MergeMethod, got {type(method).__name__}")
-    spec = get_method(method)
-    given = dict(params)
-    if direction is not None and "direction" in spec.names:  # methods without one ignore it
-        given["direction"] = direction
-    static, traced = split_params(spec, given)
+def resolve(method, keywords: dict):
+    """(spec, every static value, the given traced values) of a method in any form (`method_spec`) and the
+    keywords given for it; MergeInputError naming a keyword the method does not take."""
+    spec = method_spec(method)
+    static, traced = split_params(spec, method_params(spec, keywords))
     return spec, static_values(spec, static), traced
 
 
-def prepare(
-    base: Any,
-    models: Sequence[Any],
-    method: str = "drm",
-    layout: str | roles_lib.Orientation = "torch",
-    direction: str | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-    *,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE,
-    ignore: Sequence[str] | None = None,
-    max_group_bytes: int | None = DEFAULT_GROUP_BYTES,
-    compute_dtype: str | None = None,
-    **params: Any,
-) -> Prepared:
+def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: MergeOptions | None = None,
+            **keywords: Any) -> Prepared:
     """Check, group and prepare a merge once (see the module docstring); returns a `Prepared`.
 
-    Args are those of `drm_jax.merge`: static parameters (the method's structure, e.g. `direction`,
+    method: a registered name, a `MethodSpec` (`drm_jax.drm(direction="vertical")`) or a `MergeMethod`
+    composition. Keywords are `MergeOptions` fields (layout, include, exclude, ignore, max_group_bytes,
+    compute_dtype, mesh) or the method's parameters: static ones (its structure, e.g. `direction`,
     `prune_scope`, `trim_scope`, `normalize`, `svd_route`, `precision`, `seed`) are fixed here; traced
-    ones (`drop_rate`, `density`, `lambda_`, `rank_rtol`, `coefficients`) may be given here as defaults
-    and changed at every `Prepared.merge`. `drm-jax methods` lists which is which. `compute_dtype`:
-    mergekit's `dtype` (`resolve_compute_dtype`; docs/methods.md#compute-dtype).
+    ones (`drop_rate`, `density`, `lambda_`, `rank_rtol`, `coefficients`) may be given here as defaults and
+    changed at every `Prepared.merge`. `drm-jax methods` lists which is which. A keyword that is neither
+    raises MergeInputError naming it.
     """
-    spec, static, traced = _resolve(method, params, direction)
-    rules = rules_for(spec, static, resolve_compute_dtype(compute_dtype)[1])
-    flat, base_leaves, model_leaves, plan = plan_trees(base, models, include=include, exclude=exclude, ignore=ignore,
-                                                       layout=layout, seed=static.get("seed", 0),
-                                                       max_group_bytes=max_group_bytes, mesh=mesh,
-                                                       compute_as=compute_dtype)
+    options, keywords = split_keywords(keywords, options)
+    spec, static, traced = resolve(method, keywords)
+    rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
+    flat, base_leaves, model_leaves, plan = plan_trees(base, models, options, seed=static.get("seed", 0))
     source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i])
-    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=mesh)
+    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh)
 
 
 def x64_scope(rule):
@@ -694,6 +680,6 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
         return prepare_group(rule, layout, base, models, check_inputs=check_inputs)
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "streamed_thresholds", "coefficient_matrix", "leaf_key", "plan_chunks", "plan_roles",
-           "plan_trees", "prepare", "resolve_compute_dtype", "rules_for", "run_prepare", "whole_model_thresholds",
-           "compute_dtype"]
+__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "coefficient_matrix", "compute_dtype", "leaf_key",
+           "plan_chunks", "plan_roles", "plan_trees", "prepare", "resolve", "resolve_compute_dtype", "rules_for",
+           "run_prepare", "streamed_thresholds", "whole_model_thresholds"]

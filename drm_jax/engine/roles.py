@@ -24,6 +24,16 @@ LAYOUTS = {"torch": False, "flax": True}
 Orientation = Callable[[str, tuple[int, ...]], bool]
 
 
+def is_floating(dtype) -> bool:
+    """A floating dtype, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as np.floating); JAX's
+    extended dtypes (an NNX State's RNG keys) hold no numbers."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return False
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 @dataclass(frozen=True)
 class LeafRole:
     role: Role
@@ -42,14 +52,6 @@ def _compile(patterns: Sequence[str] | str | None, what: str) -> list[re.Pattern
         except re.error as err:
             raise MergeInputError(f"{what} pattern {p!r} is not a valid regular expression: {err}") from None
     return compiled
-
-
-def _floating(dtype) -> bool:
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:  # JAX's extended dtypes (an NNX State's RNG keys) hold no numbers
-        return False
-    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 class RoleRules:
@@ -76,7 +78,7 @@ class RoleRules:
             raise MergeInputError(f"unknown layout {layout!r}; expected 'torch', 'flax' or a callable")
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> LeafRole:
-        if not _floating(dtype):
+        if not is_floating(dtype):
             return LeafRole("keep", False)  # integer buffers (position ids, step counters), RNG keys
         if any(p.search(name) for p in self.ignore):
             return LeafRole("ignore", False)
@@ -87,4 +89,4 @@ class RoleRules:
         return LeafRole("other", False)
 
 
-__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules"]
+__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules", "is_floating"]

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from drm_jax.engine.compiled import _merge_layers, _prepare_layers, _sanitize, merge_layers
-from drm_jax.math.state import MergeTransform
+from drm_jax.engine.compiled import _merge_layers, _prepare_layers, _sanitize
 
 
 def layer_spec(mesh: Mesh) -> P:
@@ -66,31 +65,6 @@ def owned_rows(array: jax.Array) -> list[tuple[int, jax.Array]]:
                 seen.add(start + offset)
                 rows.append((start + offset, shard.data[offset]))
     return sorted(rows, key=lambda r: r[0])
-
-
-@functools.lru_cache(maxsize=None)
-def sharded_merge_fn(mesh: Mesh, transform: MergeTransform, with_threshold: bool):
-    """jit(shard_map(vmapped merge)) for one mesh and transform, cached."""
-    spec = layer_spec(mesh)
-    threshold_spec = (P(),) if with_threshold else ()
-
-    def local(base, models, coefficients, keys, *threshold):
-        return merge_layers(transform, base, models, coefficients, keys, threshold[0] if threshold else None)
-
-    mapped = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), spec) + threshold_spec,
-                           out_specs=(spec, spec), check_vma=False)  # per-device work only: no collectives
-    return jax.jit(mapped)
-
-
-def merge_layers_sharded(mesh, transform, base, models, coefficients, keys, threshold):
-    """`merge_layers` with the layer axis split over the mesh; inputs may already be sharded."""
-    sharding = layer_sharding(mesh)
-    base, models, keys = (x if getattr(x, "sharding", None) == sharding else jax.device_put(x, sharding)
-                          for x in (base, models, keys))
-    fn = sharded_merge_fn(mesh, transform, threshold is not None)
-    replicated = NamedSharding(mesh, P())
-    extra = (jax.device_put(threshold, replicated),) if threshold is not None else ()
-    return fn(base, models, jax.device_put(coefficients, replicated), keys, *extra)
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,6 +138,6 @@ def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold,
     return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding), hparams, *extra)
 
 
-__all__ = ["merge_chunk", "prepare_chunk", "sharded_prepare_fn", "sharded_rule_merge_fn", "layer_sharding", "layer_spec", "merge_layers_sharded", "owned_rows", "padded_length",
-           "sharded_merge_fn", "stack_from_callback"]
+__all__ = ["layer_sharding", "layer_spec", "merge_chunk", "owned_rows", "padded_length", "prepare_chunk",
+           "sharded_prepare_fn", "sharded_rule_merge_fn", "stack_from_callback"]
 

@@ -26,13 +26,9 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from drm_jax.engine import roles as roles_lib
+from drm_jax.engine.roles import is_floating
 from drm_jax.engine.merge import merge_leaves
 from drm_jax.errors import CheckpointError, DrmJaxError, MergeInputError, quote
-
-
-def is_floating(dtype) -> bool:
-    dtype = np.dtype(dtype)
-    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def dtype_kind(dtype) -> str:
@@ -164,7 +160,7 @@ class CheckpointSources:
     def plan_blocks(self, num_models: int, budget_bytes: int | None,
                     slab_key: Callable[[str], Hashable] | None = None) -> LeafInfo:
         """The leaves handed to the engine: slabs (module docstring) for the tensors of `slab_roles`, and
-        each other tensor whole, or in row blocks where its merge is elementwise (`Rules.exact_if_blocked`)
+        each other tensor whole, or in row blocks where its merge is elementwise (`Rules.row_separable`)
         and one layer of it, stacked over the base and the K models in float32, would exceed
         `budget_bytes` (the engine cannot cut below one leaf). Same result, bounded memory.
 

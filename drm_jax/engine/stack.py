@@ -1,8 +1,7 @@
 """Grouping same-shaped leaves and stacking them on a leading layer axis.
 
 All leaves with the same role and (out, in) shape, e.g. the 32 `q_proj` weights of a Llama model, form
-one group; a group is cut into chunks of at most `max_layers` layers, padded to equal length so every
-chunk of a group hits the same compiled function. A 32-layer model then compiles once per distinct
+one group; a group is cut into chunks of at most `max_layers` layers. A 32-layer model then compiles once per distinct
 (role, shape), a handful of times, not once per leaf.
 """
 
@@ -12,8 +11,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import jax.numpy as jnp
-from jaxtyping import Array
 
 
 @dataclass
@@ -48,12 +45,4 @@ def chunks(members: list[int], length: int) -> Iterator[list[int]]:
         yield members[start:start + length]
 
 
-def pad_layers(stack: Array, length: int) -> Array:
-    """Zero-pad the leading layer axis to `length` (zero deltas merge to zero; results are dropped)."""
-    missing = length - stack.shape[0]
-    if missing <= 0:
-        return stack
-    return jnp.concatenate([stack, jnp.zeros((missing,) + stack.shape[1:], stack.dtype)], axis=0)
-
-
-__all__ = ["Group", "chunk_length", "chunks", "group_leaves", "pad_layers"]
+__all__ = ["Group", "chunk_length", "chunks", "group_leaves"]

@@ -9,7 +9,7 @@ from drm_jax.math.mean import (disjoint_mean, disjoint_mean_of, mean_tasks, scal
                                sum_tasks, weighted_mean)
 from drm_jax.math.sparsify import dare_drop, magnitude_mask, prune, prune_by_threshold
 from drm_jax.math.select import keep_at_least_kth, kth_smallest
-from drm_jax.math.space import joint_space, recompose, renormalize, within_joint_space
+from drm_jax.math.space import joint_space, recompose, renormalize
 from drm_jax.math.state import MergeMethod, MergeState, MergeTransform, chain, init_state, merge_deltas
 from drm_jax.math.task_vectors import apply_delta, task_vectors
 
@@ -18,5 +18,5 @@ __all__ = [
     "dare_drop", "disjoint_mean", "disjoint_mean_of", "elect_sign", "elected_sign", "init_state",
     "joint_space", "keep_at_least_kth", "kth_smallest", "magnitude_mask", "mean_tasks", "merge_deltas",
     "prune", "prune_by_threshold", "recompose", "recompose_basis", "renormalize", "scale",
-    "scale_by_coefficients", "stack_horizontal", "sum_tasks", "task_vectors", "weighted_mean", "within_joint_space",
+    "scale_by_coefficients", "stack_horizontal", "sum_tasks", "task_vectors", "weighted_mean",
 ]

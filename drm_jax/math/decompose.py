@@ -27,6 +27,8 @@ from typing import Callable, Literal, NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from drm_jax.math.arrays import mm
+
 Route = Literal["auto", "dense", "gram", "qr"]
 ROUTES = ("auto", "dense", "gram", "qr")
 
@@ -50,10 +52,6 @@ class JointSpace(NamedTuple):
     singular_values: Float[Array, " q"]
     coordinates: Float[Array, "K q m"]
     valid: Bool[Array, " q"]
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision="highest")
 
 
 def _full(m: Float[Array, "n c"], route: str) -> tuple[Array, Array, Array]:
@@ -98,14 +96,14 @@ def factorize(m: Float[Array, "n c"], route: str) -> Factors:
         return Factors(s, lambda b: (u[:, :b], s[:b, None] * vh[:b]))
     if route == "gram":
         if n <= c:
-            w, u = jnp.linalg.eigh(_mm(m, m.T))
+            w, u = jnp.linalg.eigh(mm(m, m.T))
             u, w = u[:, ::-1], w[::-1]
-            return Factors(jnp.sqrt(jnp.maximum(w, 0.0)), lambda b: (u[:, :b], _mm(u[:, :b].T, m)))
-        w, v = jnp.linalg.eigh(_mm(m.T, m))
+            return Factors(jnp.sqrt(jnp.maximum(w, 0.0)), lambda b: (u[:, :b], mm(u[:, :b].T, m)))
+        w, v = jnp.linalg.eigh(mm(m.T, m))
         v, w = v[:, ::-1], w[::-1]
 
         def take_right(b):
-            us = _mm(m, v[:, :b])
+            us = mm(m, v[:, :b])
             s = jnp.linalg.norm(us, axis=0)
             return us / jnp.where(s > 0, s, 1.0), s[:, None] * v[:, :b].T
 
@@ -114,10 +112,10 @@ def factorize(m: Float[Array, "n c"], route: str) -> Factors:
         if n <= c:
             q, r = jnp.linalg.qr(m.T)  # M = R^T Q^T, R^T is (n, n)
             u, s, wh = jnp.linalg.svd(r.T)
-            return Factors(s, lambda b: (u[:, :b], s[:b, None] * _mm(wh[:b], q.T)))
+            return Factors(s, lambda b: (u[:, :b], s[:b, None] * mm(wh[:b], q.T)))
         q, r = jnp.linalg.qr(m)  # M = Q R, R is (c, c)
         ur, s, vh = jnp.linalg.svd(r)
-        return Factors(s, lambda b: (_mm(q, ur[:, :b]), s[:b, None] * vh[:b]))
+        return Factors(s, lambda b: (mm(q, ur[:, :b]), s[:b, None] * vh[:b]))
     raise ValueError(f"unknown SVD route {route!r}; expected one of {ROUTES}")
 
 
@@ -175,7 +173,7 @@ def joint_space(
 
 def recompose(basis: Float[Array, "n q"], merged: Float[Array, "q m"]) -> Float[Array, "n m"]:
     """delta = U @ X_merged (docs/methods.md#drm-h step 9)."""
-    return _mm(basis, merged)
+    return mm(basis, merged)
 
 
 __all__ = [

@@ -38,11 +38,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from drm_jax.math.arrays import mm
 from drm_jax.math import lapack
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision="highest")
 
 
 def _t(x):
@@ -65,7 +62,7 @@ def _svd_tangents(a, da):
     u, s, vh = lapack.svd(a)
     v = _t(vh)
     n, m = a.shape[-2:]
-    x = _mm(_mm(_t(u), da), v)  # (..., r, r)
+    x = mm(mm(_t(u), da), v)  # (..., r, r)
     si, sj = s[..., :, None], s[..., None, :]
     top = jnp.max(s, axis=-1)[..., None, None]
     gap = sj - si
@@ -75,13 +72,13 @@ def _svd_tangents(a, da):
     both_zero = si + sj <= tol
     h = jnp.where(both_zero, 0.0, 1.0 / jnp.where(both_zero, 1.0, si + sj))
     sym, skew = 0.5 * (x + _t(x)), 0.5 * (x - _t(x))
-    du = _mm(u, sym * g + skew * h)
-    dv = _mm(v, sym * g - skew * h)
+    du = mm(u, sym * g + skew * h)
+    dv = mm(v, sym * g - skew * h)
     s_inv = _pseudo_inverse(s, tol)[..., None, :]
     if n > s.shape[-1]:  # the part of dA outside U's span: (I - U U^T) dA V S^+
-        du = du + (_mm(da, v) - _mm(u, x)) * s_inv
+        du = du + (mm(da, v) - mm(u, x)) * s_inv
     if m > s.shape[-1]:  # (I - V V^T) dA^T U S^+
-        dv = dv + (_mm(_t(da), u) - _mm(v, _t(x))) * s_inv
+        dv = dv + (mm(_t(da), u) - mm(v, _t(x))) * s_inv
     ds = jnp.diagonal(x, axis1=-2, axis2=-1)
     # inside a block of equal singular values the symmetric part of X is the middle factor's own change
     eye = jnp.eye(s.shape[-1], dtype=bool)
@@ -125,7 +122,7 @@ def _svd_middle_jvp(primals, tangents):
 @jax.custom_jvp
 def _polar_tall(a):
     p, _, qh = lapack.svd(a)
-    return _mm(p, qh)
+    return mm(p, qh)
 
 
 @_polar_tall.defjvp
@@ -133,14 +130,14 @@ def _polar_tall_jvp(primals, tangents):
     (a,), (da,) = primals, tangents
     p, s, qh = lapack.svd(a)  # a (..., n, k), n >= k: p (..., n, k), qh (..., k, k)
     q = _t(qh)
-    x = _mm(_mm(_t(p), da), q)  # (..., k, k)
+    x = mm(mm(_t(p), da), q)  # (..., k, k)
     total = s[..., :, None] + s[..., None, :]
     tol = _zero_tolerance(s, a.shape)
     zero = total <= tol
     k = jnp.where(zero, 0.0, (x - _t(x)) / jnp.where(zero, 1.0, total))
     s_inv = _pseudo_inverse(s, tol)[..., None, :]
-    dq = _mm(_mm(p, k), qh) + _mm((_mm(da, q) - _mm(p, x)) * s_inv, qh)
-    return _mm(p, qh), dq
+    dq = mm(mm(p, k), qh) + mm((mm(da, q) - mm(p, x)) * s_inv, qh)
+    return mm(p, qh), dq
 
 
 def polar(a: Float[Array, "... n k"]) -> Float[Array, "... n k"]:

@@ -25,14 +25,11 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from drm_jax.math.arrays import mm
 from drm_jax.math import lapack
 from drm_jax.math.decompose import JointSpace
 
 DIRECTIONS = ("horizontal", "vertical")
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision="highest")
 
 
 def _check_factors(b: Array, a: Array, scales: Array) -> None:
@@ -45,7 +42,7 @@ def _check_factors(b: Array, a: Array, scales: Array) -> None:
 def lora_deltas(b: Float[Array, "K n r"], a: Float[Array, "K r m"], scales: Float[Array, " K"]) -> Float[Array, "K n m"]:
     """The dense deltas D_t = s_t B_t A_t, shape (K, n, m) (for tests and elementwise methods)."""
     _check_factors(b, a, scales)
-    return jnp.asarray(scales)[:, None, None] * _mm(b, a)
+    return jnp.asarray(scales)[:, None, None] * mm(b, a)
 
 
 def joint_space_lora(
@@ -89,7 +86,7 @@ def joint_space_lora(
     # R_2 = blockdiag(r2_t) (K j, K r), so the core R_1 R_2^T has the column blocks R_1[:, task t] r2_t^T.
     core = jnp.einsum("qtr,tjr->qtj", r1.reshape(-1, k, r), r2, precision="highest").reshape(-1, k * j)
     w, s, zh = lapack.svd(core)  # (q_1, q), (q,), (q, K j)
-    basis = _mm(q1, w)
+    basis = mm(q1, w)
     # P_t = U^T D_t = diag(S) Z_t^T Q2_t^T with Z_t the rows of Z for task t.
     coordinates = s[None, :, None] * jnp.einsum("qtj,tmj->tqm", zh.reshape(-1, k, j), q2, precision="highest")
     return JointSpace(basis, s, coordinates, s > rank_rtol * jnp.max(s))
@@ -126,7 +123,7 @@ def _split_spectrum(left, w, s, zh, rank: int):
     """B = left W_r diag(sqrt S_r), A = diag(sqrt S_r) Z_r^T, zero-padded to `rank`; the discarded energy."""
     kept = min(rank, s.shape[0])
     root = jnp.sqrt(s[:kept])
-    b = _mm(left, w[:, :kept]) * root[None, :] if left is not None else w[:, :kept] * root[None, :]
+    b = mm(left, w[:, :kept]) * root[None, :] if left is not None else w[:, :kept] * root[None, :]
     a = root[:, None] * zh[:kept]
     if rank > kept:
         b = jnp.pad(b, ((0, 0), (0, rank - kept)))
@@ -174,7 +171,7 @@ def to_lora_factors(
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
     q, r = lapack.qr(u)
-    w, s, zh = lapack.svd(_mm(r, x))
+    w, s, zh = lapack.svd(mm(r, x))
     return _split_spectrum(q, w, s, zh, rank)
 
 

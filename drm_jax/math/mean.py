@@ -7,7 +7,8 @@ from typing import Literal
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, task_sum
+from drm_jax.math.elect import elect_sign, elected_sign
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, chain, hyper, reads, task_sum
 
 # mergekit's guard for a vanishing sum of weights.
 _TINY_WEIGHT = 1e-8
@@ -91,7 +92,7 @@ def scale(factor: float | None = None) -> MergeTransform:
             raise ValueError("scale() multiplies the merged value: put a mean or sum stage before it")
         return state.replace(merged=state.merged * jnp.asarray(hyper(state, factor, "lambda_"), state.merged.dtype))
 
-    return apply
+    return apply if factor is not None else reads(apply, "lambda_")
 
 
 def generalized_reduce(consensus: bool, normalize: bool) -> MergeTransform:
@@ -103,9 +104,6 @@ def generalized_reduce(consensus: bool, normalize: bool) -> MergeTransform:
     (1 where its magnitude is below 1e-8). Without `normalize`: the sum. Ends with a mean or sum stage
     (put `scale()` after it for the global lambda).
     """
-    from drm_jax.math.elect import elect_sign
-    from drm_jax.math.state import chain
-
     if consensus:
         return chain(scale_by_coefficients(), elect_sign("positive"),
                      disjoint_mean("coefficients") if normalize else sum_tasks())
@@ -133,7 +131,6 @@ def energy_weighted_mean(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
     Elect s = sign(sum_t X_t) (+ where it is 0); with w = `energy_weights`(X) and a_t = [sign(X_t) = s],
     merged = sum_t w_t a_t X_t / max(sum_t w_t a_t, 1e-6). Entries no task agrees with are 0.
     """
-    from drm_jax.math.elect import elected_sign
 
     sign = elected_sign(values, "positive")
     agree = (jnp.sign(values) == sign[None]).astype(values.dtype)

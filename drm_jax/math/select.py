@@ -9,11 +9,12 @@ is a fused compare-and-sum, which vectorises on CPU and is bandwidth-bound on GP
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
+
+from drm_jax.math.arrays import is_traced
 
 # Per float width: (the integer type of its bits, the bit pattern of +inf, the halvings that reach one
 # candidate in [0, inf bits]). Every finite non-negative float maps below its +inf pattern.
@@ -96,7 +97,7 @@ def pruning_counts(keep, rows: int, row_size: int, rule: str = "kthvalue"):
     on the device in float32, which can differ by one entry where N * keep is within rounding of x.5.
     """
     n = np.arange(rows + 1, dtype=np.int64) * row_size
-    if isinstance(keep, jax.core.Tracer):
+    if is_traced(keep):
         xp, n, keep = jnp, jnp.asarray(n, jnp.float32), jnp.asarray(keep, jnp.float32)[..., None]
     else:
         xp, keep = np, np.asarray(keep, np.float64)[..., None]
@@ -110,14 +111,6 @@ def pruning_counts(keep, rows: int, row_size: int, rule: str = "kthvalue"):
             raise ValueError(f"{int(n[-1])} entries exceed the int32 range of the pruning count")
         return jnp.asarray(k.astype(np.int32))
     return k.astype(jnp.int32)
-
-
-def drop_count(
-    n_rows: Int[Array, ""] | int, row_size: int, max_rows: int, keep: float
-) -> Int[Array, ""]:
-    """k = N - round(N * keep) for N = n_rows * row_size, exact for n_rows in [0, max_rows] (a lookup in
-    the host-computed `pruning_counts` table, so N may be traced)."""
-    return pruning_counts(keep, max_rows, row_size, "kthvalue")[jnp.asarray(n_rows, jnp.int32)]
 
 
 def task_variance(values: Float[Array, "K ..."]) -> Float[Array, "..."]:
@@ -151,4 +144,4 @@ def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, ".
     return mask.reshape(var.shape)
 
 
-__all__ = ["drop_count", "keep_at_least_kth", "kth_smallest", "magnitude_bits", "pruning_counts", "task_variance", "top_variance_mask"]
+__all__ = ["keep_at_least_kth", "kth_smallest", "magnitude_bits", "pruning_counts", "task_variance", "top_variance_mask"]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array, Float
 
 from drm_jax.math import decompose
-from drm_jax.math.state import MergeState, MergeTransform, chain, hyper
+from drm_jax.math.state import MergeState, MergeTransform, hyper, reads
 
 Direction = Literal["horizontal", "vertical"]
 DIRECTIONS = ("horizontal", "vertical")
@@ -57,53 +56,6 @@ def joint_space(
     return apply
 
 
-def within_joint_space(
-    *stages: MergeTransform,
-    direction: Direction = "horizontal",
-    rank_rtol: float = 0.01,
-    route: decompose.Route = "auto",
-) -> MergeTransform:
-    """`chain(joint_space(...), *stages, recompose())`, on the leading rows of the joint space only.
-
-    Same result as the plain chain, but after the decomposition only the b leading singular triplets
-    are projected and handed to `stages`, where b is the smallest of `decompose.rank_buckets(q)` that
-    holds every triplet above the rank cut (estimated with a 2x margin; the exact cut is applied to the
-    b rows). The buckets are static branches of one `lax.switch`, so shapes stay static under jit; under
-    `jax.vmap` a switch runs every branch, so layers are mapped with `lax.map` (see
-    `drm_jax.engine.compiled`). `stages` work in the joint space and must end with a mean.
-    """
-    check_direction(direction)
-    decompose.choose_route((1, 1), rank_rtol, route)
-    rest = chain(*stages, recompose())
-
-    def apply(state: MergeState) -> MergeState:
-        deltas, transposed = horizontal_view(state.values, direction, "within_joint_space")
-        k, n, m = deltas.shape
-        stacked = decompose.stack_horizontal(deltas)
-        factors = decompose.factorize(stacked, decompose.choose_route(stacked.shape, rank_rtol, route))
-        est = factors.singular_values
-        buckets = decompose.rank_buckets(est.shape[0])
-        rank_bound = jnp.sum(est > 0.5 * rank_rtol * jnp.max(est))
-        branch_index = jnp.minimum(jnp.searchsorted(jnp.asarray(buckets), rank_bound), len(buckets) - 1)
-
-        def branch(b: int):
-            def run(_):
-                u, p = factors.take(b)
-                s = jnp.linalg.norm(p, axis=1)
-                valid = s > rank_rtol * jnp.max(s)
-                coords = jnp.where(valid[None, :, None], jnp.transpose(p.reshape(b, k, m), (1, 0, 2)), 0.0)
-                inner = state.replace(values=coords, basis=u, valid=valid, transposed=transposed,
-                                      row_scale=jnp.broadcast_to(s[None, :], (k, b)))
-                return rest(inner).merged
-
-            return run
-
-        delta = lax.switch(branch_index, [branch(b) for b in buckets], None)
-        return state.replace(merged=delta)
-
-    return apply
-
-
 class PreparedSpace(NamedTuple):
     """One layer's joint space, decomposed once and truncated to b leading rows (the prepare step of DRM).
 
@@ -142,7 +94,7 @@ def enter_prepared(space: PreparedSpace, direction: Direction, rank_rtol: float 
         return state.replace(values=coords, basis=space.basis, valid=valid, transposed=direction == "vertical",
                              row_scale=jnp.broadcast_to(s[None, :], coords.shape[:2]))
 
-    return apply
+    return apply if rank_rtol is not None else reads(apply, "rank_rtol")
 
 
 def row_norms(coordinates: Float[Array, "K q m"]) -> Float[Array, "K q"]:
@@ -193,4 +145,4 @@ def recompose() -> MergeTransform:
 
 
 __all__ = ["DIRECTIONS", "Direction", "PreparedSpace", "check_direction", "enter_prepared", "joint_space",
-           "prepared_space", "recompose", "renormalize", "row_norms", "unit_magnitudes", "within_joint_space"]
+           "prepared_space", "recompose", "renormalize", "row_norms", "unit_magnitudes"]

@@ -15,7 +15,8 @@ from jaxtyping import Array, Bool, Float
 
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper
+from drm_jax.math.arrays import is_traced
+from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, number, reads
 
 Scope = Literal["joint", "per_task"]
 Rule = Literal["kthvalue", "top_k"]
@@ -70,7 +71,7 @@ def magnitude_mask(
     joint_space = valid_rows is not None
     rows, row_size = prune_geometry(magnitudes.shape, scope, joint_space)
     if counts is None:
-        counts = pruning_counts(check_fraction("density", keep) if not isinstance(keep, jax.core.Tracer) else keep,
+        counts = pruning_counts(check_fraction("density", keep) if not is_traced(keep) else keep,
                                 rows, row_size, rule)
     k_tasks = magnitudes.shape[0]
     flat = magnitudes.reshape(k_tasks, -1) if per_task else magnitudes.reshape(1, -1)
@@ -101,12 +102,19 @@ def prune(keep: float | None = None, scope: Scope = "joint", rule: Rule = "kthva
         raise ValueError(f"unknown pruning rule {rule!r}; expected 'kthvalue' or 'top_k'")
 
     def apply(state: MergeState) -> MergeState:
-        counts = None if keep is not None else state.hparams.get("prune_counts")
+        counts = None if keep is not None else number(state.hparams, "prune_counts", required=False)
         density = keep if keep is not None or counts is not None else hyper(state, None, "density")
         mask = magnitude_mask(unit_magnitudes(state), density, scope, rule, state.valid, counts)
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return apply
+    return apply if keep is not None else reads(apply, "density")
+
+
+def prune_counts(density, shape: tuple[int, ...], scope: Scope, rule: Rule, joint: bool):
+    """The host hook of `prune(None)`: its exact counts (`pruning_counts`) for values of shape (K, ...) at
+    the stage (a joint space's (K, q, m) with `joint`), from a concrete or traced density."""
+    rows, row_size = prune_geometry(shape, scope, joint=joint)
+    return pruning_counts(density, rows, row_size, rule)
 
 
 def prune_by_threshold() -> MergeTransform:
@@ -121,7 +129,7 @@ def prune_by_threshold() -> MergeTransform:
         keep = unit_magnitudes(state) >= broadcast_tasks(state.threshold, state.values)
         return state.replace(values=jnp.where(keep, state.values, 0.0))
 
-    return apply
+    return reads(apply, "threshold")  # the engine's whole-model thresholds of a traced density
 
 
 def random_drop_mask(key: Array, shape: tuple[int, ...], drop_rate) -> Bool[Array, "..."]:
@@ -151,8 +159,8 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
             raise ValueError("dare_drop() needs a PRNG key in MergeState.key")
         if drop_rate is not None:
             keep_p, factor = dare_factors(drop_rate)
-        elif "dare_keep" in state.hparams:
-            keep_p, factor = state.hparams["dare_keep"], state.hparams["dare_scale"]
+        elif number(state.hparams, "dare_keep", required=False) is not None:  # `dare_factors` on the host
+            keep_p, factor = number(state.hparams, "dare_keep"), number(state.hparams, "dare_scale")
         else:
             keep_p, factor = dare_factors(hyper(state, None, "drop_rate"))
         keep_p = jnp.asarray(keep_p, jnp.float32)
@@ -166,13 +174,13 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
             factor = broadcast_tasks(factor, state.values)
         return state.replace(values=jnp.where(mask, state.values * factor, 0.0))
 
-    return apply
+    return reads(apply, "seed") if drop_rate is not None else reads(apply, "drop_rate", "seed")
 
 
 def dare_factors(drop_rate):
     """(keep probability 1 - p, rescaling 1 / (1 - p), 0 where p = 1), in float64 on the host for
     concrete p (the float32 of 1 - 0.9 is not 1 - float32(0.9)), on the device for a traced one."""
-    if isinstance(drop_rate, jax.core.Tracer):
+    if is_traced(drop_rate):
         keep = 1.0 - drop_rate
         return keep, jnp.where(keep > 0, 1.0 / jnp.where(keep > 0, keep, 1.0), 0.0)
     keep = 1.0 - np.asarray(drop_rate, np.float64)
@@ -222,7 +230,7 @@ def band_counts(density, gamma, n: int):
     Concrete values are counted on the host in float64, as Python's int(density * n) does; traced ones
     on the device in float32 (which can differ by one where density * n is within rounding of an integer).
     """
-    if isinstance(density, jax.core.Tracer) or isinstance(gamma, jax.core.Tracer):
+    if is_traced(density, gamma):
         count = jnp.floor(jnp.asarray(density, jnp.float32) * n)
         top = jnp.floor(jnp.asarray(gamma, jnp.float32) * n)
         low = jnp.maximum(0.0, n - count - top)
@@ -266,7 +274,7 @@ def magnitude_band() -> MergeTransform:
                                    hyper(state, None, "band_count"))
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return apply
+    return reads(apply, "band_low", "band_count")
 
 
 def ranked_keep_probabilities(magnitudes: Float[Array, "K ..."], density, epsilon) -> Float[Array, "K ..."]:
@@ -314,9 +322,10 @@ def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransfor
             masked = jnp.where(mask, x / jnp.where(mask, p, 1.0).astype(x.dtype), 0.0)
         return state.replace(values=masked)
 
-    return apply
+    return reads(apply, "della_density", "della_epsilon", "seed")
 
 
 __all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",
            "l1_rescaled", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
-           "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities", "rescale_l1"]
+           "prune_counts", "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities",
+           "rescale_l1"]

@@ -2,8 +2,8 @@
 
 As optax threads gradients through `GradientTransformation`s, drm_jax threads a `MergeState` through
 `MergeTransform`s: pure functions `MergeState -> MergeState` that run on one layer (vmap adds the layer
-axis) and compose with `chain`. A named method (see `drm_jax.methods.alias`) is a `MergeMethod`: one chain
-for DRM's linear weights and one for every other leaf.
+axis) and compose with `chain`. A `MergeMethod` is one chain for the 2-D weights of a method's linear path
+and one for every other leaf; `drm_jax.methods.compose` makes it a method like any registered one.
 
 A state starts in weight space (`values` are the K task deltas). `joint_space` moves it into a shared SVD
 basis (`values` become coordinates, `basis` is set); pruning, sign election and the means work in either
@@ -13,7 +13,7 @@ space; a mean sets `merged`; `recompose` maps `merged` back to weight space.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ class MergeState:
     valid: (q,) rank-cut mask of a joint space, or None.
     basis: (n, q) shared basis U of a joint space, or None.
     merged: the merged values once a mean has run, (q, m) in a joint space, else values.shape[1:].
-    hparams: the traced hyperparameters stages read when they were built without a fixed number (the
-      way optax's `inject_hyperparams` makes numbers state): "density", "drop_rate", "lambda_",
-      "rank_rtol", and exact integer pruning counts ("prune_counts"); see `hyper`.
+    hparams: the method's numbers, which stages read when they were built without a fixed number (the way
+      optax's `inject_hyperparams` makes numbers state): a NamedTuple the method declares (its traced
+      parameters and what the stages' host hooks derive from them, e.g. exact pruning counts), or a dict
+      for a composition; see `number` and `hyper`.
     transposed: static; the joint space was built on transposed deltas (DRM-V).
     """
 
@@ -49,7 +50,7 @@ class MergeState:
     valid: Bool[Array, " q"] | None = None
     basis: Float[Array, "n q"] | None = None
     merged: Float[Array, "..."] | None = None
-    hparams: dict = struct.field(default_factory=dict)
+    hparams: Any = struct.field(default_factory=dict)
     transposed: bool = struct.field(pytree_node=False, default=False)
 
     @property
@@ -64,13 +65,29 @@ class MergeState:
 MergeTransform = Callable[[MergeState], MergeState]
 
 
+def reads(transform: MergeTransform, *names: str) -> MergeTransform:
+    """Declare the traced numbers a stage reads from `MergeState.hparams` (or, for "seed", its key).
+
+    Each stage built without a fixed number calls this next to its definition, so a composition's
+    parameters are derived from its chains (`stage_reads`): a `MergeMethod` then takes exactly those as
+    traced parameters of the method (drm_jax.methods.compose). Returns the transform itself.
+    """
+    transform.reads = tuple(names)
+    return transform
+
+
+def stage_reads(transform: MergeTransform) -> tuple[str, ...]:
+    """The numbers a transform (a stage or a chain of stages) reads, in first-use order."""
+    return tuple(getattr(transform, "reads", ()))
+
+
 def chain(*transforms: MergeTransform) -> MergeTransform:
-    """Apply transforms left to right, like `optax.chain`."""
+    """Apply transforms left to right, like `optax.chain`; the chain reads what its stages read."""
 
     def apply(state: MergeState) -> MergeState:
         return functools.reduce(lambda s, t: t(s), transforms, state)
 
-    return apply
+    return reads(apply, *dict.fromkeys(n for t in transforms for n in stage_reads(t)))
 
 
 class MergeMethod(NamedTuple):
@@ -79,14 +96,16 @@ class MergeMethod(NamedTuple):
     linear: transform applied to 2-D weights selected for DRM (in (out, in) orientation).
     other: transform applied to every other floating leaf (biases, norms, embeddings, N-D leaves).
     global_density: when set, pruning uses per-task thresholds computed over the whole task vector
-      (TIES paper) at this density; the engine computes them and passes them in `MergeState.threshold`.
-    random: the method consumes `MergeState.key`.
+      (TIES paper) at this density (the default of the method's traced `density`); the engine computes
+      them and passes them in `MergeState.threshold`.
+
+    A `MergeMethod` is a method like any registered one (`drm_jax.methods.compose.composed`): its traced
+    parameters are the numbers its stages read (`stage_reads`), plus the per-model `coefficients`.
     """
 
     linear: MergeTransform
     other: MergeTransform
     global_density: float | None = None
-    random: bool = False
 
 
 def init_state(
@@ -100,7 +119,7 @@ def init_state(
     if coefficients is None:
         coefficients = jnp.ones((deltas.shape[0],), deltas.dtype)
     return MergeState(values=deltas, coefficients=jnp.asarray(coefficients, deltas.dtype), key=key,
-                      threshold=threshold, hparams=dict(hparams or {}))
+                      threshold=threshold, hparams={} if hparams is None else hparams)
 
 
 def merge_deltas(
@@ -124,14 +143,34 @@ def merged_of(state: MergeState) -> Float[Array, "..."]:
     return state.merged
 
 
-def hyper(state: MergeState, fixed, name: str):
-    """A stage's number: `fixed` where the stage was built with one, else the traced `state.hparams[name]`."""
-    if fixed is not None:
-        return fixed
-    if name not in state.hparams:
+def number(numbers, name: str, required: bool = True):
+    """The number `name` of a method's numbers: a typed NamedTuple declared by the method (a required field
+    it does not declare is an error naming both: producer and reader must agree), or a dict (the methods
+    not yet typed, compositions). None where the field is unset or undeclared and not `required`."""
+    if isinstance(numbers, dict):
+        value = numbers.get(name)
+    elif name in getattr(type(numbers), "_fields", ()):
+        value = getattr(numbers, name)
+    elif required:
+        raise ValueError(f"a stage reads {name!r}, which {type(numbers).__name__} does not declare")
+    else:
+        value = None
+    if value is None and required:
         raise ValueError(f"this stage was built without a value for {name!r} and the merge state has none: "
                          f"pass {name} when merging")
-    return state.hparams[name]
+    return value
+
+
+def with_number(numbers, name: str, value):
+    """The numbers with `name` replaced (a NamedTuple's `_replace`, a dict's copy)."""
+    return {**numbers, name: value} if isinstance(numbers, dict) else numbers._replace(**{name: value})
+
+
+def hyper(state: MergeState, fixed, name: str):
+    """A stage's number: `fixed` where the stage was built with one, else the traced `number(state.hparams, name)`."""
+    if fixed is not None:
+        return fixed
+    return number(state.hparams, name)
 
 
 def task_sum(values: Array, weights: Array | None = None) -> Array:
@@ -150,5 +189,6 @@ def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
     return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state",
+__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state", "number",
+           "reads", "stage_reads", "with_number",
            "merge_deltas", "merged_of", "task_sum"]

@@ -39,15 +39,12 @@ from typing import Callable
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from drm_jax.math.arrays import mm
 from drm_jax.math import linalg
 from drm_jax.math.linalg import polar
 from drm_jax.math.state import MergeState, MergeTransform
 
 Scalar = float | Float[Array, ""]
-
-
-def _mm(a, b):
-    return jnp.matmul(a, b, precision="highest")
 
 
 def _nonzero(s: Float[Array, "... j"], sigma_ref: Float[Array, "..."], shape: tuple[int, int]) -> Bool[Array, "... j"]:
@@ -61,7 +58,7 @@ def _isometry_product(u: Float[Array, "n r"], weights: Float[Array, " r"], v: Fl
     keep = (weights != 0).astype(u.dtype)
     pu = polar(u * keep[None, :])
     pv = polar(v * keep[None, :])
-    return _mm(pu * weights[None, :], pv.T)
+    return mm(pu * weights[None, :], pv.T)
 
 
 def _check_deltas(deltas: Array, method: str, shape: tuple[int, int] | None) -> tuple[int, int, int]:
@@ -125,7 +122,7 @@ def tsv_merge(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0,
     pv = polar(jnp.transpose(vh[:, :k, :] * keep[:, :, None], (2, 0, 1)).reshape(cols, k_tasks * k))
     # polar(U) blockdiag(M_1 ... M_K) polar(V)^T, the blocks applied task by task
     left = jnp.einsum("ntk,tkj->ntj", pu.reshape(rows, k_tasks, k), middle, precision="highest")
-    return alpha * _mm(left.reshape(rows, k_tasks * k), pv.T)
+    return alpha * mm(left.reshape(rows, k_tasks * k), pv.T)
 
 
 def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0,
@@ -151,7 +148,7 @@ def iso_c(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0,
     _, n, m = _check_deltas(deltas, "iso_c", shape)
     u, s, vh = linalg.svd(jnp.sum(deltas, axis=0))
     keep = _nonzero(s, s[0], (n, m)).astype(s.dtype)
-    return alpha * (jnp.sum(s) / min(n, m)) * _mm(u * keep[None, :], vh)
+    return alpha * (jnp.sum(s) / min(n, m)) * mm(u * keep[None, :], vh)
 
 
 def _check_common_fraction(common_fraction: float) -> None:
@@ -207,7 +204,7 @@ def iso_cts(deltas: Float[Array, "K n m"], alpha: Scalar = 1.0, common_fraction:
     u, s, vh = linalg.svd(jnp.sum(deltas, axis=0))
     u_parts, s_parts, v_parts = [u[:, :c]], [s[:c]], [vh[:c].T]
     if p > 0:
-        residual = deltas - _mm(u[:, :c], _mm(u[:, :c].T, deltas))
+        residual = deltas - mm(u[:, :c], mm(u[:, :c].T, deltas))
         ut, st, vth = linalg.svd(residual)  # (K, n', r'), (K, r'), (K, r', m')
         q = min(p, st.shape[-1])
         u_parts.append(jnp.transpose(ut[:, :, :q], (1, 0, 2)).reshape(rows, k_tasks * q))

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
-from drm_jax.errors import QUOTE_LIMIT, escape_controls
-from drm_jax.math.state import MergeTransform
+import jax.numpy as jnp
+import numpy as np
+
+from drm_jax.errors import QUOTE_LIMIT, MergeInputError, escape_controls, quote
+from drm_jax.math.arrays import is_traced
+from drm_jax.math.state import MergeTransform, init_state, merged_of
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
 _NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
@@ -106,7 +110,7 @@ def check_value(param: Param, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: must be one of {list(param.choices)}, got {short(value)}")
         return value
     if kind == "count":
-        if _is_tracer(value):
+        if is_traced(value):
             return value
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**31:
             raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
@@ -115,11 +119,11 @@ def check_value(param: Param, value: Any, where: str) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
             raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
         return value
-    if _is_tracer(value):
+    if is_traced(value):
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
     if not is_finite_number(value):
         raise ValueError(f"{where}: must be a finite number, got {short(value)}")
-    value = float(value)
+    value = value if isinstance(value, Complement) else float(value)
     if kind == "fraction" and not 0.0 <= value <= 1.0:
         raise ValueError(f"{where}: must be in [0, 1], got {value}")
     if kind == "rtol" and not 0.0 <= value < 1.0:
@@ -129,15 +133,8 @@ def check_value(param: Param, value: Any, where: str) -> Any:
     return value
 
 
-def _is_tracer(value: Any) -> bool:
-    import jax
-
-    return isinstance(value, jax.core.Tracer)
-
-
-def short(value: Any, limit: int = QUOTE_LIMIT) -> str:
-    """repr of a value, cut to `limit` characters (error messages never quote unbounded input)."""
-    return clip(repr(value), limit)
+# repr of a value, cut (error messages never quote unbounded input): the one quoting rule, drm_jax.errors.quote
+short = quote
 
 
 def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
@@ -152,8 +149,8 @@ class LayerContext(NamedTuple):
     """What a layer's merge receives besides its prepared state (all arrays; vmapped per layer).
 
     coefficients: (K,) lambda_t of this layer. key: PRNG key of this leaf. threshold: (K,) whole-model
-    magnitude thresholds (TIES' model-scope trim) or None. hparams: the traced hyperparameters, a dict of
-    arrays shared by the layers of a group (see `MethodSpec.layer_hparams`). base: the base model's
+    magnitude thresholds (TIES' model-scope trim) or None. hparams: the method's numbers shared by the
+    layers of a group (`MethodSpec.layer_hparams`: a NamedTuple the method declares, or a dict). base: the base model's
     weights of this layer, (out, in) orientation and the compute dtype, for the methods that work on
     weights rather than task vectors (slerp, model stock, ...): the model weights are base + delta_t.
     """
@@ -187,9 +184,9 @@ class Rules(NamedTuple):
 
     linear: 2-D weights on the method's linear path (DRM's joint space); other: every other leaf.
     linear_only_2d: whether `linear` needs (K, n, m) deltas (the engine then routes 2-D weights there).
-    whole_model_density: the name of the traced parameter that sets per-task thresholds over the whole
+    whole_model_trim_param: the name of the traced parameter that sets per-task thresholds over the whole
       task vector (TIES' model-scope trim), else None.
-    exact_if_blocked: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
+    row_separable: roles whose merge is elementwise (row blocks of a tensor merge to the same result).
     linear_combination: the merge is a linear combination of the inputs (a non-finite input always
       makes a non-finite output, so the engine checks the outputs only).
     shift_equivariant: merging W + delta_t gives W + the merge of the delta_t for any W (a weighted mean:
@@ -204,8 +201,8 @@ class Rules(NamedTuple):
 
     linear: LayerRule
     other: LayerRule
-    whole_model_density: str | None = None
-    exact_if_blocked: frozenset[str] = frozenset()
+    whole_model_trim_param: str | None = None
+    row_separable: frozenset[str] = frozenset()
     linear_combination: bool = False
     scaled_by: str | None = None
     factored: "FactoredRule | None" = None
@@ -246,8 +243,10 @@ class MethodSpec:
     elementwise: every entry of the output depends only on the same entry of the inputs.
     random: draws random numbers (seeded per tensor by `seed`).
     build: static parameters (a dict of name -> value for every non-traced parameter) -> `Rules`.
-    layer_hparams: (traced values dict, role, canonical shape, K, static) -> dict of arrays for the
-      group's merge program (exact integer counts are computed on the host where values are concrete).
+    layer_hparams: (traced values dict, role, canonical shape, K, static) -> the group's numbers: a
+      NamedTuple the method declares (`DrmNumbers`, ...: its traced parameters and what the hooks beside
+      the stages derive, exact integer counts on the host where values are concrete), or a dict of arrays
+      (the methods not yet typed).
     reference: the anchor of the method in docs/methods.md.
     reads_base: the merge reads the base weights (`LayerContext.base`: slerp, karcher, arcee_fusion,
       passthrough): the merged model is not base + a function of the task vectors alone, so no merge of
@@ -265,6 +264,9 @@ class MethodSpec:
     layer_hparams: Callable[..., dict]
     reference: str = ""
     mergekit: bool = False  # the command line gives mergekit's meaning to its parameters
+    # static parameters the engine supplies, not the caller (`ROUND_TO`, from `compute_dtype`): `build`
+    # receives each of them (None where unset); they are not keywords of the entry points
+    engine_params: tuple[Param, ...] = ()
     base: str = ""
     min_models: int = 1
     max_models: int | None = None
@@ -327,6 +329,21 @@ class MethodSpec:
     def with_defaults(self, values: dict) -> dict:
         return {p.name: values.get(p.name, p.default) for p in self.params}
 
+    def __repr__(self) -> str:
+        return f"MethodSpec({self.name!r})"
+
+    def __call__(self, **params: Any) -> "MethodSpec":
+        """This method with some parameters bound: `drm_jax.drm(direction="vertical", drop_rate=0.7)` is DRM
+        whose defaults are those values (checked here; aliases converted where the method reads them).
+        The bound method has the same rules, so it shares every compiled program with the method."""
+        try:
+            values = self.canonical(params)
+        except ValueError as err:
+            message = str(err) if isinstance(err, UnknownParameter) else f"method {self.name!r}: {err}"
+            raise MergeInputError(message) from None
+        bound = tuple(replace(p, default=values[p.name]) if p.name in values else p for p in self.params)
+        return replace(self, params=bound, _by_name={})
+
 
 def _mapped(p: Param, alias: str, value: Any, where: str):
     fn = dict(p.alias_maps)[alias]
@@ -342,9 +359,27 @@ class UnknownParameter(ValueError):
         super().__init__(f"unknown parameter {name!r} for method {spec.name!r}; accepted: {sorted(spec.names)}")
 
 
+class Complement(float):
+    """1 - x that remembers x: an alias given as its complement (`density` for a drop rate) converts back to
+    exactly the number given (float64's 1 - (1 - 0.3) is 0.30000000000000004, one pruned entry apart at
+    N = 15)."""
+
+    def __new__(cls, of: float):
+        self = super().__new__(cls, 1.0 - of)
+        self.of = of
+        return self
+
+
 def one_minus(x: float) -> float:
-    """density -> drop rate (and back): the one place `drop_rate = 1 - density` is written."""
-    return 1.0 - x
+    """density -> drop rate (and back): the one place `drop_rate = 1 - density` is written. The complement
+    of a `Complement` is the number it was made from, exactly."""
+    if isinstance(x, Complement):
+        return x.of
+    if isinstance(x, (list, tuple)):
+        return type(x)(one_minus(v) for v in x)
+    if getattr(x, "ndim", 0) or is_traced(x):
+        return 1.0 - x
+    return Complement(float(x))
 
 
 def per_model_values(value: Any, k: int, name: str) -> Sequence[Any]:
@@ -356,6 +391,21 @@ def per_model_values(value: Any, k: int, name: str) -> Sequence[Any]:
     return [value] * k
 
 
+def per_model_numbers(value: Any, k: int, name: str):
+    """`per_model_values` as K numbers (a (K,) array also accepted): float64 numpy where concrete (host-side
+    counts), a float32 JAX array where traced (a merge inside the caller's jit)."""
+    if is_traced(value):
+        if isinstance(value, (list, tuple)):
+            value = jnp.stack([jnp.asarray(v, jnp.float32) for v in value])
+        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (k,))
+    if getattr(value, "ndim", 0) >= 1:
+        value = np.asarray(value, np.float64)
+        if value.shape != (k,):
+            raise ValueError(f"{name}: {value.shape} values given for {k} models")
+        return value
+    return np.asarray(per_model_values(value, k, name), np.float64)
+
+
 
 
 # -- pieces every method module uses -------------------------------------------------------------------
@@ -363,6 +413,9 @@ COEFFICIENTS = Param("coefficients", "float", 1.0, "per-model coefficient lambda
                      traced=True, per_model=True, aliases=("weight",))
 LAMBDA = Param("lambda_", "float", 1.0, "global scaling of the merged delta", traced=True,
                aliases=("lambda", "scaling"))
+ROUND_TO = Param("round_to", "choice", None, "mergekit's float16 / bfloat16 `dtype`: the stages round where "
+                 "mergekit's arithmetic in that dtype rounds (set by compute_dtype; docs/methods.md#compute-dtype)",
+                 choices=("float16", "bfloat16"), optional=True)
 SEED = Param("seed", "seed", 0, "seed of the random draws (each tensor's key folds in its name)")
 INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its masks; accepted for mergekit "
                   "configs, no effect on the result (masks here are boolean)")
@@ -370,21 +423,31 @@ INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its 
 
 def chain_rule(transform: MergeTransform) -> LayerRule:
     """A rule that prepares nothing (the deltas themselves) and merges with one chain of stages."""
-    from drm_jax.math.state import init_state, merged_of
-
     def merge(deltas, ctx: LayerContext):
         return merged_of(transform(init_state(deltas, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)))
 
     return LayerRule(prepare=None, merge=merge)
 
 
+def traced_numbers(type_name: str, *names: str, counts: tuple[str, ...] = ()):
+    """The `layer_hparams` of a method whose numbers are some of its traced parameters as given: a NamedTuple
+    type named `type_name` with exactly those fields (float32 scalars; the ones in `counts` int32).
+    The type is the function's `numbers_type`."""
+    numbers_type = NamedTuple(type_name, [(n, Any) for n in names])
+
+    def layer_hparams(values: dict, role: str, shape, k: int, static: dict):
+        return numbers_type(*(jnp.asarray(values[n], jnp.int32) if n in counts else scalar(values[n])
+                              for n in names))
+
+    layer_hparams.numbers_type = numbers_type
+    return layer_hparams
+
+
 def scalar(value) -> Any:
     """A traced hyperparameter as a float32 array (a Python number becomes a constant-shaped input)."""
-    import jax.numpy as jnp
-
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "MethodSpec", "Param",
-           "Rules", "SEED", "is_finite_number",
-           "UnknownParameter", "chain_rule", "clip", "check_value", "one_minus", "per_model_values", "scalar", "short"]
+__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule",
+           "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip",
+           "is_finite_number", "one_minus", "per_model_numbers", "per_model_values", "scalar", "short", "traced_numbers"]

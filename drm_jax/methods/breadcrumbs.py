@@ -5,23 +5,19 @@
 Per model and tensor, the band of kept magnitudes is two integer counts computed on the host from the
 tensor's size and the model's density and gamma (`band_counts`); they reach the merge program as arrays,
 so a new density, gamma, weight or lambda never compiles again. Nothing is prepared besides the task
-vectors. `per_model_numbers` is shared with the other mergekit task-vector methods.
+vectors.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+from typing import Any, NamedTuple
 
 from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.sparsify import band_counts, magnitude_band, rescale_l1
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
-                                  per_model_values, scalar)
+                                  per_model_numbers, scalar)
 
 DENSITY = Param("density", "fraction", 1.0, "fraction of each task's tensor kept (= 1 - drop_rate; mergekit's "
                 "default 1 keeps everything)", traced=True, per_model=True, aliases=("drop_rate",),
@@ -33,25 +29,6 @@ NORMALIZE = Param("normalize", "bool", False, "divide by the sum of the weights 
                   "agreeing models' weights)")
 
 
-def is_traced_value(value: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(value))
-
-
-def per_model_numbers(value: Any, k: int, name: str):
-    """A scalar, a per-model list or a (K,) array as K numbers: float64 numpy where concrete (host-side
-    counts), a float32 JAX array where traced (a merge inside the caller's jit)."""
-    if is_traced_value(value):
-        if isinstance(value, (list, tuple)):
-            value = jnp.stack([jnp.asarray(v, jnp.float32) for v in value])
-        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (k,))
-    if getattr(value, "ndim", 0) >= 1:
-        value = np.asarray(value, np.float64)
-        if value.shape != (k,):
-            raise ValueError(f"{name}: {value.shape} values given for {k} models")
-        return value
-    return np.asarray(per_model_values(value, k, name), np.float64)
-
-
 def _builder(consensus: bool):
     def build(static: dict) -> Rules:
         sparsify = rescale_l1(magnitude_band()) if static["rescale"] else magnitude_band()
@@ -61,11 +38,20 @@ def _builder(consensus: bool):
     return build
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
+class BreadcrumbsNumbers(NamedTuple):
+    """The numbers Breadcrumbs' rule reads: lambda_, and each model's magnitude band (K,) that `band_counts`,
+    the hook of `magnitude_band()`, derives from density and gamma."""
+
+    lambda_: Any
+    band_low: Any
+    band_count: Any
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> BreadcrumbsNumbers:
     n = int(math.prod(shape))
     low, count = band_counts(per_model_numbers(values["density"], k, "density"),
                              per_model_numbers(values["gamma"], k, "gamma"), n)
-    return {"lambda_": scalar(values["lambda_"]), "band_low": low, "band_count": count}
+    return BreadcrumbsNumbers(scalar(values["lambda_"]), low, count)
 
 
 _PARAMS = (DENSITY, GAMMA, COEFFICIENTS, LAMBDA, NORMALIZE, RESCALE, INT8_MASK)
@@ -88,4 +74,4 @@ BREADCRUMBS_TIES = MethodSpec(
     build=_builder(True), layer_hparams=layer_hparams, reference="docs/methods.md#breadcrumbs",
 )
 
-__all__ = ["BREADCRUMBS", "BREADCRUMBS_TIES", "per_model_numbers"]
+__all__ = ["BREADCRUMBS", "BREADCRUMBS_TIES"]

@@ -9,6 +9,8 @@ command line's default).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks, weighted_mean
 from drm_jax.math.sparsify import dare_drop, dare_factors
@@ -42,9 +44,18 @@ def _build_ties(static: dict) -> Rules:
     return Rules(linear=rule, other=rule)
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
+class DareNumbers(NamedTuple):
+    """The numbers DARE's rules read for one group: lambda_, and the keep probabilities and rescaling
+    factors (K,) that `dare_factors`, the hook of `dare_drop(None)`, derives from the drop rates exactly."""
+
+    lambda_: Any
+    dare_keep: Any
+    dare_scale: Any
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> DareNumbers:
     keep, factor = dare_factors(per_model_values(values["drop_rate"], k, "drop_rate"))
-    return {"lambda_": scalar(values["lambda_"]), "dare_keep": keep, "dare_scale": factor}
+    return DareNumbers(scalar(values["lambda_"]), keep, factor)
 
 
 _COMMON = (DROP_RATE, COEFFICIENTS, LAMBDA, SEED, RESCALE, RESCALE_RULE, INT8_MASK)
@@ -67,4 +78,4 @@ DARE_TIES = MethodSpec(
     build=_build_ties, layer_hparams=layer_hparams, reference="docs/methods.md#dare",
 )
 
-__all__ = ["DARE_LINEAR", "DARE_TIES"]
+__all__ = ["DARE_LINEAR", "DARE_TIES", "DareNumbers"]

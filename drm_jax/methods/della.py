@@ -9,6 +9,8 @@ epsilon lie in (0, 1) is checked on the host where the values are concrete.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from drm_jax.errors import MergeInputError
@@ -16,8 +18,8 @@ from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.sparsify import ranked_drop
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule,
-                                  scalar)
-from drm_jax.methods.breadcrumbs import DENSITY, per_model_numbers
+                                  per_model_numbers, scalar)
+from drm_jax.methods.breadcrumbs import DENSITY
 
 EPSILON = Param("epsilon", "float", 0.15, "half-width of the keep probabilities: from density - epsilon (smallest "
                 "magnitude of a row) to density + epsilon (largest)", traced=True, per_model=True)
@@ -50,12 +52,19 @@ def check_band(density, epsilon) -> None:
                                   f"density + epsilon must lie in (0, 1)")
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
+class DellaNumbers(NamedTuple):
+    """The numbers DELLA's rule reads: lambda_, and each model's density and epsilon (K,) for `ranked_drop`."""
+
+    lambda_: Any
+    della_density: Any
+    della_epsilon: Any
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> DellaNumbers:
     density = per_model_numbers(values["density"], k, "density")
     epsilon = per_model_numbers(values["epsilon"], k, "epsilon")
     check_band(density, epsilon)
-    return {"lambda_": scalar(values["lambda_"]), "della_density": scalar(density),
-            "della_epsilon": scalar(epsilon)}
+    return DellaNumbers(scalar(values["lambda_"]), scalar(density), scalar(epsilon))
 
 
 _PAPER = ("Deep, Bhardwaj and Poria, DELLA-Merging: Reducing Interference in Model Merging through "

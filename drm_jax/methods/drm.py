@@ -9,6 +9,8 @@ compiled programs.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,10 +18,8 @@ import numpy as np
 from drm_jax.math import decompose, lowrank, space
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients
-from drm_jax.math.select import pruning_counts
-from drm_jax.math.sparsify import prune, prune_geometry
-from drm_jax.math.state import chain, init_state, merged_of
-from drm_jax.methods.alias import ties_like
+from drm_jax.math.sparsify import prune, prune_counts
+from drm_jax.math.state import MergeTransform, chain, init_state, merged_of
 from drm_jax.methods.base import (COEFFICIENTS, LAMBDA, FactoredRule, LayerContext, LayerRule, MethodSpec, Param,
                                   Rules, chain_rule, one_minus, scalar)
 
@@ -46,6 +46,18 @@ RENORMALIZE = Param("renormalize", "bool", True, "renormalize each task's block 
 RANK_FLOOR = {"float64": 1e-7, "dense": 1e-6, "qr": 1e-6, "gram": 5e-4}
 
 
+def _identity(state):
+    return state
+
+
+def ties_like(density: float | None = None) -> MergeTransform:
+    """DRM's path for the leaves that are not its linear weights (biases, norms, embeddings, N-D;
+    docs/methods.md#other-leaves): an optional magnitude trim per task (default none), sign election by
+    mass (majority tie rule), lambda_t, disjoint mean."""
+    trim = _identity if density is None else prune(density, scope="per_task", rule="kthvalue")
+    return chain(trim, elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"))
+
+
 def use_float64(precision: str) -> bool:
     """precision "auto": float64 decompositions where they are cheap (CPU), float32 on accelerators."""
     if precision == "auto":
@@ -65,7 +77,7 @@ def build(static: dict) -> Rules:
     direction, route, precision = static["direction"], static["svd_route"], static["precision"]
     x64 = use_float64(precision)
     in_space = chain(  # steps 4-8: the merged coordinates X in the joint space
-        space.renormalize() if static["renormalize"] else (lambda s: s),
+        space.renormalize() if static["renormalize"] else _identity,
         prune(None, scope=static["prune_scope"], rule="kthvalue"),
         elect_sign("majority"), scale_by_coefficients(), disjoint_mean("count"),
     )
@@ -118,21 +130,28 @@ def build(static: dict) -> Rules:
 
     linear = LayerRule(prepare=prepare, merge=merge, shrink=shrink, x64=x64)
     return Rules(linear=linear, other=chain_rule(chain(ties_like(static["nonlinear_density"]), scale())),
-                 exact_if_blocked=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
+                 row_separable=frozenset() if static["nonlinear_density"] is not None else frozenset({"other"}),
                  scaled_by="lambda_",  # both chains end with scale()
                  factored=FactoredRule(factored_prepare, factored_merge, x64=x64))
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
-    """Traced numbers of one group: exact pruning counts for its joint space, the rank cut, lambda."""
-    out = {"lambda_": scalar(values["lambda_"])}
-    if role == "linear":
-        q, m = _rows(shape, k, static["direction"])
-        rows, row_size = prune_geometry((k, q, m), static["prune_scope"], joint=True)
-        keep = one_minus(values["drop_rate"])
-        out["prune_counts"] = pruning_counts(keep, rows, row_size, "kthvalue")
-        out["rank_rtol"] = scalar(values["rank_rtol"])
-    return out
+class DrmNumbers(NamedTuple):
+    """The numbers DRM's rules read for one group: lambda_ (both roles); on the linear role the rank cut and
+    the exact pruning counts of the joint space (`prune_counts`, the hook of `prune(None)`, from 1 - drop_rate
+    or the density given)."""
+
+    lambda_: Any
+    rank_rtol: Any = None
+    prune_counts: Any = None
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> DrmNumbers:
+    """The numbers of one group (`DrmNumbers`)."""
+    if role != "linear":
+        return DrmNumbers(scalar(values["lambda_"]))
+    q, m = _rows(shape, k, static["direction"])
+    counts = prune_counts(one_minus(values["drop_rate"]), (k, q, m), static["prune_scope"], "kthvalue", joint=True)
+    return DrmNumbers(scalar(values["lambda_"]), scalar(values["rank_rtol"]), counts)
 
 
 _PARAMS = (DIRECTION, DROP_RATE, RANK_RTOL, COEFFICIENTS, LAMBDA, PRUNE_SCOPE, SVD_ROUTE, PRECISION,
@@ -162,4 +181,4 @@ KNOTS_TIES = MethodSpec(
     build=_knots_build, layer_hparams=layer_hparams, reference="docs/methods.md#knots-ties",
 )
 
-__all__ = ["DRM", "KNOTS_TIES", "RANK_FLOOR", "build", "layer_hparams", "use_float64"]
+__all__ = ["DRM", "DrmNumbers", "KNOTS_TIES", "RANK_FLOOR", "build", "layer_hparams", "ties_like", "use_float64"]

@@ -16,7 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from drm_jax.math import interpolate as ip
-from drm_jax.methods.base import COEFFICIENTS, LayerRule, MethodSpec, Param, Rules, scalar
+from drm_jax.methods.base import COEFFICIENTS, LayerRule, MethodSpec, Param, Rules, traced_numbers
 
 T = Param("t", "float", 0.5, "interpolation factor: 0 gives the base model, 1 the other model (mergekit: "
           "required)", traced=True, required=True)
@@ -37,7 +37,7 @@ TOL = Param("tol", "nonnegative", 1e-5, "stop once the tangent step is shorter; 
 def _rules(merge, *, exact: bool = False, linear_combination: bool = False) -> Rules:
     rule = LayerRule(prepare=None, merge=merge)
     roles = frozenset({"linear", "other"}) if exact else frozenset()
-    return Rules(linear=rule, other=rule, exact_if_blocked=roles, linear_combination=linear_combination)
+    return Rules(linear=rule, other=rule, row_separable=roles, linear_combination=linear_combination)
 
 
 # -- slerp -----------------------------------------------------------------------------------------------
@@ -45,14 +45,13 @@ def _build_slerp(static: dict) -> Rules:
     def merge(deltas, ctx):
         base = ctx.base
         model = base + deltas[0]
-        c0, c1 = ip.slerp_coefficients(ctx.hparams["t"], base, model)
+        c0, c1 = ip.slerp_coefficients(ctx.hparams.t, base, model)
         return c0 * base + c1 * model - base
 
     return _rules(merge)
 
 
-def _t_only(values, role, shape, k, static) -> dict:
-    return {"t": scalar(values["t"])}
+_t_only = traced_numbers("SlerpNumbers", "t")
 
 
 SLERP = MethodSpec(
@@ -78,8 +77,7 @@ def _build_nuslerp(static: dict) -> Rules:
     return _rules(merge)
 
 
-def _no_hparams(values, role, shape, k, static) -> dict:
-    return {}
+_no_hparams = traced_numbers("NuslerpNumbers")
 
 
 NUSLERP = MethodSpec(
@@ -98,13 +96,12 @@ def _build_multislerp(static: dict) -> Rules:
     normalize = static["normalize_weights"]
 
     def merge(deltas, ctx):
-        return ip.multislerp(deltas, ctx.coefficients, normalize_weights=normalize, eps=ctx.hparams["eps"])
+        return ip.multislerp(deltas, ctx.coefficients, normalize_weights=normalize, eps=ctx.hparams.eps)
 
     return _rules(merge)
 
 
-def _eps_only(values, role, shape, k, static) -> dict:
-    return {"eps": scalar(values["eps"])}
+_eps_only = traced_numbers("MultislerpNumbers", "eps")
 
 
 MULTISLERP = MethodSpec(
@@ -124,13 +121,12 @@ def _build_karcher(static: dict) -> Rules:
         k = deltas.shape[0]
         models = ctx.base + deltas
         alphas = jnp.full((k,), 1.0 / k, deltas.dtype)
-        return ip.karcher_mean(models, alphas, ctx.hparams["max_iter"], ctx.hparams["tol"]) - ctx.base
+        return ip.karcher_mean(models, alphas, ctx.hparams.max_iter, ctx.hparams.tol) - ctx.base
 
     return _rules(merge)
 
 
-def _karcher_hparams(values, role, shape, k, static) -> dict:
-    return {"max_iter": jnp.asarray(values["max_iter"], jnp.int32), "tol": scalar(values["tol"])}
+_karcher_hparams = traced_numbers("KarcherNumbers", "max_iter", "tol", counts=("max_iter",))
 
 
 KARCHER = MethodSpec(

@@ -6,10 +6,12 @@ and lambda are traced, and the merge is one fused elementwise pass.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from drm_jax.math.mean import scale, scale_by_coefficients, sum_tasks, weighted_mean
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
-from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, scalar
+from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, ROUND_TO, MethodSpec, Param, Rules, chain_rule, scalar
 
 LINEAR_NORMALIZE = Param("normalize", "bool", True, "divide by the sum of the weights (false: a weighted sum)")
 TA_NORMALIZE = Param("normalize", "bool", False, "divide the weighted sum by the sum of the weights")
@@ -22,24 +24,34 @@ TA_RESCALE = Param("rescale", "bool", False, "accepted for mergekit configs; no 
 
 def _build_linear(static: dict) -> Rules:
     rule = chain_rule(weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks()))
-    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True,
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}), linear_combination=True,
                  shift_equivariant=static["normalize"])
 
 
 def _build_task_arithmetic(static: dict) -> Rules:
     reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
     rule = chain_rule(chain(reduce, scale()))
-    if static.get("round_to") is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
+    if static["round_to"] is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
         rule = chain_rule(rounded_task_arithmetic(None, False, static["normalize"], static["round_to"]))
-    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}), linear_combination=True)
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}), linear_combination=True)
 
 
-def _no_hparams(values, role, shape, k, static) -> dict:
-    return {}
+class LinearNumbers(NamedTuple):
+    """Weight averaging reads no number besides the coefficients (`LayerContext.coefficients`)."""
 
 
-def _lambda_only(values, role, shape, k, static) -> dict:
-    return {"lambda_": scalar(values["lambda_"])}
+class TaskArithmeticNumbers(NamedTuple):
+    """Task arithmetic's one number besides the coefficients: lambda_."""
+
+    lambda_: Any
+
+
+def _linear_numbers(values, role, shape, k, static) -> LinearNumbers:
+    return LinearNumbers()
+
+
+def _task_arithmetic_numbers(values, role, shape, k, static) -> TaskArithmeticNumbers:
+    return TaskArithmeticNumbers(scalar(values["lambda_"]))
 
 
 LINEAR = MethodSpec(
@@ -48,7 +60,7 @@ LINEAR = MethodSpec(
     paper="Wortsman et al., Model soups, arXiv 2203.05482",
     params=(COEFFICIENTS, LINEAR_NORMALIZE),
     needs_base=False, elementwise=True, random=False, mergekit=True,
-    build=_build_linear, layer_hparams=_no_hparams, reference="docs/methods.md#linear",
+    build=_build_linear, layer_hparams=_linear_numbers, reference="docs/methods.md#linear",
 )
 
 TASK_ARITHMETIC = MethodSpec(
@@ -57,7 +69,8 @@ TASK_ARITHMETIC = MethodSpec(
     paper="Ilharco et al., Editing Models with Task Arithmetic, arXiv 2212.04089",
     params=(COEFFICIENTS, LAMBDA, TA_NORMALIZE, TA_DENSITY, TA_RESCALE, INT8_MASK),
     needs_base=True, elementwise=True, random=False, mergekit=True,
-    build=_build_task_arithmetic, layer_hparams=_lambda_only, reference="docs/methods.md#task-arithmetic",
+    build=_build_task_arithmetic, layer_hparams=_task_arithmetic_numbers, reference="docs/methods.md#task-arithmetic",
+    engine_params=(ROUND_TO,),
 )
 
-__all__ = ["LINEAR", "TASK_ARITHMETIC"]
+__all__ = ["LINEAR", "LinearNumbers", "TASK_ARITHMETIC", "TaskArithmeticNumbers"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from drm_jax.math.mean import overlap_mean, overlap_mean_plus
 from drm_jax.math.state import broadcast_tasks
-from drm_jax.methods.base import LayerContext, LayerRule, MethodSpec, Param, Rules, scalar
+from drm_jax.methods.base import LayerContext, LayerRule, MethodSpec, Param, Rules, traced_numbers
 from drm_jax.methods.sce import TASK_SCALES
 
 EPSILON = Param("epsilon", "float", 1e-5, "a task value takes part where its magnitude exceeds epsilon", traced=True)
@@ -26,17 +26,17 @@ def _scaled(deltas, ctx: LayerContext):
 
 
 def _merge_ram(deltas, ctx: LayerContext):
-    return overlap_mean(_scaled(deltas, ctx), ctx.hparams["epsilon"])
+    return overlap_mean(_scaled(deltas, ctx), ctx.hparams.epsilon)
 
 
 def _merge_plus(deltas, ctx: LayerContext):
     h = ctx.hparams
-    return overlap_mean_plus(_scaled(deltas, ctx), h["epsilon"], h["r"], h["alpha"])
+    return overlap_mean_plus(_scaled(deltas, ctx), h.epsilon, h.r, h.alpha)
 
 
 def _build_ram(static: dict) -> Rules:
     rule = LayerRule(prepare=None, merge=_merge_ram)
-    return Rules(linear=rule, other=rule, exact_if_blocked=frozenset({"linear", "other"}))
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}))
 
 
 def _build_plus(static: dict) -> Rules:
@@ -44,12 +44,8 @@ def _build_plus(static: dict) -> Rules:
     return Rules(linear=rule, other=rule)
 
 
-def _hparams_ram(values: dict, role: str, shape, k: int, static: dict) -> dict:
-    return {"epsilon": scalar(values["epsilon"])}
-
-
-def _hparams_plus(values: dict, role: str, shape, k: int, static: dict) -> dict:
-    return {name: scalar(values[name]) for name in ("epsilon", "r", "alpha")}
+_hparams_ram = traced_numbers("RamNumbers", "epsilon")
+_hparams_plus = traced_numbers("RamPlusNumbers", "epsilon", "r", "alpha")
 
 
 _PAPER = "Reinforced Agent Merging (RAM), arXiv 2601.13572"

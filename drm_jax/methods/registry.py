@@ -1,18 +1,19 @@
 """The one method registry: name -> `MethodSpec`, and parameter resolution from it.
 
 Adding a method is one module (its parameters, rules and facts in a `MethodSpec`) plus one entry in
-`METHODS`. `drm_jax.merge` / `drm_jax.prepare`, the YAML config checker, the command line and
+`METHODS`; a user adds one at run time with `register(name, method)` (a `MethodSpec` or a `MergeMethod`
+composition). `drm_jax.merge` / `drm_jax.prepare`, the YAML config checker, the command line and
 `drm-jax methods` all read the specs here; no other place lists a method's parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
 
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod
-from drm_jax.methods import alias
 from drm_jax.methods.base import MethodSpec, UnknownParameter
+from drm_jax.methods.compose import composed
 from drm_jax.methods.breadcrumbs import BREADCRUMBS, BREADCRUMBS_TIES
 from drm_jax.methods.dare import DARE_LINEAR, DARE_TIES
 from drm_jax.methods.della import DELLA, DELLA_LINEAR
@@ -65,46 +66,43 @@ def traced_values(spec: MethodSpec, given: dict) -> dict:
     return {p.name: given.get(p.name, p.default) for p in spec.traced}
 
 
-# -- one-shot transforms (the first design's `MergeMethod`s), kept for compositions and their tests ----
-_LEGACY = {
-    "drm": alias.drm, "knots_ties": alias.knots_ties, "ties": alias.ties,
-    "task_arithmetic": alias.task_arithmetic, "linear": alias.linear,
-    "dare_linear": alias.dare_linear, "dare_ties": alias.dare_ties,
-    "tsv_m": alias.subspace_method("tsv_m"), "iso_c": alias.subspace_method("iso_c"),
-    "iso_cts": alias.subspace_method("iso_cts"),
-}
-
-
-def resolve_method(method: str | MergeMethod, direction: str = "horizontal", drop_rate: float | None = None,
-                   **params: Any) -> MergeMethod:
-    """The method as a `MergeMethod` of one-shot per-layer transforms with fixed numbers.
-
-    For researchers composing stages and for tests that run a method on raw stacked deltas; the engine
-    itself runs the registry's prepare / merge rules. Parameters are checked against the registry.
-    """
-    if isinstance(method, MergeMethod):
-        if params:
-            raise MergeInputError(f"parameters {sorted(params)} given with a custom MergeMethod")
+def method_spec(method: "str | MethodSpec | MergeMethod") -> MethodSpec:
+    """Any form of a method as its `MethodSpec`: a registered name, a spec (possibly with bound parameters,
+    `drm_jax.drm(direction="vertical")`), or a `MergeMethod` composition of stages (`compose.composed`)."""
+    if isinstance(method, MethodSpec):
         return method
-    spec = get_method(method)
-    given = dict(params)
-    if "direction" in spec.names:
-        given["direction"] = direction
-    if drop_rate is not None:
-        given["drop_rate"] = drop_rate
-    static, traced = split_params(spec, given)
-    values = {**static, **traced}
-    values.pop("coefficients", None)
-    values.pop("precision", None)
-    if "lambda_" in values and method in ("drm", "knots_ties"):
-        values.pop("lambda_")
-    if method not in _LEGACY:
-        raise MergeInputError(f"method {method!r} has no one-shot MergeMethod form; merge with drm_jax.merge or "
-                              f"drm_jax.prepare, which run every registered method")
-    try:
-        return _LEGACY[method](**values)
-    except (TypeError, ValueError) as err:
-        raise MergeInputError(f"method {method!r}: {err}") from None
+    if isinstance(method, MergeMethod):
+        return composed(method)
+    if isinstance(method, str):
+        return get_method(method)
+    raise MergeInputError(f"method must be a registered name, a MethodSpec or a MergeMethod, got "
+                          f"{type(method).__name__}")
 
 
-__all__ = ["METHODS", "get_method", "resolve_method", "split_params", "static_values", "traced_values"]
+_BUILT_IN = frozenset(METHODS)
+
+
+def register(name: str, method: "MethodSpec | MergeMethod") -> MethodSpec:
+    """Make a method available by name to `drm_jax.merge(method=name)`, `drm_jax.prepare`, the command line
+    (YAML `merge_method: name`, in this process) and `drm-jax methods`. `method`: a `MergeMethod`
+    composition or a `MethodSpec`. A built-in name cannot be replaced; a registered one can. Returns its spec."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise MergeInputError(f"a method name must be an identifier, got {name!r}")
+    if name in _BUILT_IN:
+        raise MergeInputError(f"{name!r} is a built-in method; register yours under another name")
+    spec = composed(method, name) if isinstance(method, MergeMethod) else method_spec(method)
+    if spec.name != name:
+        spec = replace(spec, name=name, _by_name={})
+    METHODS[name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a method `register` added (built-in methods stay)."""
+    if name in _BUILT_IN:
+        raise MergeInputError(f"{name!r} is a built-in method")
+    METHODS.pop(name, None)
+
+
+__all__ = ["METHODS", "get_method", "method_spec", "register", "split_params", "static_values", "traced_values",
+           "unregister"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from drm_jax.math.mean import energy_weighted_mean
 from drm_jax.math.select import top_variance_mask
 from drm_jax.math.state import broadcast_tasks
-from drm_jax.methods.base import INT8_MASK, LayerContext, LayerRule, MethodSpec, Param, Rules, scalar
+from drm_jax.methods.base import INT8_MASK, LayerContext, LayerRule, MethodSpec, Param, Rules, traced_numbers
 
 SELECT_TOPK = Param("select_topk", "fraction", 1.0, "fraction of the entries with non-zero variance over the "
                     "models that is kept, the largest variances first (1: every entry)", traced=True)
@@ -25,7 +25,7 @@ TASK_SCALES = Param("coefficients", "float", 1.0, "per-model factor on each task
 
 def merge(deltas, ctx: LayerContext):
     values = deltas * broadcast_tasks(ctx.coefficients.astype(deltas.dtype), deltas)
-    selected = top_variance_mask(values, ctx.hparams["select_topk"])
+    selected = top_variance_mask(values, ctx.hparams.select_topk)
     return energy_weighted_mean(jnp.where(selected[None], values, 0.0))
 
 
@@ -34,8 +34,7 @@ def build(static: dict) -> Rules:
     return Rules(linear=rule, other=rule)
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
-    return {"select_topk": scalar(values["select_topk"])}
+layer_hparams = traced_numbers("SceNumbers", "select_topk")
 
 
 SCE = MethodSpec(

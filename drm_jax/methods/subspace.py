@@ -11,10 +11,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from drm_jax.math import lowrank, subspace
-from drm_jax.math.mean import mean_tasks, scale, scale_by_coefficients
+from drm_jax.math.arrays import mm
+from drm_jax.math.mean import mean_tasks, scale_by_coefficients
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, FactoredRule, LayerContext, LayerRule, MethodSpec, Param, Rules,
-                                  chain_rule, scalar)
+                                  chain_rule, traced_numbers)
 
 ALPHA = Param("alpha", "float", 1.0, "global scaling of the merged delta (the papers pick it on validation)",
               traced=True, aliases=("lambda_", "lambda", "scaling"))
@@ -25,14 +26,14 @@ COMMON_FRACTION = Param("common_fraction", "fraction", 0.8, "Iso-CTS: fraction o
 def _rule(per_layer, static: dict) -> Rules:
     def merge(deltas, ctx: LayerContext):
         scaled = deltas * ctx.coefficients.astype(deltas.dtype)[:, None, None]
-        return per_layer(scaled, ctx.hparams["alpha"], static, None)
+        return per_layer(scaled, ctx.hparams.alpha, static, None)
 
     def factored_merge(cores: lowrank.LoraCores, ctx: LayerContext):
         # all three are equivariant under orthogonal maps of both sides: merge the cores, map back
         # (docs/methods.md#lora-factored)
         scaled = cores.cores * ctx.coefficients.astype(cores.cores.dtype)[:, None, None]
-        merged = per_layer(scaled, ctx.hparams["alpha"], static, (cores.left.shape[0], cores.right.shape[0]))
-        return jnp.matmul(cores.left, merged, precision="highest"), cores.right.T
+        merged = per_layer(scaled, ctx.hparams.alpha, static, (cores.left.shape[0], cores.right.shape[0]))
+        return mm(cores.left, merged), cores.right.T
 
     other = chain_rule(chain(scale_by_coefficients(), mean_tasks(), _alpha_scale()))
     return Rules(linear=LayerRule(prepare=None, merge=merge), other=other,
@@ -40,14 +41,13 @@ def _rule(per_layer, static: dict) -> Rules:
 
 
 def _alpha_scale():
-    def apply(state):
-        return scale()(state.replace(hparams={**state.hparams, "lambda_": state.hparams["alpha"]}))
+    def apply(state):  # `scale()` of the global scale, which these methods name alpha
+        return state.replace(merged=state.merged * jnp.asarray(state.hparams.alpha, state.merged.dtype))
 
     return apply
 
 
-def _hparams(values: dict, role: str, shape, k: int, static: dict) -> dict:
-    return {"alpha": scalar(values["alpha"])}
+_hparams = traced_numbers("SubspaceNumbers", "alpha")
 
 
 def _spec(name, summary, paper, per_layer, params=()):

@@ -11,15 +11,15 @@ models). Nothing is prepared besides the task vectors; every number is traced.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 from drm_jax.math.elect import elect_sign
 from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks
-from drm_jax.math.select import pruning_counts
-from drm_jax.math.sparsify import prune, prune_by_threshold, prune_geometry, rescale_l1
+from drm_jax.math.sparsify import prune, prune_by_threshold, prune_counts, rescale_l1
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
-from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, MethodSpec, Param, Rules, chain_rule, one_minus,
-                                  scalar)
-from drm_jax.methods.breadcrumbs import per_model_numbers
+from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, ROUND_TO, MethodSpec, Param, Rules, chain_rule,
+                                  one_minus, per_model_numbers, scalar)
 
 DENSITY = Param("density", "fraction", 0.2, "fraction of each task vector kept by the trim (= 1 - drop_rate)",
                 traced=True, per_model=True, mergekit_default=1.0, aliases=("drop_rate",),
@@ -39,18 +39,26 @@ def build(static: dict) -> Rules:
     if static["rescale"]:
         trim = rescale_l1(trim)
     rule = chain_rule(chain(trim, scale_by_coefficients(), elect_sign(tie), reduce, scale()))
-    if static.get("round_to") is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
+    if static["round_to"] is not None and whole is None:  # mergekit's dtype: its float16 arithmetic
         rule = chain_rule(rounded_task_arithmetic(trim, True, static["normalize"], static["round_to"]))
-    return Rules(linear=rule, other=rule, whole_model_density=whole)
+    return Rules(linear=rule, other=rule, whole_model_trim_param=whole)
 
 
-def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> dict:
-    out = {"lambda_": scalar(values["lambda_"])}
-    if static["trim_scope"] == "tensor":
-        rows, row_size = prune_geometry((k,) + tuple(shape), "per_task", joint=False)
-        out["prune_counts"] = pruning_counts(per_model_numbers(values["density"], k, "density"), rows, row_size,
-                                             "top_k")
-    return out
+class TiesNumbers(NamedTuple):
+    """The numbers TIES' rule reads for one group: lambda_, and with the tensor-scope trim its exact counts
+    (`prune_counts`, the hook of `prune(None)`, from the per-model densities). The model-scope trim's
+    density becomes the engine's whole-model thresholds (`Rules.whole_model_trim_param`)."""
+
+    lambda_: Any
+    prune_counts: Any = None
+
+
+def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> TiesNumbers:
+    if static["trim_scope"] != "tensor":
+        return TiesNumbers(scalar(values["lambda_"]))
+    density = per_model_numbers(values["density"], k, "density")
+    return TiesNumbers(scalar(values["lambda_"]),
+                       prune_counts(density, (k,) + tuple(shape), "per_task", "top_k", joint=False))
 
 
 TIES = MethodSpec(
@@ -59,7 +67,7 @@ TIES = MethodSpec(
     paper="Yadav et al., TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708",
     params=(DENSITY, COEFFICIENTS, LAMBDA, TRIM_SCOPE, NORMALIZE, RESCALE, INT8_MASK),
     needs_base=True, elementwise=False, random=False, mergekit=True,
-    build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties",
+    build=build, layer_hparams=layer_hparams, reference="docs/methods.md#ties", engine_params=(ROUND_TO,),
 )
 
-__all__ = ["TIES"]
+__all__ = ["TIES", "TiesNumbers"]

@@ -9,10 +9,12 @@ the merged weights minus the base. Every number (t, scale) is traced; nothing is
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 
 from drm_jax.math import interpolate as ip
-from drm_jax.methods.base import LayerRule, MethodSpec, Param, Rules, per_model_values, scalar
+from drm_jax.methods.base import LayerRule, MethodSpec, Param, Rules, per_model_values, scalar, traced_numbers
 
 NEARSWAP_T = Param("t", "float", 1e-4, "similarity threshold: entries where the model is within t of the base "
                    "take the model's value, others move towards it by t / |difference| (mergekit: required)",
@@ -26,23 +28,21 @@ SCALE = Param("scale", "float", 1.0, "multiplies the model's weights (mergekit's
 def _rules(merge, *, exact: bool = False, linear_combination: bool = False) -> Rules:
     rule = LayerRule(prepare=None, merge=merge)
     roles = frozenset({"linear", "other"}) if exact else frozenset()
-    return Rules(linear=rule, other=rule, exact_if_blocked=roles, linear_combination=linear_combination)
+    return Rules(linear=rule, other=rule, row_separable=roles, linear_combination=linear_combination)
 
 
-def _no_hparams(values, role, shape, k, static) -> dict:
-    return {}
+_no_hparams = traced_numbers("NoNumbers")
 
 
 # -- nearswap --------------------------------------------------------------------------------------------
 def _build_nearswap(static: dict) -> Rules:
     def merge(deltas, ctx):
-        return ip.nearswap_weight(ctx.hparams["t"], deltas[0]) * deltas[0]
+        return ip.nearswap_weight(ctx.hparams.t, deltas[0]) * deltas[0]
 
     return _rules(merge, exact=True)
 
 
-def _t_only(values, role, shape, k, static) -> dict:
-    return {"t": scalar(values["t"])}
+_t_only = traced_numbers("NearswapNumbers", "t")
 
 
 NEARSWAP = MethodSpec(
@@ -100,13 +100,19 @@ MODEL_STOCK = MethodSpec(
 # -- passthrough -----------------------------------------------------------------------------------------
 def _build_passthrough(static: dict) -> Rules:
     def merge(deltas, ctx):
-        return (ctx.base + deltas[0]) * ctx.hparams["scale"][0] - ctx.base
+        return (ctx.base + deltas[0]) * ctx.hparams.scale[0] - ctx.base
 
     return _rules(merge, exact=True, linear_combination=True)
 
 
-def _scale(values, role, shape, k, static) -> dict:
-    return {"scale": jnp.stack([scalar(v) for v in per_model_values(values["scale"], k, "scale")])}
+class PassthroughNumbers(NamedTuple):
+    """passthrough's one number: the scale of each model (K,)."""
+
+    scale: Any
+
+
+def _scale(values, role, shape, k, static) -> PassthroughNumbers:
+    return PassthroughNumbers(jnp.stack([scalar(v) for v in per_model_values(values["scale"], k, "scale")]))
 
 
 PASSTHROUGH = MethodSpec(

@@ -9,9 +9,11 @@ from hypothesis import given, settings, strategies as st
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.engine.compiled import merge_layers
+from drm_jax.engine.compiled import _merge_layers, _prepare_layers
+from drm_jax.engine.prepare import rules_for
 from drm_jax.math import decompose, elect, mean, sparsify, space
 from drm_jax.math.state import chain, init_state
+from drm_jax.methods.registry import get_method, static_values, traced_values
 
 TOL = 1e-4
 PROPERTY = settings(max_examples=10, deadline=None)
@@ -58,8 +60,9 @@ def test_result_does_not_depend_on_svd_sign_convention(seed, k, shape, drop, dir
 def test_task_order_does_not_matter(seed, k, shape, drop, method):
     d = deltas_of(seed, k, shape)
     perm = np.random.default_rng(seed).permutation(k)
-    a = drm_delta(d, method=method, drop_rate=drop)
-    b = drm_delta(d[perm], method=method, drop_rate=drop)
+    given = {"drop_rate": drop} if "drop_rate" in drm_jax.methods.get_method(method).names else {}
+    a = drm_delta(d, method=method, **given)
+    b = drm_delta(d[perm], method=method, **given)
     assert ref.relative_error(b, a) < TOL
 
 
@@ -81,9 +84,10 @@ def test_flax_layout_is_transpose_of_torch_layout(seed, k, shape, direction, met
             "norm": {"scale": rng.standard_normal(shape[0]).astype(np.float32)}}
     models = [{"dense": {"w": base["dense"]["w"] + x},
                "norm": {"scale": base["norm"]["scale"] + x[:, 0]}} for x in deltas_of(seed + 1, k, shape)]
-    torch_out = drm_jax.merge(base, models, method=method, layout="torch", direction=direction)
+    given = {"direction": direction} if "direction" in drm_jax.methods.get_method(method).names else {}
+    torch_out = drm_jax.merge(base, models, method=method, layout="torch", **given)
     t = lambda tree: {"dense": {"w": tree["dense"]["w"].T}, "norm": tree["norm"]}
-    flax_out = drm_jax.merge(t(base), [t(m) for m in models], method=method, layout="flax", direction=direction)
+    flax_out = drm_jax.merge(t(base), [t(m) for m in models], method=method, layout="flax", **given)
     np.testing.assert_array_equal(np.asarray(flax_out["dense"]["w"]).T, np.asarray(torch_out["dense"]["w"]))
     np.testing.assert_array_equal(np.asarray(flax_out["norm"]["scale"]), np.asarray(torch_out["norm"]["scale"]))
 
@@ -95,13 +99,19 @@ def test_jit_equals_eager_and_stacked_equals_per_layer(seed, k, layers, shape, m
     rng = np.random.default_rng(seed)
     base = rng.standard_normal((layers,) + shape).astype(np.float32)
     models = rng.standard_normal((layers, k) + shape).astype(np.float32)
-    transform = drm_jax.methods.resolve_method(method).linear
-    coeffs = jnp.ones(k)
+    spec = get_method(method)
+    static = static_values(spec, {"precision": "float32"} if "precision" in spec.names else {})
+    rule = rules_for(spec, static).linear  # the registry's rule, as the engine runs it (no rank bucket)
+    hparams = spec.layer_hparams(traced_values(spec, {}), "linear", shape, k, static)
+    coeffs = jnp.ones((layers, k))
     keys = jnp.stack([jax.random.PRNGKey(i) for i in range(layers)])
-    fn = functools.partial(merge_layers, transform)
+
+    def fn(base, models, coeffs, keys, threshold):
+        return _merge_layers(rule, _prepare_layers(rule, base, models), base, coeffs, keys, threshold, hparams), None
+
     eager, _ = fn(base, models, coeffs, keys, None)
     jitted, _ = jax.jit(fn)(base, models, coeffs, keys, None)
     assert ref.relative_error(jitted, eager) < TOL
     for i in range(layers):  # one layer at a time through the same function
-        single, _ = fn(base[i:i + 1], models[i:i + 1], coeffs, keys[i:i + 1], None)
+        single, _ = fn(base[i:i + 1], models[i:i + 1], coeffs[i:i + 1], keys[i:i + 1], None)
         assert ref.relative_error(single[0], eager[i]) < TOL

@@ -5,7 +5,6 @@ float16 / bfloat16 compute dtype reproduces mergekit's arithmetic in that dtype.
 
 from __future__ import annotations
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import pytest
 from jax.sharding import Mesh
 
 import drm_jax
+from compile_count import counting_compiles
 from drm_jax.errors import MergeInputError
 
 LAYERS = 4
@@ -26,21 +26,6 @@ def trees(seed=0, k=2, scale=0.1):
     models = [{n: (v + scale * rng.standard_normal(v.shape)).astype(np.float32) for n, v in base.items()}
               for _ in range(k)]
     return base, models
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # method, shared values, per-leaf values (mergekit's gradient / filter list, resolved per tensor)

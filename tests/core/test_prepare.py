@@ -1,7 +1,6 @@
 """The second merge core: prepare once and merge many, traced hyperparameters, gradients, vmapped layers,
 and one registry that the API, the config checker and the command line all read."""
 
-import contextlib
 import functools
 import re
 
@@ -12,6 +11,7 @@ import pytest
 
 import drm_jax
 import merge_reference as ref
+from compile_count import counting_compiles
 from drm_jax.config.schema import METHOD_PARAMS, ROLE_PARAMS, parse_config
 from drm_jax.cli.main import main
 from drm_jax.engine.compiled import Layout, merge_layers_jit, prepare_group
@@ -40,22 +40,6 @@ def layered_trees(seed=0, layers=3, k=3, shape=(8, 6)):
     models = [{n: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) for n, v in base.items()}
               for _ in range(k)]
     return base, models
-
-
-@contextlib.contextmanager
-def counting_compiles():
-    """Counts XLA backend compilations while active (jax.monitoring's compile-time event)."""
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.mark.parametrize("method", ["drm", "ties", "dare_ties", "task_arithmetic"])

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import drm_jax
 from drm_jax.math import decompose
-from drm_jax.math.select import drop_count, keep_at_least_kth, kth_smallest
+from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 
 
 @settings(max_examples=40, deadline=None)
@@ -63,12 +63,13 @@ def test_keep_at_least_kth_reference_rule_keeps_n_minus_k_plus_1():
     assert bool(keep_at_least_kth(x, 0).all())
 
 
-def test_drop_count_is_exact_python_rounding():
+def test_pruning_counts_are_exact_python_rounding():
+    counts = pruning_counts(0.3, 8, 7, "kthvalue")  # one count per number of valid rows 0..8
     for rows in range(0, 9):
         n = rows * 7
-        assert int(drop_count(rows, 7, 8, 0.3)) == n - round(n * 0.3)
-    # large N where float32 would round: exact table lookup
-    assert int(drop_count(3, 10_000_019, 3, 0.2)) == 30_000_057 - round(30_000_057 * 0.2)
+        assert int(counts[rows]) == n - round(n * 0.3)
+    # large N where float32 would round: computed on the host in float64
+    assert int(pruning_counts(0.2, 3, 10_000_019, "kthvalue")[3]) == 30_000_057 - round(30_000_057 * 0.2)
 
 
 def _spectrum_matrix(rng, n, c, singular_values):

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -17,7 +16,8 @@ from jax.sharding import Mesh
 import drm_jax
 import merge_reference as ref
 from drm_jax.engine import shard
-from drm_jax.methods import resolve_method
+from drm_jax.engine.prepare import rules_for
+from drm_jax.methods.registry import get_method, static_values, traced_values
 
 HERE = Path(__file__).parent
 # The CPU devices (8, forced by tests/conftest.py), so the meshes are the same on a machine with a GPU.
@@ -53,8 +53,9 @@ def test_sharded_equals_single_device(mesh, method, layers, direction):
     base, models = models_with(layers)
     most = drm_jax.methods.get_method(method).max_models  # slerp, nearswap, passthrough: one; nuslerp: two
     models = models[:most] if most else models
-    single = drm_jax.merge(base, models, method=method, direction=direction)
-    sharded = drm_jax.merge(base, models, method=method, direction=direction, mesh=mesh)
+    given = {"direction": direction} if "direction" in drm_jax.methods.get_method(method).names else {}
+    single = drm_jax.merge(base, models, method=method, **given)
+    sharded = drm_jax.merge(base, models, method=method, mesh=mesh, **given)
     for name in base:
         assert ref.relative_error(sharded[name], single[name]) < 1e-5, name
 

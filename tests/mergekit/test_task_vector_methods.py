@@ -11,7 +11,6 @@ ram, ramplus_tl, and the parity of ties, dare_*, task_arithmetic and linear (doc
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 import drm_jax
+from compile_count import counting_compiles
 from drm_jax.cli.main import main
 from drm_jax.errors import MergeInputError
 
@@ -266,19 +266,6 @@ def test_della_refuses_a_band_outside_zero_one():
 
 
 # -- traced numbers: a new value compiles nothing ------------------------------------------------------------
-@contextlib.contextmanager
-def counting_compiles():
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 GRIDS = {

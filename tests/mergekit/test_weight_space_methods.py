@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import drm_jax
+from compile_count import counting_compiles
 from drm_jax.config.schema import parse_config
 from drm_jax.config.recipe import build_recipe
 from drm_jax.errors import ConfigError, MergeInputError
@@ -313,19 +314,6 @@ def test_model_counts_follow_mergekits_contracts():
 
 
 # -- (b) traced numbers ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def counting_compiles():
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield count
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 SWEEPS = [

@@ -1,0 +1,194 @@
+"""One method abstraction: a composition of `drm_jax.math` stages is a method like any registered one, and
+every entry point takes exactly the parameters of its method."""
+
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import drm_jax
+import merge_reference as ref
+from compile_count import counting_compiles
+from drm_jax import math as m
+from drm_jax.engine.merge import merge_leaves
+from drm_jax.errors import MergeInputError
+from drm_jax.math.select import pruning_counts
+from drm_jax.math.sparsify import prune_geometry
+from drm_jax.math.state import number
+from drm_jax.methods.registry import get_method, static_values, traced_values
+
+
+def trees(seed=0, layers=2, k=3, shape=(6, 5)):
+    rng = np.random.default_rng(seed)
+    base = {f"blocks.{i}.w": rng.standard_normal(shape).astype(np.float32) for i in range(layers)}
+    base["norm"] = rng.standard_normal(shape[1]).astype(np.float32)
+    models = [{n: v + 0.3 * rng.standard_normal(v.shape).astype(np.float32) for n, v in base.items()}
+              for _ in range(k)]
+    return base, models
+
+
+# task arithmetic written as a composition: both numbers (lambda_, coefficients) are the method's traced ones
+TASK_ARITHMETIC = drm_jax.MergeMethod(linear=m.chain(m.scale_by_coefficients(), m.sum_tasks(), m.scale()),
+                                      other=m.chain(m.scale_by_coefficients(), m.sum_tasks(), m.scale()))
+# TIES-like trim with a traced density, then a disjoint mean and a traced lambda
+TRIMMED = drm_jax.MergeMethod(
+    linear=m.chain(m.prune(None, scope="per_task"), m.elect_sign(), m.scale_by_coefficients(), m.disjoint_mean(),
+                   m.scale()),
+    other=drm_jax.methods.ties_like())
+
+
+def assert_trees_close(a, b, tol=1e-6):
+    for name in b:
+        assert ref.relative_error(a[name], b[name]) <= tol, name
+
+
+def test_a_composition_takes_the_numbers_its_stages_read():
+    spec = drm_jax.methods.method_spec(TRIMMED)
+    assert [p.name for p in spec.traced] == ["coefficients", "density", "lambda_"]
+    base, models = trees()
+    got = drm_jax.merge(base, models, method=TASK_ARITHMETIC, lambda_=0.7, coefficients=[1.0, 0.5, 2.0])
+    want = drm_jax.merge(base, models, method="task_arithmetic", lambda_=0.7, coefficients=[1.0, 0.5, 2.0])
+    assert_trees_close(got, want)
+
+
+def test_prepare_of_a_composition_and_a_sweep_compile_nothing_new():
+    base, models = trees()
+    prepared = drm_jax.prepare(base, models, method=TRIMMED)  # failed before: "must be a registered name"
+    first = prepared.merge(density=0.2, lambda_=1.0)
+    with counting_compiles() as count:
+        swept = [prepared.merge(density=d, lambda_=lam) for d in (0.4, 0.8) for lam in (0.5, 2.0)]
+    assert count[0] == 0, f"{count[0]} new compilations over the sweep"
+    # the numbers reach the stages: a denser trim changes the merge, lambda scales it
+    assert not np.allclose(swept[0]["blocks.0.w"], first["blocks.0.w"])
+    np.testing.assert_allclose(swept[1]["blocks.0.w"] - base["blocks.0.w"],
+                               4 * (swept[0]["blocks.0.w"] - base["blocks.0.w"]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_composition_on_a_mesh_equals_one_device():
+    base, models = trees(layers=3)
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("layers",))
+    single = drm_jax.merge(base, models, method=TRIMMED, density=0.5)
+    sharded = drm_jax.merge(base, models, method=TRIMMED, density=0.5, mesh=mesh)
+    assert_trees_close(sharded, single, 1e-5)
+
+
+def test_leaf_params_of_a_composition():
+    base, models = trees()
+    merged = drm_jax.merge(base, models, method=TASK_ARITHMETIC, leaf_params={"blocks.1.w": {"lambda_": 3.0}})
+    plain = drm_jax.merge(base, models, method=TASK_ARITHMETIC)
+    tripled = drm_jax.merge(base, models, method=TASK_ARITHMETIC, lambda_=3.0)
+    np.testing.assert_allclose(merged["blocks.0.w"], plain["blocks.0.w"], rtol=1e-6)
+    np.testing.assert_allclose(merged["blocks.1.w"], tripled["blocks.1.w"], rtol=1e-6)
+
+
+def test_merge_adapters_takes_a_composition():
+    rng = np.random.default_rng(3)
+    base = {"w": np.zeros((6, 5), np.float32)}
+    adapters = [{"w": drm_jax.LoraWeight(rng.standard_normal((6, 2)).astype(np.float32),
+                                         rng.standard_normal((2, 5)).astype(np.float32), 0.5)} for _ in range(2)]
+    got = drm_jax.merge_adapters(base, adapters, method=TASK_ARITHMETIC, lambda_=0.5)
+    want = drm_jax.merge_adapters(base, adapters, method="task_arithmetic", lambda_=0.5)
+    g, w = (np.asarray(x.adapter["w"].b) @ np.asarray(x.adapter["w"].a) for x in (got, want))
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_named_methods_are_method_values_with_bound_parameters():
+    # drm_jax.drm, .ties and .linear were the method modules ("'module' object is not callable")
+    for name in ("drm", "knots_ties", "ties", "task_arithmetic", "linear", "dare_linear", "dare_ties"):
+        assert getattr(drm_jax, name) is get_method(name)
+    base, models = trees()
+    bound = drm_jax.merge(base, models, method=drm_jax.drm(direction="vertical", drop_rate=0.5))
+    named = drm_jax.merge(base, models, method="drm", direction="vertical", drop_rate=0.5)
+    assert_trees_close(bound, named, 0)
+    assert get_method("dare_linear").param("drop_rate").default == 0.8  # one default, the registry's
+
+
+def test_density_on_drm_stays_density():
+    # density 0.3 keeps N - round(0.3 N) ... exactly: stored as a drop rate and inverted back it became
+    # 0.30000000000000004, and at N = 15 (4.5 vs 4.500000000000001) one more entry was pruned
+    spec = get_method("drm")
+    static = static_values(spec, {})
+    k, shape = 3, (5, 5)  # joint space: q = 5 rows of 5 entries, every task ranked together
+    values = traced_values(spec, spec.canonical({"density": 0.3}))
+    counts = np.asarray(spec.layer_hparams(values, "linear", shape, k, static).prune_counts)
+    rows, row_size = prune_geometry((k, 5, 5), "joint", joint=True)
+    assert row_size == 15  # one valid row of the joint space: N = 15
+    np.testing.assert_array_equal(counts, np.asarray(pruning_counts(0.3, rows, row_size)))
+    assert counts[1] == 15 - round(15 * 0.3) != 15 - round(15 * (1 - (1 - 0.3)))
+
+
+def test_every_entry_point_refuses_a_parameter_its_method_does_not_take():
+    base, models = trees()
+    cases = [("linear", {"drop_rate": 0.5}), ("linear", {"seed": 1}), ("ties", {"direction": "vertical"}),
+             ("task_arithmetic", {"drop_rate": 0.5}), (TASK_ARITHMETIC, {"density": 0.5})]
+    for method, given in cases:
+        (name,) = given
+        with pytest.raises(MergeInputError, match=f"unknown parameter '{name}'"):
+            drm_jax.merge(base, models, method=method, **given)
+        with pytest.raises(MergeInputError, match=f"unknown parameter '{name}'"):
+            drm_jax.prepare(base, models, method=method, **given)
+    with pytest.raises(MergeInputError, match="unknown parameter 'drop_rate'"):
+        drm_jax.prepare(base, models, method="linear").merge(drop_rate=0.5)
+    with pytest.raises(MergeInputError, match="unknown parameter 'layout'"):  # options belong to prepare
+        drm_jax.prepare(base, models, method="linear").merge(layout="flax")
+    adapters = [{"w": drm_jax.LoraWeight(np.ones((6, 1), np.float32), np.ones((1, 5), np.float32), 1.0)}] * 2
+    with pytest.raises(MergeInputError, match="unknown parameter 'drop_rate'"):
+        drm_jax.merge_adapters({"w": np.zeros((6, 5), np.float32)}, adapters, method="task_arithmetic",
+                               drop_rate=0.5)
+    with pytest.raises(MergeInputError, match="unknown parameter 'direction'"):
+        merge_leaves(["w"], [(6, 5)], [np.float32], get_base=lambda i: base["blocks.0.w"],
+                     get_model=lambda t, i: models[t]["blocks.0.w"], put=lambda i, x: None, num_models=3,
+                     method="linear", direction="vertical")
+
+
+def test_options_object_equals_keywords():
+    base, models = trees()
+    options = drm_jax.MergeOptions(layout="flax", exclude=(), max_group_bytes=1000)
+    assert_trees_close(drm_jax.merge(base, models, method="ties", options=options),
+                       drm_jax.merge(base, models, method="ties", layout="flax", exclude=(), max_group_bytes=1000), 0)
+
+
+def test_register_makes_a_composition_a_named_method():
+    base, models = trees()
+    drm_jax.methods.register("my_task_arithmetic", TASK_ARITHMETIC)
+    try:
+        assert_trees_close(drm_jax.merge(base, models, method="my_task_arithmetic", lambda_=0.5),
+                           drm_jax.merge(base, models, method=TASK_ARITHMETIC, lambda_=0.5), 0)
+        with pytest.raises(MergeInputError, match="built-in"):
+            drm_jax.methods.register("drm", TASK_ARITHMETIC)
+    finally:
+        drm_jax.methods.unregister("my_task_arithmetic")
+    with pytest.raises(MergeInputError, match="unknown merge method"):
+        drm_jax.merge(base, models, method="my_task_arithmetic")
+
+
+def test_the_readme_composition_runs():
+    base, models = trees()
+    my_drm = drm_jax.MergeMethod(
+        linear=m.chain(m.joint_space("vertical"), m.renormalize(), m.prune(0.3, scope="per_task"),
+                       m.elect_sign(), m.scale_by_coefficients(), m.disjoint_mean(), m.recompose()),
+        other=drm_jax.methods.ties_like())
+    merged = drm_jax.merge(base, models, method=my_drm)
+    assert drm_jax.methods.method_spec(my_drm).traced == (drm_jax.methods.get_method("drm").param("coefficients"),)
+    assert all(np.isfinite(np.asarray(merged[n])).all() for n in base)
+
+
+DERIVED = {"drm": {"prune_counts"}, "knots_ties": {"prune_counts"}, "ties": {"prune_counts"},
+           "dare_ties": {"dare_keep", "dare_scale"}, "dare_linear": {"dare_keep", "dare_scale"},
+           "breadcrumbs": {"band_low", "band_count"}, "breadcrumbs_ties": {"band_low", "band_count"},
+           "della": {"della_density", "della_epsilon"}, "della_linear": {"della_density", "della_epsilon"}}
+
+
+@pytest.mark.parametrize("method", sorted(drm_jax.methods.METHODS))
+def test_a_rule_reads_its_methods_declared_numbers(method):
+    # a typed structure per method: its traced parameters (coefficients travel apart) and what the host hooks
+    # beside the stages derive from them; a stage reading a number the method does not declare fails loudly
+    spec, derived = get_method(method), DERIVED.get(method, set())
+    static = static_values(spec, {})
+    k = spec.max_models or 3
+    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), k, static)
+    traced = {p.name for p in spec.traced} - {"coefficients"}
+    assert set(numbers._fields) <= traced | derived and derived <= set(numbers._fields)
+    with pytest.raises(ValueError, match="does not declare"):
+        number(numbers, "not_a_number")

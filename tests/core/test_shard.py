@@ -16,8 +16,6 @@ from jax.sharding import Mesh
 import drm_jax
 import merge_reference as ref
 from drm_jax.engine import shard
-from drm_jax.engine.prepare import rules_for
-from drm_jax.methods.registry import get_method, static_values, traced_values
 
 HERE = Path(__file__).parent
 # The CPU devices (8, forced by tests/conftest.py), so the meshes are the same on a machine with a GPU.

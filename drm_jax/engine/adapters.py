@@ -47,23 +47,10 @@ from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, pla
 from drm_jax.engine.tree import flatten
 from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
+from drm_jax.math.lowrank import LoraWeight
 from drm_jax.methods.base import (FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, is_finite_number,
                                   per_model_values)
 from drm_jax.methods.registry import traced_values
-
-
-class LoraWeight(NamedTuple):
-    """One adapted weight: its update is scale * B @ A, or scale * (B @ A)^T where `transposed`.
-
-    b: (out, r), PEFT's lora_B.weight (an embedding's lora_embedding_B). a: (r, in), lora_A.weight
-    (lora_embedding_A). scale: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). transposed: the
-    base weight is stored as the transpose of B @ A's shape (fan_in_fan_out Conv1D, embeddings).
-    """
-
-    b: Any
-    a: Any
-    scale: Any = 1.0
-    transposed: bool = False
 
 
 DISCARDED_WARNING = 0.01  # share of a merged weight's squared singular values above which the cut is warned of

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drm_jax.engine.adapters import LoraWeight
+from drm_jax.math.lowrank import LoraWeight
 from drm_jax.errors import CheckpointError, quote
 from drm_jax.io.base import CheckpointReader, IndexedReader, read_json
 from drm_jax.io.bounded_regex import BoundedPattern, PatternError

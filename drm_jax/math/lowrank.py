@@ -20,7 +20,7 @@ deltas' shape (n, m) (`lora_cores`; docs/methods.md#lora-factored).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -30,6 +30,21 @@ from drm_jax.math import lapack
 from drm_jax.math.decompose import JointSpace
 
 DIRECTIONS = ("horizontal", "vertical")
+
+
+
+class LoraWeight(NamedTuple):
+    """One adapted weight: its update is scale * B @ A, or scale * (B @ A)^T where `transposed`.
+
+    b: (out, r), PEFT's lora_B.weight (an embedding's lora_embedding_B). a: (r, in), lora_A.weight
+    (lora_embedding_A). scale: lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). transposed: the
+    base weight is stored as the transpose of B @ A's shape (fan_in_fan_out Conv1D, embeddings).
+    """
+
+    b: Any
+    a: Any
+    scale: Any = 1.0
+    transposed: bool = False
 
 
 def _check_factors(b: Array, a: Array, scales: Array) -> None:
@@ -175,4 +190,4 @@ def to_lora_factors(
     return _split_spectrum(q, w, s, zh, rank)
 
 
-__all__ = ["LoraCores", "dense_to_lora", "joint_space_lora", "lora_cores", "lora_deltas", "to_lora_factors"]
+__all__ = ["LoraCores", "LoraWeight", "dense_to_lora", "joint_space_lora", "lora_cores", "lora_deltas", "to_lora_factors"]

@@ -297,6 +297,10 @@ def elementwise_part(args, names, deltas, device, budget) -> dict:
     return {"rows": rows}
 
 
+# the same steps on both sides (FusionBench's function defaults to 300, its config and drm_jax to 400)
+WUDI_STEPS = 400
+
+
 def wudi_part(args, names, deltas, device, budget) -> dict:
     """WUDI through drm_jax against FusionBench's wudi_merging loop, once drm_jax has the method."""
     if "wudi" not in METHODS:
@@ -312,10 +316,10 @@ def wudi_part(args, names, deltas, device, budget) -> dict:
     vectors = [{n: to_torch(deltas[n][t], device).float() for n in names} for t in range(args.k)]
 
     def ours():
-        return jax.block_until_ready(drm_jax.merge(base, models, method="wudi"))
+        return jax.block_until_ready(drm_jax.merge(base, models, method="wudi", iter_num=WUDI_STEPS))
 
     def theirs():
-        out = wudi_merging(vectors, accelerator=device)
+        out = wudi_merging(vectors, accelerator=device, iter_num=WUDI_STEPS)
         sync(device)
         return out
 

@@ -31,6 +31,7 @@ def describe(spec) -> dict:
             "mergekit_default": p.mergekit_default, "traced": p.traced, "per_model": p.per_model, "doc": p.doc,
             "required": p.required,
         } for p in spec.params],
+        "data": [{"name": d.name, "doc": d.doc} for d in spec.leaf_data],
     }
 
 
@@ -57,6 +58,8 @@ def render(spec) -> str:
         tags = ("traced" if p.traced else "static") + (", per model" if p.per_model else "") + \
             (", required in YAML" if p.required else "")
         lines.append(f"    {names}: {p.describe()}, default {default} [{tags}]: {p.doc}")
+    for d in spec.leaf_data:
+        lines.append(f"    {d.name}: per-leaf data, required [Python API only]: {d.doc}")
     return "\n".join(lines)
 
 

@@ -117,6 +117,10 @@ def _split_models(config: MergeConfig) -> tuple[tuple[ModelEntry, ...], ModelEnt
 
 def _check_inputs(config: MergeConfig, spec, models: tuple[ModelEntry, ...]) -> None:
     """mergekit's input contract: the number of merged models, and the parameters it has no default for."""
+    if spec.leaf_data:
+        given = ", ".join(d.name for d in spec.leaf_data)
+        raise _fail(config, f"merge_method: {spec.name} needs per-leaf data ({given}) that a config cannot give; "
+                            f"use drm_jax.merge(..., method={spec.name!r}, {spec.leaf_data[0].name}=[...])")
     problem = spec.count_problem(len(models))
     if problem is not None:
         appended = spec.base == "input" and models and models[-1].key == "base_model"

@@ -182,6 +182,10 @@ def adapter_method_problem(spec: MethodSpec, rules: Rules, *, whole_weights: boo
         return (f"method {spec.name!r} merges the weights themselves (its result depends on the base model's "
                 f"weights, not only on the task vectors), so no merge of the adapters gives it; merge the "
                 f"adapted models instead")
+    if spec.leaf_data:
+        return (f"method {spec.name!r} reads per-leaf data of the full weights "
+                f"({', '.join(d.name for d in spec.leaf_data)}), which the adapter path does not carry; merge the "
+                f"adapted models instead")
     if whole_weights and not rules.shift_equivariant:
         return (f"method {spec.name!r} here merges whole weights (the base model's included) over a zero base, "
                 f"which is not base + a merge of the adapters' updates; merge the adapted models instead")

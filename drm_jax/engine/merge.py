@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import jax
 
 from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, split_keywords
-from drm_jax.engine.prepare import (Prepared, Source, compute_dtype, leaf_key, plan_chunks, plan_roles, prepare,
-                                    resolve, resolve_compute_dtype, rules_for)
+from drm_jax.engine.prepare import (Prepared, Source, compute_dtype, leaf_data_reader, leaf_key, plan_chunks,
+                                    plan_roles, prepare, resolve, resolve_compute_dtype, rules_for, split_leaf_data)
 from drm_jax.engine.stack import Group
 from drm_jax.errors import MergeInputError
 
@@ -105,9 +105,10 @@ def merge_leaves(
     spec, static, traced = resolve(method, keywords)
     leaf_roles, groups = plan_roles(names, shapes, dtypes, options)
     plan = plan_chunks(groups, leaf_roles, names, dtypes, num_models, static.get("seed", 0), options)
+    data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], names, plan, num_models)
     mesh = options.mesh
     planner = Prepared(spec, static, traced, rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1]),
-                       names, Source(get_base, get_model), num_models, plan, mesh=mesh, store=False)
+                       names, Source(get_base, get_model, data), num_models, plan, mesh=mesh, store=False)
     if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "keep"):

@@ -177,6 +177,60 @@ class Source(NamedTuple):
 
     get_base: Callable[[int], Any]
     get_model: Callable[[int, int], Any]
+    # leaf i's per-leaf data (`MethodSpec.leaf_data`): one (K, ...) array per entry, for the linear role
+    get_data: Callable[[int], tuple] | None = None
+
+
+def split_leaf_data(spec: MethodSpec, keywords: dict) -> tuple[dict, dict]:
+    """(the method's per-leaf data keywords (`MethodSpec.leaf_data`), the other keywords)."""
+    names = {d.name for d in spec.leaf_data}
+    return {k: v for k, v in keywords.items() if k in names}, {k: v for k, v in keywords.items() if k not in names}
+
+
+def leaf_data_reader(spec: MethodSpec, given: dict, names: Sequence[str], chunks_: Sequence["Chunk"], k: int):
+    """`Source.get_data` for a method that reads per-leaf data, from its keywords (each a list of K dicts
+    {leaf name: array}), checked against the planned leaves: every name a leaf of the linear role, one
+    dict per model with the same names, arrays of `LeafData.shape`. A linear leaf no dict names gets
+    `LeafData.missing`. None for a method without leaf data. MergeInputError naming what is wrong."""
+    if not spec.leaf_data:
+        return None
+    linear = {names[i]: c.group.shape for c in chunks_ if c.group.role == "linear" for i in c.members}
+    tables = []
+    for entry in spec.leaf_data:
+        what = f"method {spec.name!r}: {entry.name}"
+        dicts = given.get(entry.name)
+        if dicts is None:
+            raise MergeInputError(f"{what} is required: {entry.doc}")
+        if isinstance(dicts, dict) or not isinstance(dicts, (list, tuple)) or len(dicts) != k or \
+                not all(isinstance(d, dict) for d in dicts):
+            raise MergeInputError(f"{what} must be a list of {k} dicts (one per model) {{leaf name: array}}, got "
+                                  f"{quote(dicts)}")
+        keys = set(dicts[0])
+        for t, d in enumerate(dicts[1:], 1):
+            if set(d) != keys:
+                raise MergeInputError(f"{what}[{t}] names {clip(sorted(set(d) ^ keys)[0])!r}, which {entry.name}[0] "
+                                      f"does not (or the reverse): every model's dict names the same leaves")
+        table = {}
+        for name in sorted(keys):
+            if name not in linear:
+                raise MergeInputError(f"{what} names {clip(name)!r}, which is not a 2-D weight of the merge's "
+                                      f"linear role (leaves: include / exclude)")
+            want = entry.shape(linear[name])
+            rows = [np.asarray(d[name], np.float32) for d in dicts]
+            for t, row in enumerate(rows):
+                if row.shape != want:
+                    raise MergeInputError(f"{what}[{t}][{clip(name)!r}] has shape {row.shape}, expected {want}")
+                if not np.all(np.isfinite(row)):
+                    raise MergeInputError(f"{what}[{t}][{clip(name)!r}] contains NaN or Inf")
+            table[name] = np.stack(rows)
+        tables.append(table)
+
+    def get_data(i: int) -> tuple:
+        shape = linear[names[i]]
+        return tuple(table[names[i]] if names[i] in table else np.stack([entry.missing(shape)] * k)
+                     for entry, table in zip(spec.leaf_data, tables))
+
+    return get_data
 
 
 class Prepared:
@@ -214,7 +268,8 @@ class Prepared:
         for c in chunks_:
             c.layer_rows = np.arange(start, start + len(c.members))
             start += len(c.members)
-        self.fused = all(r.prepare is None and r.shrink is None for r in (rules.linear, rules.other)) and mesh is None
+        self.fused = all(r.prepare is None and r.shrink is None for r in (rules.linear, rules.other)) and \
+            mesh is None and not spec.leaf_data
         if store and not self.fused:
             for c in chunks_:
                 self._prepare_chunk(c)
@@ -383,6 +438,13 @@ class Prepared:
             raise_non_finite_inputs(np.asarray(finite)[: len(c.members)], names)
         if rule.shrink is not None and self.mesh is None:
             c.state = rule.shrink(c.state)
+        if self._has_data(c):
+            data = [self._source.get_data(i) for i in c.members]
+            c.state = (c.state, tuple(jnp.stack(column) for column in zip(*data)))
+
+    def _has_data(self, c: Chunk) -> bool:
+        """Whether the chunk's rule reads per-leaf data (`MethodSpec.leaf_data`), stacked with its layers."""
+        return bool(self.spec.leaf_data) and c.group.role == "linear"
 
     def _prepare_sharded(self, rule, c: Chunk):
         """Each process loads only the rows (layers) of its own devices."""
@@ -405,8 +467,20 @@ class Prepared:
             return np.stack([canonical(self._source.get_model(t, c.members[r]), r) for t in range(k)])
 
         with x64_scope(rule):
-            return shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row,
-                                       sanitize=self.check_finite)
+            base, state, finite = shard.prepare_chunk(self.mesh, rule, c.length, shape, k, base_row, model_row,
+                                                      sanitize=self.check_finite)
+        if self._has_data(c):
+            def data_rows(j, entry):
+                def row(r):
+                    if r < n:
+                        return self._source.get_data(c.members[r])[j]
+                    return np.stack([entry.missing(shape)] * k)  # padding rows: a solvable merge, discarded
+                return row
+
+            state = (state, tuple(shard.stack_from_callback(self.mesh, c.length, (k,) + entry.shape(shape),
+                                                            np.float32, data_rows(j, entry))
+                                  for j, entry in enumerate(self.spec.leaf_data)))
+        return base, state, finite
 
     def _run(self, coeffs, values: dict, put, on_chunk=None, leaves: dict | None = None) -> None:
         traced_mode = is_traced(coeffs, values, leaves)
@@ -645,6 +719,7 @@ def resolve(method, keywords: dict):
     """(spec, every static value, the given traced values) of a method in any form (`method_spec`) and the
     keywords given for it; MergeInputError naming a keyword the method does not take."""
     spec = method_spec(method)
+    _, keywords = split_leaf_data(spec, keywords)  # data, not numbers: `leaf_data_reader` reads them
     static, traced = split_params(spec, method_params(spec, keywords))
     return spec, static_values(spec, static), traced
 
@@ -665,7 +740,8 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
     spec, static, traced = resolve(method, keywords)
     rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
     flat, base_leaves, model_leaves, plan = plan_trees(base, models, options, seed=static.get("seed", 0))
-    source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i])
+    data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], flat.names, plan, len(models))
+    source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i], data)
     return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh)
 
 
@@ -680,6 +756,6 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
         return prepare_group(rule, layout, base, models, check_inputs=check_inputs)
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "coefficient_matrix", "compute_dtype", "leaf_key",
-           "plan_chunks", "plan_roles", "plan_trees", "prepare", "resolve", "resolve_compute_dtype", "rules_for",
-           "run_prepare", "streamed_thresholds", "whole_model_thresholds"]
+__all__ = ["DEFAULT_GROUP_BYTES", "Chunk", "Prepared", "Source", "coefficient_matrix", "compute_dtype",
+           "leaf_data_reader", "leaf_key", "plan_chunks", "plan_roles", "plan_trees", "prepare", "resolve", "resolve_compute_dtype", "rules_for",
+           "run_prepare", "split_leaf_data", "streamed_thresholds", "whole_model_thresholds"]

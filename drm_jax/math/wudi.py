@@ -23,6 +23,8 @@ over a leading layer axis L to merge a stack of same-shaped layers in one progra
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -53,29 +55,78 @@ def uses_gram_form(k: int, n: int, m: int) -> bool:
     return m <= 2 * k * n
 
 
-def wudi_gradient_fn(task_vectors: Float[Array, "K n m"]):
-    """grad L as a function of tau, with everything that does not depend on tau computed once."""
+class WudiTerms(NamedTuple):
+    """What WUDI's gradient needs, computed once from the task vectors (the part of the merge that does not
+    depend on `iter_num` or `learning_rate`; a sweep over them keeps it).
+
+    start: (n, m) sum_t tau_t, Adam's starting point.
+    Gram form (`uses_gram_form`): left = A (m, m), right = B (n, m); grad L(tau) = 2 (tau A - B).
+    Product form: left = the task vectors (K, n, m), right = each divided by its squared norm (K, n, m);
+      grad L(tau) = 2 sum_t ((tau - tau_t) tau_t^T) tau_t / ||tau_t||^2.
+    Which form a terms value holds follows from the rank of `left` (2: Gram form).
+    """
+
+    start: Array
+    left: Array
+    right: Array
+
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def wudi_terms(task_vectors: Float[Array, "K n m"]) -> WudiTerms:
+    """The loop-invariant terms of one layer's gradient (vmappable over a leading layer axis)."""
     k, n, m = task_vectors.shape
     inv = _inverse_sq_norms(task_vectors)
-    hi = jax.lax.Precision.HIGHEST
+    hi = _HIGHEST
     weighted = task_vectors * inv[:, None, None]
-    if uses_gram_form(k, n, m):
-        a = jnp.einsum("kni,knj->ij", weighted, task_vectors, precision=hi)
-        # B through the smaller of the per-task squares: tau_t (tau_t^T tau_t) or (tau_t tau_t^T) tau_t
-        if m <= n:
-            grams = jnp.einsum("kni,knj->kij", task_vectors, task_vectors, precision=hi)
-            b = jnp.einsum("kni,kij->nj", weighted, grams, precision=hi)
-        else:
-            outer = jnp.einsum("kim,kjm->kij", weighted, task_vectors, precision=hi)
-            b = jnp.einsum("kij,kjm->im", outer, task_vectors, precision=hi)
-        return lambda tau: 2 * (jnp.matmul(tau, a, precision=hi) - b)
+    start = jnp.sum(task_vectors, axis=0)
+    if not uses_gram_form(k, n, m):
+        return WudiTerms(start, task_vectors, weighted)
+    a = jnp.einsum("kni,knj->ij", weighted, task_vectors, precision=hi)
+    # B through the smaller of the per-task squares: tau_t (tau_t^T tau_t) or (tau_t tau_t^T) tau_t
+    if m <= n:
+        grams = jnp.einsum("kni,knj->kij", task_vectors, task_vectors, precision=hi)
+        b = jnp.einsum("kni,kij->nj", weighted, grams, precision=hi)
+    else:
+        outer = jnp.einsum("kim,kjm->kij", weighted, task_vectors, precision=hi)
+        b = jnp.einsum("kij,kjm->im", outer, task_vectors, precision=hi)
+    return WudiTerms(start, a, b)
 
-    def gradient(tau):
-        interference = jnp.einsum("nm,kpm->knp", tau, task_vectors, precision=hi) - jnp.einsum(
-            "knm,kpm->knp", task_vectors, task_vectors, precision=hi)
-        return 2 * jnp.einsum("knp,kpm->nm", interference, weighted, precision=hi)
 
-    return gradient
+def wudi_gradient(terms: WudiTerms, tau: Float[Array, "n m"]) -> Float[Array, "n m"]:
+    """grad L at tau from the terms of `wudi_terms`."""
+    hi = _HIGHEST
+    if terms.left.ndim == 2:
+        return 2 * (jnp.matmul(tau, terms.left, precision=hi) - terms.right)
+    task_vectors, weighted = terms.left, terms.right
+    interference = jnp.einsum("nm,kpm->knp", tau, task_vectors, precision=hi) - jnp.einsum(
+        "knm,kpm->knp", task_vectors, task_vectors, precision=hi)
+    return 2 * jnp.einsum("knp,kpm->nm", interference, weighted, precision=hi)
+
+
+def wudi_gradient_fn(task_vectors: Float[Array, "K n m"]):
+    """grad L as a function of tau, with everything that does not depend on tau computed once."""
+    terms = wudi_terms(task_vectors)
+    return lambda tau: wudi_gradient(terms, tau)
+
+
+def wudi_steps(terms: WudiTerms, iter_num=DEFAULT_ITER_NUM, learning_rate=DEFAULT_LEARNING_RATE
+               ) -> Float[Array, "n m"]:
+    """Adam's `iter_num` steps at `learning_rate` (both may be traced) from `terms.start`: the merged
+    task vector, in the dtype of the terms."""
+    import optax  # here, not at the top: it adds about 0.3 s to `import drm_jax` (the command line's start)
+
+    optimizer = optax.adam(learning_rate)
+    start = terms.start
+
+    def step(_, carry):
+        tau, state = carry
+        updates, state = optimizer.update(wudi_gradient(terms, tau), state, tau)
+        return optax.apply_updates(tau, updates), state
+
+    tau, _ = jax.lax.fori_loop(0, jnp.asarray(iter_num, jnp.int32), step, (start, optimizer.init(start)))
+    return tau.astype(start.dtype)
 
 
 def wudi(task_vectors: Float[Array, "K n m"], iter_num=DEFAULT_ITER_NUM,
@@ -87,16 +138,4 @@ def wudi(task_vectors: Float[Array, "K n m"], iter_num=DEFAULT_ITER_NUM,
     learning_rate: Adam's step size (default 1e-5), traced.
     Returns tau (n, m) in the dtype of the task vectors; the merged weight is W_base + tau.
     """
-    import optax  # here, not at the top: it adds about 0.3 s to `import drm_jax` (the command line's start)
-
-    gradient = wudi_gradient_fn(task_vectors)
-    optimizer = optax.adam(learning_rate)
-    start = jnp.sum(task_vectors, axis=0)
-
-    def step(_, carry):
-        tau, state = carry
-        updates, state = optimizer.update(gradient(tau), state, tau)
-        return optax.apply_updates(tau, updates), state
-
-    tau, _ = jax.lax.fori_loop(0, jnp.asarray(iter_num, jnp.int32), step, (start, optimizer.init(start)))
-    return tau.astype(task_vectors.dtype)
+    return wudi_steps(wudi_terms(task_vectors), iter_num, learning_rate).astype(task_vectors.dtype)

@@ -225,6 +225,22 @@ class FactoredRule(NamedTuple):
     x64: bool = False
 
 
+class LeafData(NamedTuple):
+    """Per-leaf data a method reads besides the weights (RegMean's Gram matrices): not a number, so not a
+    `Param`. Given as a keyword holding one dict per model, {leaf name: array}, for leaves of the linear role.
+
+    name: the keyword (`drm_jax.merge(..., grams=[...])`). doc: one line for `drm-jax methods`.
+    shape: a linear leaf's canonical (out, in) shape -> the shape of one model's array for it.
+    missing: that shape -> one model's array for a linear leaf the dicts do not name (RegMean: the
+      identity, under which its solve is the mean).
+    """
+
+    name: str
+    doc: str
+    shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    missing: Callable[[tuple[int, ...]], Any]
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A merge method: parameters, facts and how to build its rules.
@@ -251,6 +267,8 @@ class MethodSpec:
     reads_base: the merge reads the base weights (`LayerContext.base`: slerp, karcher, arcee_fusion,
       passthrough): the merged model is not base + a function of the task vectors alone, so no merge of
       LoRA adapters (`drm_jax.merge_adapters`, `--adapter-out`) computes it from the adapters.
+    leaf_data: per-leaf data the linear rule reads (`LeafData`): its merge then receives
+      (prepared, data), data a tuple with one (K, ...) array per entry, stacked with the layers.
     """
 
     name: str
@@ -271,6 +289,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     reads_base: bool = False
+    leaf_data: tuple[LeafData, ...] = ()
     _by_name: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -448,6 +467,6 @@ def scalar(value) -> Any:
     return jnp.asarray(value, jnp.float32)
 
 
-__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule",
+__all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "LeafData",
            "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip",
            "is_finite_number", "one_minus", "per_model_numbers", "per_model_values", "scalar", "short", "traced_numbers"]

@@ -21,15 +21,18 @@ from drm_jax.methods.drm import DRM, KNOTS_TIES
 from drm_jax.methods.interpolate import KARCHER, MULTISLERP, NUSLERP, SLERP
 from drm_jax.methods.linear import LINEAR, TASK_ARITHMETIC
 from drm_jax.methods.ram import RAM, RAMPLUS_TL
+from drm_jax.methods.regmean import REGMEAN, REGMEAN_PLUSPLUS
 from drm_jax.methods.sce import SCE
 from drm_jax.methods.subspace import ISO_C, ISO_CTS, TSV_M
 from drm_jax.methods.ties import TIES
 from drm_jax.methods.weight_space import ARCEE_FUSION, MODEL_STOCK, NEARSWAP, PASSTHROUGH
+from drm_jax.methods.wudi import WUDI
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     DRM, KNOTS_TIES, TIES, TASK_ARITHMETIC, LINEAR, DARE_LINEAR, DARE_TIES, TSV_M, ISO_C, ISO_CTS,
     BREADCRUMBS, BREADCRUMBS_TIES, DELLA, DELLA_LINEAR, SCE, RAM, RAMPLUS_TL,
     SLERP, NUSLERP, MULTISLERP, KARCHER, NEARSWAP, ARCEE_FUSION, MODEL_STOCK, PASSTHROUGH,
+    WUDI, REGMEAN, REGMEAN_PLUSPLUS,
 )}
 
 

@@ -64,10 +64,12 @@ def check_linear_ties_wudi(res: dict, stdout: str) -> None:
         assert [r["method"] for r in part["rows"]] == ["linear", "ties"]
         assert all(r["drm_jax_s"] > 0 and r["mergekit_s"] > 0 for r in part["rows"])
         assert part["rows"][0]["max_rel_diff"] < 1e-2  # linear: the same average, rounded to bf16
-    if "wudi" in METHODS:
-        assert res["wudi"]["rows"][0]["fusion_bench_s"] > 0
-    else:
+    if "wudi" not in METHODS:
         assert "wudi" in res["wudi"]["skipped"] and "wudi: skipped" in stdout
+    elif "rows" in res["wudi"]:
+        assert res["wudi"]["rows"][0]["fusion_bench_s"] > 0
+    else:  # drm_jax has the method; FusionBench is not importable on this machine
+        assert "FusionBench" in res["wudi"]["skipped"] and "wudi: skipped" in stdout
 
 
 def check_streaming_and_projection(res: dict, stdout: str) -> None:

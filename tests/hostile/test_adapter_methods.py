@@ -11,7 +11,7 @@ import pytest
 
 import drm_jax
 from drm_jax import LoraWeight
-from drm_jax.errors import AdapterMethodError, DrmJaxError
+from drm_jax.errors import AdapterMethodError, DrmJaxError, MergeInputError
 from drm_jax.methods.registry import METHODS
 
 from .conftest import refused
@@ -52,8 +52,12 @@ def test_every_method_merges_adapters_exactly_or_refuses_by_name(name):
     k = 1 if spec.max_models == 1 else 2
     base, adapters = _case(k)
     kwargs = _kwargs(spec, k)
-    if spec.reads_base:
+    if spec.reads_base or spec.leaf_data:
         with pytest.raises(AdapterMethodError, match=f"method '{name}'"):
+            drm_jax.merge_adapters(base, adapters, method=name, exclude=(), **kwargs)
+        return
+    if name == "regmean_plusplus":  # a function over blocks, not a per-layer merge: refused by name
+        with pytest.raises(MergeInputError, match=f"method '{name}'.*drm_jax.regmean_plusplus"):
             drm_jax.merge_adapters(base, adapters, method=name, exclude=(), **kwargs)
         return
     result = drm_jax.merge_adapters(base, adapters, method=name, exclude=(), **kwargs)

@@ -53,6 +53,9 @@ NOT_DIFFERENTIABLE = {
     "karcher": "equal weights fixed as mergekit's; max_iter is a count and tol a threshold (piecewise constant)",
     "arcee_fusion": "no number: the mask and the merge come from the two models alone",
     "model_stock": "no number: the interpolation ratio comes from the models' angles alone",
+    "wudi": "no coefficients: its numbers are an Adam loop's step count and learning rate",
+    "regmean": "no coefficients: each weight is a solve with the data's Gram matrices",
+    "regmean_plusplus": "not merged by leaf name: drm_jax.regmean_plusplus merges block after block",
 }
 
 

@@ -34,7 +34,7 @@ from drm_jax.engine import shard
 from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_traced, merge_deltas_jit, merge_layers_jit,
                                      merge_once, prepare_group)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
-from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, unflatten
+from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, tree_list, unflatten
 from drm_jax.errors import MergeInputError, quote
 from drm_jax.math.state import number, with_number
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
@@ -628,7 +628,7 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
     """Trees checked against each other, roles given and chunks planned: (flat base as given, its leaves as
     arrays JAX reads (`host_array`: torch tensors as NumPy), model leaves likewise in the base's leaf order,
     chunks)."""
-    models = list(models)
+    models = tree_list(models)
     if not models:
         raise MergeInputError("no models to merge")
     flat = flatten(base)

@@ -64,6 +64,10 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
       and cast back to float64 on the host (NumPy arrays: JAX then holds no float64). Leaves that are not
       floating (integer buffers, an NNX State's RNG keys and counters) keep the base's value.
 
+    Inside the caller's `jax.jit` (traced models) the methods that prepare nothing (task arithmetic, linear,
+    TIES, DARE, ...) merge as they do eagerly, without the Inf/NaN checks; the others (DRM) raise
+    MergeInputError: call `drm_jax.prepare` outside the jit and `Prepared.merge` inside it.
+
     Raises:
       MergeInputError: mismatched structure or shapes, NaN/Inf in any input or a merged value that
         overflows, bad parameters; the error names the leaf. Inputs are never modified.

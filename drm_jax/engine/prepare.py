@@ -32,7 +32,7 @@ import numpy as np
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine import shard
 from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_traced, merge_deltas_jit, merge_layers_jit,
-                                     merge_once, prepare_group)
+                                     merge_once, prepare_group, under_trace)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
 from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, tree_list, unflatten
 from drm_jax.errors import MergeInputError, quote
@@ -201,7 +201,8 @@ class Prepared:
     check_finite = True
 
     def __init__(self, spec: MethodSpec, static: dict, defaults: dict, rules: Rules, names: Sequence[str],
-                 source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True):
+                 source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True,
+                 traced_inputs: bool = False):
         self.spec, self.method, self.static, self.defaults, self.rules = spec, spec.name, static, defaults, rules
         self.names, self._source, self._flat = list(names), source, flat
         self._chunks, self.mesh, self.store = chunks_, mesh, store
@@ -215,6 +216,13 @@ class Prepared:
             c.layer_rows = np.arange(start, start + len(c.members))
             start += len(c.members)
         self.fused = all(r.prepare is None and r.shrink is None for r in (rules.linear, rules.other)) and mesh is None
+        # inputs traced by the caller's jax.jit / vmap / grad: only a fused merge reads no host value of them
+        self.traced_inputs = traced_inputs
+        if traced_inputs and not self.fused:
+            why = "a mesh splits its layers" if mesh is not None else "its preparation reads concrete values"
+            raise MergeInputError(f"method {spec.name!r} prepares on the host ({why}), so it cannot merge traced "
+                                  f"models inside jax.jit: call drm_jax.prepare(base, models, ...) outside the jit "
+                                  f"and prepared.merge(...) inside it")
         if store and not self.fused:
             for c in chunks_:
                 self._prepare_chunk(c)
@@ -409,7 +417,7 @@ class Prepared:
                                        sanitize=self.check_finite)
 
     def _run(self, coeffs, values: dict, put, on_chunk=None, leaves: dict | None = None) -> None:
-        traced_mode = is_traced(coeffs, values, leaves)
+        traced_mode = self.traced_inputs or is_traced(coeffs, values, leaves) or under_trace()
         k = self.num_models
         coeff_rows = self._leaf_coefficients(coefficient_matrix(coeffs, k, len(self.layer_names)), leaves)
         threshold = self._thresholds(values, traced_mode)
@@ -619,7 +627,8 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, options: Me
             layout = Layout(tuple(leaf_roles[i].transpose for i in members),
                             tuple(_dtype_name(dtypes[i]) for i in members),
                             compute or compute_dtype(dtypes[members[0]]), round_to)
-            keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
+            with jax.ensure_compile_time_eval():  # concrete keys inside the caller's jax.jit too
+                keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
             out.append(Chunk(group, list(members), layout, keys, length=length))
     return out
 
@@ -666,7 +675,8 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
     rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
     flat, base_leaves, model_leaves, plan = plan_trees(base, models, options, seed=static.get("seed", 0))
     source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i])
-    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh)
+    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh,
+                    traced_inputs=is_traced(base_leaves, model_leaves))
 
 
 def x64_scope(rule):

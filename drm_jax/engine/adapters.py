@@ -281,6 +281,7 @@ def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank
                               f"{largest}, the smaller side of the largest weight)")
     role_rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
                                      layout=options.layout)
+    role_rules.check_matched(flat.names)
     roles = [role_rules(n, s, d) for n, s, d in zip(names, shapes, dtypes)]
     seed_value = static.get("seed", 0)
 

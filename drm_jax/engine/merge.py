@@ -35,8 +35,10 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
         from `drm_jax.math` stages (its traced numbers are those its stages read).
       options: a `MergeOptions` (layout, include, exclude, ignore, max_group_bytes, compute_dtype, mesh);
         each of its fields may also be given as a keyword.
-      layout: "torch" (2-D weights stored (out, in)), "flax" (2-D kernels stored (in, out)), or a
-        callable (name, shape) -> True for weights stored (in, out). Directions refer to (out, in).
+      layout: None (default: inferred per leaf from its name: `...kernel` is a Flax kernel stored (in, out),
+        any other 2-D weight (out, in)), "torch" (2-D weights stored (out, in)), "flax" (2-D kernels stored
+        (in, out)), or a callable (name, shape) -> True for weights stored (in, out). Directions refer to
+        (out, in).
       direction: DRM's "horizontal" (default; shared output-space basis) or "vertical" (a method parameter).
       drop_rate: fraction dropped (DRM pruning, DARE's drop probability); TIES takes `density` (= 1 -
         drop_rate, default 0.2). Default: the method's.
@@ -45,7 +47,8 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
       mesh: a `jax.sharding.Mesh`: stacked layers are split over its devices (see `drm_jax.engine.shard`).
       include / exclude: regex patterns on dotted leaf names selecting the 2-D weights that go through
         DRM (default: all 2-D weights but embeddings and LM heads, `roles.DEFAULT_EXCLUDE`).
-      ignore: patterns of leaves that keep their base value.
+      ignore: patterns of leaves that keep their base value. A given include / exclude / ignore pattern that
+        matches no leaf name raises MergeInputError naming it (`DEFAULT_EXCLUDE`'s patterns excepted).
       seed: seed of the random methods' draws (keys are per leaf name: results do not depend on grouping).
       max_group_bytes: cut stacked groups into chunks whose inputs stay under this many bytes.
       leaf_params: {leaf name: {traced parameter: value}}: values that differ per leaf (mergekit's gradients

@@ -602,10 +602,13 @@ def streamed_thresholds(plan: Prepared, density: np.ndarray) -> jax.Array:
     return jnp.asarray(out)
 
 
-def plan_roles(names, shapes, dtypes, options: MergeOptions):
-    """(each leaf's role, the groups of same-shaped leaves of the merged roles)."""
+def plan_roles(names, shapes, dtypes, options: MergeOptions, every_leaf: bool = False):
+    """(each leaf's role, the groups of same-shaped leaves of the merged roles). every_leaf: `names` are all
+    the leaves of the merge (not a streamed batch), so a given pattern that matches none of them is refused."""
     rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
                                 layout=options.layout)
+    if every_leaf:
+        rules.check_matched(names)
     leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
     canonical = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
     groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("linear", "other")]
@@ -645,7 +648,7 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
     base_leaves = [host_array(x, n) for n, x in zip(flat.names, flat.leaves)]
     shapes = [np.shape(x) for x in base_leaves]
     dtypes = [jnp.result_type(x) for x in base_leaves]
-    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, options)
+    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, options, every_leaf=True)
     return flat, base_leaves, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
                                                         options)
 

@@ -101,7 +101,9 @@ def merge_leaves(
     load leaf i of the base and of model t on demand, `put(i, array)` receives every leaf of the result
     (the base's own value for ignored and non-floating leaves). Only one chunk is alive at a time; TIES'
     whole-model trim takes its thresholds from two statistics passes first. `check_finite=False` leaves
-    the Inf/NaN checks of inputs and merged leaves to the source and the sink. Other arguments are those of `merge`.
+    the Inf/NaN checks of inputs and merged leaves to the source and the sink. Other arguments are those of `merge`,
+    except that a pattern matching none of `names` is not refused here: a streaming caller passes one batch
+    of the model's leaves at a time and checks its patterns against all of them (`RoleRules.check_matched`).
 
     Returns:
       How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.

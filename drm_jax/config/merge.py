@@ -29,7 +29,8 @@ from drm_jax.config.card import referenced_models, write_card_files
 from drm_jax.config.chat_templates import resolve_chat_template
 from drm_jax.config.recipe import Recipe, build_recipe
 from drm_jax.config.schema import MergeConfig
-from drm_jax.config.segments import Segment, check_segments, merge_segments, open_segments, set_layer_count
+from drm_jax.config.segments import (Segment, check_patterns, check_segments, merge_segments, open_segments,
+                                     set_layer_count)
 from drm_jax.config.streaming import input_paths
 from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
 from drm_jax.engine.sources import is_floating
@@ -424,6 +425,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     # after the layers for a `slices` config (drm_jax.config.segments)
     with open_segments(config, recipe, numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
                                                                                          layer_count):
+        check_patterns(segments)
         needed = output_bytes(segments, numpy_dtype(out_dtype_name))
         check_disk(out_dir, needed)
         if dry_run:

@@ -38,8 +38,9 @@ from drm_jax.config.segment_defs import (SegmentDef, base_policy, models_def, ne
                                          representative, slice_def)
 from drm_jax.config.settings import FilterList, Gradient, resolve
 from drm_jax.config.streaming import open_model, open_sources, split_adapter
+from drm_jax.engine.roles import RoleRules, unmatched_message
 from drm_jax.engine.sources import CheckpointSources, is_floating, stream_merge
-from drm_jax.errors import CheckpointError, ConfigError, quote
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, quote
 from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
@@ -63,6 +64,20 @@ def check_segments(config: MergeConfig) -> None:
     checkpoint is opened."""
     for s in config.slices:
         build_recipe(representative(config, slice_def(config, s)))
+
+
+def check_patterns(segments: Sequence[Segment]) -> None:
+    """A config's include / exclude / ignore pattern that matches no tensor of the segments that take it is
+    refused, naming it: a typo would change the merge without a word (`RoleRules.unmatched`; the default
+    exclusions are exempt)."""
+    missed: list[tuple[str, str]] | None = None
+    for seg in segments:
+        here = RoleRules(**seg.sources.role_kwargs).unmatched(seg.sources.info.names)
+        missed = here if missed is None else [m for m in missed if m in here]
+    if missed:
+        what, pattern = missed[0]
+        raise MergeInputError(unmatched_message(f"parameters.{what}", pattern, segments[0].sources.info.names,
+                                                "tensor"))
 
 
 # -- per-tensor values ---------------------------------------------------------------------------------
@@ -507,5 +522,5 @@ def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> Non
     config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-__all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_segments", "merge_segments", "open_segments",
-           "per_tensor_params", "promoted_dtype", "set_layer_count"]
+__all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_patterns", "check_segments",
+           "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype", "set_layer_count"]

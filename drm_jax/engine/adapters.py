@@ -44,7 +44,7 @@ from drm_jax.engine.compiled import is_traced
 from drm_jax.engine.options import MergeOptions, split_keywords
 from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, resolve, rules_for,
                                     streamed_thresholds, whole_model_thresholds)
-from drm_jax.engine.tree import flatten
+from drm_jax.engine.tree import flatten, tree_list
 from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
 from drm_jax.math.lowrank import LoraWeight
@@ -247,7 +247,7 @@ def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank
         shape, NaN/Inf in any factor or in a merged weight, bad parameters; the error names the adapter
         and the weight.
     """
-    adapters = [as_adapter(a, i) for i, a in enumerate(adapters)]
+    adapters = [as_adapter(a, i) for i, a in enumerate(tree_list(adapters, "adapters", "adapter"))]
     k = len(adapters)
     if k == 0:
         raise MergeInputError("no adapters to merge")
@@ -285,6 +285,7 @@ def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank
                               f"{largest}, the smaller side of the largest weight)")
     role_rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
                                      layout=options.layout)
+    role_rules.check_matched(flat.names)
     roles = [role_rules(n, s, d) for n, s, d in zip(names, shapes, dtypes)]
     seed_value = static.get("seed", 0)
 

@@ -95,6 +95,12 @@ def _merge_layers(rule: LayerRule, prepared, base, coefficients, keys, threshold
     return jax.vmap(one, in_axes=(0, 0, 0, 0, 0 if per_member else None))(prepared, base, coefficients, keys, hparams)
 
 
+def under_trace() -> bool:
+    """Whether the caller runs inside a jax.jit trace (its own function jitted around a merge): even a
+    constant is a tracer there, so no host value can be read; host checks are skipped."""
+    return isinstance(jnp.zeros((), jnp.int8), jax.core.Tracer)
+
+
 @jax.jit
 def _all_finite(x: Array) -> Array:
     return jnp.all(jnp.isfinite(x))
@@ -176,4 +182,4 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
 
 
 __all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams",
-           "merge_layers_jit", "merge_once", "prepare_group", "stack_inputs", "unstack_outputs"]
+           "merge_layers_jit", "merge_once", "prepare_group", "stack_inputs", "under_trace", "unstack_outputs"]

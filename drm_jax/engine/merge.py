@@ -35,8 +35,10 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
         from `drm_jax.math` stages (its traced numbers are those its stages read).
       options: a `MergeOptions` (layout, include, exclude, ignore, max_group_bytes, compute_dtype, mesh);
         each of its fields may also be given as a keyword.
-      layout: "torch" (2-D weights stored (out, in)), "flax" (2-D kernels stored (in, out)), or a
-        callable (name, shape) -> True for weights stored (in, out). Directions refer to (out, in).
+      layout: None (default: inferred per leaf from its name: `...kernel` is a Flax kernel stored (in, out),
+        any other 2-D weight (out, in)), "torch" (2-D weights stored (out, in)), "flax" (2-D kernels stored
+        (in, out)), or a callable (name, shape) -> True for weights stored (in, out). Directions refer to
+        (out, in).
       direction: DRM's "horizontal" (default; shared output-space basis) or "vertical" (a method parameter).
       drop_rate: fraction dropped (DRM pruning, DARE's drop probability); TIES takes `density` (= 1 -
         drop_rate, default 0.2). Default: the method's.
@@ -45,7 +47,8 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
       mesh: a `jax.sharding.Mesh`: stacked layers are split over its devices (see `drm_jax.engine.shard`).
       include / exclude: regex patterns on dotted leaf names selecting the 2-D weights that go through
         DRM (default: all 2-D weights but embeddings and LM heads, `roles.DEFAULT_EXCLUDE`).
-      ignore: patterns of leaves that keep their base value.
+      ignore: patterns of leaves that keep their base value. A given include / exclude / ignore pattern that
+        matches no leaf name raises MergeInputError naming it (`DEFAULT_EXCLUDE`'s patterns excepted).
       seed: seed of the random methods' draws (keys are per leaf name: results do not depend on grouping).
       max_group_bytes: cut stacked groups into chunks whose inputs stay under this many bytes.
       leaf_params: {leaf name: {traced parameter: value}}: values that differ per leaf (mergekit's gradients
@@ -63,6 +66,10 @@ def merge(base: Any, models: Sequence[Any], method: Any = "drm", *, options: Mer
       back as torch tensors; float64 leaves are merged in float64 under jax_enable_x64, else in float32
       and cast back to float64 on the host (NumPy arrays: JAX then holds no float64). Leaves that are not
       floating (integer buffers, an NNX State's RNG keys and counters) keep the base's value.
+
+    Inside the caller's `jax.jit` (traced models) the methods that prepare nothing (task arithmetic, linear,
+    TIES, DARE, ...) merge as they do eagerly, without the Inf/NaN checks; the others (DRM) raise
+    MergeInputError: call `drm_jax.prepare` outside the jit and `Prepared.merge` inside it.
 
     Raises:
       MergeInputError: mismatched structure or shapes, NaN/Inf in any input or a merged value that
@@ -94,7 +101,9 @@ def merge_leaves(
     load leaf i of the base and of model t on demand, `put(i, array)` receives every leaf of the result
     (the base's own value for ignored and non-floating leaves). Only one chunk is alive at a time; TIES'
     whole-model trim takes its thresholds from two statistics passes first. `check_finite=False` leaves
-    the Inf/NaN checks of inputs and merged leaves to the source and the sink. Other arguments are those of `merge`.
+    the Inf/NaN checks of inputs and merged leaves to the source and the sink. Other arguments are those of `merge`,
+    except that a pattern matching none of `names` is not refused here: a streaming caller passes one batch
+    of the model's leaves at a time and checks its patterns against all of them (`RoleRules.check_matched`).
 
     Returns:
       How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.

@@ -26,11 +26,13 @@ DEFAULT_GROUP_BYTES = 2 * 2**30
 class MergeOptions:
     """Planning and execution options of a merge (none of them is a number of the method).
 
-    layout: "torch" (2-D weights stored (out, in)), "flax" (stored (in, out)), or a callable
+    layout: None (default: from the leaf names: a leaf named `kernel` is Flax's (in, out), any other 2-D
+      weight (out, in)), "torch" (2-D weights stored (out, in)), "flax" (stored (in, out)), or a callable
       (name, shape) -> True for weights stored (in, out). Directions refer to (out, in).
     include / exclude: regex patterns on dotted leaf names selecting the 2-D weights of the method's
       linear path (default: all 2-D weights but embeddings and LM heads, `roles.DEFAULT_EXCLUDE`).
-    ignore: patterns of leaves that keep their base value.
+    ignore: patterns of leaves that keep their base value. A given pattern that matches no leaf name is a
+      MergeInputError naming it (the default exclusions excepted).
     max_group_bytes: the memory budget: stacked groups are cut into chunks whose inputs stay under this
       many bytes (default 2 GiB; None: no limit).
     compute_dtype: mergekit's `dtype`: None (float32, float64 for float64 leaves under x64), "float32",
@@ -38,7 +40,7 @@ class MergeOptions:
     mesh: a `jax.sharding.Mesh`: stacked layers are split over its devices (`drm_jax.engine.shard`).
     """
 
-    layout: str | Callable[[str, tuple], bool] = "torch"
+    layout: str | Callable[[str, tuple], bool] | None = None
     include: Sequence[str] | None = None
     exclude: Sequence[str] | None = roles_lib.DEFAULT_EXCLUDE
     ignore: Sequence[str] | None = None

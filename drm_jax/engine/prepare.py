@@ -32,9 +32,9 @@ import numpy as np
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine import shard
 from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, is_traced, merge_deltas_jit, merge_layers_jit,
-                                     merge_once, prepare_group)
+                                     merge_once, prepare_group, under_trace)
 from drm_jax.engine.stack import Group, chunk_length, chunks, group_leaves
-from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, unflatten
+from drm_jax.engine.tree import align_models, flatten, host_array, like_leaf, model_label, tree_list, unflatten
 from drm_jax.errors import MergeInputError, quote
 from drm_jax.math.state import number, with_number
 from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
@@ -255,7 +255,8 @@ class Prepared:
     check_finite = True
 
     def __init__(self, spec: MethodSpec, static: dict, defaults: dict, rules: Rules, names: Sequence[str],
-                 source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True):
+                 source: Source, num_models: int, chunks_: list[Chunk], *, flat=None, mesh=None, store=True,
+                 traced_inputs: bool = False):
         self.spec, self.method, self.static, self.defaults, self.rules = spec, spec.name, static, defaults, rules
         self.names, self._source, self._flat = list(names), source, flat
         self._chunks, self.mesh, self.store = chunks_, mesh, store
@@ -270,6 +271,13 @@ class Prepared:
             start += len(c.members)
         self.fused = all(r.prepare is None and r.shrink is None for r in (rules.linear, rules.other)) and \
             mesh is None and not spec.leaf_data
+        # inputs traced by the caller's jax.jit / vmap / grad: only a fused merge reads no host value of them
+        self.traced_inputs = traced_inputs
+        if traced_inputs and not self.fused:
+            why = "a mesh splits its layers" if mesh is not None else "its preparation reads concrete values"
+            raise MergeInputError(f"method {spec.name!r} prepares on the host ({why}), so it cannot merge traced "
+                                  f"models inside jax.jit: call drm_jax.prepare(base, models, ...) outside the jit "
+                                  f"and prepared.merge(...) inside it")
         if store and not self.fused:
             for c in chunks_:
                 self._prepare_chunk(c)
@@ -483,7 +491,7 @@ class Prepared:
         return base, state, finite
 
     def _run(self, coeffs, values: dict, put, on_chunk=None, leaves: dict | None = None) -> None:
-        traced_mode = is_traced(coeffs, values, leaves)
+        traced_mode = self.traced_inputs or is_traced(coeffs, values, leaves) or under_trace()
         k = self.num_models
         coeff_rows = self._leaf_coefficients(coefficient_matrix(coeffs, k, len(self.layer_names)), leaves)
         threshold = self._thresholds(values, traced_mode)
@@ -668,10 +676,13 @@ def streamed_thresholds(plan: Prepared, density: np.ndarray) -> jax.Array:
     return jnp.asarray(out)
 
 
-def plan_roles(names, shapes, dtypes, options: MergeOptions):
-    """(each leaf's role, the groups of same-shaped leaves of the merged roles)."""
+def plan_roles(names, shapes, dtypes, options: MergeOptions, every_leaf: bool = False):
+    """(each leaf's role, the groups of same-shaped leaves of the merged roles). every_leaf: `names` are all
+    the leaves of the merge (not a streamed batch), so a given pattern that matches none of them is refused."""
     rules = roles_lib.RoleRules(include=options.include, exclude=options.exclude, ignore=options.ignore,
                                 layout=options.layout)
+    if every_leaf:
+        rules.check_matched(names)
     leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
     canonical = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
     groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("linear", "other")]
@@ -693,7 +704,8 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, options: Me
             layout = Layout(tuple(leaf_roles[i].transpose for i in members),
                             tuple(_dtype_name(dtypes[i]) for i in members),
                             compute or compute_dtype(dtypes[members[0]]), round_to)
-            keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
+            with jax.ensure_compile_time_eval():  # concrete keys inside the caller's jax.jit too
+                keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
             out.append(Chunk(group, list(members), layout, keys, length=length))
     return out
 
@@ -702,7 +714,7 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
     """Trees checked against each other, roles given and chunks planned: (flat base as given, its leaves as
     arrays JAX reads (`host_array`: torch tensors as NumPy), model leaves likewise in the base's leaf order,
     chunks)."""
-    models = list(models)
+    models = tree_list(models)
     if not models:
         raise MergeInputError("no models to merge")
     flat = flatten(base)
@@ -710,7 +722,7 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
     base_leaves = [host_array(x, n) for n, x in zip(flat.names, flat.leaves)]
     shapes = [np.shape(x) for x in base_leaves]
     dtypes = [jnp.result_type(x) for x in base_leaves]
-    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, options)
+    leaf_roles, groups = plan_roles(flat.names, shapes, dtypes, options, every_leaf=True)
     return flat, base_leaves, model_leaves, plan_chunks(groups, leaf_roles, flat.names, dtypes, len(models), seed,
                                                         options)
 
@@ -742,7 +754,8 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
     flat, base_leaves, model_leaves, plan = plan_trees(base, models, options, seed=static.get("seed", 0))
     data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], flat.names, plan, len(models))
     source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i], data)
-    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh)
+    return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh,
+                    traced_inputs=is_traced(base_leaves, model_leaves))
 
 
 def x64_scope(rule):

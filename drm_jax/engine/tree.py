@@ -11,6 +11,7 @@ that JAX without x64 merged in float32).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -101,6 +102,15 @@ def model_label(index: int | None) -> str:
     return "the base model" if index is None else f"model {index}"
 
 
+def tree_list(trees: Any, what: str = "models", one: str = "tree") -> list[Any]:
+    """`trees` as a list, refusing one tree (a mapping: a dict of leaves, Flax params, an NNX State) given in
+    place of a list of trees, which would otherwise be read as a list of its keys."""
+    if isinstance(trees, Mapping):
+        raise MergeInputError(f"{what} must be a list of {one}s, got a {type(trees).__name__}; for one {one} "
+                              f"pass [{one}]")
+    return list(trees)
+
+
 def align_models(base: FlatTree, models: Sequence[Any]) -> list[list[Any]]:
     """Each model's leaves in the base's leaf order, after checking names and shapes.
 
@@ -130,4 +140,5 @@ def align_models(base: FlatTree, models: Sequence[Any]) -> list[list[Any]]:
     return aligned
 
 
-__all__ = ["FlatTree", "align_models", "flatten", "host_array", "leaf_name", "like_leaf", "model_label", "unflatten"]
+__all__ = ["FlatTree", "align_models", "flatten", "host_array", "leaf_name", "like_leaf", "model_label", "tree_list",
+           "unflatten"]

@@ -329,6 +329,7 @@ class MethodSpec:
     def canonical(self, given: dict, where: Callable[[str], str] = str) -> dict:
         """Aliases mapped to parameter names and values checked; unknown names raise ValueError."""
         out: dict[str, Any] = {}
+        given_as: dict[str, str] = {}  # parameter name -> the name it was given under
         owners = {a: p for p in self.params for a in p.aliases}
         for name, value in given.items():
             if name in self._by_name:
@@ -341,8 +342,9 @@ class MethodSpec:
             else:
                 raise UnknownParameter(name, self)
             if key in out:
-                raise ValueError(f"{where(name)}: {p.name} given twice (as {key!r} and {name!r})")
+                raise ValueError(_given_twice(p, given_as[key], name, where))
             out[key] = value
+            given_as[key] = name
         return out
 
     def with_defaults(self, values: dict) -> dict:
@@ -362,6 +364,16 @@ class MethodSpec:
             raise MergeInputError(message) from None
         bound = tuple(replace(p, default=values[p.name]) if p.name in values else p for p in self.params)
         return replace(self, params=bound, _by_name={})
+
+
+def _given_twice(p: Param, first: str, second: str, where: Callable[[str], str]) -> str:
+    """Two names of one parameter given together (density and drop_rate): say that they are one."""
+    a, b = sorted((first, second))
+    maps = dict(p.alias_maps)
+    relation = f" ({a} = 1 - {b})" if one_minus in (maps.get(a), maps.get(b)) else ""
+    context = where(second)
+    prefix = "" if context == second else f"{context.removesuffix(second).rstrip('.')}: "
+    return f"{prefix}{a} and {b} are the same parameter{relation}; give one"
 
 
 def _mapped(p: Param, alias: str, value: Any, where: str):

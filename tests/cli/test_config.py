@@ -25,8 +25,13 @@ def _config(method="ties", models=None, **top):
     return parse_config(raw)
 
 
+# methods a YAML config cannot run: regmean needs each model's Gram matrices (no YAML form yet),
+# regmean_plusplus merges block after block (drm_jax.regmean_plusplus)
+NO_YAML_FORM = {"regmean", "regmean_plusplus"}
+
+
 def test_every_method_has_an_example_config_that_parses():
-    assert {p.stem for p in EXAMPLES.glob("*.yaml")} == set(METHOD_PARAMS)
+    assert {p.stem for p in EXAMPLES.glob("*.yaml")} == set(METHOD_PARAMS) - NO_YAML_FORM
     for path in EXAMPLES.glob("*.yaml"):
         config = load_config(path)
         recipe = build_recipe(config)

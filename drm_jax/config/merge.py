@@ -36,7 +36,7 @@ from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directo
 from drm_jax.engine.sources import is_floating
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
-from drm_jax.io.base import CONFIG_FILE_NAMES
+from drm_jax.io.base import CONFIG_FILE_NAMES, json_object_or_none
 from drm_jax.io.dtypes import dtype_from_name
 from drm_jax.io.maxtext_io import writer_options
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
@@ -166,11 +166,8 @@ def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: 
     """Record the output dtype and (when the vocabulary was rebuilt) its size in config.json."""
     if not config_path.is_file() or (dtype_name is None and vocab_rows is None):
         return
-    try:
-        model_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return  # not ours to repair: it was copied as it is
-    if not isinstance(model_config, dict):
+    model_config = json_object_or_none(config_path)
+    if model_config is None:  # not ours to repair: it was copied as it is
         return
     if dtype_name is not None:
         keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]

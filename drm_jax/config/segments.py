@@ -44,6 +44,7 @@ from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, quote
 from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
+from drm_jax.io.base import json_object_or_none
 from drm_jax.methods.base import clip
 from drm_jax.methods.registry import get_method
 
@@ -505,11 +506,8 @@ def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> Non
     output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
     if not updates or not config_path.is_file():
         return
-    try:
-        model_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return  # not ours to repair: it was copied as it is
-    if not isinstance(model_config, dict):
+    model_config = json_object_or_none(config_path)
+    if model_config is None:  # not ours to repair: it was copied as it is
         return
     for key, value in updates.items():
         *parents, leaf = key.split(".")

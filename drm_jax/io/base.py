@@ -112,6 +112,16 @@ def read_json(path: Path, what: str) -> Any:
     return parse_json(raw, path, what)
 
 
+def json_object_or_none(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object: for files an
+    output copies as they are (its config.json), which are not ours to repair."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # A claimed array size is checked against the bytes on disk before anything is allocated: at most
 # `ratio` times the stored bytes (the codec's best compression), or this floor for arrays left mostly to
 # their fill value (zarr stores no chunk that equals it).

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import drm_jax
+from compile_count import counting_compiles
 from drm_jax import LoraWeight
 from drm_jax.errors import MergeInputError
 
@@ -157,27 +158,14 @@ def test_transposed_weights_follow_the_layout():
     assert rel((np.asarray(w.b) @ np.asarray(w.a)).T, want["layers.0.q.weight"]) < 1e-5
 
 
-def _count_compiles(fn):
-    count = [0]
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            count[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        fn()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    return count[0]
-
-
 def test_hyperparameters_are_traced():
     base, adapters = make(4)
     drm_jax.merge_adapters(base, adapters, method="drm", drop_rate=0.5, lambda_=1.0)
     sweep = [dict(drop_rate=p, lambda_=lam, coefficients=c) for p, lam, c in
              [(0.8, 0.5, [1.0, 0.5, 2.0]), (0.9, 1.5, [0.3, 1.0, 1.0])]]
-    assert _count_compiles(lambda: [drm_jax.merge_adapters(base, adapters, method="drm", **v) for v in sweep]) == 0
+    with counting_compiles() as compiles:
+        [drm_jax.merge_adapters(base, adapters, method="drm", **v) for v in sweep]
+    assert compiles[0] == 0
     # and inside the caller's jit (traced coefficients): the same factors
     eager = drm_jax.merge_adapters(base, adapters, method="iso_c", coefficients=[0.5, 1.0, 2.0])
 

@@ -117,7 +117,11 @@ def _run(args: argparse.Namespace) -> int:
         abort_unfinished()  # a failure of any kind leaves no temporary directory
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, restore_signals: bool = True) -> int:
+    """Run `drm-jax ARGV`; returns the exit status. restore_signals: put the caller's SIGINT / SIGTERM
+    handlers back at the end (an in-process caller); False: the process is about to exit (`console`), so
+    a signal arriving after the work is done is ignored instead of killing the process by its default
+    action (a finished merge, its output complete, would then exit -15)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if threading.current_thread() is not threading.main_thread():
@@ -130,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sys.unraisablehook = previous_hook
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, handler if restore_signals else signal.SIG_IGN)
+
+
+def console() -> int:
+    """The `drm-jax` console script and `python -m drm_jax.cli.main`."""
+    return main(restore_signals=False)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Sequence
@@ -752,6 +753,10 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
     spec, static, traced = resolve(method, keywords)
     rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
     flat, base_leaves, model_leaves, plan = plan_trees(base, models, options, seed=static.get("seed", 0))
+    if rules.linear is not rules.other and not any(chunk.group.role == "linear" for chunk in plan):
+        warnings.warn(f"method {spec.name}: no leaf went through its decomposition (no 2-D weight outside the "
+                      "embeddings and LM heads, or none left by include/exclude); every leaf took its other path",
+                      UserWarning, stacklevel=2)
     data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], flat.names, plan, len(models))
     source = Source(lambda i: base_leaves[i], lambda t, i: model_leaves[t][i], data)
     return Prepared(spec, static, traced, rules, flat.names, source, len(models), plan, flat=flat, mesh=options.mesh,

@@ -2,6 +2,8 @@
 T5's relative attention bias and LM heads take the TIES-like path (elect, disjoint mean); a 2-D weight
 with none of those names goes through DRM."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,20 @@ def test_other_linear_weights_go_through_drm(merged):
     base, models, out = merged
     got = np.asarray(out[LINEAR], np.float64) - base[LINEAR]
     assert ref.relative_error(got, ref.drm_h(_deltas(base, models, LINEAR))) < 1e-4
+
+
+def test_a_drm_merge_with_no_decomposed_leaf_warns_naming_the_method():
+    rng = np.random.default_rng(1)
+    base = {"model.embed_tokens.weight": rng.standard_normal((6, 4)).astype(np.float32),
+            "model.norm.weight": rng.standard_normal(4).astype(np.float32)}
+    models = [{n: v + np.float32(0.1) * (i + 1) for n, v in base.items()} for i in range(2)]
+    with pytest.warns(UserWarning, match="method drm: no leaf went through its decomposition"):
+        drm_jax.merge(base, models, method="drm")
+    with pytest.warns(UserWarning, match="method knots_ties: no leaf"):
+        drm_jax.prepare(base, models, method="knots_ties")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one path for every leaf: nothing to say
+        drm_jax.prepare(base, models, method="task_arithmetic")
+        # a 2-D weight outside the embeddings goes through the decomposition: no warning either
+        drm_jax.prepare({**base, LINEAR: base["model.embed_tokens.weight"]},
+                        [{**m, LINEAR: m["model.embed_tokens.weight"]} for m in models], method="drm")

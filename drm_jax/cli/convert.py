@@ -18,6 +18,7 @@ from drm_jax.config.merge import MAX_SIZE
 from drm_jax.errors import quote
 from drm_jax.io.architectures import ARCHITECTURES
 from drm_jax.io.convert import convert_checkpoint
+from drm_jax.io.maxtext_convert import ROPE_LAYOUTS
 from drm_jax.io.writer import DEFAULT_MAX_SHARD_SIZE, WRITE_FORMATS, check_dangling_link, check_replaceable, refuse_overlap
 
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -64,6 +65,10 @@ def register(subparsers) -> None:
     maxtext.add_argument("--model-type", choices=("llama", "mistral"), default=None, help="default llama")
     maxtext.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                          help="--to maxtext: stack the layers on MaxText's scan axis (default: on)")
+    maxtext.add_argument("--maxtext-rope", choices=ROPE_LAYOUTS, default="interleaved",
+                         help="MaxText's rotary layout within a head: interleaved (default; MaxText's LLaMA "
+                              "rotary embedding, model_name/rope_type llama3.1, as its converter writes) or "
+                              "halves (a run at rope_type default, e.g. model_name=default)")
     parser.set_defaults(func=run)
 
 
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     defaulted: list[str] = []
     out = convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite,
                              max_shard_size=args.max_shard_size, base=args.base, arch=args.arch,
-                             hf_config=hf_config, scan_layers=args.scan_layers, defaulted=defaulted)
+                             hf_config=hf_config, scan_layers=args.scan_layers, defaulted=defaulted,
+                             maxtext_rope=args.maxtext_rope)
     print(f"wrote {args.to} checkpoint to {out}")
     if defaulted:
         print(f"config.json: {', '.join(defaulted)} at MaxText's defaults (set them with "

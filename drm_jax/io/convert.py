@@ -136,7 +136,7 @@ def _open_source(src: Path, base: str | Path | None) -> CheckpointReader:
 def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: bool = False,
                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, base: str | Path | None = None,
                        arch: str | None = None, hf_config: dict | None = None, scan_layers: bool = True,
-                       defaulted: list | None = None) -> Path:
+                       defaulted: list | None = None, maxtext_rope: str = "interleaved") -> Path:
     """Convert checkpoint `src` (any readable format) to format `to` ("hf" | "flax" | "orbax" | "t5x" |
     "maxtext") in `dst`.
 
@@ -147,7 +147,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
     MaxText in or out (Llama family, drm_jax.io.maxtext_convert): `hf_config` gives the config.json values
     MaxText's shapes cannot tell (rope_theta, rms_norm_eps, max_position_embeddings, model_type), the names
     of those that took MaxText's defaults are appended to `defaulted`; `scan_layers` (default True) stacks
-    the layers of a MaxText output.
+    the layers of a MaxText output; `maxtext_rope` is its rotary layout, "interleaved" (default, MaxText's
+    LLaMA rotary embedding, as its converter writes) or "halves" (a run at rope_type "default").
     """
     src, dst = Path(src), Path(dst)
     # Before anything is read or written: --overwrite replaces dst, so no input may lie in or around it.
@@ -162,7 +163,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, to: str, *, overwrite: 
         asked, arch = arch, arch or detected
         if "maxtext" in (reader.format, to):
             names = convert_maxtext(reader, dst, to, arch=arch, overwrite=overwrite, max_shard_size=max_shard_size,
-                                    hf_config=hf_config, scan_layers=scan_layers)
+                                    hf_config=hf_config, scan_layers=scan_layers, rope=maxtext_rope)
             if defaulted is not None:
                 defaulted.extend(names)
             return dst

@@ -12,9 +12,13 @@ The map restates MaxText's documented Llama mapping (its checkpoint_conversion p
   `o_proj.weight.T` reshaped; norms and the embedding table are unchanged;
 - the query kernel is scaled by 1 / sqrt(head_dim) on the way in (MaxText folds the attention's
   1 / sqrt(head_dim) into it) and by sqrt(head_dim) on the way out, in float32, cast back to the dtype;
-- rotary embedding: within each head, MaxText's query and key dimensions are interleaved (pairs (2j, 2j+1))
-  where Hugging Face's are split in halves (j, j + head_dim / 2): in, `x[..., 2j] = hf[..., j]`,
-  `x[..., 2j + 1] = hf[..., j + head_dim / 2]`; out, evens then odds.
+- rotary embedding (`rope="interleaved"`, the default): within each head, MaxText's query and key dimensions
+  are interleaved (pairs (2j, 2j+1)) where Hugging Face's are split in halves (j, j + head_dim / 2): in,
+  `x[..., 2j] = hf[..., j]`, `x[..., 2j + 1] = hf[..., j + head_dim / 2]`; out, evens then odds. That is the
+  layout of MaxText's LLaMA rotary embedding (model_name or rope_type llama3.1, the models its converter
+  writes). A MaxText run at rope_type "default" (e.g. `model_name=default`, decoder_block llama2) rotates
+  halves as Hugging Face does: `rope="halves"` converts it without the permutation (a MaxText 0.2.5 run's
+  logged loss equals the converted model's only so). The checkpoint does not record which it is.
 
 A conversion is exact (bit for bit, both ways) but for the query scaling: exact when sqrt(head_dim) is a
 power of two (head_dim 4, 16, 64, 256), else rounded once each way as MaxText's converter rounds it.
@@ -68,6 +72,7 @@ LLAMA_MODEL_TYPES = ("llama", "mistral")
 # What the shapes cannot tell, at MaxText's defaults (rope_max_timescale, normalization_layer_epsilon,
 # max_target_length).
 MAXTEXT_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 2048}
+ROPE_LAYOUTS = ("interleaved", "halves")  # MaxText's query / key dimensions within a head (module docstring)
 
 
 # --- the per-tensor transforms ------------------------------------------------------------------------
@@ -88,14 +93,15 @@ def rope_from_hf(array: np.ndarray) -> np.ndarray:
     return np.stack((array[..., :half], array[..., half:]), axis=-1).reshape(array.shape)
 
 
-def _hf_from(name: str, how: str, stored: np.ndarray) -> np.ndarray:
+def _hf_from(name: str, how: str, stored: np.ndarray, rope: str = "interleaved") -> np.ndarray:
     """MaxText leaf `name` (stored shape, one layer) -> its Hugging Face weight."""
     if how == "same":
         return stored
     if how in ("query", "key"):
         if how == "query":
             stored = _scaled(stored, math.sqrt(stored.shape[-1]))
-        stored = rope_to_hf(stored)
+        if rope == "interleaved":
+            stored = rope_to_hf(stored)
     if name.endswith("self_attention.out.kernel"):
         matrix = stored.reshape(-1, stored.shape[-1])  # (heads * head_dim, emb)
     else:
@@ -103,13 +109,15 @@ def _hf_from(name: str, how: str, stored: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix.T)
 
 
-def _maxtext_from(name: str, how: str, hf: np.ndarray, stored_shape: tuple[int, ...]) -> np.ndarray:
+def _maxtext_from(name: str, how: str, hf: np.ndarray, stored_shape: tuple[int, ...],
+                  rope: str = "interleaved") -> np.ndarray:
     """Hugging Face weight -> MaxText leaf `name` in `stored_shape` (inverse of `_hf_from`)."""
     if how == "same":
         return hf
     stored = np.ascontiguousarray(hf.T).reshape(stored_shape)
     if how in ("query", "key"):
-        stored = rope_from_hf(stored)
+        if rope == "interleaved":
+            stored = rope_from_hf(stored)
         if how == "query":
             stored = _scaled(stored, 1.0 / math.sqrt(stored.shape[-1]))
     return stored
@@ -186,12 +194,13 @@ def hf_config_from_shapes(reader: MaxTextReader, given: Mapping[str, Any] | None
     return config, defaulted
 
 
-def maxtext_to_hf_tensors(reader: MaxTextReader):
-    """(Hugging Face name, array) of every leaf, one at a time (refused first if any leaf has no place)."""
+def maxtext_to_hf_tensors(reader: MaxTextReader, rope: str = "interleaved"):
+    """(Hugging Face name, array) of every leaf, one at a time (refused first if any leaf has no place);
+    `rope`: MaxText's rotary layout, one of `ROPE_LAYOUTS` (module docstring)."""
     plan = _placed(reader)
     for name, hf, how in plan:
         stored = reader.get(name).reshape(reader.stored_shape(name))
-        yield hf, _hf_from(name, how, stored)
+        yield hf, _hf_from(name, how, stored, rope)
 
 
 # --- Hugging Face -> MaxText ----------------------------------------------------------------------------
@@ -207,8 +216,10 @@ def _heads(config: Mapping[str, Any], path: Path) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def hf_to_maxtext_tensors(names, get: Callable[[str], np.ndarray], config: Mapping[str, Any], path: Path):
-    """(MaxText name, array in its stored per-layer shape) of every Hugging Face Llama tensor in `names`."""
+def hf_to_maxtext_tensors(names, get: Callable[[str], np.ndarray], config: Mapping[str, Any], path: Path,
+                          rope: str = "interleaved"):
+    """(MaxText name, array in its stored per-layer shape) of every Hugging Face Llama tensor in `names`;
+    `rope`: MaxText's rotary layout to write, one of `ROPE_LAYOUTS`."""
     heads, kv_heads, head_dim = _heads(config, path)
     plan = []
     for hf in names:
@@ -236,7 +247,7 @@ def hf_to_maxtext_tensors(names, get: Callable[[str], np.ndarray], config: Mappi
         if math.prod(shape) != array.size:
             raise CheckpointError(f"{path}: tensor {hf!r} of shape {array.shape} does not fit {shape} "
                                   f"(config.json's heads and head_dim)")
-        yield name, _maxtext_from(name, how, array, shape)
+        yield name, _maxtext_from(name, how, array, shape, rope)
 
 
 # --- the conversion ----------------------------------------------------------------------------------------
@@ -257,14 +268,17 @@ def _write_config(directory: Path, config: Mapping[str, Any]) -> None:
 
 def convert_maxtext(reader: CheckpointReader, dst: Path, to: str, *, arch: str, overwrite: bool = False,
                     max_shard_size: int, hf_config: Mapping[str, Any] | None = None,
-                    scan_layers: bool = True) -> list[str]:
+                    scan_layers: bool = True, rope: str = "interleaved") -> list[str]:
     """Convert where MaxText is the source or the target (`drm_jax.io.convert_checkpoint` calls this).
 
     MaxText -> "hf" | "flax" | "orbax": through the Llama map, with a config.json from the shapes; returns
     the config keys that took MaxText's defaults. Any readable Llama / Mistral checkpoint -> "maxtext":
     `<dst>/0/items`, layers stacked when `scan_layers`, its config.json copied beside. MaxText -> MaxText
-    rewrites the tree (scanned or not as `scan_layers` says).
+    rewrites the tree (scanned or not as `scan_layers` says). `rope`: MaxText's rotary layout, one of
+    `ROPE_LAYOUTS` (module docstring; default "interleaved", MaxText's converter's).
     """
+    if rope not in ROPE_LAYOUTS:
+        raise CheckpointError(f"rope layout {rope!r}: one of {', '.join(ROPE_LAYOUTS)}")
     defaulted: list[str] = []
     if reader.format == "maxtext" and to == "maxtext":
         with CheckpointWriter(dst, "maxtext", overwrite=overwrite, copy_from=reader.config_dir,
@@ -278,7 +292,7 @@ def convert_maxtext(reader: CheckpointReader, dst: Path, to: str, *, arch: str, 
         config, defaulted = hf_config_from_shapes(reader, hf_config)
         naming = FORMAT_NAMING[to]
         with CheckpointWriter(dst, to, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
-            for hf, array in maxtext_to_hf_tensors(reader):
+            for hf, array in maxtext_to_hf_tensors(reader, rope):
                 writer.add(name_from_hf(naming, "llama", hf, array.ndim),
                            array_from_hf(naming, "llama", hf, array))
             _write_config(writer.tmp_dir, config)
@@ -301,10 +315,10 @@ def convert_maxtext(reader: CheckpointReader, dst: Path, to: str, *, arch: str, 
 
     with CheckpointWriter(dst, "maxtext", overwrite=overwrite, copy_from=reader.config_dir,
                           scan_layers=scan_layers) as writer:
-        for name, array in hf_to_maxtext_tensors(list(own), get, config, reader.path):
+        for name, array in hf_to_maxtext_tensors(list(own), get, config, reader.path, rope):
             writer.add(name, array)
     return defaulted
 
 
-__all__ = ["LLAMA_LAYER_TABLE", "LLAMA_TABLE", "MAXTEXT_DEFAULTS", "convert_maxtext", "hf_config_from_shapes",
+__all__ = ["LLAMA_LAYER_TABLE", "LLAMA_TABLE", "MAXTEXT_DEFAULTS", "ROPE_LAYOUTS", "convert_maxtext", "hf_config_from_shapes",
            "hf_to_maxtext_tensors", "maxtext_to_hf_tensors", "rope_from_hf", "rope_to_hf"]

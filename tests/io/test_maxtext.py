@@ -40,8 +40,9 @@ def _hf_tensors(directory: Path) -> dict[str, np.ndarray]:
         return {name: reader.get(name) for name in reader.keys()}
 
 
-def _maxtext_layer(tail: str, hf: np.ndarray, config: dict) -> np.ndarray:
-    """One layer's MaxText leaf from its Hugging Face weight (MaxText's Llama hooks, to MaxText)."""
+def _maxtext_layer(tail: str, hf: np.ndarray, config: dict, interleaved: bool = True) -> np.ndarray:
+    """One layer's MaxText leaf from its Hugging Face weight (MaxText's Llama hooks, to MaxText); the rotary
+    permutation only for MaxText's interleaved (LLaMA) rotary layout."""
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["hidden_size"] // heads
     if tail.endswith("scale"):
@@ -52,7 +53,7 @@ def _maxtext_layer(tail: str, hf: np.ndarray, config: dict) -> np.ndarray:
     if tail in ("self_attention.query.kernel", "self_attention.key.kernel", "self_attention.value.kernel"):
         count = heads if tail == "self_attention.query.kernel" else kv
         kernel = kernel.reshape(kernel.shape[0], count, head_dim)
-        if tail != "self_attention.value.kernel":  # rotary: halves -> interleaved pairs
+        if interleaved and tail != "self_attention.value.kernel":  # rotary: halves -> interleaved pairs
             half = head_dim // 2
             kernel = np.stack([kernel[..., :half], kernel[..., half:]], axis=-1).reshape(kernel.shape)
         if tail == "self_attention.query.kernel":
@@ -60,10 +61,11 @@ def _maxtext_layer(tail: str, hf: np.ndarray, config: dict) -> np.ndarray:
     return kernel
 
 
-def maxtext_params(hf: dict[str, np.ndarray], config: dict, scanned: bool = True) -> dict:
+def maxtext_params(hf: dict[str, np.ndarray], config: dict, scanned: bool = True, interleaved: bool = True) -> dict:
     """The `params.params` tree MaxText holds for Hugging Face Llama tensors `hf`."""
     layers = config["num_hidden_layers"]
-    per_layer = {tail: [_maxtext_layer(tail, hf[f"model.layers.{i}.{name}"], config) for i in range(layers)]
+    per_layer = {tail: [_maxtext_layer(tail, hf[f"model.layers.{i}.{name}"], config, interleaved)
+                        for i in range(layers)]
                  for name, tail in HF_TO_MT_LAYER.items()}
     decoder: dict = {"decoder_norm": {"scale": hf["model.norm.weight"]},
                      "logits_dense": {"kernel": hf["lm_head.weight"].T}}
@@ -175,6 +177,26 @@ def test_hf_to_maxtext_is_maxtexts_tree_and_back_is_exact(llama, tmp_path, scann
     assert sorted(back) == sorted(hf)
     for name, array in hf.items():
         np.testing.assert_array_equal(back[name], array, err_msg=name)
+
+
+def test_a_run_that_rotates_halves_converts_without_the_permutation(llama, tmp_path):
+    # MaxText's default rotary embedding (rope_type "default") rotates halves, as Hugging Face does
+    directory, hf, config = llama
+    halves = maxtext_params(hf, config, interleaved=False)
+    run = save_maxtext_run(tmp_path / "run", halves)
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf", "--maxtext-rope", "halves"]) == 0
+    back = _hf_tensors(tmp_path / "hf")
+    assert sorted(back) == sorted(hf)
+    for name, array in hf.items():
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
+    assert main(["convert", str(directory), str(tmp_path / "mt"), "--to", "maxtext", "--maxtext-rope", "halves"]) == 0
+    with OrbaxReader(tmp_path / "mt" / "0" / "items") as written:
+        for name, array in _flat(halves).items():
+            np.testing.assert_array_equal(written.get(f"params.params.{name}"), array, err_msg=name)
+    # the default (interleaved) layout reads the same run with the key's head dimensions permuted
+    assert main(["convert", str(run), str(tmp_path / "hf-interleaved"), "--to", "hf"]) == 0
+    key = "model.layers.0.self_attn.k_proj.weight"
+    assert not np.array_equal(_hf_tensors(tmp_path / "hf-interleaved")[key], hf[key])
 
 
 def _finetuned(hf: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:

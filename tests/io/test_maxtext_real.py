@@ -5,8 +5,10 @@ Optional: MaxText needs Python >= 3.12, which the project's environment need not
 DRM_JAX_MAXTEXT_PYTHON to an interpreter with `maxtext==0.2.5` installed (README, "MaxText"); elsewhere
 every test here skips. The interpreter runs MaxText's trainer on the CPU (synthetic data, a 2-layer
 Llama-style model of width 16, 3 steps, a checkpoint after each) into pytest's tmp_path, and once more for
-one step from the merged checkpoint (`load_parameters_path`). MaxText's rotary embedding is its LLaMA one
-(`rope_type=llama3.1` without the frequency scaling): the interleaved layout its converter writes.
+one step from the merged checkpoint (`load_parameters_path`). The training run's rotary embedding is
+MaxText's LLaMA one (`rope_type=llama3.1` without the frequency scaling): the interleaved layout its converter
+writes. The second run rotates halves (`rope_type=default`, MaxText's default), so its loss is that of the
+merged checkpoint converted with `--maxtext-rope halves`: both layouts are checked against MaxText's forward.
 
 MaxText's synthetic batch is drawn from PRNGKey(0) under its `unsafe_rbg` PRNG; the step-k loss MaxText
 logs (`metrics_file`) is that of the parameters checkpointed at step k - 1, so the converted Hugging Face
@@ -31,8 +33,9 @@ from drm_jax.io.orbax_io import OrbaxReader
 PYTHON_VARIABLE = "DRM_JAX_MAXTEXT_PYTHON"
 VOCAB, WIDTH, MLP, LAYERS, HEADS, KV_HEADS, HEAD_DIM, LENGTH = 32, 16, 24, 2, 4, 2, 4, 16
 MODEL = [f"vocab_size={VOCAB}", f"base_emb_dim={WIDTH}", f"base_mlp_dim={MLP}", f"base_num_decoder_layers={LAYERS}",
-         f"base_num_query_heads={HEADS}", f"base_num_kv_heads={KV_HEADS}", f"head_dim={HEAD_DIM}",
-         "rope_type=llama3.1", "rope_use_scale=false", "dtype=float32"]
+         f"base_num_query_heads={HEADS}", f"base_num_kv_heads={KV_HEADS}", f"head_dim={HEAD_DIM}", "dtype=float32"]
+# MaxText's LLaMA rotary embedding (interleaved), without llama3.1's frequency scaling; "default" rotates halves
+INTERLEAVED, HALVES = ("rope_type=llama3.1", "rope_use_scale=false"), ("rope_type=default",)
 RUN = ["hardware=cpu", "skip_jax_distributed_system=true", "dataset_type=synthetic", "packing=false",
        "per_device_batch_size=1", f"max_target_length={LENGTH}", "attention=dot_product", "enable_tensorboard=false",
        "learning_rate=1e-2", "warmup_steps_fraction=0", "async_checkpointing=false"]
@@ -87,7 +90,7 @@ def maxtext(tmp_path_factory):
     if probe[0] != "True" or probe[1] != "0.2.5":
         pytest.skip(f"{PYTHON_VARIABLE}={python} is Python >= 3.12: {probe[0]}, maxtext {probe[1]} (0.2.5 needed)")
     run_dir = tmp_path_factory.mktemp("maxtext")
-    losses = train(python, run_dir, 3, "enable_checkpointing=true", "checkpoint_period=1")
+    losses = train(python, run_dir, 3, *INTERLEAVED, "enable_checkpointing=true", "checkpoint_period=1")
     return python, run_dir / "run", np.array(json.loads(probe[2]))[0], losses
 
 
@@ -157,9 +160,9 @@ def test_drm_merge_of_maxtext_checkpoints_is_one_maxtext_loads(maxtext, tmp_path
         assert reader.keys() == base.keys()
         query = "decoder.layers.0.self_attention.query.kernel"
         assert np.isfinite(reader.get(query)).all() and not np.array_equal(reader.get(query), base.get(query))
-    # MaxText loads the merged parameters and its loss on them is the converted model's
-    assert main(["convert", str(merged), str(tmp_path / "merged-hf"), "--to", "hf"]) == 0
+    # MaxText loads the merged parameters and its loss on them is the converted model's (rotating halves)
+    assert main(["convert", str(merged), str(tmp_path / "merged-hf"), "--to", "hf", "--maxtext-rope", "halves"]) == 0
     second = tmp_path / "second"
     second.mkdir()
-    losses = train(python, second, 1, "enable_checkpointing=false", f"load_parameters_path={items}")
+    losses = train(python, second, 1, *HALVES, "enable_checkpointing=false", f"load_parameters_path={items}")
     np.testing.assert_allclose(cross_entropy(tmp_path / "merged-hf", tokens), losses[0], rtol=2e-6)

@@ -6,7 +6,8 @@ weights through MaxText's Llama transforms (restated below from its converter's 
 kernels transposed with the head axes unfolded, the query scaled by 1/sqrt(head_dim), q and k interleaved
 for its rotary layout, layers stacked on axis 1), saved by Orbax's CheckpointManager as
 `<run>/checkpoints/<step>/items` with `_CHECKPOINT_METADATA`, beside an Optax `opt_state` list, RNG state and
-`step`. (A test against a real MaxText install needs Python >= 3.12 and maxtext; it is not here.)
+`step`. Checkpoints written by a real MaxText 0.2.5 are tested in test_maxtext_real.py (optional: it needs
+a Python >= 3.12 with maxtext, named by DRM_JAX_MAXTEXT_PYTHON).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from drm_jax.methods.base import clip, is_finite_number, short
+from drm_jax.methods.base import clip, short
+from drm_jax.numbers import is_finite_number
 
 CONDITION_KEYS = ("filter", "value")
 

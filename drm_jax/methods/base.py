@@ -19,7 +19,6 @@ The method reference (equations, defaults, papers) is docs/methods.md.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, NamedTuple, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from drm_jax.errors import QUOTE_LIMIT, MergeInputError, escape_controls, quote
 from drm_jax.math.arrays import is_traced
 from drm_jax.math.state import MergeTransform, init_state, merged_of
+from drm_jax.numbers import is_finite_number  # re-exported: engine.adapters reads it here
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
 _NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
@@ -85,18 +85,6 @@ class Param:
         return {"fraction": "number in [0, 1]", "float": "finite number", "nonnegative": "number >= 0",
                 "rtol": "number in [0, 1)", "bool": "true | false", "seed": "integer >= 0",
                 "count": "integer >= 0"}[self.kind]
-
-
-def is_finite_number(v: Any) -> bool:
-    """A real number (not a bool) that a float holds finitely: an integer of 400 digits is not one."""
-    if hasattr(v, "shape") and getattr(v, "shape", None) == () and not isinstance(v, bool):
-        v = v.item() if hasattr(v, "item") else v  # a 0-d array or numpy scalar
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # int -> float conversion of an integer beyond float's range
-        return False
 
 
 def check_value(param: Param, value: Any, where: str) -> Any:

@@ -33,11 +33,10 @@ from drm_jax.config.segments import (Segment, check_patterns, check_segments, me
                                      set_layer_count)
 from drm_jax.config.streaming import input_paths
 from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
-from drm_jax.engine.sources import is_floating
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
 from drm_jax.io.base import CONFIG_FILE_NAMES, json_object_or_none
-from drm_jax.io.dtypes import dtype_from_name
+from drm_jax.io.dtypes import dtype_from_name, is_floating
 from drm_jax.io.maxtext_io import writer_options
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
 from drm_jax.io.safetensors_io import write_header_only

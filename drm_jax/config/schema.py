@@ -38,10 +38,10 @@ import yaml
 
 from drm_jax.config.chat_templates import check_chat_template
 from drm_jax.config.settings import check_setting
-from drm_jax.errors import ConfigError, quote
+from drm_jax.errors import ConfigError, clip, quote
 from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
 from drm_jax.io.hub import hub_snapshot, split_hub_id
-from drm_jax.methods.base import Param, clip, short
+from drm_jax.methods.base import Param
 from drm_jax.methods.registry import METHODS, get_method
 
 # mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
@@ -306,7 +306,7 @@ class Block:
         """The checked values of `raw` by field name (absent ones at their default). `context` is passed to
         every check (beside the fields read so far) and not returned."""
         if not isinstance(raw, dict):
-            message = self.shape.format(got=short(raw), type=type(raw).__name__)
+            message = self.shape.format(got=quote(raw), type=type(raw).__name__)
             raise _Invalid(f"{key}: {message}" if key else message)
         unknown = sorted((k for k in raw if k not in self.names), key=str)
         if unknown:
@@ -357,7 +357,7 @@ def _float32_value(value: Any, key: str) -> Any:
 def _check_param(key: str, method: str, name: str, value: Any) -> Any:
     if name in ROLE_PARAMS:
         if not _is_patterns(value):
-            raise _Invalid(f"{key}: must be a regular expression or a list of them, got {short(value)}")
+            raise _Invalid(f"{key}: must be a regular expression or a list of them, got {quote(value)}")
         return value
     owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
@@ -378,13 +378,13 @@ def _named_values(key: str, value: Any) -> dict:
         raise _Invalid(f"{key}: must be a mapping of names to values, got {type(value).__name__}")
     for name in value:
         if not isinstance(name, str):
-            raise _Invalid(f"{key}: parameter names must be strings, got {short(name)}")
+            raise _Invalid(f"{key}: parameter names must be strings, got {quote(name)}")
     return value
 
 
 def _method(value: Any, key: str, got: Mapping[str, Any]) -> str:
     if not isinstance(value, str) or value not in METHOD_PARAMS:
-        raise _Invalid(f"{key}: unknown method {short(value)}; expected one of {sorted(METHOD_PARAMS)}")
+        raise _Invalid(f"{key}: unknown method {quote(value)}; expected one of {sorted(METHOD_PARAMS)}")
     return value
 
 
@@ -426,7 +426,7 @@ def _reference(value: Any, key: str, got: Mapping[str, Any] | None = None) -> st
     if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
         value = value["path"]
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"{key}: must be a model path, got {short(value)}")
+        raise _Invalid(f"{key}: must be a model path, got {quote(value)}")
     return value.strip()
 
 
@@ -439,7 +439,7 @@ def _dtype(value: Any, key: str, got: Mapping[str, Any]) -> str:
     name = str(value)
     name = name[len("torch."):] if name.startswith("torch.") else name
     if name not in DTYPES:
-        raise _Invalid(f"{key}: unknown dtype {short(value)}; expected one of {sorted(set(DTYPES.values()))}")
+        raise _Invalid(f"{key}: unknown dtype {quote(value)}; expected one of {sorted(set(DTYPES.values()))}")
     return DTYPES[name]
 
 
@@ -447,22 +447,22 @@ def _chat_template(value: Any, key: str, got: Mapping[str, Any]) -> str | None:
     if value == "":
         return None
     if not isinstance(value, str):
-        raise _Invalid(f"{key}: must be a template name, 'auto' or a Jinja template, got {short(value)}")
+        raise _Invalid(f"{key}: must be a template name, 'auto' or a Jinja template, got {quote(value)}")
     problem = check_chat_template(value)
     if problem is not None:
-        raise _Invalid(f"{key}: {short(value)}: {problem}")
+        raise _Invalid(f"{key}: {quote(value)}: {problem}")
     return value
 
 
 def _boolean(value: Any, key: str, got: Mapping[str, Any]) -> bool:
     if not isinstance(value, bool):
-        raise _Invalid(f"{key}: must be true or false, got {short(value)}")
+        raise _Invalid(f"{key}: must be true or false, got {quote(value)}")
     return value
 
 
 def _string(value: Any, key: str, got: Mapping[str, Any]) -> str:
     if not isinstance(value, str):
-        raise _Invalid(f"{key}: must be a string, got {short(value)}")
+        raise _Invalid(f"{key}: must be a string, got {quote(value)}")
     return value
 
 
@@ -471,9 +471,9 @@ def _integer(low: int, describe: str, high: int | None = None, why: str = "") ->
     above."""
     def check(value: Any, key: str, got: Mapping[str, Any]) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _Invalid(f"{key}: must be {describe}, got {short(value)}")
+            raise _Invalid(f"{key}: must be {describe}, got {quote(value)}")
         if high is not None and value > high:
-            raise _Invalid(f"{key}: at most {high}{why}, got {short(value)}")
+            raise _Invalid(f"{key}: at most {high}{why}, got {quote(value)}")
         return value
     return check
 
@@ -481,10 +481,10 @@ def _integer(low: int, describe: str, high: int | None = None, why: str = "") ->
 def _layer_range(value: Any, key: str, got: Mapping[str, Any]) -> tuple[int, int]:
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise _Invalid(f"{key}: must be [start, stop], two layer indices, got {short(value)}")
+        raise _Invalid(f"{key}: must be [start, stop], two layer indices, got {quote(value)}")
     start, stop = value
     if not 0 <= start < stop:
-        raise _Invalid(f"{key}: must be [start, stop] with 0 <= start < stop, got {short(value)}")
+        raise _Invalid(f"{key}: must be [start, stop] with 0 <= start < stop, got {quote(value)}")
     return int(start), int(stop)
 
 
@@ -532,7 +532,7 @@ def _sources(value: Any, key: str, got: Mapping[str, Any]) -> tuple[ModelEntry, 
         skey = f"{key}[{j}]"
         entry = SLICE_SOURCE.read(raw, skey, method=method)
         if any(s.model == entry["model"] for s in sources):
-            raise _Invalid(f"{skey}.model: {short(entry['model'])} is already a source of this slice "
+            raise _Invalid(f"{skey}.model: {quote(entry['model'])} is already a source of this slice "
                            f"(mergekit refuses duplicate merge inputs)")
         sources.append(ModelEntry(entry["model"], skey, entry["parameters"], entry["layer_range"]))
     length = sources[0].layer_range[1] - sources[0].layer_range[0]
@@ -589,7 +589,7 @@ def _slices_list(key: str, raw: Any, method: str, base: str | None) -> tuple[Sli
                            f"base_model, for the slice or at the top level)")
         if spec.needs_base and (s.base_model or base) not in [m.model for m in s.sources]:
             where = f"{s.key}.base_model" if s.base_model else "base_model"
-            raise _Invalid(f"{where}: {short(s.base_model or base)} is not a source of {s.key}; a slice merges its "
+            raise _Invalid(f"{where}: {quote(s.base_model or base)} is not a source of {s.key}; a slice merges its "
                            f"sources over the one that is the base model (mergekit)")
     return tuple(slices)
 
@@ -611,7 +611,7 @@ def _model_inputs(raw: dict, method: str, base: str | None):
         modules = raw["modules"]
         if not isinstance(modules, dict):
             raise _Invalid(f"modules: must be a mapping of module names to {{slices | models, parameters}}, got "
-                           f"{short(modules)}")
+                           f"{quote(modules)}")
         names = sorted(map(str, modules))
         if names != [DEFAULT_MODULE]:
             other = next((n for n in names if n != DEFAULT_MODULE), names[0])
@@ -652,10 +652,10 @@ def _token_source(value: Any, key: str, got: Mapping[str, Any]) -> TokenSource:
         kind = value["kind"]
         if kind == "zero":
             if set(value) != {"kind"}:
-                raise _Invalid(f"{key}: a zero source has only 'kind: zero', got {short(value)}")
+                raise _Invalid(f"{key}: a zero source has only 'kind: zero', got {quote(value)}")
             return TokenSource("zero")
         if kind != "model_token":
-            raise _Invalid(f"{key}.kind: expected 'zero' or 'model_token', got {short(kind)}")
+            raise _Invalid(f"{key}.kind: expected 'zero' or 'model_token', got {quote(kind)}")
         values = MODEL_TOKEN_SOURCE.read(value, key)
         if (values["token_id"] is None) == (values["token"] is None):
             raise _Invalid(f"{key}: give exactly one of token_id and token")
@@ -673,12 +673,12 @@ TOKEN_SETTING = Block(
 def _token_settings(value: Any, key: str, got: Mapping[str, Any]) -> tuple[tuple[str, TokenSetting], ...]:
     """`tokenizer.tokens`: token -> TOKEN_SETTING, in config order."""
     if not isinstance(value, dict):
-        raise _Invalid(f"{key}: must be a mapping of tokens to settings, got {short(value)}")
+        raise _Invalid(f"{key}: must be a mapping of tokens to settings, got {quote(value)}")
     tokens = []
     for token, setting in value.items():
         tkey = f"{key}.{clip(token)}"
         if not isinstance(token, str) or not token:
-            raise _Invalid(f"{tkey}: a token must be a non-empty string, got {short(token)}")
+            raise _Invalid(f"{tkey}: a token must be a non-empty string, got {quote(token)}")
         values = TOKEN_SETTING.read({} if setting is None else setting, tkey)
         tokens.append((token, TokenSetting(values["source"], values["force"])))
     return tuple(tokens)

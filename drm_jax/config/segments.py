@@ -40,13 +40,12 @@ from drm_jax.config.settings import FilterList, Gradient, resolve
 from drm_jax.config.streaming import open_sources, open_views
 from drm_jax.engine.roles import RoleRules, unmatched_message
 from drm_jax.engine.sources import CheckpointSources, stream_merge
-from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, quote
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, clip, quote
 from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
 from drm_jax.io.base import json_object_or_none
 from drm_jax.io.dtypes import is_floating
-from drm_jax.methods.base import clip
 from drm_jax.methods.registry import get_method
 
 

@@ -7,6 +7,7 @@ tensor (leaf path) or the key, and says what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import reprlib
 import unicodedata
@@ -90,6 +91,18 @@ class UnsafeFileError(CheckpointError):
 
 class ConfigError(DrmJaxError, ValueError):
     """A merge configuration is invalid (YAML, unknown method or parameter)."""
+
+
+@contextlib.contextmanager
+def os_errors_named(where: str | os.PathLike):
+    """Inside, an OSError that is no DrmJaxError (an unwritable output directory, a full disk) becomes a
+    CheckpointError naming its file (else `where`): one line, no traceback."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, DrmJaxError):
+            raise
+        raise CheckpointError(f"{err.filename or where}: {err.strerror or err}") from None
 
 
 

@@ -477,24 +477,33 @@ def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray],
     return dict(counts)
 
 
-def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> None:
-    """Write a frankenmerge's layer counts (mergekit: num_layers_config_key) and per-layer lists into the
-    output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
-    if not updates or not config_path.is_file():
+def edit_model_config(config_path: Path, edit: Callable[[dict], None]) -> None:
+    """Apply `edit` to the output's config.json (a JSON object) and write it back; a missing, unreadable
+    or non-object file is left as it is (it was copied as it is: not ours to repair)."""
+    model_config = json_object_or_none(config_path) if config_path.is_file() else None
+    if model_config is None:
         return
-    model_config = json_object_or_none(config_path)
-    if model_config is None:  # not ours to repair: it was copied as it is
-        return
-    for key, value in updates.items():
-        *parents, leaf = key.split(".")
-        target = model_config
-        for part in parents:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[leaf] = value
+    edit(model_config)
     config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> None:
+    """Write a frankenmerge's layer counts (mergekit: num_layers_config_key) and per-layer lists into the
+    output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
+    def edit(model_config: dict) -> None:
+        for key, value in updates.items():
+            *parents, leaf = key.split(".")
+            target = model_config
+            for part in parents:
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            target[leaf] = value
+
+    if updates:
+        edit_model_config(config_path, edit)
+
+
 __all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_patterns", "check_segments",
-           "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype", "set_layer_count"]
+           "edit_model_config", "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype",
+           "set_layer_count"]

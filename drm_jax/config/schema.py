@@ -454,16 +454,13 @@ def _chat_template(value: Any, key: str, got: Mapping[str, Any]) -> str | None:
     return value
 
 
-def _boolean(value: Any, key: str, got: Mapping[str, Any]) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"{key}: must be true or false, got {quote(value)}")
-    return value
-
-
-def _string(value: Any, key: str, got: Mapping[str, Any]) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"{key}: must be a string, got {quote(value)}")
-    return value
+def _instance(kind: type, describe: str) -> Check:
+    """The check of a value of one type: "must be {describe}" otherwise."""
+    def check(value: Any, key: str, got: Mapping[str, Any]) -> Any:
+        if not isinstance(value, kind):
+            raise _Invalid(f"{key}: must be {describe}, got {quote(value)}")
+        return value
+    return check
 
 
 def _integer(low: int, describe: str, high: int | None = None, why: str = "") -> Check:
@@ -640,7 +637,7 @@ def _model_inputs(raw: dict, method: str, base: str | None):
 
 MODEL_TOKEN_SOURCE = Block(
     fields=(Field("kind", _checked_later), Field("model", _reference, required=True, null_is_absent=False),
-            Field("token_id", _integer(0, "a non-negative integer")), Field("token", _string)),
+            Field("token_id", _integer(0, "a non-negative integer")), Field("token", _instance(str, "a string"))),
     shape="must be a mapping, got {got}",
     unknown="a model_token source has 'model' and one of 'token_id' / 'token'")
 
@@ -665,7 +662,7 @@ def _token_source(value: Any, key: str, got: Mapping[str, Any]) -> TokenSource:
 
 TOKEN_SETTING = Block(
     fields=(Field("source", _token_source, null_is_absent=False),
-            Field("force", _boolean, default=False, null_is_absent=False)),
+            Field("force", _instance(bool, "true or false"), default=False, null_is_absent=False)),
     shape="must be a mapping with 'source' and 'force', got {got}",
     unknown="expected 'source' and 'force'")
 

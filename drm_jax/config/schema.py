@@ -44,8 +44,6 @@ from drm_jax.io.hub import hub_snapshot, split_hub_id
 from drm_jax.methods.base import Param
 from drm_jax.methods.registry import METHODS, get_method
 
-# mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
-UNSUPPORTED_KEYS: dict[str, str] = {}
 # Most models one merge (or one slice) takes: per-model costs (readers, stacked inputs, programs) stay
 # bounded; model soups and mergekit configs use a few to a few dozen.
 MAX_MODELS = 256
@@ -324,10 +322,6 @@ class Block:
                 value = f.check(value, _at(key, f.name), got)
             got[f.name] = values[f.name] = value
         return values
-
-
-def _fail(source: Path | None, message: str) -> ConfigError:
-    return ConfigError((f"{source}: " if source is not None else "") + message)
 
 
 def _is_patterns(v: Any) -> bool:
@@ -719,11 +713,7 @@ def parse_config(raw: Any, source: Path | None = None, text: str | None = None) 
       ConfigError: naming the key (and the file, if `source` is given) of the first problem found.
     """
     try:
-        if isinstance(raw, dict):
-            for name in raw:
-                if name in UNSUPPORTED_KEYS:
-                    raise _Invalid(f"{name}: {UNSUPPORTED_KEYS[name]}")
-        values = CONFIG.read(raw, "", method=None)
+        values = CONFIG.read(raw, "")
         method, base = values["merge_method"], values["base_model"]
         models, slices, module_parameters = _model_inputs(raw, method, base)
         tokenizer_source, tokenizer = values["tokenizer_source"], values["tokenizer"]
@@ -734,7 +724,7 @@ def parse_config(raw: Any, source: Path | None = None, text: str | None = None) 
         if tokenizer is not None and tokenizer.source == "base" and base is None:
             raise _Invalid("tokenizer.source: 'base' needs a base_model")
     except _Invalid as err:
-        raise _fail(source, str(err)) from None
+        raise ConfigError((f"{source}: " if source is not None else "") + str(err)) from None
     return MergeConfig(
         merge_method=method,
         models=models,

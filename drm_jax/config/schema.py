@@ -21,9 +21,9 @@ wrong types, out-of-range values. Errors are `ConfigError`s whose message names 
 (`models[1].parameters.density`). The schema is declared as tables, one `Block` of `Field`s per mapping
 (`CONFIG`, `MODEL_ENTRY`, `SLICE`, `SLICE_SOURCE`, `MODULE`, `TOKENIZER`, `TOKEN_SETTING`,
 `MODEL_TOKEN_SOURCE`): each field's name, whether it is required, its default and its check (type, bounds,
-allowed values); `Block.read` drives the checks and words the unknown-key and missing-key errors. Which parameters a method accepts, their types and ranges, come from
-the method registry (`drm_jax.methods.registry`), the one place they are declared; what they mean is the
-method's.
+allowed values); `Block.read` drives the checks and words the unknown-key and missing-key errors.
+Which parameters a method accepts, their types and ranges, come from the method registry
+(`drm_jax.methods.registry`), the one place they are declared; what they mean is the method's.
 """
 
 from __future__ import annotations
@@ -315,11 +315,10 @@ class Block:
         got = dict(context)
         values: dict[str, Any] = {}
         for f in self.fields:
-            value = raw.get(f.name, f.default)
             if f.null_is_absent and raw.get(f.name) is None:
                 value = f.default
             else:
-                value = f.check(value, _at(key, f.name), got)
+                value = f.check(raw.get(f.name, f.default), _at(key, f.name), got)
             got[f.name] = values[f.name] = value
         return values
 
@@ -479,13 +478,10 @@ def _layer_range(value: Any, key: str, got: Mapping[str, Any]) -> tuple[int, int
     return int(start), int(stop)
 
 
-def _checked_later(value: Any, key: str, got: Mapping[str, Any]) -> Any:
-    """A field whose value is checked with others after its block (models / slices / modules: exactly one)."""
-    return value
-
-
-def _unused(value: Any, key: str, got: Mapping[str, Any]) -> Any:
-    """A key of mergekit's schema that mergekit itself does not use: accepted, with no effect."""
+def _as_given(value: Any, key: str, got: Mapping[str, Any]) -> Any:
+    """A field taken as it is: checked outside its block (a model_token source's `kind`, read to choose
+    the block; `models` / `slices` / `modules`, of which exactly one is given), or unused (a slice's
+    `residual_weight`: in mergekit's schema, unused by mergekit itself)."""
     return value
 
 
@@ -539,11 +535,11 @@ def _sources(value: Any, key: str, got: Mapping[str, Any]) -> tuple[ModelEntry, 
 SLICE = Block(
     fields=(Field("merge_method", _method), Field("sources", _sources, null_is_absent=False),
             Field("base_model", _reference), Field("parameters", _shared_parameters, null_is_absent=False),
-            Field("residual_weight", _unused)),
+            Field("residual_weight", _as_given)),
     shape="must be a mapping with 'sources', got {got}",
     unknown="a slice has {keys}")
 MODULE = Block(
-    fields=(Field("slices", _checked_later), Field("models", _checked_later),
+    fields=(Field("slices", _as_given), Field("models", _as_given),
             Field("parameters", _shared_parameters, null_is_absent=False)),
     shape="must be a mapping with 'slices' or 'models', got {got}",
     unknown="a module has {keys}")
@@ -630,7 +626,7 @@ def _model_inputs(raw: dict, method: str, base: str | None):
 
 
 MODEL_TOKEN_SOURCE = Block(
-    fields=(Field("kind", _checked_later), Field("model", _reference, required=True, null_is_absent=False),
+    fields=(Field("kind", _as_given), Field("model", _reference, required=True, null_is_absent=False),
             Field("token_id", _integer(0, "a non-negative integer")), Field("token", _instance(str, "a string"))),
     shape="must be a mapping, got {got}",
     unknown="a model_token source has 'model' and one of 'token_id' / 'token'")
@@ -695,7 +691,7 @@ def _tokenizer(value: Any, key: str, got: Mapping[str, Any]) -> TokenizerSpec:
 CONFIG = Block(
     fields=(Field("merge_method", _method, required=True),
             Field("base_model", _reference),
-            Field("models", _checked_later), Field("slices", _checked_later), Field("modules", _checked_later),
+            Field("models", _as_given), Field("slices", _as_given), Field("modules", _as_given),
             Field("parameters", _shared_parameters, null_is_absent=False),
             Field("dtype", _dtype), Field("out_dtype", _dtype),
             Field("tokenizer_source", _vocabulary_source),

@@ -7,6 +7,7 @@ tensor (leaf path) or the key, and says what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import reprlib
 import unicodedata
@@ -16,6 +17,9 @@ import unicodedata
 MESSAGE_LIMIT = 1000
 # Longest path quoted in a message; a longer one keeps its start and its file name.
 PATH_LIMIT = 300
+# Longest quotation of a user's value in an error message: enough to recognise it, never a flood (a YAML
+# alias bomb expands a few hundred bytes into hundreds of megabytes).
+QUOTE_LIMIT = 80
 # Characters that could end a line, forge another one or hide text in a terminal: control and format
 # characters, line and paragraph separators, lone surrogates (undecodable bytes of a file name).
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
@@ -43,6 +47,14 @@ def one_line(text: object, limit: int = MESSAGE_LIMIT) -> str:
     (`escape_controls`), a longer text cut in the middle (" ... " marks the cut)."""
     text = _cut_middle(str(text), limit)  # before escaping: escaping a megabyte would cost a megabyte
     return _cut_middle(escape_controls(text), limit)
+
+
+def clip(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """A name or key as it is (no quotes), its control characters escaped (`escape_controls`), cut to
+    `limit` characters ("..." marks a cut)."""
+    text = str(text)
+    shown = escape_controls(text[:limit + 1])  # one more than fits: a longer text is marked as cut
+    return shown if len(text) <= limit and len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def quote_path(path: str | os.PathLike, limit: int = PATH_LIMIT) -> str:
@@ -81,9 +93,17 @@ class ConfigError(DrmJaxError, ValueError):
     """A merge configuration is invalid (YAML, unknown method or parameter)."""
 
 
-# Longest quotation of a user's value in an error message: enough to recognise it, never a flood (a YAML
-# alias bomb expands a few hundred bytes into hundreds of megabytes).
-QUOTE_LIMIT = 80
+@contextlib.contextmanager
+def os_errors_named(where: str | os.PathLike):
+    """Inside, an OSError that is no DrmJaxError (an unwritable output directory, a full disk) becomes a
+    CheckpointError naming its file (else `where`): one line, no traceback."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, DrmJaxError):
+            raise
+        raise CheckpointError(f"{err.filename or where}: {err.strerror or err}") from None
+
 
 
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:

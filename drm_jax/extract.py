@@ -42,6 +42,7 @@ from drm_jax.io.adapter_stream import StreamingAdapterWriter
 from drm_jax.io.architectures import detect_architecture, param_kind
 from drm_jax.io.base import CheckpointReader, read_json
 from drm_jax.io.detect import detect_format, open_checkpoint
+from drm_jax.io.dtypes import is_floating
 from drm_jax.io.writer import refuse_overlap
 from drm_jax.math.truncated_svd import SVD_ROUTES, choose_svd_route, split_spectrum, truncated_svd
 
@@ -155,10 +156,6 @@ def _open_model(path, role: str) -> CheckpointReader:
     return open_checkpoint(path)
 
 
-def _floating(dtype: np.dtype) -> bool:
-    return bool(jnp.issubdtype(dtype, jnp.floating))  # numpy's issubdtype misses ml_dtypes' bfloat16
-
-
 def _plan(finetuned: CheckpointReader, base: CheckpointReader, config: dict, embed_lora: bool) -> _Plan:
     """Sort every tensor of the fine-tuned model into LoRA targets, tensors saved whole and left-out ones
     (module docstring), checking each LoRA target against the base model. Reads no tensor data."""
@@ -174,7 +171,7 @@ def _plan(finetuned: CheckpointReader, base: CheckpointReader, config: dict, emb
         kind = param_kind(arch, name, len(shape)).name
         head = module.rsplit(".", 1)[-1] in _OUTPUT_EMBEDDINGS
         embedding = kind == "embedding"
-        two_d_float = len(shape) == 2 and _floating(dtype)
+        two_d_float = len(shape) == 2 and is_floating(dtype)
         if two_d_float and kind in ("linear", "conv1d") and not head:
             lora[module] = _LoraTarget(name, name, shape, kind == "conv1d", False, dtype)
         elif two_d_float and (embedding or head) and embed_lora and name in base and tuple(base.shape(name)) == shape:
@@ -230,7 +227,7 @@ def _check_target(finetuned: CheckpointReader, base: CheckpointReader, target: _
         if tuple(base.shape(name)) != tuple(finetuned.shape(name)):
             raise MergeInputError(f"{name!r}: shape {tuple(finetuned.shape(name))} in the fine-tuned model "
                                   f"{finetuned.path} but {tuple(base.shape(name))} in the base model {base.path}")
-        if not _floating(np.dtype(base.dtype(name))):
+        if not is_floating(np.dtype(base.dtype(name))):
             raise MergeInputError(f"{base.path}: tensor {name!r} has dtype {base.dtype(name)}, not a float")
 
 

@@ -26,7 +26,7 @@ from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapte
 from drm_jax.engine.adapters import adapter_method_problem
 from drm_jax.engine.adapters import merge_adapters
 from drm_jax.engine.prepare import rules_for
-from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.errors import ConfigError, os_errors_named
 from drm_jax.io import naming
 from drm_jax.io.detect import open_checkpoint
 from drm_jax.io.dtypes import dtype_from_name
@@ -119,15 +119,11 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
     for note in notes:
         warn(str(note.message))
     dtype = dtype_from_name(config.out_dtype or config.dtype or "float32")
-    try:
+    with os_errors_named(out_dir):
         output = write_lora_adapter(out_dir, {n: (w.b, w.a, w.transposed) for n, w in result.adapter.items()},
                                     embeddings=embeddings, fan_in_fan_out=flags.pop() if flags else False,
                                     base_model_name_or_path=base_name, task_type=task_type, dtype=dtype,
                                     overwrite=force)
-    except OSError as err:
-        if isinstance(err, DrmJaxError):
-            raise
-        raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
     out_rank = max(int(np.shape(w.b)[1]) for w in result.adapter.values()) if result.adapter else 0
     return {"output": Path(output), "rank": out_rank, "weights": len(result.adapter), "discarded": result.discarded,
             "paths": result.paths}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -29,15 +28,14 @@ from drm_jax.config.card import referenced_models, write_card_files
 from drm_jax.config.chat_templates import resolve_chat_template
 from drm_jax.config.recipe import Recipe, build_recipe
 from drm_jax.config.schema import MergeConfig
-from drm_jax.config.segments import (Segment, check_patterns, check_segments, merge_segments, open_segments,
-                                     set_layer_count)
+from drm_jax.config.segments import (Segment, check_patterns, check_segments, edit_model_config, merge_segments,
+                                     open_segments, set_layer_count)
 from drm_jax.config.streaming import input_paths
 from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
-from drm_jax.engine.sources import is_floating
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
-from drm_jax.io.base import CONFIG_FILE_NAMES, json_object_or_none
-from drm_jax.io.dtypes import dtype_from_name
+from drm_jax.io.base import CONFIG_FILE_NAMES
+from drm_jax.io.dtypes import dtype_from_name, is_floating
 from drm_jax.io.maxtext_io import writer_options
 from drm_jax.io.model_files import TOKENIZER_FILES, copy_model_files
 from drm_jax.io.safetensors_io import write_header_only
@@ -164,20 +162,17 @@ def python_warning(note: str) -> None:
 
 def _update_model_config(config_path: Path, dtype_name: str | None, vocab_rows: int | None) -> None:
     """Record the output dtype and (when the vocabulary was rebuilt) its size in config.json."""
-    if not config_path.is_file() or (dtype_name is None and vocab_rows is None):
-        return
-    model_config = json_object_or_none(config_path)
-    if model_config is None:  # not ours to repair: it was copied as it is
-        return
-    if dtype_name is not None:
-        keys = [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]
-        for key in keys:
-            model_config[key] = dtype_name
-    if vocab_rows is not None:
-        text = model_config.get("text_config")
-        holder = text if "vocab_size" not in model_config and isinstance(text, dict) else model_config
-        holder["vocab_size"] = vocab_rows
-    config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    def edit(model_config: dict) -> None:
+        if dtype_name is not None:
+            for key in [k for k in HF_DTYPE_KEYS if k in model_config] or ["torch_dtype"]:
+                model_config[key] = dtype_name
+        if vocab_rows is not None:
+            text = model_config.get("text_config")
+            holder = text if "vocab_size" not in model_config and isinstance(text, dict) else model_config
+            holder["vocab_size"] = vocab_rows
+
+    if dtype_name is not None or vocab_rows is not None:
+        edit_model_config(config_path, edit)
 
 
 def _input_templates(config: MergeConfig) -> list:

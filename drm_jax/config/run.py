@@ -28,7 +28,7 @@ from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import MergeConfig, config_from_yaml, load_config
 from drm_jax.config.stages import plan_stages, stage_documents
 from drm_jax.config.streaming import input_paths
-from drm_jax.errors import CheckpointError, ConfigError, DrmJaxError
+from drm_jax.errors import ConfigError, os_errors_named
 from drm_jax.methods.registry import get_method
 from drm_jax.io.writer import refuse_overlap
 
@@ -168,13 +168,8 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
 
 
 def _merge_one(config: MergeConfig, out_dir: Path, **options) -> dict[str, Any]:
-    try:
+    with os_errors_named(out_dir):  # e.g. an unwritable output directory or a full disk
         return merge_checkpoints(config, out_dir, **options)
-    except OSError as err:
-        if isinstance(err, DrmJaxError):
-            raise
-        # e.g. an unwritable output directory or a full disk: one line, no traceback
-        raise CheckpointError(f"{err.filename or out_dir}: {err.strerror or err}") from None
 
 
 def _merge_stages(documents: list, source: Path | None, out_dir: Path, intermediate_dir, *, force: bool,

@@ -18,9 +18,12 @@ A config written for mergekit works unchanged::
 
 Everything is checked here, before any checkpoint is opened: unknown keys, unknown methods and parameters,
 wrong types, out-of-range values. Errors are `ConfigError`s whose message names the file and the key
-(`models[1].parameters.density`). Which parameters a method accepts, their types and ranges, come from
-the method registry (`drm_jax.methods.registry`), the one place they are declared; what they mean is the
-method's.
+(`models[1].parameters.density`). The schema is declared as tables, one `Block` of `Field`s per mapping
+(`CONFIG`, `MODEL_ENTRY`, `SLICE`, `SLICE_SOURCE`, `MODULE`, `TOKENIZER`, `TOKEN_SETTING`,
+`MODEL_TOKEN_SOURCE`): each field's name, whether it is required, its default and its check (type, bounds,
+allowed values); `Block.read` drives the checks and words the unknown-key and missing-key errors.
+Which parameters a method accepts, their types and ranges, come from the method registry
+(`drm_jax.methods.registry`), the one place they are declared; what they mean is the method's.
 """
 
 from __future__ import annotations
@@ -29,33 +32,23 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
 from drm_jax.config.chat_templates import check_chat_template
 from drm_jax.config.settings import check_setting
-from drm_jax.errors import ConfigError, quote
+from drm_jax.errors import ConfigError, clip, quote
 from drm_jax.io.bounded_yaml import YamlBoundError, load_bounded_yaml
 from drm_jax.io.hub import hub_snapshot, split_hub_id
-from drm_jax.methods.base import Param, clip, short
+from drm_jax.methods.base import Param
 from drm_jax.methods.registry import METHODS, get_method
 
-# Top-level keys of mergekit's schema that we read.
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "tokenizer", "chat_template")
-# mergekit keys we know but do not implement: refused with a reason rather than silently ignored.
-UNSUPPORTED_KEYS: dict[str, str] = {}
-# mergekit's output slice (`slices[i]`); merge_method is a drm-jax extension (mergekit 0.1.5 ignores it),
-# residual_weight is in mergekit's schema and unused by it (accepted, no effect).
 # Most models one merge (or one slice) takes: per-model costs (readers, stacked inputs, programs) stay
 # bounded; model soups and mergekit configs use a few to a few dozen.
 MAX_MODELS = 256
 # Largest tokenizer.pad_to_multiple_of: real vocabularies pad to 8 ... 128; a larger one only adds rows.
 MAX_PAD_TO_MULTIPLE_OF = 2**16
-SLICE_KEYS = ("sources", "base_model", "parameters", "merge_method", "residual_weight")
-SOURCE_KEYS = ("model", "layer_range", "parameters")
-MODULE_KEYS = ("slices", "models", "parameters")
 # mergekit's name of the one module of single-module architectures (every architecture with layer naming)
 DEFAULT_MODULE = "default"
 # Leaf-selection patterns every method accepts (keywords of drm_jax.merge itself, not method parameters).
@@ -260,12 +253,74 @@ class MergeConfig:
         return hub_snapshot(reference, self.hub_cache)
 
 
-def _where(source: Path | None) -> str:
-    return f"{source}: " if source is not None else ""
+class _Invalid(Exception):
+    """A schema problem; its message starts with the key. `parse_config` adds the file (a ConfigError)."""
 
 
-def _fail(source: Path | None, message: str) -> ConfigError:
-    return ConfigError(_where(source) + message)
+def _at(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+# A field's check: (value, key, got) -> the checked value, raising _Invalid. `got` holds the block's context
+# (the merge method, the base model) and the fields of the block checked before this one.
+Check = Callable[[Any, str, Mapping[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a mapping block.
+
+    required: a block without the key (or with a null one, where null_is_absent) is refused ("KEY: missing").
+    default: the value of an absent key (and of a null one where null_is_absent), given without a check.
+    null_is_absent: a null value (YAML `~`, an empty value) counts as absent; else it is checked like any
+      other. With null_is_absent False, an absent key's default is checked too.
+    """
+
+    name: str
+    check: Check
+    required: bool = False
+    default: Any = None
+    null_is_absent: bool = True
+
+
+@dataclass(frozen=True)
+class Block:
+    """A mapping with known keys (the config, a model entry, a slice, the tokenizer block, ...): its fields,
+    in the order they are checked; `shape`, the message for a value that is no mapping ({got}: the value
+    quoted, {type}: its type); `unknown`, what a key outside the fields is told ({keys}: the fields' names).
+
+    The fields are the schema: `read` checks a mapping against them (unknown keys, missing ones, each
+    value's check, in order), so the messages, the bounds and the keys they list are declared once."""
+
+    fields: tuple[Field, ...]
+    shape: str
+    unknown: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def read(self, raw: Any, key: str, **context: Any) -> dict[str, Any]:
+        """The checked values of `raw` by field name (absent ones at their default). `context` is passed to
+        every check (beside the fields read so far) and not returned."""
+        if not isinstance(raw, dict):
+            message = self.shape.format(got=quote(raw), type=type(raw).__name__)
+            raise _Invalid(f"{key}: {message}" if key else message)
+        unknown = sorted((k for k in raw if k not in self.names), key=str)
+        if unknown:
+            raise _Invalid(f"{_at(key, clip(unknown[0]))}: unknown key; {self.unknown.format(keys=list(self.names))}")
+        for f in self.fields:
+            if f.required and (f.name not in raw or (f.null_is_absent and raw[f.name] is None)):
+                raise _Invalid(f"{_at(key, f.name)}: missing")
+        got = dict(context)
+        values: dict[str, Any] = {}
+        for f in self.fields:
+            if f.null_is_absent and raw.get(f.name) is None:
+                value = f.default
+            else:
+                value = f.check(raw.get(f.name, f.default), _at(key, f.name), got)
+            got[f.name] = values[f.name] = value
+        return values
 
 
 def _is_patterns(v: Any) -> bool:
@@ -292,10 +347,10 @@ def _float32_value(value: Any, key: str) -> Any:
     return value
 
 
-def _check_param(source: Path | None, key: str, method: str, name: str, value: Any) -> Any:
+def _check_param(key: str, method: str, name: str, value: Any) -> Any:
     if name in ROLE_PARAMS:
         if not _is_patterns(value):
-            raise _fail(source, f"{key}: must be a regular expression or a list of them, got {short(value)}")
+            raise _Invalid(f"{key}: must be a regular expression or a list of them, got {quote(value)}")
         return value
     owner = param = _param_of(method, name)
     if name != param.name and name in dict(param.alias_maps):  # an alias with a value of its own kind
@@ -305,223 +360,264 @@ def _check_param(source: Path | None, key: str, method: str, name: str, value: A
         return check_setting(value, key, lambda v, k: _float32_value(param.check(v, k), k), varying=owner.traced,
                              name=name)
     except ValueError as err:
-        raise _fail(source, str(err)) from None
+        raise _Invalid(str(err)) from None
 
 
-def _mapping(source: Path | None, key: str, value: Any) -> dict:
+def _named_values(key: str, value: Any) -> dict:
+    """A `parameters` mapping: names (strings) to values; absent or null: empty."""
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _fail(source, f"{key}: must be a mapping of names to values, got {type(value).__name__}")
+        raise _Invalid(f"{key}: must be a mapping of names to values, got {type(value).__name__}")
     for name in value:
         if not isinstance(name, str):
-            raise _fail(source, f"{key}: parameter names must be strings, got {short(name)}")
+            raise _Invalid(f"{key}: parameter names must be strings, got {quote(name)}")
     return value
 
 
-def _reference(source: Path | None, key: str, value: Any) -> str:
-    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora"}:
-        # mergekit's structured ModelReference: {model: ..., lora: ...}
-        base = _reference(source, f"{key}.model", value["model"])
-        return base if value.get("lora") is None else f"{base}+{_reference(source, f'{key}.lora', value['lora'])}"
-    if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
-        value = value["path"]
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(source, f"{key}: must be a model path, got {short(value)}")
-    return value.strip()
+def _method(value: Any, key: str, got: Mapping[str, Any]) -> str:
+    if not isinstance(value, str) or value not in METHOD_PARAMS:
+        raise _Invalid(f"{key}: unknown method {quote(value)}; expected one of {sorted(METHOD_PARAMS)}")
+    return value
 
 
-def _dtype(source: Path | None, key: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    name = str(value)
-    name = name[len("torch."):] if name.startswith("torch.") else name
-    if name not in DTYPES:
-        raise _fail(source, f"{key}: unknown dtype {short(value)}; expected one of "
-                            f"{sorted(set(DTYPES.values()))}")
-    return DTYPES[name]
-
-
-def _model_entry(source: Path | None, index: int, raw: Any, method: str) -> ModelEntry:
-    key = f"models[{index}]"
-    if isinstance(raw, str):
-        return ModelEntry(model=_reference(source, key, raw), key=key)
-    if not isinstance(raw, dict):
-        raise _fail(source, f"{key}: must be a mapping with a 'model' key, got {short(raw)}")
-    unknown = sorted(set(raw) - {"model", "parameters"})
-    if unknown:
-        raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a model entry has 'model' and 'parameters'")
-    if "model" not in raw:
-        raise _fail(source, f"{key}.model: missing")
-    model = _reference(source, f"{key}.model", raw["model"])
-    params = _mapping(source, f"{key}.parameters", raw.get("parameters"))
-    per_model = per_model_names(method)
-    values: dict[str, Any] = {}
-    for name, value in params.items():
-        pkey = f"{key}.parameters.{name}"
-        if name not in per_model:
-            shared = name in METHOD_PARAMS[method]
-            hint = " (it is a shared parameter: put it under the top-level 'parameters')" if shared else ""
-            raise _fail(source, f"{pkey}: unknown per-model parameter for method {method!r}{hint}; "
-                                f"accepted: {sorted(per_model)}")
-        values[name] = _check_param(source, pkey, method, name, value)
-    return ModelEntry(model=model, key=key, parameters=values)
-
-
-def _shared_parameters(source: Path | None, key: str, raw: Any, method: str) -> dict:
-    """A `parameters` mapping that may hold shared and per-model parameters (top level, slice, module)."""
+def _shared_parameters(value: Any, key: str, got: Mapping[str, Any]) -> dict:
+    """A `parameters` mapping that may hold shared and per-model parameters (top level, slice, module) of
+    the method `got["method"]` (a slice's own `merge_method` where it gives one)."""
+    method = got.get("merge_method") or got["method"]
     out: dict[str, Any] = {}
-    for name, value in _mapping(source, key, raw).items():
+    for name, v in _named_values(key, value).items():
         pkey = f"{key}.{name}"
         if name not in METHOD_PARAMS[method]:
-            raise _fail(source, f"{clip(pkey)}: unknown parameter for method {method!r}; accepted: "
-                                f"{sorted(METHOD_PARAMS[method])}")
-        out[name] = _check_param(source, pkey, method, name, value)
+            raise _Invalid(f"{clip(pkey)}: unknown parameter for method {method!r}; accepted: "
+                           f"{sorted(METHOD_PARAMS[method])}")
+        out[name] = _check_param(pkey, method, name, v)
     return out
 
 
-def _check_count(source: Path | None, key: str, entries: list) -> None:
-    """At most MAX_MODELS models in one merge: each is read for every tensor of the merge, and the stacked
-    inputs, the compiled programs and the open readers grow with the count."""
-    if len(entries) > MAX_MODELS:
-        raise _fail(source, f"{key}: {len(entries)} entries; at most {MAX_MODELS} models are merged at once (merge "
-                            f"them in groups and merge the results)")
+def _per_model_parameters(value: Any, key: str, got: Mapping[str, Any]) -> dict:
+    """A model entry's (or slice source's) `parameters`: per-model parameters of `got["method"]`."""
+    method = got["method"]
+    per_model = per_model_names(method)
+    out: dict[str, Any] = {}
+    for name, v in _named_values(key, value).items():
+        pkey = f"{key}.{name}"
+        if name not in per_model:
+            shared = name in METHOD_PARAMS[method]
+            hint = " (it is a shared parameter: put it under the top-level 'parameters')" if shared else ""
+            raise _Invalid(f"{pkey}: unknown per-model parameter for method {method!r}{hint}; "
+                           f"accepted: {sorted(per_model)}")
+        out[name] = _check_param(pkey, method, name, v)
+    return out
 
 
-def _models_list(source: Path | None, key: str, raw: Any, method: str, base: str | None) -> tuple[ModelEntry, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise _fail(source, f"{key}: must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    _check_count(source, key, raw)
-    try:
-        models = tuple(_model_entry(source, i, m, method) for i, m in enumerate(raw))
-    except ConfigError as err:  # modules.default.models[i]: the entry's own key
-        raise ConfigError(str(err).replace("models[", f"{key}[", 1)) if key != "models" else err from None
-    if key != "models":
-        models = tuple(ModelEntry(m.model, key + m.key[len("models"):], m.parameters) for m in models)
-    if base is None and method in NEEDS_BASE:
-        raise _fail(source, f"base_model: missing; method {method!r} merges over a base model (mergekit: "
-                            f"required)")
-    if method in NEEDS_BASE and not [m for m in models if m.model != base]:
-        raise _fail(source, f"{key}: no model to merge besides the base model")
-    return models
+def _reference(value: Any, key: str, got: Mapping[str, Any] | None = None) -> str:
+    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora"}:
+        # mergekit's structured ModelReference: {model: ..., lora: ...}
+        base = _reference(value["model"], f"{key}.model")
+        return base if value.get("lora") is None else f"{base}+{_reference(value['lora'], f'{key}.lora')}"
+    if isinstance(value, dict) and "path" in value and set(value) <= {"path", "revision"}:
+        value = value["path"]
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"{key}: must be a model path, got {quote(value)}")
+    return value.strip()
 
 
-def _layer_range(source: Path | None, key: str, value: Any) -> tuple[int, int]:
+def _vocabulary_source(value: Any, key: str, got: Mapping[str, Any]) -> str:
+    """`tokenizer_source` / `tokenizer.source`: "base", "union" or a model reference."""
+    return value if value in ("base", "union") else _reference(value, key)
+
+
+def _dtype(value: Any, key: str, got: Mapping[str, Any]) -> str:
+    name = str(value)
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in DTYPES:
+        raise _Invalid(f"{key}: unknown dtype {quote(value)}; expected one of {sorted(set(DTYPES.values()))}")
+    return DTYPES[name]
+
+
+def _chat_template(value: Any, key: str, got: Mapping[str, Any]) -> str | None:
+    if value == "":
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"{key}: must be a template name, 'auto' or a Jinja template, got {quote(value)}")
+    problem = check_chat_template(value)
+    if problem is not None:
+        raise _Invalid(f"{key}: {quote(value)}: {problem}")
+    return value
+
+
+def _instance(kind: type, describe: str) -> Check:
+    """The check of a value of one type: "must be {describe}" otherwise."""
+    def check(value: Any, key: str, got: Mapping[str, Any]) -> Any:
+        if not isinstance(value, kind):
+            raise _Invalid(f"{key}: must be {describe}, got {quote(value)}")
+        return value
+    return check
+
+
+def _integer(low: int, describe: str, high: int | None = None, why: str = "") -> Check:
+    """The check of an integer (not a bool) in [low, high]: "must be {describe}" below, "at most {high}{why}"
+    above."""
+    def check(value: Any, key: str, got: Mapping[str, Any]) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _Invalid(f"{key}: must be {describe}, got {quote(value)}")
+        if high is not None and value > high:
+            raise _Invalid(f"{key}: at most {high}{why}, got {quote(value)}")
+        return value
+    return check
+
+
+def _layer_range(value: Any, key: str, got: Mapping[str, Any]) -> tuple[int, int]:
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise _fail(source, f"{key}: must be [start, stop], two layer indices, got {short(value)}")
+        raise _Invalid(f"{key}: must be [start, stop], two layer indices, got {quote(value)}")
     start, stop = value
     if not 0 <= start < stop:
-        raise _fail(source, f"{key}: must be [start, stop] with 0 <= start < stop, got {short(value)}")
+        raise _Invalid(f"{key}: must be [start, stop] with 0 <= start < stop, got {quote(value)}")
     return int(start), int(stop)
 
 
-def _slice_entry(source: Path | None, key: str, raw: Any, method: str) -> SliceEntry:
-    if not isinstance(raw, dict):
-        raise _fail(source, f"{key}: must be a mapping with 'sources', got {short(raw)}")
-    unknown = sorted((k for k in raw if k not in SLICE_KEYS), key=str)
-    if unknown:
-        raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a slice has {list(SLICE_KEYS)}")
-    own = raw.get("merge_method")
-    if own is not None and (not isinstance(own, str) or own not in METHOD_PARAMS):
-        raise _fail(source, f"{key}.merge_method: unknown method {short(own)}; expected one of "
-                            f"{sorted(METHOD_PARAMS)}")
-    method = own or method
-    sources_raw = raw.get("sources")
-    if not isinstance(sources_raw, list) or not sources_raw:
-        raise _fail(source, f"{key}.sources: must be a non-empty list of {{model: PATH, layer_range: [start, "
-                            f"stop], parameters: {{...}}}}")
-    _check_count(source, f"{key}.sources", sources_raw)
-    sources = []
-    for j, src in enumerate(sources_raw):
-        skey = f"{key}.sources[{j}]"
-        if not isinstance(src, dict):
-            raise _fail(source, f"{skey}: must be a mapping with 'model' and 'layer_range', got {short(src)}")
-        bad = sorted((k for k in src if k not in SOURCE_KEYS), key=str)
-        if bad:
-            raise _fail(source, f"{skey}.{clip(bad[0])}: unknown key; a slice source has {list(SOURCE_KEYS)}")
-        for need in ("model", "layer_range"):
-            if need not in src:
-                raise _fail(source, f"{skey}.{need}: missing")
-        try:
-            entry = _model_entry(source, 0, {"model": src["model"], "parameters": src.get("parameters")}, method)
-        except ConfigError as err:  # the source's own key
-            raise ConfigError(str(err).replace("models[0]", skey, 1)) from None
-        entry = ModelEntry(entry.model, skey, entry.parameters, _layer_range(source, f"{skey}.layer_range",
-                                                                              src["layer_range"]))
-        if any(s.model == entry.model for s in sources):
-            raise _fail(source, f"{skey}.model: {short(entry.model)} is already a source of this slice "
-                                f"(mergekit refuses duplicate merge inputs)")
-        sources.append(entry)
+def _as_given(value: Any, key: str, got: Mapping[str, Any]) -> Any:
+    """A field taken as it is: checked outside its block (a model_token source's `kind`, read to choose
+    the block; `models` / `slices` / `modules`, of which exactly one is given), or unused (a slice's
+    `residual_weight`: in mergekit's schema, unused by mergekit itself)."""
+    return value
+
+
+def _entry_list(value: Any, key: str, shape: str, bounded: bool = True) -> list:
+    """A non-empty list (of models, slices or slice sources); a list of models holds at most MAX_MODELS:
+    each is read for every tensor of the merge, and the stacked inputs, the compiled programs and the open
+    readers grow with the count."""
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f"{key}: must be a non-empty list of {shape}")
+    if bounded and len(value) > MAX_MODELS:
+        raise _Invalid(f"{key}: {len(value)} entries; at most {MAX_MODELS} models are merged at once (merge "
+                       f"them in groups and merge the results)")
+    return value
+
+
+MODEL_ENTRY = Block(
+    fields=(Field("model", _reference, required=True, null_is_absent=False),
+            Field("parameters", _per_model_parameters, null_is_absent=False)),
+    shape="must be a mapping with a 'model' key, got {got}",
+    unknown="a model entry has 'model' and 'parameters'")
+SLICE_SOURCE = Block(
+    fields=(Field("model", _reference, required=True, null_is_absent=False),
+            Field("layer_range", _layer_range, required=True, null_is_absent=False),
+            Field("parameters", _per_model_parameters, null_is_absent=False)),
+    shape="must be a mapping with 'model' and 'layer_range', got {got}",
+    unknown="a slice source has {keys}")
+
+
+def _sources(value: Any, key: str, got: Mapping[str, Any]) -> tuple[ModelEntry, ...]:
+    """A slice's `sources`: one to MAX_MODELS distinct models, each covering as many layers."""
+    _entry_list(value, key, "{model: PATH, layer_range: [start, stop], parameters: {...}}")
+    method = got["merge_method"] or got["method"]
+    sources: list[ModelEntry] = []
+    for j, raw in enumerate(value):
+        skey = f"{key}[{j}]"
+        entry = SLICE_SOURCE.read(raw, skey, method=method)
+        if any(s.model == entry["model"] for s in sources):
+            raise _Invalid(f"{skey}.model: {quote(entry['model'])} is already a source of this slice "
+                           f"(mergekit refuses duplicate merge inputs)")
+        sources.append(ModelEntry(entry["model"], skey, entry["parameters"], entry["layer_range"]))
     length = sources[0].layer_range[1] - sources[0].layer_range[0]
     for s in sources[1:]:
         if s.layer_range[1] - s.layer_range[0] != length:
-            raise _fail(source, f"{s.key}.layer_range: {list(s.layer_range)} covers "
-                                f"{s.layer_range[1] - s.layer_range[0]} layers, {key}.sources[0] {length}; every "
-                                f"source of a slice covers the same number of layers")
-    base = raw.get("base_model")
-    base = None if base is None else _reference(source, f"{key}.base_model", base)
-    params = _shared_parameters(source, f"{key}.parameters", raw.get("parameters"), method)
-    return SliceEntry(tuple(sources), key, base, params, own)
+            raise _Invalid(f"{s.key}.layer_range: {list(s.layer_range)} covers {s.layer_range[1] - s.layer_range[0]} "
+                           f"layers, {key}[0] {length}; every source of a slice covers the same number of layers")
+    return tuple(sources)
 
 
-def _slices_list(source: Path | None, key: str, raw: Any, method: str, base: str | None) -> tuple[SliceEntry, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise _fail(source, f"{key}: must be a non-empty list of slices {{sources: [...]}}")
-    slices = tuple(_slice_entry(source, f"{key}[{i}]", s, method) for i, s in enumerate(raw))
+# mergekit's output slice (`slices[i]`); merge_method is a drm-jax extension (mergekit 0.1.5 ignores it),
+# residual_weight is in mergekit's schema and unused by it (accepted, no effect).
+SLICE = Block(
+    fields=(Field("merge_method", _method), Field("sources", _sources, null_is_absent=False),
+            Field("base_model", _reference), Field("parameters", _shared_parameters, null_is_absent=False),
+            Field("residual_weight", _as_given)),
+    shape="must be a mapping with 'sources', got {got}",
+    unknown="a slice has {keys}")
+MODULE = Block(
+    fields=(Field("slices", _as_given), Field("models", _as_given),
+            Field("parameters", _shared_parameters, null_is_absent=False)),
+    shape="must be a mapping with 'slices' or 'models', got {got}",
+    unknown="a module has {keys}")
+
+
+def _models_list(key: str, raw: Any, method: str, base: str | None) -> tuple[ModelEntry, ...]:
+    _entry_list(raw, key, "{model: PATH, parameters: {...}}")
+    models = []
+    for i, entry in enumerate(raw):
+        ekey = f"{key}[{i}]"
+        if isinstance(entry, str):
+            models.append(ModelEntry(model=_reference(entry, ekey), key=ekey))
+        else:
+            values = MODEL_ENTRY.read(entry, ekey, method=method)
+            models.append(ModelEntry(model=values["model"], key=ekey, parameters=values["parameters"]))
+    if base is None and method in NEEDS_BASE:
+        raise _Invalid(f"base_model: missing; method {method!r} merges over a base model (mergekit: required)")
+    if method in NEEDS_BASE and not [m for m in models if m.model != base]:
+        raise _Invalid(f"{key}: no model to merge besides the base model")
+    return tuple(models)
+
+
+def _slices_list(key: str, raw: Any, method: str, base: str | None) -> tuple[SliceEntry, ...]:
+    _entry_list(raw, key, "slices {sources: [...]}", bounded=False)
+    slices = []
+    for i, entry in enumerate(raw):
+        values = SLICE.read(entry, f"{key}[{i}]", method=method)
+        slices.append(SliceEntry(values["sources"], f"{key}[{i}]", values["base_model"], values["parameters"],
+                                 values["merge_method"]))
     for s in slices:
         spec = get_method(s.merge_method or method)
         if spec.needs_base and (s.base_model or base) is None:
-            raise _fail(source, f"{s.key}.base_model: missing; method {spec.name!r} merges over a base model "
-                                f"(give base_model, for the slice or at the top level)")
+            raise _Invalid(f"{s.key}.base_model: missing; method {spec.name!r} merges over a base model (give "
+                           f"base_model, for the slice or at the top level)")
         if spec.needs_base and (s.base_model or base) not in [m.model for m in s.sources]:
             where = f"{s.key}.base_model" if s.base_model else "base_model"
-            raise _fail(source, f"{where}: {short(s.base_model or base)} is not a source of {s.key}; a slice "
-                                f"merges its sources over the one that is the base model (mergekit)")
-    return slices
+            raise _Invalid(f"{where}: {quote(s.base_model or base)} is not a source of {s.key}; a slice merges its "
+                           f"sources over the one that is the base model (mergekit)")
+    return tuple(slices)
 
 
-def _model_inputs(source: Path | None, raw: dict, method: str, base: str | None):
+def _model_inputs(raw: dict, method: str, base: str | None):
     """(models, slices, module parameters) of exactly one of `models`, `slices`, `modules` (mergekit).
     With slices, `models` lists every source model once."""
     given = [k for k in ("models", "slices", "modules") if raw.get(k) not in (None, [], {})]
     if len(given) > 1:
-        raise _fail(source, f"{given[1]}: give exactly one of 'models', 'slices' and 'modules' (mergekit), got "
-                            f"{' and '.join(given)}")
+        raise _Invalid(f"{given[1]}: give exactly one of 'models', 'slices' and 'modules' (mergekit), got "
+                       f"{' and '.join(given)}")
     for k in ("slices", "modules"):
         if k in raw and raw[k] in ([], {}, None):
-            raise _fail(source, f"{k}: must not be empty")
+            raise _Invalid(f"{k}: must not be empty")
     if not given:
-        raise _fail(source, "models: missing; list the models to merge (or give 'slices' or 'modules')")
+        raise _Invalid("models: missing; list the models to merge (or give 'slices' or 'modules')")
     module_parameters: dict[str, Any] = {}
     if given[0] == "modules":
         modules = raw["modules"]
         if not isinstance(modules, dict):
-            raise _fail(source, f"modules: must be a mapping of module names to {{slices | models, "
-                                f"parameters}}, got {short(modules)}")
+            raise _Invalid(f"modules: must be a mapping of module names to {{slices | models, parameters}}, got "
+                           f"{quote(modules)}")
         names = sorted(map(str, modules))
         if names != [DEFAULT_MODULE]:
             other = next((n for n in names if n != DEFAULT_MODULE), names[0])
-            raise _fail(source, f"modules.{clip(other)}: only the module {DEFAULT_MODULE!r} of single-module "
-                                f"architectures (llama, mistral, qwen2, gpt2, bert, ...) is supported")
-        module = modules[DEFAULT_MODULE]
+            raise _Invalid(f"modules.{clip(other)}: only the module {DEFAULT_MODULE!r} of single-module "
+                           f"architectures (llama, mistral, qwen2, gpt2, bert, ...) is supported")
         key = f"modules.{DEFAULT_MODULE}"
-        if not isinstance(module, dict):
-            raise _fail(source, f"{key}: must be a mapping with 'slices' or 'models', got {short(module)}")
-        unknown = sorted((k for k in module if k not in MODULE_KEYS), key=str)
-        if unknown:
-            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a module has {list(MODULE_KEYS)}")
-        inner = [k for k in ("slices", "models") if module.get(k)]
+        module = modules[DEFAULT_MODULE]
+        values = MODULE.read(module, key, method=method)
+        inner = [k for k in ("slices", "models") if values[k]]
         if len(inner) != 1:
-            raise _fail(source, f"{key}: give exactly one of 'slices' and 'models' (mergekit)")
-        module_parameters = _shared_parameters(source, f"{key}.parameters", module.get("parameters"), method)
-        given, raw = [inner[0]], {inner[0]: module[inner[0]]}
+            raise _Invalid(f"{key}: give exactly one of 'slices' and 'models' (mergekit)")
+        module_parameters = values["parameters"]
+        given, raw = [inner[0]], {inner[0]: values[inner[0]]}
         prefix = f"{key}.{inner[0]}"
     else:
         prefix = given[0]
     if given[0] == "models":
-        return _models_list(source, prefix, raw["models"], method, base), (), module_parameters
-    slices = _slices_list(source, prefix, raw["slices"], method, base)
+        return _models_list(prefix, raw["models"], method, base), (), module_parameters
+    slices = _slices_list(prefix, raw["slices"], method, base)
     seen: dict[str, ModelEntry] = {}
     for s in slices:
         for m in s.sources:
@@ -529,86 +625,81 @@ def _model_inputs(source: Path | None, raw: dict, method: str, base: str | None)
     return tuple(seen.values()), slices, module_parameters
 
 
-def _token_source(source: Path | None, key: str, value: Any) -> TokenSource:
+MODEL_TOKEN_SOURCE = Block(
+    fields=(Field("kind", _as_given), Field("model", _reference, required=True, null_is_absent=False),
+            Field("token_id", _integer(0, "a non-negative integer")), Field("token", _instance(str, "a string"))),
+    shape="must be a mapping, got {got}",
+    unknown="a model_token source has 'model' and one of 'token_id' / 'token'")
+
+
+def _token_source(value: Any, key: str, got: Mapping[str, Any]) -> TokenSource:
     if value is None:
         return TokenSource("default")
     if isinstance(value, dict) and "kind" in value:
         kind = value["kind"]
         if kind == "zero":
             if set(value) != {"kind"}:
-                raise _fail(source, f"{key}: a zero source has only 'kind: zero', got {short(value)}")
+                raise _Invalid(f"{key}: a zero source has only 'kind: zero', got {quote(value)}")
             return TokenSource("zero")
         if kind != "model_token":
-            raise _fail(source, f"{key}.kind: expected 'zero' or 'model_token', got {short(kind)}")
-        unknown = sorted(set(value) - {"kind", "model", "token_id", "token"})
-        if unknown:
-            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; a model_token source has 'model' and "
-                                f"one of 'token_id' / 'token'")
-        if "model" not in value:
-            raise _fail(source, f"{key}.model: missing")
-        model = _reference(source, f"{key}.model", value["model"])
-        token_id, token = value.get("token_id"), value.get("token")
-        if (token_id is None) == (token is None):
-            raise _fail(source, f"{key}: give exactly one of token_id and token")
-        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
-            raise _fail(source, f"{key}.token_id: must be a non-negative integer, got {short(token_id)}")
-        if token is not None and not isinstance(token, str):
-            raise _fail(source, f"{key}.token: must be a string, got {short(token)}")
-        return TokenSource("model_token", model=model, token_id=token_id, token=token)
-    return TokenSource("model", model=_reference(source, key, value))
+            raise _Invalid(f"{key}.kind: expected 'zero' or 'model_token', got {quote(kind)}")
+        values = MODEL_TOKEN_SOURCE.read(value, key)
+        if (values["token_id"] is None) == (values["token"] is None):
+            raise _Invalid(f"{key}: give exactly one of token_id and token")
+        return TokenSource("model_token", model=values["model"], token_id=values["token_id"], token=values["token"])
+    return TokenSource("model", model=_reference(value, key))
 
 
-def _tokenizer_block(source: Path | None, raw: Any) -> TokenizerSpec:
-    """mergekit's `tokenizer: {source, tokens, pad_to_multiple_of}`."""
-    if not isinstance(raw, dict):
-        raise _fail(source, f"tokenizer: must be a mapping with 'source', 'tokens', 'pad_to_multiple_of', "
-                            f"got {short(raw)}")
-    unknown = sorted(set(raw) - {"source", "tokens", "pad_to_multiple_of"}, key=str)
-    if unknown:
-        raise _fail(source, f"tokenizer.{clip(unknown[0])}: unknown key; expected 'source', 'tokens', "
-                            f"'pad_to_multiple_of'")
-    tok_source = raw.get("source", "union")
-    if tok_source not in ("base", "union"):
-        tok_source = _reference(source, "tokenizer.source", tok_source)
-    tokens_raw = raw.get("tokens")
-    if tokens_raw is None:
-        tokens_raw = {}
-    if not isinstance(tokens_raw, dict):
-        raise _fail(source, f"tokenizer.tokens: must be a mapping of tokens to settings, got {short(tokens_raw)}")
+TOKEN_SETTING = Block(
+    fields=(Field("source", _token_source, null_is_absent=False),
+            Field("force", _instance(bool, "true or false"), default=False, null_is_absent=False)),
+    shape="must be a mapping with 'source' and 'force', got {got}",
+    unknown="expected 'source' and 'force'")
+
+
+def _token_settings(value: Any, key: str, got: Mapping[str, Any]) -> tuple[tuple[str, TokenSetting], ...]:
+    """`tokenizer.tokens`: token -> TOKEN_SETTING, in config order."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"{key}: must be a mapping of tokens to settings, got {quote(value)}")
     tokens = []
-    for token, setting in tokens_raw.items():
-        key = f"tokenizer.tokens.{clip(token)}"
+    for token, setting in value.items():
+        tkey = f"{key}.{clip(token)}"
         if not isinstance(token, str) or not token:
-            raise _fail(source, f"{key}: a token must be a non-empty string, got {short(token)}")
-        if setting is None:
-            setting = {}
-        if not isinstance(setting, dict):
-            raise _fail(source, f"{key}: must be a mapping with 'source' and 'force', got {short(setting)}")
-        unknown = sorted(set(setting) - {"source", "force"}, key=str)
-        if unknown:
-            raise _fail(source, f"{key}.{clip(unknown[0])}: unknown key; expected 'source' and 'force'")
-        force = setting.get("force", False)
-        if not isinstance(force, bool):
-            raise _fail(source, f"{key}.force: must be true or false, got {short(force)}")
-        tokens.append((token, TokenSetting(_token_source(source, f"{key}.source", setting.get("source")), force)))
-    pad = raw.get("pad_to_multiple_of")
-    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
-        raise _fail(source, f"tokenizer.pad_to_multiple_of: must be a positive integer, got {short(pad)}")
-    if pad is not None and pad > MAX_PAD_TO_MULTIPLE_OF:  # it adds up to pad - 1 embedding rows
-        raise _fail(source, f"tokenizer.pad_to_multiple_of: at most {MAX_PAD_TO_MULTIPLE_OF} (it adds up to that "
-                            f"many embedding rows), got {short(pad)}")
-    return TokenizerSpec(source=tok_source, tokens=tuple(tokens), pad_to_multiple_of=pad or None)
+            raise _Invalid(f"{tkey}: a token must be a non-empty string, got {quote(token)}")
+        values = TOKEN_SETTING.read({} if setting is None else setting, tkey)
+        tokens.append((token, TokenSetting(values["source"], values["force"])))
+    return tuple(tokens)
 
 
-def _chat_template(source: Path | None, value: Any) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _fail(source, f"chat_template: must be a template name, 'auto' or a Jinja template, got {short(value)}")
-    problem = check_chat_template(value)
-    if problem is not None:
-        raise _fail(source, f"chat_template: {short(value)}: {problem}")
-    return value
+TOKENIZER = Block(
+    fields=(Field("source", _vocabulary_source, default="union", null_is_absent=False),
+            Field("tokens", _token_settings, default=()),
+            Field("pad_to_multiple_of", _integer(1, "a positive integer", MAX_PAD_TO_MULTIPLE_OF,
+                                                 " (it adds up to that many embedding rows)"))),
+    shape="must be a mapping with 'source', 'tokens', 'pad_to_multiple_of', got {got}",
+    unknown="expected 'source', 'tokens', 'pad_to_multiple_of'")
+
+
+def _tokenizer(value: Any, key: str, got: Mapping[str, Any]) -> TokenizerSpec:
+    """mergekit's `tokenizer: {source, tokens, pad_to_multiple_of}`."""
+    values = TOKENIZER.read(value, key)
+    return TokenizerSpec(source=values["source"], tokens=values["tokens"],
+                         pad_to_multiple_of=values["pad_to_multiple_of"])
+
+
+# The config's own keys: those of mergekit's schema that we read.
+CONFIG = Block(
+    fields=(Field("merge_method", _method, required=True),
+            Field("base_model", _reference),
+            Field("models", _as_given), Field("slices", _as_given), Field("modules", _as_given),
+            Field("parameters", _shared_parameters, null_is_absent=False),
+            Field("dtype", _dtype), Field("out_dtype", _dtype),
+            Field("tokenizer_source", _vocabulary_source),
+            Field("tokenizer", _tokenizer),
+            Field("chat_template", _chat_template)),
+    shape="the config must be a mapping of keys (merge_method, models, ...), got {type}",
+    unknown="expected one of {keys}")
+TOP_LEVEL_KEYS = CONFIG.names
 
 
 def parse_config(raw: Any, source: Path | None = None, text: str | None = None) -> MergeConfig:
@@ -617,54 +708,29 @@ def parse_config(raw: Any, source: Path | None = None, text: str | None = None) 
     Raises:
       ConfigError: naming the key (and the file, if `source` is given) of the first problem found.
     """
-    if not isinstance(raw, dict):
-        raise _fail(source, f"the config must be a mapping of keys (merge_method, models, ...), "
-                            f"got {type(raw).__name__}")
-    for name in raw:
-        if name in UNSUPPORTED_KEYS:
-            raise _fail(source, f"{name}: {UNSUPPORTED_KEYS[name]}")
-        if name not in TOP_LEVEL_KEYS:
-            raise _fail(source, f"{clip(name)}: unknown key; expected one of {list(TOP_LEVEL_KEYS)}")
-
-    method = raw.get("merge_method")
-    if method is None:
-        raise _fail(source, "merge_method: missing")
-    if not isinstance(method, str) or method not in METHOD_PARAMS:
-        raise _fail(source, f"merge_method: unknown method {short(method)}; expected one of {sorted(METHOD_PARAMS)}")
-
-    shared: dict[str, Any] = {}
-    for name, value in _mapping(source, "parameters", raw.get("parameters")).items():
-        key = f"parameters.{name}"
-        if name not in METHOD_PARAMS[method]:
-            raise _fail(source, f"{clip(key)}: unknown parameter for method {method!r}; accepted: "
-                                f"{sorted(METHOD_PARAMS[method])}")
-        shared[name] = _check_param(source, key, method, name, value)
-
-    base = raw.get("base_model")
-    base = None if base is None else _reference(source, "base_model", base)
-    models, slices, module_parameters = _model_inputs(source, raw, method, base)
-
-    tokenizer_source = raw.get("tokenizer_source")
-    if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
-        tokenizer_source = _reference(source, "tokenizer_source", tokenizer_source)
-    if tokenizer_source == "base" and base is None:
-        raise _fail(source, "tokenizer_source: 'base' needs a base_model")
-    tokenizer = None if raw.get("tokenizer") is None else _tokenizer_block(source, raw["tokenizer"])
-    if tokenizer is not None and tokenizer_source is not None:
-        raise _fail(source, "tokenizer: give either tokenizer_source or a tokenizer block, not both (as in mergekit)")
-    if tokenizer is not None and tokenizer.source == "base" and base is None:
-        raise _fail(source, "tokenizer.source: 'base' needs a base_model")
-
+    try:
+        values = CONFIG.read(raw, "")
+        method, base = values["merge_method"], values["base_model"]
+        models, slices, module_parameters = _model_inputs(raw, method, base)
+        tokenizer_source, tokenizer = values["tokenizer_source"], values["tokenizer"]
+        if tokenizer_source == "base" and base is None:
+            raise _Invalid("tokenizer_source: 'base' needs a base_model")
+        if tokenizer is not None and tokenizer_source is not None:
+            raise _Invalid("tokenizer: give either tokenizer_source or a tokenizer block, not both (as in mergekit)")
+        if tokenizer is not None and tokenizer.source == "base" and base is None:
+            raise _Invalid("tokenizer.source: 'base' needs a base_model")
+    except _Invalid as err:
+        raise ConfigError((f"{source}: " if source is not None else "") + str(err)) from None
     return MergeConfig(
         merge_method=method,
         models=models,
         base_model=base,
-        parameters=shared,
-        dtype=_dtype(source, "dtype", raw.get("dtype")),
-        out_dtype=_dtype(source, "out_dtype", raw.get("out_dtype")),
+        parameters=values["parameters"],
+        dtype=values["dtype"],
+        out_dtype=values["out_dtype"],
         tokenizer_source=tokenizer_source,
         tokenizer=tokenizer,
-        chat_template=_chat_template(source, raw.get("chat_template")),
+        chat_template=values["chat_template"],
         source=source,
         text=text,
         slices=slices,
@@ -733,18 +799,13 @@ def config_from_yaml(text: str, source: Path | None = None) -> MergeConfig:
     if raw is None:
         raise ConfigError(f"{path}: the config is empty")
     try:
-        config = parse_config(raw, source=source, text=text)
+        return parse_config(raw, source=source, text=text)
     except ConfigError as err:
         message = str(err)
         if len(message) <= max_message:
             raise
         # A schema error quoting a huge value: keep the file and key (they come first), drop the flood.
         raise ConfigError(f"{message[:max_message]}... ({len(message)} characters)") from None
-    seed = config.parameters.get("seed")
-    if isinstance(seed, int) and not 0 <= seed < 2**32:
-        # JAX's PRNG takes a 32-bit seed; a larger one overflowed deep inside the merge.
-        raise ConfigError(f"{path}: parameters.seed: must be an integer from 0 to {2**32 - 1}, got {quote(seed)}")
-    return config
 
 
 __all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "SliceEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",

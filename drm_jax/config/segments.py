@@ -37,15 +37,15 @@ from drm_jax.config.schema import MergeConfig, ModelEntry, per_model_names
 from drm_jax.config.segment_defs import (SegmentDef, base_policy, models_def, needs_segments, plain_config,
                                          representative, slice_def)
 from drm_jax.config.settings import FilterList, Gradient, resolve
-from drm_jax.config.streaming import open_model, open_sources, split_adapter
+from drm_jax.config.streaming import open_sources, open_views
 from drm_jax.engine.roles import RoleRules, unmatched_message
-from drm_jax.engine.sources import CheckpointSources, is_floating, stream_merge
-from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, quote
+from drm_jax.engine.sources import CheckpointSources, stream_merge
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, clip, quote
 from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
 from drm_jax.io.base import json_object_or_none
-from drm_jax.methods.base import clip
+from drm_jax.io.dtypes import is_floating
 from drm_jax.methods.registry import get_method
 
 
@@ -298,32 +298,8 @@ def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None
                 params, leaf = per_tensor_params(TensorParams(config, seg), names, ins, ts, _merged_mask(sources))
             yield [Segment("models", sources, recipe.method, params, leaf)], arch, reference, None
         return
-    with _open_readers(config, wrap_views) as (views, arch):
-        yield _slice_segments(config, views, arch, out_dtype, promote)
-
-
-@contextlib.contextmanager
-def _open_readers(config: MergeConfig, wrap_views):
-    """{model reference: Hugging Face view} of every model of a slices config, and the architecture."""
-    base_path = None
-    if config.base_model is not None:
-        base_path, _ = split_adapter(config, config.base_model)
-    readers: list[Any] = []
-    try:
-        for entry in config.models:
-            readers.append(open_model(config, entry, base_path))
-        arch = naming.architecture_of(readers)
-        views = [naming.HFView(r, arch) for r in readers]
-        refs = [m.model for m in config.models]
-        if wrap_views is not None:
-            views = wrap_views(refs, views)
-        yield dict(zip(refs, views)), arch
-    finally:
-        for reader in readers:
-            try:
-                reader.close()
-            except Exception:  # closing is best effort
-                pass
+    with open_views(config, config.models, wrap_views) as (views, arch):
+        yield _slice_segments(config, dict(zip([m.model for m in config.models], views)), arch, out_dtype, promote)
 
 
 def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
@@ -501,24 +477,33 @@ def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray],
     return dict(counts)
 
 
-def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> None:
-    """Write a frankenmerge's layer counts (mergekit: num_layers_config_key) and per-layer lists into the
-    output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
-    if not updates or not config_path.is_file():
+def edit_model_config(config_path: Path, edit: Callable[[dict], None]) -> None:
+    """Apply `edit` to the output's config.json (a JSON object) and write it back; a missing, unreadable
+    or non-object file is left as it is (it was copied as it is: not ours to repair)."""
+    model_config = json_object_or_none(config_path) if config_path.is_file() else None
+    if model_config is None:
         return
-    model_config = json_object_or_none(config_path)
-    if model_config is None:  # not ours to repair: it was copied as it is
-        return
-    for key, value in updates.items():
-        *parents, leaf = key.split(".")
-        target = model_config
-        for part in parents:
-            if not isinstance(target.get(part), dict):
-                target[part] = {}
-            target = target[part]
-        target[leaf] = value
+    edit(model_config)
     config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> None:
+    """Write a frankenmerge's layer counts (mergekit: num_layers_config_key) and per-layer lists into the
+    output's config.json; a dotted key ("text_config.num_hidden_layers") goes into its nested mapping."""
+    def edit(model_config: dict) -> None:
+        for key, value in updates.items():
+            *parents, leaf = key.split(".")
+            target = model_config
+            for part in parents:
+                if not isinstance(target.get(part), dict):
+                    target[part] = {}
+                target = target[part]
+            target[leaf] = value
+
+    if updates:
+        edit_model_config(config_path, edit)
+
+
 __all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_patterns", "check_segments",
-           "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype", "set_layer_count"]
+           "edit_model_config", "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype",
+           "set_layer_count"]

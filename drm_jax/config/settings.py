@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from drm_jax.methods.base import clip, is_finite_number, short
+from drm_jax.errors import clip, quote
+from drm_jax.numbers import is_finite_number
 
 CONDITION_KEYS = ("filter", "value")
 
@@ -92,7 +93,7 @@ def check_setting(value: Any, key: str, check: Callable[[Any, str], Any], *, var
         if not varying:
             raise ValueError(f"{key}: {name} is structural (static): one value for every tensor, not a "
                              f"{'filter list' if isinstance(value, dict) or _has_mappings(value) else 'gradient'}"
-                             f"; got {short(value)}")
+                             f"; got {quote(value)}")
         return _varying(value, key, check)
     return check(value, key)
 
@@ -106,9 +107,9 @@ def _gradient(value: list, key: str, check: Callable[[Any, str], Any]) -> Gradie
         raise ValueError(f"{key}: an empty gradient; give at least one value")
     for i, v in enumerate(value):
         if isinstance(v, (list, dict)):
-            raise ValueError(f"{key}[{i}]: a gradient holds numbers, got {short(v)}")
+            raise ValueError(f"{key}[{i}]: a gradient holds numbers, got {quote(v)}")
         if not is_finite_number(v):
-            raise ValueError(f"{key}[{i}]: a gradient holds finite numbers, got {short(v)}")
+            raise ValueError(f"{key}[{i}]: a gradient holds finite numbers, got {quote(v)}")
     return Gradient(tuple(check(v, f"{key}[{i}]") for i, v in enumerate(value)))
 
 
@@ -120,7 +121,7 @@ def _varying(value: Any, key: str, check: Callable[[Any, str], Any]) -> Any:
     if not all(isinstance(e, dict) for e in value):
         bad = next(i for i, e in enumerate(value) if not isinstance(e, dict))
         raise ValueError(f"{key}[{bad}]: a filter list holds mappings {{filter: ..., value: ...}}, got "
-                         f"{short(value[bad])}")
+                         f"{quote(value[bad])}")
     return FilterList(tuple(_conditional(e, f"{key}[{i}]", check) for i, e in enumerate(value)))
 
 
@@ -132,10 +133,10 @@ def _conditional(entry: dict, key: str, check: Callable[[Any, str], Any]) -> Con
         raise ValueError(f"{key}.value: missing")
     flt = entry.get("filter")
     if flt is not None and not isinstance(flt, str):
-        raise ValueError(f"{key}.filter: must be a substring of tensor names, got {short(flt)}")
+        raise ValueError(f"{key}.filter: must be a substring of tensor names, got {quote(flt)}")
     value = entry["value"]
     if isinstance(value, dict):
-        raise ValueError(f"{key}.value: one value or a gradient, not a nested filter, got {short(value)}")
+        raise ValueError(f"{key}.value: one value or a gradient, not a nested filter, got {quote(value)}")
     value = _gradient(value, f"{key}.value", check) if isinstance(value, list) else check(value, f"{key}.value")
     return Conditional(flt, value)
 

@@ -49,6 +49,7 @@ from drm_jax.config.schema import MergeConfig, TokenizerSpec, TokenSetting
 from drm_jax.config.streaming import PEFT_CONFIG_NAME, split_adapter
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, UnsafeFileError, one_line, quote, quote_path
 from drm_jax.io.base import read_json
+from drm_jax.io.dtypes import is_floating
 from drm_jax.io.model_files import safe_model_file, stage_tokenizer_files
 
 
@@ -543,18 +544,14 @@ def align_views(plan: VocabularyPlan, refs: list[str], views: list[Any], cast: n
 
     def read(ref: str, name: str) -> np.ndarray:
         array = np.asarray(readers[ref].get(name))
-        return array.astype(cast) if cast is not None and _floating(array.dtype) else array
+        return array.astype(cast) if cast is not None and is_floating(array.dtype) else array
 
     def dtype_of(ref: str, name: str) -> np.dtype:
         dtype = np.dtype(readers[ref].dtype(name))
-        return np.dtype(cast) if cast is not None and _floating(dtype) else dtype
+        return np.dtype(cast) if cast is not None and is_floating(dtype) else dtype
 
     aligner = VocabularyAligner(plan, read, dtype_of)
     return [AlignedView(view, ref, aligner) for ref, view in zip(refs, views)]
-
-
-def _floating(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 def print_warnings(plan: VocabularyPlan) -> None:

@@ -54,6 +54,20 @@ def dtype_from_name(name: str | bytes) -> np.dtype:
     return dtype
 
 
+# The floating dtypes numpy does not count as np.floating (ml_dtypes' bfloat16 and float8 types).
+_EXTRA_FLOATING = frozenset(_EXTRA_DTYPES.values())
+
+
+def is_floating(dtype) -> bool:
+    """A floating dtype, ml_dtypes' bfloat16 and float8 types included (numpy does not count them as
+    np.floating); JAX's extended dtypes (an NNX State's RNG keys) hold no numbers."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return False
+    return bool(np.issubdtype(dtype, np.floating)) or dtype in _EXTRA_FLOATING
+
+
 def as_numpy_dtype(dtype) -> np.dtype:
     """A numpy dtype from anything numpy, ml_dtypes, JAX or tensorstore call a dtype."""
     numpy_dtype = getattr(dtype, "numpy_dtype", None)  # tensorstore.dtype

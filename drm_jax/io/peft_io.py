@@ -38,7 +38,7 @@ from drm_jax.io.bounded_regex import BoundedPattern, PatternError
 from drm_jax.io.safetensors_io import SafetensorsReader
 from drm_jax.io.torch_io import TorchReader
 from drm_jax.io.writer import CheckpointWriter
-from drm_jax.methods.base import is_finite_number
+from drm_jax.numbers import is_finite_number
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 # The adapter's weight files, in the order PEFT prefers them, and their readers.

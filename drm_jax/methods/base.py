@@ -19,7 +19,6 @@ The method reference (equations, defaults, papers) is docs/methods.md.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, NamedTuple, Sequence
@@ -27,9 +26,10 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from drm_jax.errors import QUOTE_LIMIT, MergeInputError, escape_controls, quote
+from drm_jax.errors import MergeInputError, clip, quote  # clip: re-exported, engine reads it here
 from drm_jax.math.arrays import is_traced
 from drm_jax.math.state import MergeTransform, init_state, merged_of
+from drm_jax.numbers import is_finite_number  # re-exported: engine.adapters reads it here
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
 _NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
@@ -87,42 +87,30 @@ class Param:
                 "count": "integer >= 0"}[self.kind]
 
 
-def is_finite_number(v: Any) -> bool:
-    """A real number (not a bool) that a float holds finitely: an integer of 400 digits is not one."""
-    if hasattr(v, "shape") and getattr(v, "shape", None) == () and not isinstance(v, bool):
-        v = v.item() if hasattr(v, "item") else v  # a 0-d array or numpy scalar
-    if not isinstance(v, numbers.Real) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # int -> float conversion of an integer beyond float's range
-        return False
-
-
 def check_value(param: Param, value: Any, where: str) -> Any:
     kind = param.kind
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: must be true or false, got {short(value)}")
+            raise ValueError(f"{where}: must be true or false, got {quote(value)}")
         return value
     if kind == "choice":
         if value not in param.choices:
-            raise ValueError(f"{where}: must be one of {list(param.choices)}, got {short(value)}")
+            raise ValueError(f"{where}: must be one of {list(param.choices)}, got {quote(value)}")
         return value
     if kind == "count":
         if is_traced(value):
             return value
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**31:
-            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
+            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {quote(value)}")
         return int(value)
     if kind == "seed":
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
-            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {short(value)}")
+            raise ValueError(f"{where}: must be an integer in [0, 2**31), got {quote(value)}")
         return value
     if is_traced(value):
         return value  # a traced value inside the caller's own jit: checked by nobody, used as is
     if not is_finite_number(value):
-        raise ValueError(f"{where}: must be a finite number, got {short(value)}")
+        raise ValueError(f"{where}: must be a finite number, got {quote(value)}")
     value = value if isinstance(value, Complement) else float(value)
     if kind == "fraction" and not 0.0 <= value <= 1.0:
         raise ValueError(f"{where}: must be in [0, 1], got {value}")
@@ -131,18 +119,6 @@ def check_value(param: Param, value: Any, where: str) -> Any:
     if kind == "nonnegative" and value < 0:
         raise ValueError(f"{where}: must be >= 0, got {value}")
     return value
-
-
-# repr of a value, cut (error messages never quote unbounded input): the one quoting rule, drm_jax.errors.quote
-short = quote
-
-
-def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """A name or key as it is, its control characters escaped (`drm_jax.errors.escape_controls`), cut to
-    `limit` characters."""
-    text = str(text)
-    shown = escape_controls(text[:limit + 1])  # one more than fits: a longer text is marked as cut
-    return shown if len(text) <= limit and len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 class LayerContext(NamedTuple):
@@ -481,4 +457,4 @@ def scalar(value) -> Any:
 
 __all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "LeafData",
            "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip",
-           "is_finite_number", "one_minus", "per_model_numbers", "per_model_values", "scalar", "short", "traced_numbers"]
+           "is_finite_number", "one_minus", "per_model_numbers", "per_model_values", "scalar", "traced_numbers"]

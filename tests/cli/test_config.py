@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drm_jax.config.schema import METHOD_PARAMS, load_config, parse_config
+from drm_jax.config.schema import CONFIG, MAX_MODELS, MAX_PAD_TO_MULTIPLE_OF, METHOD_PARAMS, load_config, parse_config
 from drm_jax.config.merge import parse_size
 from drm_jax.config.recipe import build_recipe
 from drm_jax.errors import ConfigError
@@ -133,6 +133,70 @@ def test_contradictory_parameters_name_the_key(raw, key):
     with pytest.raises(ConfigError) as err:
         build_recipe(parse_config(raw))
     assert str(err.value).startswith(key + ":"), str(err.value)
+
+
+_SLICE = {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [2, 4]}]}
+
+
+@pytest.mark.parametrize("raw, message", [
+    # null counts as absent for merge_method (required), not for a model reference
+    ({"merge_method": None, "models": ["a"]}, "merge_method: missing"),
+    ({"merge_method": "linear", "models": [{"model": None}]}, "models[0].model: must be a model path, got None"),
+    ({"merge_method": "linear", "models": [{"parameters": {}}]}, "models[0].model: missing"),
+    ({"merge_method": "linear", "models": [{"model": "a", "weight": 1}]},
+     "models[0].weight: unknown key; a model entry has 'model' and 'parameters'"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "a"}]}]},
+     "slices[0].sources[0].layer_range: missing"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 1], "x": 1}]}]},
+     "slices[0].sources[0].x: unknown key; a slice source has ['model', 'layer_range', 'parameters']"),
+    ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                                                        {"model": "b", "layer_range": [0, 3]}]}]},
+     "slices[0].sources[1].layer_range: [0, 3] covers 3 layers"),
+    ({"merge_method": "linear", "slices": [dict(_SLICE, residual=1)]}, "slices[0].residual: unknown key; a slice has"),
+    ({"merge_method": "linear", "slices": [{"sources": None}]}, "slices[0].sources: must be a non-empty list"),
+    ({"merge_method": "linear", "modules": {"default": {"slices": [_SLICE], "x": 1}}},
+     "modules.default.x: unknown key; a module has ['slices', 'models', 'parameters']"),
+    ({"merge_method": "linear", "modules": {"default": {"parameters": {}}}},
+     "modules.default: give exactly one of 'slices' and 'models'"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"tokens": {"<t>": {"force": None}}}},
+     "tokenizer.tokens.<t>.force: must be true or false, got None"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": None}},
+     "tokenizer.source: must be a model path, got None"),
+    ({"merge_method": "linear", "models": ["a"],
+      "tokenizer": {"tokens": {"<t>": {"source": {"kind": "model_token", "model": "a", "token_id": -1}}}}},
+     "tokenizer.tokens.<t>.source.token_id: must be a non-negative integer, got -1"),
+    ({"merge_method": "linear", "models": ["a"],
+      "tokenizer": {"tokens": {"<t>": {"source": {"kind": "model_token", "model": "a"}}}}},
+     "tokenizer.tokens.<t>.source: give exactly one of token_id and token"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"pad_to_multiple_of": 0}},
+     "tokenizer.pad_to_multiple_of: must be a positive integer, got 0"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"pad_to_multiple_of": True}},
+     "tokenizer.pad_to_multiple_of: must be a positive integer, got True"),
+    ({"merge_method": "linear", "models": ["a"], "tokenizer": {"pad_to_multiple_of": MAX_PAD_TO_MULTIPLE_OF + 1}},
+     f"tokenizer.pad_to_multiple_of: at most {MAX_PAD_TO_MULTIPLE_OF} "),
+    ({"merge_method": "linear", "models": [f"m{i}" for i in range(MAX_MODELS + 1)]},
+     f"models: {MAX_MODELS + 1} entries; at most {MAX_MODELS} models"),
+    ({"merge_method": "linear", "models": ["a"], "wat": 1}, f"wat: unknown key; expected one of {list(CONFIG.names)}"),
+])
+def test_schema_tables_give_one_line_errors_naming_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_schema_tables_accept_the_edges():
+    config = parse_config({"merge_method": "linear", "models": [f"m{i}" for i in range(MAX_MODELS)],
+                           "tokenizer": {"pad_to_multiple_of": MAX_PAD_TO_MULTIPLE_OF,
+                                         "tokens": {"<t>": None, "<z>": {"source": {"kind": "zero"}, "force": True}}}})
+    assert len(config.models) == MAX_MODELS and config.models[0].parameters == {}
+    spec = config.tokenizer
+    assert spec.source == "union" and spec.pad_to_multiple_of == MAX_PAD_TO_MULTIPLE_OF
+    assert [(t, s.source.kind, s.force) for t, s in spec.tokens] == [("<t>", "default", False), ("<z>", "zero", True)]
+    sliced = parse_config({"merge_method": "linear", "modules": {"default": {"slices": [_SLICE], "parameters": None}},
+                           "dtype": "torch.bfloat16"})
+    assert [m.layer_range for m in sliced.slices[0].sources] == [(0, 2), (2, 4)]
+    assert sliced.module_parameters == {} and sliced.dtype == "bfloat16"
+    assert sliced.slices[0].key == "modules.default.slices[0]"
 
 
 def test_parameters_the_method_lacks_are_refused():

@@ -4,13 +4,14 @@ newline cannot forge a second `drm-jax: error:` line; the CLI's printer enforces
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from drm_jax.errors import MESSAGE_LIMIT, CheckpointError, MergeInputError, one_line, quote_path
+from drm_jax.errors import MESSAGE_LIMIT, CheckpointError, MergeInputError, one_line, os_errors_named, quote_path
 
 from .conftest import refused, write_merge_config
 
@@ -102,3 +103,18 @@ def test_cli_printer_bounds_any_message(capfd):
     print_error(Raw())
     err = capfd.readouterr().err
     assert len(err.splitlines()) == 1 and len(err) <= MESSAGE_LIMIT + 40
+
+
+def test_os_errors_become_one_line_checkpoint_errors_naming_the_file():
+    with pytest.raises(CheckpointError) as err:
+        with os_errors_named("out"):
+            raise OSError(errno.ENOSPC, "No space left on device", "out/model.safetensors")
+    assert str(err.value) == "out/model.safetensors: No space left on device" and err.value.__cause__ is None
+    with pytest.raises(CheckpointError, match=r"^out: boom$"):
+        with os_errors_named("out"):
+            raise OSError("boom")  # no file name: the output directory is named
+    own = CheckpointError("model.safetensors: truncated")
+    with pytest.raises(CheckpointError) as err:
+        with os_errors_named("out"):
+            raise own
+    assert err.value is own  # drm_jax's own errors pass as they are

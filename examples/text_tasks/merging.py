@@ -50,6 +50,9 @@ class Grid:
     densities: tuple[float, ...] = (0.1, 0.5, 0.9)  # TIES: fraction kept
     drop_rates: tuple[float, ...] = (0.1, 0.5, 0.9)  # DRM, KnOTS-TIES, DARE-TIES
     common_fractions: tuple[float, ...] = (0.65, 0.8, 0.95)  # Iso-CTS (0.8: the paper's)
+    regmean_ratios: tuple[float, ...] = (0.55, 0.75, 0.95)  # RegMean's reduce_non_diagonal_ratio (0.95: FusionBench's)
+    wudi_iter_num: int = 400  # WUDI's Adam steps, fixed (FusionBench's config; WUDI has no scale to search)
+    wudi_learning_rate: float = 1e-5  # WUDI's Adam step size, fixed (FusionBench's)
     sweep_test: tuple[str, ...] = ("DRM-H",)  # labels whose drop-rate stage is also evaluated on test
     refine: int = 1
     max_extend: int = 6
@@ -103,6 +106,12 @@ def density_axis(start: Sequence[float]) -> Axis:
     return Axis("density", tuple(start), low=0.0, high=1.0, high_natural=True)
 
 
+def ratio_axis(start: Sequence[float]) -> Axis:
+    """RegMean's reduce_non_diagonal_ratio in [0, 1]: 1 is least squares on the Gram matrices, 0 keeps only
+    their diagonals; both ends are values it may take."""
+    return Axis("reduce_non_diagonal_ratio", tuple(start), low=0.0, high=1.0, low_natural=True, high_natural=True)
+
+
 def common_fraction_axis(start: Sequence[float]) -> Axis:
     """Iso-CTS's common fraction f in [0, 1] (f = 1 is Iso-C): both ends are values it may take."""
     return Axis("common_fraction", tuple(start), low=0.0, high=1.0, low_natural=True, high_natural=True)
@@ -127,6 +136,8 @@ METHODS = (
     MethodSpec("DRM-V", "drm", {"direction": "vertical"}),
     MethodSpec("TSV-M", "tsv_m"),
     MethodSpec("Iso-CTS", "iso_cts"),
+    MethodSpec("WUDI", "wudi"),
+    MethodSpec("RegMean", "regmean"),
 )
 SUBSPACE_METHODS = ("tsv_m", "iso_c", "iso_cts")  # one global alpha, passed as "lambda" (an alias of alpha)
 DRM_FAMILY = ("drm", "knots_ties")
@@ -167,14 +178,16 @@ def split_static(spec: MethodSpec, kwargs: Mapping[str, Any]) -> tuple[dict, dic
     return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})
 
 
-def prepare_method(base, finetuned: Sequence, spec: MethodSpec):
-    """drm_jax.prepare of Flax trees (kernels (in, out) -> layout='flax'), the method's static parameters."""
-    return drm_jax.prepare(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed)
+def prepare_method(base, finetuned: Sequence, spec: MethodSpec, data: Mapping[str, Any] | None = None):
+    """drm_jax.prepare of Flax trees (kernels (in, out) -> layout='flax'), the method's static parameters;
+    data: the method's per-leaf data (RegMean: {"grams": one dict per model})."""
+    return drm_jax.prepare(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed, **(data or {}))
 
 
-def merge_encoders(base, finetuned: Sequence, spec: MethodSpec, params: Mapping[str, Any]):
+def merge_encoders(base, finetuned: Sequence, spec: MethodSpec, params: Mapping[str, Any],
+                   data: Mapping[str, Any] | None = None):
     """One merge without a prepared plan (drm_jax.merge), numpy leaves out."""
-    merged = drm_jax.merge(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed,
+    merged = drm_jax.merge(base, list(finetuned), method=spec.method, layout="flax", **spec.fixed, **(data or {}),
                            **merge_kwargs(spec, params))
     return jax.tree.map(np.asarray, merged)
 
@@ -183,13 +196,19 @@ def merge_encoders(base, finetuned: Sequence, spec: MethodSpec, params: Mapping[
 def search_plan(spec: MethodSpec, grid: Grid) -> tuple[dict, list[Axis]]:
     """(starting parameters, searched axes in order) of a method's coordinate search on validation.
 
-    One parameter: task arithmetic (lambda), TSV-M and Iso-C (alpha). Two: TIES (lambda, density),
+    None searched: the linear average; WUDI, whose Adam settings are fixed (Grid.wudi_*). One parameter:
+    task arithmetic (lambda), TSV-M and Iso-C (alpha), RegMean (reduce_non_diagonal_ratio). Two: TIES (lambda, density),
     DARE-TIES (lambda, drop rate), DRM-H / DRM-V / KnOTS-TIES (lambda, drop rate), Iso-CTS (alpha,
     common fraction). The scale is searched first, at the middle starting value of the other parameter.
     """
     m = spec.method
     if m == "linear":
         return {}, []
+    if m == "wudi":  # no scale: its Adam settings are fixed (FusionBench's), shown as the chosen numbers
+        return {"iter_num": int(grid.wudi_iter_num), "learning_rate": float(grid.wudi_learning_rate)}, []
+    if m == "regmean":
+        return {"reduce_non_diagonal_ratio": float(sorted(grid.regmean_ratios)[len(grid.regmean_ratios) // 2])}, [
+            ratio_axis(grid.regmean_ratios)]
     if m == "task_arithmetic":
         axes = [scale_axis("lambda", grid.ta_lambdas)]
     elif m in SUBSPACE_METHODS:

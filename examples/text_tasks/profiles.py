@@ -26,6 +26,7 @@ class Profile:
     lora: LoraConfig | None = None  # LoRA adapters per task instead of full fine-tuning
     count_labels: tuple[str, ...] | None = None  # methods in the number-of-tasks curve (None: all)
     time_one_shot: bool = False  # also time one drm_jax.merge per method (the speed-up of prepare)
+    gram_texts: int = 256  # unlabeled fine-tuning texts per task for RegMean's Gram matrices (FusionBench: 256)
 
 
 # The tasks of the full profile: 8 tasks from 4 wheels, chosen for their headroom. Seed 0 at these sizes,
@@ -79,7 +80,7 @@ PROFILES = {
         tasks=("rt_sentiment", "health_tweets"),
         n_head=32, n_train=16, n_val=16, n_test=16, max_len=32,
         train=TrainConfig(steps=2, batch_size=8, learning_rate=1e-4),
-        grid=Grid(refine=0, max_extend=2, rounds=1),
+        grid=Grid(refine=0, max_extend=2, rounds=1, wudi_iter_num=4), gram_texts=8,
         ada=AdaConfig(steps=2, batch_per_task=4, learning_rate=0.03),
         task_counts=(2,), reselect_per_count=False, seeds=(0,), time_one_shot=True,
     ),

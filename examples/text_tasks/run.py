@@ -43,8 +43,8 @@ from drm_jax.engine.tree import leaf_name  # noqa: E402
 from drm_jax.models import load_hf_bert, save_hf_bert  # noqa: E402
 from text_tasks import assets, report  # noqa: E402
 from text_tasks.encoder import (Encoder, FineTuner, Head, LoraFineTuner, Tokenizer, apply_lora, fit_head,  # noqa: E402
-                                join_params, load_lora_adapter, lora_factors, pad_batch, save_lora_adapter,
-                                split_frozen)
+                                join_params, length_batches, load_lora_adapter, lora_factors, pad_batch,
+                                save_lora_adapter, split_frozen)
 from text_tasks.merging import (ADAMERGING, METHODS, MethodSpec, Selection, learn_coefficients,  # noqa: E402
                                 merge_encoders, merge_kwargs, normalized, prepare_method, scale_of,
                                 select_on_validation, spec_by_label, split_static)
@@ -60,12 +60,14 @@ FACTORED_METHODS = ("linear", "task_arithmetic", "drm", "knots_ties", "tsv_m", "
 # search (MergePlan._dense): their prepare keeps no decomposition (TSV-M and Iso-CTS decompose at every merge)
 # or their merge is a full elementwise pass; DRM and KnOTS keep their unscaled delta inside the plan.
 RESCALED = ("ties", "dare_ties", "tsv_m", "iso_c", "iso_cts")
-# Methods whose own rule for the non-matrix leaves already is task arithmetic at their scale (the linear
-# average's mean: lambda 1/K): in the one-rule table their rows are their own, not evaluated again.
-OTHER_LEAVES_BY_TASK_ARITHMETIC = ("linear", "task_arithmetic")
+# Methods whose own rule for the non-matrix leaves already is task arithmetic at their scale (the mean,
+# lambda 1/K, for the linear average, WUDI and RegMean, which have no scale): in the one-rule table their
+# rows are their own, not evaluated again.
+OTHER_LEAVES_BY_TASK_ARITHMETIC = ("linear", "task_arithmetic", "wudi", "regmean")
 # Lambda-1 merges kept per plan: the coordinate search comes back to an earlier setting of the other
 # parameter (Iso-CTS: each common fraction is a new decomposition, about 9 s with 4 tasks).
 UNITS_KEPT = 3
+GRAM_BATCH = 64  # texts per batch of RegMean's Gram pass (length-sorted, padded to the batch's bucket)
 
 
 def log(message: str) -> None:
@@ -144,13 +146,26 @@ class MergePlan:
         self.merges = 0
         self._units: dict[str, Any] = {}  # the lambda-1 merges of the last few settings (RESCALED methods)
         self._last = None
+        self._data = None  # the method's per-leaf data (RegMean's Gram matrices), made on first use
+
+    def data(self) -> dict:
+        """The method's per-leaf data for drm_jax: RegMean's input Gram matrices of every model (one dict
+        per task, Experiment.input_grams); nothing for the other methods."""
+        if self.spec.method != "regmean":
+            return {}
+        if self._data is None:
+            self._data = {"grams": [self.x.input_grams(n) for n in self.names]}
+        return self._data
 
     def identity(self, params: Mapping, coefficients=None, names: Sequence[str] | None = None) -> dict:
         x = self.x
-        return {"code": x.code, "seed": x.seed, "models": [x.model_key(n) for n in (names or self.names)],
-                "method": self.spec.method, "fixed": dict(self.spec.fixed), "factored": self.factored,
-                "params": {k: round(v, 6) if isinstance(v, float) else v for k, v in sorted(params.items())},
-                "coefficients": None if coefficients is None else _digest(np.round(np.asarray(coefficients), 6).tolist())}
+        out = {"code": x.code, "seed": x.seed, "models": [x.model_key(n) for n in (names or self.names)],
+               "method": self.spec.method, "fixed": dict(self.spec.fixed), "factored": self.factored,
+               "params": {k: round(v, 6) if isinstance(v, float) else v for k, v in sorted(params.items())},
+               "coefficients": None if coefficients is None else _digest(np.round(np.asarray(coefficients), 6).tolist())}
+        if self.spec.method == "regmean":  # what its Gram matrices are made of (the split is in the key)
+            out["grams"] = {"texts": x.profile.gram_texts, "batch": GRAM_BATCH}
+        return out
 
     def dense_prepared(self, static: Mapping | None = None):
         """The method prepared with these static parameters (one plan kept: a new setting prepares again)."""
@@ -158,7 +173,7 @@ class MergePlan:
         if self.prepared is None or self._static_key != key:
             start = time.perf_counter()
             spec = dataclasses.replace(self.spec, fixed={**self.spec.fixed, **dict(static or {})})
-            self.prepared = prepare_method(self.x.base, [self.x.finetuned[n] for n in self.names], spec)
+            self.prepared = prepare_method(self.x.base, [self.x.finetuned[n] for n in self.names], spec, self.data())
             self._static_key = key
             self.x.costs.add(f"prepare {self.spec.label}", time.perf_counter() - start)
         return self.prepared
@@ -317,6 +332,24 @@ class Experiment:
     def evaluate(self, trainable, names: Sequence[str], part: str) -> dict[str, float]:
         """Accuracy of `trainable` (encoder) read out by each task's own frozen head."""
         return {name: float(np.mean(c)) for name, c in self.correct(trainable, names, part).items()}
+
+    # ---------------------------------------------------------------------------------- RegMean's data
+    def _apply_encoder(self, trainable, batch):
+        """The encoder's hidden states of a padded batch (ids, mask): the forward that input_grams observes."""
+        params = {k: v for k, v in join_params(trainable, self.frozen).items() if k != "pooler"}
+        return self.encoder.module.apply({"params": params}, *batch)[0]
+
+    def input_grams(self, name: str) -> dict[str, np.ndarray]:
+        """RegMean's Gram matrices for task `name`: of every Dense kernel's inputs in its fine-tuned encoder
+        (`drm_jax.input_grams`, a mean over token rows), over its first `gram_texts` fine-tuning texts read
+        without their labels, in length-sorted batches (padding rows, also counted, stay few)."""
+        seqs = self.seqs[name, "train"][: self.profile.gram_texts]
+        batches = [pad_batch([seqs[i] for i in idx], self.profile.max_len) for idx in length_batches(seqs, GRAM_BATCH)]
+        start = time.perf_counter()
+        grams = drm_jax.input_grams(self._apply_encoder, self.finetuned[name], batches)
+        grams = {k: np.asarray(v) for k, v in grams.items()}
+        self.costs.add("RegMean input Grams", time.perf_counter() - start)
+        return grams
 
     # ---------------------------------------------------------------------------------- non-matrix leaves
     def other_deltas(self, names: Sequence[str]) -> dict[str, tuple[Any, np.ndarray]]:
@@ -575,7 +608,7 @@ class Experiment:
                 log(f"{label}: entropy {info['losses'][0]:.4f} -> {info['losses'][-1]:.4f}, coefficients "
                     f"{coefficients.min():.3f}..{coefficients.max():.3f}; test: {_fmt(test['acc'])} normalized "
                     f"{100 * normalized(test['acc'], ft['test']):.1f}")
-            plan.prepared, plan._last, plan._units = None, None, {}  # free the plan before the next method
+            plan.prepared, plan._last, plan._units, plan._data = None, None, {}, None  # free it before the next
         result["counts"] = self._counts(names, selections, ft, rows)
         result["cost"].update({"stages": self.costs.as_dict(), "tokens_encoded": self.encoder.tokens,
                                "encoder_seconds": round(self.encoder.seconds, 2),
@@ -599,7 +632,7 @@ class Experiment:
         prepare + merges: the speed-up of sweeping through prepare."""
         models = [self.finetuned[n] for n in plan.names]
         start = time.perf_counter()
-        merge_encoders(self.base, models, plan.spec, chosen)
+        merge_encoders(self.base, models, plan.spec, chosen, plan.data())
         one = time.perf_counter() - start
         label = plan.spec.label
         swept = self.costs.seconds.get(f"prepare {label}", 0.0) + self.costs.seconds.get(f"merge {label}", 0.0)

@@ -67,9 +67,10 @@ TINY_PROFILE = Profile(
     tasks=("sentiment", "animals"), n_head=16, n_train=24, n_val=12, n_test=12, max_len=16,
     train=TrainConfig(steps=3, batch_size=8, learning_rate=1e-3),
     grid=Grid(ta_lambdas=(0.5, 1.0), disjoint_lambdas=(1.0, 1.5), subspace_alphas=(1.0, 1.5), densities=(0.2, 0.5),
-              drop_rates=(0.8, 0.9), common_fractions=(0.8, 0.9), refine=0, max_extend=1, rounds=0),
+              drop_rates=(0.8, 0.9), common_fractions=(0.8, 0.9), regmean_ratios=(0.8, 0.9), refine=0, max_extend=1,
+              rounds=0, wudi_iter_num=3),
     ada=AdaConfig(steps=2, batch_per_task=4, learning_rate=0.05),
-    task_counts=(2,), reselect_per_count=False, seeds=(0,),
+    task_counts=(2,), reselect_per_count=False, seeds=(0,), gram_texts=10,
 )
 
 
@@ -236,8 +237,11 @@ def test_search_plans_give_every_method_of_a_size_the_same_search():
                    "KnOTS-TIES": ["lambda", "drop_rate"], "DRM-H": ["lambda", "drop_rate"],
                    "DRM-V": ["lambda", "drop_rate"], "Iso-CTS": ["alpha", "common_fraction"]}
     assert {l: [a.param for a in axes] for l, (_, axes) in plans.items() if len(axes) == 1} == {
-        "Task arithmetic": ["lambda"], "TSV-M": ["alpha"]}
+        "Task arithmetic": ["lambda"], "TSV-M": ["alpha"], "RegMean": ["reduce_non_diagonal_ratio"]}
     assert plans["Linear average"] == ({}, [])
+    assert plans["WUDI"] == ({"iter_num": 400, "learning_rate": 1e-5}, [])  # fixed: FusionBench's settings
+    ratio = plans["RegMean"][1][0]  # both ends are values the ratio may take: the search may stop there
+    assert ratio.beyond(0.95, 0.2, +1) == 1.0 and ratio.at_natural_bound(1.0) and ratio.at_natural_bound(0.0)
     assert all(len(a.start) == 3 for _, axes in plans.values() for a in axes)  # three starting values each
     start, axes = plans["DRM-V"]
     assert start == {"lambda": 1.0, "drop_rate": 0.5} and axes[1].start == (0.1, 0.5, 0.9)  # swept like DRM-H
@@ -488,11 +492,15 @@ def test_pipeline_reports_every_method_and_caches_hf_checkpoints(tiny):
     assert rates == sorted(rates) and {0.8, 0.9} <= set(rates)
     for spec in METHODS:  # every searched parameter: what was tried, what was chosen, and whether at an edge
         row = result["rows"][spec.label]
-        assert set(row["search"]) == set(row["chosen"]) and row["evaluations"] == len(row["trials"]) >= 1
+        fixed = {"iter_num", "learning_rate"} if spec.method == "wudi" else set()  # WUDI's fixed Adam settings
+        assert set(row["search"]) == set(row["chosen"]) - fixed and row["evaluations"] == len(row["trials"]) >= 1
         for param, grid in row["search"].items():
             assert grid["chosen"] == row["chosen"][param] and grid["chosen"] in grid["tried"]
+            natural = ((param == "drop_rate" and grid["chosen"] == 0.0)
+                       or (param == "reduce_non_diagonal_ratio" and grid["chosen"] in (0.0, 1.0)))
             assert grid["at_edge"] == (not min(grid["tried"]) < grid["chosen"] < max(grid["tried"])
-                                       and not (param == "drop_rate" and grid["chosen"] == 0.0)), (spec.label, grid)
+                                       and not natural), (spec.label, grid)
+    assert result["rows"]["WUDI"]["chosen"] == {"iter_num": 3, "learning_rate": 1e-5}
     assert set(result["uniform_rows"]) == set(result["rows"])
     assert set(result["counts"]) == {"2"}
     directory = experiment.checkpoint_dir("sentiment")
@@ -506,6 +514,28 @@ def test_pipeline_reports_every_method_and_caches_hf_checkpoints(tiny):
     state = flax_to_hf(split_frozen(params)[1])
     base_state = flax_to_hf(experiment.frozen)
     np.testing.assert_array_equal(state["pooler.dense.weight"], base_state["pooler.dense.weight"])
+
+
+def test_regmean_grams_cover_every_dense_kernel_and_come_from_the_fine_tuned_encoder(tiny):
+    """RegMean's data: one symmetric positive semi-definite (in, in) Gram matrix per Dense kernel of the
+    encoder (none falls back to the identity), different per task's model and texts."""
+    import jax
+
+    from drm_jax.engine.tree import leaf_name
+
+    _, _, _, experiment, result = tiny
+    names = result["tasks"]
+    kernels = {leaf_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(experiment.base)[0]
+               if leaf_name(p).endswith("kernel")}
+    grams = {n: experiment.input_grams(n) for n in names}
+    for name in names:
+        assert set(grams[name]) == set(kernels)
+        for leaf, gram in grams[name].items():
+            assert gram.shape == (kernels[leaf].shape[0],) * 2
+            np.testing.assert_allclose(gram, gram.T, rtol=1e-5, atol=1e-6)
+            assert np.linalg.eigvalsh(gram.astype(np.float64)).min() > -1e-4 * np.abs(gram).max()
+    leaf = next(iter(kernels))
+    assert not np.allclose(grams[names[0]][leaf], grams[names[1]][leaf])
 
 
 def test_one_rule_table_splices_task_arithmetic_into_the_non_matrix_leaves_only(tiny):
@@ -570,8 +600,9 @@ def test_reported_accuracies_are_those_of_the_saved_checkpoints_and_chosen_merge
         assert experiment.evaluate(trainable, [name], "test") == {name: rows[report.FINETUNED]["test"][name]}
     models = [experiment.finetuned[n] for n in names]
     for spec in METHODS:  # TIES and TSV-M: their lambda search scaled one merge on the host
-        if spec.label in ("TIES", "DRM-H", "TSV-M"):
-            merged = merge_encoders(experiment.base, models, spec, rows[spec.label]["chosen"])
+        if spec.label in ("TIES", "DRM-H", "TSV-M", "WUDI", "RegMean"):
+            data = MergePlan(experiment, spec, names).data()  # RegMean's Gram matrices, made again
+            merged = merge_encoders(experiment.base, models, spec, rows[spec.label]["chosen"], data)
             assert experiment.evaluate(merged, names, "test") == rows[spec.label]["test"], spec.label
 
 

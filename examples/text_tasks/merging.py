@@ -11,7 +11,8 @@ which every parameter (a scale, lambda or alpha; a drop rate, density or common 
 line-searched from three starting values, extended past an edge while the best value sits on it and
 refined around the best, so the chosen value has tried neighbours on both sides (or sits at a natural
 bound: drop rate 0, density 1); a method with two parameters then searches each again around its choice
-until neither moves.
+until neither moves. WUDI has no scale and runs at FusionBench's fixed Adam settings (Grid.wudi_*);
+RegMean searches its reduce_non_diagonal_ratio like a one-parameter method.
 
 `learn_coefficients` is layer-wise AdaMerging (Yang et al., arXiv 2310.02575) through
 `drm_jax.adamerging(..., granularity="layer")`: one coefficient per task and merged leaf, shape

@@ -257,8 +257,8 @@ def markdown_report(results: Sequence[Mapping], labels: Sequence[str], header: s
         parts += ["### The same merges with one rule for the non-matrix leaves", "",
                   "Every method's non-matrix leaves (token, position and type embeddings, biases, LayerNorms: "
                   "the leaves outside the methods' matrix path) replaced by task arithmetic's at the method's "
-                  "own chosen scale (lambda or alpha; 1/K for the linear average; AdaMerging's learned "
-                  "coefficient of each leaf), so the rows differ only in how they merge the weight matrices.",
+                  "own chosen scale (lambda or alpha; 1/K for the linear average, WUDI and RegMean; AdaMerging's "
+                  "learned coefficient of each leaf), so the rows differ only in how they merge the weight matrices.",
                   "", main_table(results, labels, "uniform_rows"), ""]
         if "uniform_rows" in best:
             parts += [f"Best merge row of this table: {best['uniform_rows']}.", ""]

@@ -1,0 +1,53 @@
+"""benchmarks/bench_learned.py on tiny shapes: the extrapolation of FusionBench's time from a measured
+subset, the agreement verdicts, and the RegMean line (skips without fusion-bench)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_learned  # noqa: E402
+from fusion_bench_files import FusionBenchUnavailable, load  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fusion_bench():
+    try:
+        fb = load()
+    except FusionBenchUnavailable as err:
+        pytest.skip(f"fusion-bench not importable: {err}")
+    fb.torch.set_grad_enabled(True)
+    return fb
+
+
+def test_linear_fit_extrapolates_setup_plus_per_step_time():
+    assert bench_learned.linear_fit({25: 5.5, 5: 1.5}, 400) == pytest.approx(0.5 + 0.2 * 400)
+    assert bench_learned.linear_fit({5: 2.0, 25: 1.0}, 400) == pytest.approx(2.0)  # noise: no negative slope
+
+
+def test_wudi_rows_full_and_extrapolated_agree_with_fusion_bench(fusion_bench):
+    rng = np.random.default_rng(0)
+    tvs = {name: 1e-3 * rng.standard_normal(shape).astype(np.float32)
+           for name, shape in (("l0.a", (3, 8, 6)), ("l0.b", (3, 4, 10)), ("l1.a", (3, 8, 6)), ("l1.b", (3, 4, 10)))}
+    row, notes, _ = bench_learned.compare("full", tvs, 12, 1, fusion_bench)
+    assert row[:3] == ["full", 3, 12] and row[-1] == "yes" and not notes
+    row, notes, _ = bench_learned.compare("subset", tvs, 400, 1, fusion_bench, subset=["l0.a", "l0.b"],
+                                          fb_steps=(2, 6))
+    assert row[-1] == "yes" and row[3].endswith("(extrapolated)") and not row[4].endswith("(extrapolated)")
+    assert "2 of 4 weights at 2 and 6 steps" in notes[0] and "x2 in weights" in notes[0]
+    assert "agreement on what both ran: 2 weights, 6 steps" in notes[1]
+    row, notes, _ = bench_learned.compare("both", tvs, 400, 1, fusion_bench, fb_steps=(2, 6), ours_full=False)
+    assert row[3].endswith("(extrapolated)") and row[4].endswith("(extrapolated)") and row[-1] == "yes"
+
+
+def test_regmean_line_agrees_with_fusion_bench(fusion_bench):
+    rng = np.random.default_rng(1)
+    weights = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in (("a", (3, 5, 7)), ("b", (3, 7, 5)))}
+    lines, ok = bench_learned.regmean_agreement(weights, fusion_bench, 1)
+    assert ok and lines[2].startswith("| 2 weights | 3 |")

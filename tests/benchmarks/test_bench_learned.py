@@ -41,7 +41,7 @@ def test_wudi_rows_full_and_extrapolated_agree_with_fusion_bench(fusion_bench):
                                           fb_steps=(2, 6))
     assert row[-1] == "yes" and row[3].endswith("(extrapolated)") and not row[4].endswith("(extrapolated)")
     assert "2 of 4 weights at 2 and 6 steps" in notes[0] and "x2 in weights" in notes[0]
-    assert "agreement on what both ran: 2 weights, 6 steps" in notes[1]
+    assert any("agreement on what both ran: 2 weights, 6 steps" in n for n in notes)  # (and perhaps a noise note)
     row, notes, _ = bench_learned.compare("both", tvs, 400, 1, fusion_bench, fb_steps=(2, 6), ours_full=False)
     assert row[3].endswith("(extrapolated)") and row[4].endswith("(extrapolated)") and row[-1] == "yes"
 

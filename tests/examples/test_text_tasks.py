@@ -634,8 +634,9 @@ def test_lora_profile_writes_peft_adapters_and_merges_them_in_factored_form(tmp_
     from text_tasks import run
     from text_tasks.merging import spec_by_label
 
-    # a factored, a concatenated and a formed method (and the AdaMerging sources): the others are as in tiny
-    some = tuple(m for m in METHODS if m.label in ("Task arithmetic", "TIES", "DRM-H"))
+    # a factored, a concatenated and a formed method (and the AdaMerging sources), and RegMean (formed, its
+    # Gram matrices from the adapted encoders): the others are as in tiny
+    some = tuple(m for m in METHODS if m.label in ("Task arithmetic", "TIES", "DRM-H", "RegMean"))
     monkeypatch.setattr(run, "METHODS", some)
 
     model_dir = _tiny_model_dir(tmp_path)
@@ -660,7 +661,12 @@ def test_lora_profile_writes_peft_adapters_and_merges_them_in_factored_form(tmp_
     assert set(result["rows"]) >= {m.label for m in some} | set(ADAMERGING_LABELS)
     assert set(result["rows"]["DRM-H"]["paths"]) == {"factored"}  # through drm_jax.merge_adapters
     assert set(result["rows"]["Task arithmetic"]["paths"]) == {"linear"}
-    assert "paths" not in result["rows"]["TIES"]  # formed densely, through prepare
+    assert "paths" not in result["rows"]["TIES"] and "paths" not in result["rows"]["RegMean"]  # through prepare
+    grams = experiment.input_grams("sentiment")  # the adapted encoder's inputs: not the base encoder's
+    experiment.finetuned["sentiment"], adapted = experiment.base, experiment.finetuned["sentiment"]
+    base_grams = experiment.input_grams("sentiment")
+    experiment.finetuned["sentiment"] = adapted
+    assert any(not np.allclose(grams[k], base_grams[k]) for k in grams)
     # the factored merge is the merge of the adapted models (DRM-H without pruning: a pruning threshold
     # falls elsewhere on deltas recovered as (base + B A) - base, rounded)
     # (TSV-M and Iso-CTS are not compared: on a low-rank delta read back as (base + B A) - base, the dense

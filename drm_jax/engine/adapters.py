@@ -41,13 +41,16 @@ import numpy as np
 
 from drm_jax.engine import roles as roles_lib
 from drm_jax.engine.compiled import is_traced
+from drm_jax.engine.endpoints import Source, streamed_thresholds
+from drm_jax.engine.executors import decompose
 from drm_jax.engine.options import MergeOptions, split_keywords
-from drm_jax.engine.prepare import (Prepared, Source, leaf_key, plan_chunks, plan_roles, resolve, rules_for,
-                                    streamed_thresholds, whole_model_thresholds)
+from drm_jax.engine.plan import leaf_key, make_plan, plan_chunks, plan_roles
+from drm_jax.engine.prepare import resolve, rules_for
 from drm_jax.engine.tree import flatten, tree_list
 from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
 from drm_jax.math.lowrank import LoraWeight
+from drm_jax.math.select import whole_model_thresholds
 from drm_jax.methods.base import (FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, is_finite_number,
                                   per_model_values)
 from drm_jax.methods.registry import traced_values
@@ -376,10 +379,9 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
 
             whole = MergeOptions(exclude=(), max_group_bytes=None)
             leaf_roles, groups = plan_roles(sub, sub_shapes, sub_dtypes, whole)
-            plan = Prepared(spec, static, traced, rules, sub,
-                            Source(lambda j: np.zeros(sub_shapes[j], np.float32), sub_delta),
-                            k, plan_chunks(groups, leaf_roles, sub, sub_dtypes, k, 0, whole), store=False)
-            threshold = streamed_thresholds(plan, np.asarray(density, np.float64))
+            plan = make_plan(sub, plan_chunks(groups, leaf_roles, sub, sub_dtypes, k, 0, whole), k)
+            threshold = streamed_thresholds(Source(lambda j: np.zeros(sub_shapes[j], np.float32), sub_delta), plan,
+                                            np.asarray(density, np.float64))
 
     for i in dense:
         name, role = names[i], roles[i]
@@ -390,7 +392,7 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
             prepared = deltas
         else:
             with _x64(rule.x64):
-                prepared = _dense_prepare(rule, deltas)
+                prepared = decompose(rule, _dense_prepare, rule, deltas)
             if rule.shrink is not None:
                 prepared = rule.shrink(prepared)
             prepared = jax.tree.map(lambda x: x[0], prepared)

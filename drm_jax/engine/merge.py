@@ -1,4 +1,4 @@
-"""`drm_jax.merge` and `merge_leaves`: the planner of `drm_jax.engine.prepare` with its two sinks.
+"""`drm_jax.merge` and `merge_leaves`: a `Prepared` merge with its two sinks (`engine/endpoints.py`).
 
 `merge(base, models, method=..., **keywords)` is `prepare(...)` then `Prepared.merge()`: a tree in memory.
 `merge_leaves(names, shapes, dtypes, get_base=..., get_model=..., put=...)` is the same planner over
@@ -15,9 +15,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from drm_jax.engine.endpoints import CallbackSink, Source, leaf_data_reader, split_leaf_data
 from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, split_keywords
-from drm_jax.engine.prepare import (Prepared, Source, compute_dtype, leaf_data_reader, leaf_key, plan_chunks,
-                                    plan_roles, prepare, resolve, resolve_compute_dtype, rules_for, split_leaf_data)
+from drm_jax.engine.plan import compute_dtype, leaf_key, make_plan, plan_chunks, plan_roles, resolve_compute_dtype
+from drm_jax.engine.prepare import Prepared, prepare, resolve, rules_for
 from drm_jax.engine.stack import Group
 from drm_jax.errors import MergeInputError
 
@@ -113,17 +114,18 @@ def merge_leaves(
     options, keywords = split_keywords(keywords, options)
     spec, static, traced = resolve(method, keywords)
     leaf_roles, groups = plan_roles(names, shapes, dtypes, options)
-    plan = plan_chunks(groups, leaf_roles, names, dtypes, num_models, static.get("seed", 0), options)
-    data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], names, plan, num_models)
+    chunks_ = plan_chunks(groups, leaf_roles, names, dtypes, num_models, static.get("seed", 0), options)
+    data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], names, chunks_, num_models)
     mesh = options.mesh
     planner = Prepared(spec, static, traced, rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1]),
-                       names, Source(get_base, get_model, data), num_models, plan, mesh=mesh, store=False)
+                       make_plan(names, chunks_, num_models), Source(get_base, get_model, data), mesh=mesh,
+                       store=False, check_finite=check_finite)
+    sink = CallbackSink(put)
     if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "keep"):
-                put(i, get_base(i))
-    planner.check_finite = check_finite
-    planner.run(put, on_chunk, leaf_params=leaf_params)
+                sink.put(i, get_base(i))
+    planner.run(sink, on_chunk, leaf_params=leaf_params)
     counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
     for r in leaf_roles:
         counts[r.role] += 1

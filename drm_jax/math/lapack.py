@@ -17,9 +17,10 @@ They serve the computations that run several decompositions side by side in one 
 family (TSV-M's two polar factors, Iso-CTS's, every group of a jitted `Prepared.merge`) through
 `drm_jax.math.linalg`, and the factored LoRA cores (`drm_jax.math.lowrank`: the QRs of both factors).
 DRM's joint space (`drm_jax.math.decompose`) keeps the batched call over the layer axis: each of its
-programs runs one decomposition, and `prepare` reads a chunk's input checks (`check_finite`, the
-default) before it starts the next chunk, so one runs at a time and the rest of the pool is free for
-its pieces.
+programs runs one decomposition, and the engine's executors dispatch a decomposition program only
+after the previous one has finished, on CPU, whatever `check_finite` is (`drm_jax.engine.executors.
+decompose`, the scheduling rule tested in tests/core/test_executors.py), so one runs at a time and the
+rest of the pool is free for its pieces.
 
 Reverse-mode derivatives do not pass through these functions (a custom batching rule is not
 transposable): they are called on primal values only, by the custom JVPs of `drm_jax.math.linalg` and

@@ -9,6 +9,9 @@ is a fused compare-and-sum, which vectorises on CPU and is bandwidth-bound on GP
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -66,6 +69,51 @@ def kth_smallest(
     # the halvings of [0, inf bits] reach a single candidate
     lo, _ = lax.fori_loop(0, halvings, body, (jnp.zeros((), bits.dtype), jnp.asarray(inf_bits, bits.dtype)))
     return lax.bitcast_convert_type(lo, jnp.float64 if bits.dtype == jnp.int64 else jnp.float32)
+
+
+def kth_smallest_per_task(magnitudes: Sequence[Float[Array, "K _"]], k: Int[Array, " K"]) -> Array:
+    """Per task t, the exact k[t]-th smallest (1-based) of the non-negative values in row t of every array
+    (K, N_i) together, without concatenating them: the bisection of `kth_smallest`, each pass counting over
+    every array. Float64 stays float64 (an array of float64 widens the others exactly), other floats are
+    float32. Returns (K,); undefined (+inf) where k[t] exceeds the entries, callers guard k <= 0."""
+    wide = any(jnp.asarray(x).dtype == jnp.float64 for x in magnitudes)
+    views = [magnitude_bits(jnp.asarray(x, jnp.float64) if wide else x) for x in magnitudes]
+    bits = [b for b, _, _ in views]
+    _, inf_bits, halvings = views[0]
+    k = jnp.asarray(k, jnp.int32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        count = sum(jnp.sum(b <= mid[:, None], axis=1, dtype=jnp.int32) for b in bits)
+        enough = count >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    kk = bits[0].shape[0]
+    lo, _ = lax.fori_loop(0, halvings, body, (jnp.zeros(kk, bits[0].dtype), jnp.full(kk, inf_bits, bits[0].dtype)))
+    return lax.bitcast_convert_type(lo, jnp.float64 if bits[0].dtype == jnp.int64 else jnp.float32)
+
+
+@jax.jit
+def _kth_magnitude_per_task(deltas: tuple, k):
+    return kth_smallest_per_task(tuple(jnp.abs(x) for x in deltas), k)
+
+
+def whole_model_thresholds(deltas: Sequence[Float[Array, "K _"]], density) -> Array:
+    """The TIES paper's per-task threshold: keep |delta| >= the k-th smallest, k = d - int(d density),
+    over the whole task vector (d entries per task, every merged leaf). deltas: arrays (K, N_i); density:
+    (K,), concrete (counted on the host in float64) or traced. 0 where nothing is trimmed."""
+    d = sum(int(x.shape[1]) for x in deltas)
+    if isinstance(density, np.ndarray):
+        k = d - np.floor(d * density).astype(np.int64)
+        k = jnp.asarray(np.maximum(k, 1).astype(np.int32))
+        nothing = jnp.asarray(d - np.floor(d * density) <= 0)
+    else:
+        k = jnp.maximum(d - jnp.floor(d * density), 1).astype(jnp.int32)
+        nothing = d - jnp.floor(d * density) <= 0
+    if d == 0:
+        return jnp.zeros(k.shape, jnp.float32)
+    return jnp.where(nothing, 0.0, _kth_magnitude_per_task(tuple(deltas), k))
 
 
 def keep_at_least_kth(
@@ -144,4 +192,5 @@ def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, ".
     return mask.reshape(var.shape)
 
 
-__all__ = ["keep_at_least_kth", "kth_smallest", "magnitude_bits", "pruning_counts", "task_variance", "top_variance_mask"]
+__all__ = ["keep_at_least_kth", "kth_smallest", "kth_smallest_per_task", "magnitude_bits", "pruning_counts",
+           "task_variance", "top_variance_mask", "whole_model_thresholds"]

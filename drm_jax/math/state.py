@@ -145,8 +145,8 @@ def merged_of(state: MergeState) -> Float[Array, "..."]:
 
 def number(numbers, name: str, required: bool = True):
     """The number `name` of a method's numbers: a typed NamedTuple declared by the method (a required field
-    it does not declare is an error naming both: producer and reader must agree), or a dict (the methods
-    not yet typed, compositions). None where the field is unset or undeclared and not `required`."""
+    it does not declare is an error naming both: producer and reader must agree), or a dict (a stage
+    called on its own, outside a method). None where the field is unset or undeclared and not `required`."""
     if isinstance(numbers, dict):
         value = numbers.get(name)
     elif name in getattr(type(numbers), "_fields", ()):

@@ -5,7 +5,9 @@ engine path (prepare / merge, sweeps, `mesh=`, `leaf_params=`, `drm_jax.merge_ad
 through `drm_jax.methods.register`). Its traced parameters are derived from its chains: every stage
 built without a number declares the number it reads (`drm_jax.math.state.reads`, next to the stage),
 and each such number is the registry's own parameter of that name (its range and default, declared
-once in the method module that owns it), plus the per-model `coefficients`.
+once in the method module that owns it), plus the per-model `coefficients`. The numbers its stages
+receive are a NamedTuple with exactly those traced parameters (`traced_numbers`), as for a registered
+method: a stage reading a number the composition does not declare is an error naming both.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import functools
 
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod, stage_reads
-from drm_jax.methods.base import COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, scalar
+from drm_jax.methods.base import COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, traced_numbers
 from drm_jax.methods.dare import DROP_RATE as DARE_DROP_RATE
 from drm_jax.methods.drm import RANK_RTOL
 from drm_jax.methods.ties import DENSITY as TIES_DENSITY
@@ -57,13 +59,6 @@ def composition_params(method: MergeMethod) -> tuple[Param, ...]:
     return tuple(params)
 
 
-def _hparams_of(traced: tuple[str, ...]):
-    def layer_hparams(values: dict, role: str, shape, k: int, static: dict) -> dict:
-        return {n: scalar(values[n]) for n in traced}
-
-    return layer_hparams
-
-
 @functools.lru_cache(maxsize=None)
 def composed(method: MergeMethod, name: str = "composition") -> MethodSpec:
     """The `MethodSpec` of a composition (cached: the same composition gives the same rules, so jax.jit's
@@ -81,7 +76,7 @@ def composed(method: MergeMethod, name: str = "composition") -> MethodSpec:
 
     return MethodSpec(name=name, summary="a composition of drm_jax.math stages", paper="", params=params,
                       needs_base=True, elementwise=False, random="seed" in reads_all, build=build,
-                      layer_hparams=_hparams_of(traced))
+                      layer_hparams=traced_numbers("CompositionNumbers", *traced))
 
 
 __all__ = ["composed", "composition_params"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import drm_jax
-from drm_jax.math.select import keep_at_least_kth, kth_smallest
+from drm_jax.math.select import keep_at_least_kth, kth_smallest, whole_model_thresholds
 from merge_reference import drm_h, relative_error
 
 
@@ -42,3 +42,19 @@ def test_float64_drm_merge_equals_the_float64_reference(seed):
         got = np.asarray(merged["w"])
     assert got.dtype == np.float64
     assert relative_error(got, drm_h(deltas, drop_rate=0.5)) < 1e-9
+
+
+def test_whole_model_threshold_of_float64_is_exact():
+    # TIES' whole-model trim (math.select.whole_model_thresholds): one k-th magnitude per task over several
+    # leaves, found among the float64 magnitudes themselves (not rounded to float32 first)
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        parts = [rng.standard_normal((2, 40)), 1.0 + rng.integers(0, 8, (2, 24)) * 1e-12]
+        density = np.array([0.5, 0.25])
+        got = np.asarray(whole_model_thresholds(tuple(jnp.asarray(p) for p in parts), density))
+        assert got.dtype == np.float64
+        values = np.abs(np.concatenate(parts, axis=1))
+        d = values.shape[1]
+        for t in range(2):
+            k = d - int(np.floor(d * density[t]))
+            assert got[t] == np.sort(values[t])[k - 1]

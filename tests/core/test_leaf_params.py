@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 import drm_jax
 from compile_count import counting_compiles
+from drm_jax.engine import executors
 from drm_jax.errors import MergeInputError
 
 LAYERS = 4
@@ -115,26 +116,21 @@ def test_new_leaf_values_compile_nothing(method):
 def test_one_program_per_group_with_different_values():
     """Four layers of one group, four different densities: still one merge program for the group (the values
     are stacked on the layer axis and vmapped with the layers)."""
-    from drm_jax.engine import compiled
-
     base = {f"layers.{i}.w": np.random.default_rng(i).standard_normal((6, 5)).astype(np.float32) for i in range(4)}
     models = [{n: v + 0.1 for n, v in base.items()}, {n: v - 0.2 * (i + 1) for i, (n, v) in enumerate(base.items())}]
     prepared = drm_jax.prepare(base, models, method="drm", drop_rate=0.5)
     calls = []
-    original = compiled.merge_layers_jit
+    original = executors.merge_layers_jit
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("per_member"))
         return original(*args, **kwargs)
 
-    import sys
-
-    prepare_module = sys.modules["drm_jax.engine.prepare"]
-    prepare_module.merge_layers_jit, saved = spy, prepare_module.merge_layers_jit
+    executors.merge_layers_jit, saved = spy, executors.merge_layers_jit
     try:
         prepared.merge(leaf_params={f"layers.{i}.w": {"drop_rate": 0.2 * i} for i in range(4)})
     finally:
-        prepare_module.merge_layers_jit = saved
+        executors.merge_layers_jit = saved
     assert calls == [True]
 
 

@@ -192,3 +192,14 @@ def test_a_rule_reads_its_methods_declared_numbers(method):
     assert set(numbers._fields) <= traced | derived and derived <= set(numbers._fields)
     with pytest.raises(ValueError, match="does not declare"):
         number(numbers, "not_a_number")
+
+
+def test_a_compositions_numbers_are_its_declared_traced_parameters():
+    # like a registered method's: a typed structure holding exactly the composition's traced parameters
+    # (coefficients travel apart), and a stage reading a number it does not declare fails naming it
+    spec = drm_jax.methods.method_spec(TRIMMED)
+    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), 3, static_values(spec, {}))
+    assert numbers._fields == ("density", "lambda_")
+    assert float(number(numbers, "density")) == pytest.approx(spec.param("density").default)
+    with pytest.raises(ValueError, match="does not declare"):
+        number(numbers, "drop_rate")

@@ -1,11 +1,19 @@
-"""Host-side checks of the numbers a user gives (config values, coefficients, adapter scales), shared by
-every layer: it imports nothing of drm_jax, so `io` and `methods` both read it without importing each other."""
+"""Host-side checks of the numbers a user gives (config values, coefficients, adapter scales) and of the
+dtypes that hold them, shared by every layer: it imports nothing of drm_jax, so `io`, `engine` and `methods`
+all read it without importing each other."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# The floating dtypes numpy does not count as np.floating (ml_dtypes' bfloat16 and float8 types).
+_EXTRA_FLOATING = frozenset(np.dtype(t) for t in (ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
+                                                  ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2fnuz))
 
 
 def is_finite_number(v: Any) -> bool:
@@ -20,4 +28,14 @@ def is_finite_number(v: Any) -> bool:
         return False
 
 
-__all__ = ["is_finite_number"]
+def is_floating(dtype) -> bool:
+    """A floating dtype, ml_dtypes' bfloat16 and float8 types included (numpy does not count them as
+    np.floating); JAX's extended dtypes (an NNX State's RNG keys) hold no numbers."""
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        return False
+    return bool(np.issubdtype(dtype, np.floating)) or dtype in _EXTRA_FLOATING
+
+
+__all__ = ["is_finite_number", "is_floating"]

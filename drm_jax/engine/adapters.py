@@ -51,9 +51,9 @@ from drm_jax.errors import AdapterMethodError, MergeInputError, quote
 from drm_jax.math import lowrank
 from drm_jax.math.lowrank import LoraWeight
 from drm_jax.math.select import whole_model_thresholds
-from drm_jax.methods.base import (FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, is_finite_number,
-                                  per_model_values)
+from drm_jax.methods.base import FactoredRule, LayerContext, LayerRule, MethodSpec, Rules, per_model_values
 from drm_jax.methods.registry import traced_values
+from drm_jax.numbers import is_finite_number
 
 
 DISCARDED_WARNING = 0.01  # share of a merged weight's squared singular values above which the cut is warned of

@@ -18,8 +18,8 @@ import numpy as np
 
 from drm_jax.engine.plan import Plan
 from drm_jax.engine.tree import like_leaf, unflatten
-from drm_jax.errors import MergeInputError, quote
-from drm_jax.methods.base import MethodSpec, clip
+from drm_jax.errors import MergeInputError, clip, quote
+from drm_jax.methods.base import MethodSpec
 
 
 class Source(NamedTuple):

@@ -35,9 +35,9 @@ from drm_jax.engine.executors import Executor, Stored, executor_for, raise_non_f
 from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, method_params, split_keywords
 from drm_jax.engine.plan import Chunk, Plan, make_plan, plan_trees, resolve_compute_dtype
 from drm_jax.engine.stack import Group
-from drm_jax.errors import MergeInputError
+from drm_jax.errors import MergeInputError, clip
 from drm_jax.math.select import whole_model_thresholds
-from drm_jax.methods.base import MethodSpec, Rules, clip, per_model_values
+from drm_jax.methods.base import MethodSpec, Rules, per_model_values
 from drm_jax.methods.registry import method_spec, split_params, static_values, traced_values
 
 @functools.lru_cache(maxsize=128)

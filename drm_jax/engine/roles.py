@@ -16,6 +16,7 @@ import numpy as np
 
 from drm_jax.arch import DEFAULT_EXCLUDE, EMBEDDING_AND_HEAD_NAMES
 from drm_jax.errors import MergeInputError, quote
+from drm_jax.numbers import is_floating
 
 Role = Literal["linear", "other", "ignore", "keep"]
 
@@ -28,16 +29,6 @@ def flax_named(name: str, shape: tuple[int, ...] = ()) -> bool:
     """The layout of a tree given none: a leaf named `kernel` (Flax's Dense, a T5X checkpoint) is stored
     (in, out); any other 2-D weight (`weight`: PyTorch, Hugging Face) is (out, in)."""
     return name.rsplit(".", 1)[-1] == "kernel"
-
-
-def is_floating(dtype) -> bool:
-    """A floating dtype, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as np.floating); JAX's
-    extended dtypes (an NNX State's RNG keys) hold no numbers."""
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        return False
-    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -119,4 +110,4 @@ def unmatched_message(what: str, pattern: str, names: Sequence[str], noun: str) 
 
 
 __all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules", "flax_named",
-           "is_floating", "unmatched_message"]
+           "unmatched_message"]

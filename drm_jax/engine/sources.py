@@ -26,9 +26,9 @@ from typing import Any, Callable, Hashable, Sequence
 import numpy as np
 
 from drm_jax.engine import roles as roles_lib
-from drm_jax.engine.roles import is_floating
 from drm_jax.engine.merge import merge_leaves
 from drm_jax.errors import CheckpointError, DrmJaxError, MergeInputError, quote
+from drm_jax.numbers import is_floating
 
 
 def dtype_kind(dtype) -> str:
@@ -455,4 +455,4 @@ def _slab_progress(sources: CheckpointSources, on_chunk):
     return report
 
 
-__all__ = ["CheckpointSources", "LeafInfo", "Slab", "dtype_kind", "is_floating", "stream_merge"]
+__all__ = ["CheckpointSources", "LeafInfo", "Slab", "dtype_kind", "stream_merge"]

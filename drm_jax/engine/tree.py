@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from drm_jax.errors import MergeInputError, quote
-from drm_jax.methods.base import clip
+from drm_jax.errors import MergeInputError, clip, quote
 
 _VARIABLE_SUFFIXES = (".value", ".raw_value")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
+from drm_jax.numbers import is_floating  # re-exported: io reads it here
+
 # safetensors header codes <-> numpy dtypes (https://github.com/huggingface/safetensors, format spec).
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -52,20 +54,6 @@ def dtype_from_name(name: str | bytes) -> np.dtype:
     if dtype.hasobject or dtype.fields is not None:
         raise ValueError(f"unsupported dtype {name!r}")
     return dtype
-
-
-# The floating dtypes numpy does not count as np.floating (ml_dtypes' bfloat16 and float8 types).
-_EXTRA_FLOATING = frozenset(_EXTRA_DTYPES.values())
-
-
-def is_floating(dtype) -> bool:
-    """A floating dtype, ml_dtypes' bfloat16 and float8 types included (numpy does not count them as
-    np.floating); JAX's extended dtypes (an NNX State's RNG keys) hold no numbers."""
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError:
-        return False
-    return bool(np.issubdtype(dtype, np.floating)) or dtype in _EXTRA_FLOATING
 
 
 def as_numpy_dtype(dtype) -> np.dtype:

@@ -26,10 +26,10 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from drm_jax.errors import MergeInputError, clip, quote  # clip: re-exported, engine reads it here
+from drm_jax.errors import MergeInputError, quote
 from drm_jax.math.arrays import is_traced
 from drm_jax.math.state import MergeTransform, init_state, merged_of
-from drm_jax.numbers import is_finite_number  # re-exported: engine.adapters reads it here
+from drm_jax.numbers import is_finite_number
 
 Kind = Literal["fraction", "float", "nonnegative", "rtol", "bool", "choice", "seed", "count"]
 _NUMERIC = ("fraction", "float", "nonnegative", "rtol", "seed", "count")
@@ -456,5 +456,5 @@ def scalar(value) -> Any:
 
 
 __all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "LeafData",
-           "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value", "clip",
-           "is_finite_number", "one_minus", "per_model_numbers", "per_model_values", "scalar", "traced_numbers"]
+           "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value",
+           "one_minus", "per_model_numbers", "per_model_values", "scalar", "traced_numbers"]

@@ -197,4 +197,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["enable_compilation_cache", "print_plan", "register", "return_freed_memory_to_the_os", "run"]
+__all__ = ["register", "run"]

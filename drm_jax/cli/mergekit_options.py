@@ -118,4 +118,4 @@ def apply_mergekit_options(args: argparse.Namespace, note: Callable[[str], None]
     return {"random_seed": args.random_seed, "hub_cache": args.transformers_cache}
 
 
-__all__ = ["NOTES", "REFUSED", "apply_mergekit_options", "device_name", "register_mergekit_options"]
+__all__ = ["apply_mergekit_options", "device_name", "register_mergekit_options"]

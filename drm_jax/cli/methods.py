@@ -72,4 +72,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["describe", "register", "render", "run"]
+__all__ = ["describe", "register", "run"]

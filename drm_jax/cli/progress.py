@@ -100,4 +100,4 @@ class MergeProgress:
         self.close()
 
 
-__all__ = ["MergeProgress", "PATH_LABELS", "format_bytes", "format_summary", "peak_memory_bytes"]
+__all__ = ["MergeProgress", "peak_memory_bytes"]

@@ -129,4 +129,4 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
             "paths": result.paths}
 
 
-__all__ = ["adapter_paths", "merge_to_adapter"]
+__all__ = ["merge_to_adapter"]

@@ -173,4 +173,4 @@ def write_card_files(directory: Path, config: MergeConfig, name: str) -> None:
     (Path(directory) / "README.md").write_text(generate_card(config, name, text), encoding="utf-8")
 
 
-__all__ = ["code_block", "generate_card", "markdown_text", "hub_models", "method_markdown", "referenced_models", "write_card_files"]
+__all__ = ["referenced_models", "write_card_files"]

@@ -136,5 +136,4 @@ def resolve_chat_template(value: str | None, input_templates: Iterable[str | dic
     return value
 
 
-__all__ = ["NAMED_TEMPLATES", "check_chat_template", "looks_like_name", "most_common_template",
-           "resolve_chat_template"]
+__all__ = ["check_chat_template", "resolve_chat_template"]

@@ -450,6 +450,5 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     return {"counts": counts, "output": Path(output)}
 
 
-__all__ = ["build_mesh", "check_disk", "check_output", "describe_plan", "finish_directory", "format_size",
-           "merge_checkpoints", "numpy_dtype", "output_bytes", "parse_kmb", "parse_size", "python_warning",
-           "select_devices", "write_stand_in"]
+__all__ = ["check_output", "describe_plan", "format_size", "merge_checkpoints", "numpy_dtype", "output_bytes",
+           "parse_kmb", "parse_size", "python_warning", "select_devices", "write_stand_in"]

@@ -221,4 +221,4 @@ def _merge_stages(documents: list, source: Path | None, out_dir: Path, intermedi
             shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["merge_config", "read_config", "with_random_seed"]
+__all__ = ["merge_config", "read_config"]

@@ -808,5 +808,5 @@ def config_from_yaml(text: str, source: Path | None = None) -> MergeConfig:
         raise ConfigError(f"{message[:max_message]}... ({len(message)} characters)") from None
 
 
-__all__ = ["DTYPES", "METHOD_PARAMS", "MergeConfig", "ModelEntry", "SliceEntry", "NEEDS_BASE", "TokenSetting", "TokenSource",
-           "TokenizerSpec", "config_from_yaml", "load_config", "parse_config", "read_config_text"]
+__all__ = ["MergeConfig", "ModelEntry", "SliceEntry", "TokenSetting", "TokenizerSpec", "config_from_yaml",
+           "load_config", "parse_config", "read_config_text"]

@@ -504,6 +504,5 @@ def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> Non
         edit_model_config(config_path, edit)
 
 
-__all__ = ["PromotedView", "RenamedView", "Segment", "TensorParams", "check_patterns", "check_segments",
-           "edit_model_config", "merge_segments", "open_segments", "per_tensor_params", "promoted_dtype",
+__all__ = ["Segment", "check_patterns", "check_segments", "edit_model_config", "merge_segments", "open_segments",
            "set_layer_count"]

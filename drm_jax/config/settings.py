@@ -157,5 +157,4 @@ def has_per_tensor(*scopes: Mapping[str, Any] | None) -> bool:
     return any(per_tensor(v) for scope in scopes if scope for v in scope.values())
 
 
-__all__ = ["Conditional", "FilterList", "Gradient", "check_setting", "evaluate", "has_per_tensor", "per_tensor",
-           "resolve"]
+__all__ = ["FilterList", "Gradient", "check_setting", "has_per_tensor", "resolve"]

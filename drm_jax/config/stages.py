@@ -198,4 +198,4 @@ def plan_stages(documents: list[Any], source: Path | None, out_dir: Path, interm
     return stages
 
 
-__all__ = ["REFERENCE_KEYS", "Stage", "plan_stages", "stage_documents"]
+__all__ = ["Stage", "plan_stages", "stage_documents"]

@@ -152,4 +152,4 @@ def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]
     return paths
 
 
-__all__ = ["AdapterOverBase", "input_paths", "open_model", "open_sources", "open_views", "split_adapter"]
+__all__ = ["input_paths", "open_sources", "open_views", "split_adapter"]

@@ -559,5 +559,4 @@ def print_warnings(plan: VocabularyPlan) -> None:
         print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
-__all__ = ["AlignedView", "Rule", "VocabularyAligner", "VocabularyPlan", "align_views", "is_vocabulary_tensor",
-           "merge_order", "plan_vocabulary", "union_tokenizer"]
+__all__ = ["Rule", "align_views", "plan_vocabulary"]

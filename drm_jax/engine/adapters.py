@@ -405,4 +405,4 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
         paths[name] = "dense"
 
 
-__all__ = ["LoraWeight", "MergedAdapter", "adapter_method_problem", "as_adapter", "merge_adapters"]
+__all__ = ["LoraWeight", "MergedAdapter", "adapter_method_problem", "merge_adapters"]

@@ -181,5 +181,5 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     return outputs, (jnp.stack(flags) if check_inputs else None)
 
 
-__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "member_hparams",
-           "merge_layers_jit", "merge_once", "prepare_group", "stack_inputs", "under_trace", "unstack_outputs"]
+__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "merge_layers_jit", "merge_once",
+           "prepare_group", "under_trace"]

@@ -285,6 +285,4 @@ def executor_for(spec: MethodSpec, rules: Rules, plan: Plan, source: Source, *, 
     return VmappedExecutor(spec, rules, plan, source, check_finite)
 
 
-__all__ = ["Executor", "FusedExecutor", "Merged", "ShardedExecutor", "Stored", "VmappedExecutor", "decompose",
-           "executor_for", "one_decomposition_at_a_time", "raise_non_finite_inputs", "run_prepare", "to_device",
-           "wait_for_decomposition", "x64_scope"]
+__all__ = ["Executor", "Merged", "Stored", "decompose", "executor_for", "raise_non_finite_inputs"]

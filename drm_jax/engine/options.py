@@ -72,4 +72,4 @@ def method_params(spec: MethodSpec, keywords: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in keywords.items() if v is not None or k in optional}
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "MergeOptions", "OPTION_NAMES", "method_params", "split_keywords"]
+__all__ = ["DEFAULT_GROUP_BYTES", "MergeOptions", "method_params", "split_keywords"]

@@ -382,4 +382,4 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
                     mesh=options.mesh, traced_inputs=is_traced(base_leaves, model_leaves))
 
 
-__all__ = ["DEFAULT_GROUP_BYTES", "MergeOptions", "Prepared", "coefficient_matrix", "prepare", "resolve", "rules_for"]
+__all__ = ["DEFAULT_GROUP_BYTES", "MergeOptions", "Prepared", "prepare", "resolve", "rules_for"]

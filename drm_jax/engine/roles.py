@@ -109,5 +109,4 @@ def unmatched_message(what: str, pattern: str, names: Sequence[str], noun: str) 
     return f"{what} pattern {quote(pattern)} matches no {noun}{example}; correct or remove it"
 
 
-__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "LAYOUTS", "LeafRole", "Role", "RoleRules", "flax_named",
-           "unmatched_message"]
+__all__ = ["DEFAULT_EXCLUDE", "EMBEDDING_AND_HEAD_NAMES", "Role", "RoleRules", "unmatched_message"]

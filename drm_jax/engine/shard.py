@@ -138,6 +138,5 @@ def merge_chunk(mesh: Mesh, rule, prepared, base, coefficients, keys, threshold,
     return fn(prepared, base, jax.device_put(rows, sharding), jax.device_put(pad_keys, sharding), hparams, *extra)
 
 
-__all__ = ["layer_sharding", "layer_spec", "merge_chunk", "owned_rows", "padded_length", "prepare_chunk",
-           "sharded_prepare_fn", "sharded_rule_merge_fn", "stack_from_callback"]
+__all__ = ["merge_chunk", "owned_rows", "padded_length", "prepare_chunk", "stack_from_callback"]
 

@@ -455,4 +455,4 @@ def _slab_progress(sources: CheckpointSources, on_chunk):
     return report
 
 
-__all__ = ["CheckpointSources", "LeafInfo", "Slab", "dtype_kind", "stream_merge"]
+__all__ = ["CheckpointSources", "Slab", "stream_merge"]

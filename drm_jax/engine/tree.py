@@ -139,5 +139,4 @@ def align_models(base: FlatTree, models: Sequence[Any]) -> list[list[Any]]:
     return aligned
 
 
-__all__ = ["FlatTree", "align_models", "flatten", "host_array", "leaf_name", "like_leaf", "model_label", "tree_list",
-           "unflatten"]
+__all__ = ["align_models", "flatten", "host_array", "leaf_name", "like_leaf", "model_label", "tree_list", "unflatten"]

@@ -152,4 +152,4 @@ class BoundedPattern:
         return self.accept in current
 
 
-__all__ = ["BoundedPattern", "MAX_PATTERN", "MAX_STATES", "MAX_WORK", "PatternError"]
+__all__ = ["BoundedPattern", "PatternError"]

@@ -82,4 +82,4 @@ def hub_snapshot(reference: str, cache_dir: str | os.PathLike | None = None) -> 
                               f"and the network ({fetch}), or give the model's local folder") from None
 
 
-__all__ = ["DOWNLOADED", "HUB_ID", "hub_cache_dir", "hub_snapshot", "split_hub_id"]
+__all__ = ["hub_cache_dir", "hub_snapshot", "split_hub_id"]

@@ -320,5 +320,4 @@ def convert_maxtext(reader: CheckpointReader, dst: Path, to: str, *, arch: str, 
     return defaulted
 
 
-__all__ = ["LLAMA_LAYER_TABLE", "LLAMA_TABLE", "MAXTEXT_DEFAULTS", "ROPE_LAYOUTS", "convert_maxtext",
-           "hf_config_from_shapes", "hf_to_maxtext_tensors", "maxtext_to_hf_tensors", "rope_from_hf", "rope_to_hf"]
+__all__ = ["ROPE_LAYOUTS", "convert_maxtext"]

@@ -310,6 +310,5 @@ def write_maxtext(tensors: Mapping[str, np.ndarray], directory: Path, layout: Ma
     return directory
 
 
-__all__ = ["ITEM_NAME", "MaxTextLayout", "MaxTextReader", "PARAMS_PREFIX", "SCAN_AXIS", "find_maxtext_item",
-           "find_maxtext_reader", "layer_name", "matrix_shape", "maxtext_tree", "split_layer_name",
-           "write_maxtext", "writer_options"]
+__all__ = ["MaxTextLayout", "MaxTextReader", "find_maxtext_item", "layer_name", "split_layer_name", "write_maxtext",
+           "writer_options"]

@@ -92,5 +92,4 @@ def stage_tokenizer_files(model_dir: str | os.PathLike, destination: Path) -> No
     copy_model_files(model_dir, names, destination)
 
 
-__all__ = ["OTHER_VOCABULARY_FILES", "TOKENIZER_FILES", "copy_model_files", "safe_model_file",
-           "stage_tokenizer_files"]
+__all__ = ["TOKENIZER_FILES", "copy_model_files", "safe_model_file", "stage_tokenizer_files"]

@@ -11,7 +11,7 @@ from flax.core import freeze
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.engine.compiled import _merge_piece, fused_pieces, merge_deltas_jit
+from drm_jax.engine.compiled import ALIGNMENT, _merge_piece, aligned, fused_pieces, merge_deltas_jit
 from drm_jax.errors import MergeInputError
 
 # regmean_plusplus is listed, but it merges blocks in order (drm_jax.regmean_plusplus), not by leaf name
@@ -235,6 +235,23 @@ def test_same_shaped_layers_compile_once_per_group():
     assert merge_deltas_jit._cache_size() == 4
     drm_jax.merge(base, models, method="drm")  # a second merge reuses them
     assert merge_deltas_jit._cache_size() == 4
+
+
+def test_aligned_copies_only_misaligned_numpy_buffers():
+    """XLA's CPU client reads a 64-byte-aligned NumPy buffer in place and copies any other one (slowly):
+    `aligned` hands it an aligned copy of the same values, and everything else as it is."""
+    buffer = np.arange(2**16 + 64, dtype=np.float32)
+    start = (-buffer.ctypes.data % ALIGNMENT) // 4
+    misaligned = buffer[start + 4:start + 4 + 2**16].reshape(256, 256)  # 16 bytes past an aligned address
+    assert misaligned.ctypes.data % ALIGNMENT == 16
+    copy = aligned(misaligned)
+    assert copy.ctypes.data % ALIGNMENT == 0 and not np.shares_memory(copy, misaligned)
+    np.testing.assert_array_equal(copy, misaligned)
+    assert copy.dtype == misaligned.dtype and copy.shape == misaligned.shape
+    in_place = buffer[start:start + 2**16]
+    assert aligned(in_place) is in_place
+    small, device = misaligned[:2, :2], jnp.ones(3)
+    assert aligned(small) is small and aligned(device) is device
 
 
 def test_fused_pieces_are_equal_but_the_last():

@@ -109,6 +109,11 @@ def streaming_module():
     return bench_streaming
 
 
+def shape_dir(workdir: Path, shape: dict) -> Path:
+    """One folder of checkpoints per shape, shared by the parts (with --keep, by later runs too)."""
+    return workdir / "llama_{hidden}_{intermediate}_{layers}_{vocab}_{models}".format(**shape)
+
+
 def checkpoints(workdir: Path, shape: dict) -> list[Path]:
     """A base and shape["models"] fine-tuned Llama checkpoints (bench_streaming's generator)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +132,7 @@ def mergekit_command(config: Path, out: Path) -> list[str]:
 def run_ours(config: Path, out: Path, env: dict, cwd: Path, extra: list[str] = ()) -> tuple[float, float, dict]:
     """(peak RSS, wall seconds, the wrapper's stats) of one `drm-jax merge` in a fresh process."""
     measure = streaming_module().measure
-    stats = cwd / "stats.json"
+    stats = cwd / f"stats_{out.name}.json"
     peak, wall = measure(ours_command(config, out, stats, list(extra)), env, cwd)
     result = json.loads(stats.read_text())
     stats.unlink()
@@ -148,22 +153,22 @@ def part_cold(args, env: dict) -> tuple[list[str], bool]:
                        SMALL_STREAMING if args.small else STREAMING))
     rows, goal_lines, ok_all = [], [], True
     for label, shape in shapes:
-        workdir = args.workdir / f"cold_{shape['hidden']}_{shape['layers']}"
+        workdir = shape_dir(args.workdir, shape)
         dirs = checkpoints(workdir, shape)
         size = (dirs[0] / "model.safetensors").stat().st_size
-        config = workdir / "ties.yaml"
+        config = workdir / "cold_ties.yaml"
         config.write_text(bench_streaming.merge_config("ties", dirs))
         cache = Path(tempfile.mkdtemp(prefix="drm_jax_cold_cache_", dir=args.workdir))
         run_env = {**env, "DRM_JAX_CACHE_DIR": str(cache)}
         measure = bench_streaming.measure
         times = {}
         # mergekit first: it pays the page cache's first read of the files, if anyone does
-        _, times["mergekit cold"] = measure(mergekit_command(config, workdir / "mk_out"), env, workdir)
-        _, times["ours cold"], cold = run_ours(config, workdir / "out", run_env, workdir)
-        _, times["ours warm"], warm = run_ours(config, workdir / "out", run_env, workdir)
-        _, times["mergekit warm"] = measure(mergekit_command(config, workdir / "mk_out"), env, workdir)
+        _, times["mergekit cold"] = measure(mergekit_command(config, workdir / "cold_mk_out"), env, workdir)
+        _, times["ours cold"], cold = run_ours(config, workdir / "cold_out", run_env, workdir)
+        _, times["ours warm"], warm = run_ours(config, workdir / "cold_out", run_env, workdir)
+        _, times["mergekit warm"] = measure(mergekit_command(config, workdir / "cold_mk_out"), env, workdir)
         shutil.rmtree(cache, ignore_errors=True)
-        for d in ("out", "mk_out"):
+        for d in ("cold_out", "cold_mk_out"):
             shutil.rmtree(workdir / d, ignore_errors=True)
         what = f"{label} ({shape['models']} models + base, {size / 1e6:.1f} MB each)"
         for run, stats in (("cold", cold), ("warm", warm)):
@@ -208,7 +213,7 @@ def part_memory(args, env: dict) -> tuple[list[str], bool]:
     from drm_jax.config.merge import parse_size
 
     shape = SMALL_STREAMING if args.small else STREAMING
-    workdir = args.workdir / f"memory_{shape['hidden']}_{shape['layers']}"
+    workdir = shape_dir(args.workdir, shape)
     dirs = checkpoints(workdir, shape)
     size = (dirs[0] / "model.safetensors").stat().st_size
     files = [str(d / "model.safetensors") for d in dirs]

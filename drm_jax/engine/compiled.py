@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from drm_jax.buffers import aligned_empty, is_aligned
 from drm_jax.math.arrays import is_traced
 from drm_jax.math.rounding import round_to_dtype
 from drm_jax.math.task_vectors import task_vectors
@@ -153,9 +154,6 @@ def member_hparams(hparams, r: int, per_member: bool):
     return jax.tree.map(lambda x: x[r], hparams) if per_member else hparams
 
 
-# XLA's CPU client reads a NumPy buffer in place only at this alignment; any other buffer it copies, at a
-# fraction of the speed of NumPy's own copy (NumPy's allocator gives 16-byte alignment).
-ALIGNMENT = 64
 # Below this many bytes the copy's cost does not matter either way.
 _ALIGN_MIN_BYTES = 1 << 16
 
@@ -165,12 +163,10 @@ def aligned(x):
     an aligned copy (NumPy's copy, several times faster than the one XLA's CPU client makes when handed a
     misaligned buffer); anything else (JAX arrays, small or aligned arrays, other backends) is returned as
     it is. The copy lives as long as the program's inputs, as the client's own copy would."""
-    if (not isinstance(x, np.ndarray) or x.nbytes < _ALIGN_MIN_BYTES or x.ctypes.data % ALIGNMENT == 0
+    if (not isinstance(x, np.ndarray) or x.nbytes < _ALIGN_MIN_BYTES or is_aligned(x)
             or jax.default_backend() != "cpu"):
         return x
-    buffer = np.empty(x.nbytes + ALIGNMENT, np.uint8)
-    start = -buffer.ctypes.data % ALIGNMENT
-    out = buffer[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out = aligned_empty(x.nbytes).view(x.dtype).reshape(x.shape)
     np.copyto(out, x)
     return out
 
@@ -244,5 +240,5 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     return tuple(outputs), np.concatenate([np.asarray(f) for f in flags])
 
 
-__all__ = ["ALIGNMENT", "FUSED_MEMBERS", "Layout", "aligned", "combine_jit", "finite_flags", "fused_pieces", "merge_deltas_jit", "is_traced", "member_hparams",
+__all__ = ["FUSED_MEMBERS", "Layout", "aligned", "combine_jit", "finite_flags", "fused_pieces", "merge_deltas_jit", "is_traced", "member_hparams",
            "merge_layers_jit", "merge_once", "prepare_group", "stack_inputs", "under_trace", "unstack_outputs"]

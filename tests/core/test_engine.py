@@ -11,7 +11,8 @@ from flax.core import freeze
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.engine.compiled import ALIGNMENT, _merge_piece, aligned, fused_pieces, merge_deltas_jit
+from drm_jax.buffers import ALIGNMENT
+from drm_jax.engine.compiled import _merge_piece, aligned, fused_pieces, merge_deltas_jit
 from drm_jax.errors import MergeInputError
 
 # regmean_plusplus is listed, but it merges blocks in order (drm_jax.regmean_plusplus), not by leaf name

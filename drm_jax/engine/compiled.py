@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from drm_jax.buffers import aligned_empty, is_aligned
 from drm_jax.math.arrays import is_traced
 from drm_jax.math.rounding import round_to_dtype
 from drm_jax.math.task_vectors import task_vectors
@@ -153,33 +154,91 @@ def member_hparams(hparams, r: int, per_member: bool):
     return jax.tree.map(lambda x: x[r], hparams) if per_member else hparams
 
 
-@functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs", "per_member"))
-def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
-               *, check_inputs: bool = True, per_member: bool = False):
-    """Merge the members of a rule that prepares nothing (the elementwise family, TIES, DARE) in one
-    program, straight from their stored arrays. Returns (members, input flags (L, K + 1) or None).
+# Below this many bytes the copy's cost does not matter either way.
+_ALIGN_MIN_BYTES = 1 << 16
 
-    Each member is merged on its own (L is static: the program has one fused kernel per member, no
-    loop): the K inputs of a member are stacked and sliced back by the task sums, which XLA folds away,
-    so an elementwise merge reads each input once and writes each output once. (Stacking the members on a
-    layer axis first, as the vmapped programs do, would make XLA write the whole (L, K, ...) stack.)
-    """
+
+def aligned(x):
+    """`x` as an array the CPU backend reads in place: a NumPy array that is not 64-byte aligned becomes
+    an aligned copy (NumPy's copy, several times faster than the one XLA's CPU client makes when handed a
+    misaligned buffer); anything else (JAX arrays, small or aligned arrays, other backends) is returned as
+    it is. The copy lives as long as the program's inputs, as the client's own copy would."""
+    if (not isinstance(x, np.ndarray) or x.nbytes < _ALIGN_MIN_BYTES or is_aligned(x)
+            or jax.default_backend() != "cpu"):
+        return x
+    out = aligned_empty(x.nbytes).view(x.dtype).reshape(x.shape)
+    np.copyto(out, x)
+    return out
+
+
+# Members merged by one program of `merge_once`: its program is unrolled per member (one fused kernel
+# each), so its compile time grows with the members; a chunk is merged in pieces of at most this many
+# members, and equal pieces share one program. A first TIES merge of 16 same-shaped layers compiles one
+# 4-member program instead of one 16-member program (issue 27).
+FUSED_MEMBERS = 4
+
+
+def fused_pieces(length: int, most: int = FUSED_MEMBERS) -> list[tuple[int, int]]:
+    """(start, stop) of the pieces of a chunk of `length` members: as few as hold at most `most` members
+    each, of equal size but the last (so that most pieces share a program)."""
+    count = -(-length // most)
+    size = -(-length // count)
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs", "per_member"))
+def _merge_piece(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
+                 offset, *, check_inputs: bool, per_member: bool):
+    """Members offset .. offset + len(base) - 1 of a chunk (`merge_once`); coefficients, keys and per-member
+    hparams are the whole chunk's, indexed at a traced offset so that every piece of one size shares this
+    program."""
     merged, flags = [], []
     for r, transposed in enumerate(layout.transposed):
         b = _canonical(base[r], transposed, layout.compute, layout.round_to)
         ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models[r]]
         if check_inputs:
             flags.append(jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms]))
-            b, ms = (jnp.where(jnp.isfinite(x), x, 0.0) for x in [b]), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
-            b = next(b)
+            b, ms = jnp.where(jnp.isfinite(b), b, 0.0), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
         # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
         deltas = jnp.stack([x - b for x in ms])
-        delta = rule.merge(deltas, LayerContext(coefficients[r], keys[r], threshold,
-                                                member_hparams(hparams, r, per_member), b))
+        i = offset + r
+        delta = rule.merge(deltas, LayerContext(coefficients[i], keys[i], threshold,
+                                                member_hparams(hparams, i, per_member), b))
         merged.append((b + delta).T if transposed else b + delta)
     outputs = tuple(_rounded(x, layout.round_to).astype(d) for x, d in zip(merged, layout.dtypes))
     return outputs, (jnp.stack(flags) if check_inputs else None)
 
 
-__all__ = ["Layout", "combine_jit", "finite_flags", "merge_deltas_jit", "is_traced", "merge_layers_jit", "merge_once",
-           "prepare_group", "under_trace"]
+def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
+               *, check_inputs: bool = True, per_member: bool = False):
+    """Merge the members of a rule that prepares nothing (the elementwise family, TIES, DARE) straight from
+    their stored arrays. Returns (members, input flags (L, K + 1) or None).
+
+    Each member is merged on its own (no loop: one fused kernel per member), in pieces of at most
+    `FUSED_MEMBERS` members per program (`fused_pieces`): the K inputs of a member are stacked and sliced
+    back by the task sums, which XLA folds away, so an elementwise merge reads each input once and writes
+    each output once. (Stacking the members on a layer axis first, as the vmapped programs do, would make
+    XLA write the whole (L, K, ...) stack.)
+    """
+    outputs, flags = [], []
+    for start, stop in fused_pieces(len(layout.transposed)):
+        piece = layout._replace(transposed=layout.transposed[start:stop], dtypes=layout.dtypes[start:stop])
+        inputs = (tuple(aligned(x) for x in base[start:stop]),
+                  tuple(tuple(aligned(x) for x in row) for row in models[start:stop]))
+        merged, flag = _merge_piece(rule, piece, *inputs, coefficients,
+                                    keys, threshold, hparams, np.int32(start), check_inputs=check_inputs,
+                                    per_member=per_member)
+        outputs.extend(merged)
+        flags.append(flag)
+    if not check_inputs:
+        return tuple(outputs), None
+    if len(flags) == 1:
+        return tuple(outputs), flags[0]
+    if is_traced(flags):  # under the caller's jit
+        return tuple(outputs), jnp.concatenate(flags)
+    # on the host: every piece was dispatched before any flag is read
+    return tuple(outputs), np.concatenate([np.asarray(f) for f in flags])
+
+
+__all__ = ["Layout", "aligned", "combine_jit", "finite_flags", "is_traced", "merge_deltas_jit", "merge_layers_jit",
+           "merge_once", "prepare_group", "under_trace"]

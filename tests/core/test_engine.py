@@ -11,7 +11,8 @@ from flax.core import freeze
 
 import drm_jax
 import merge_reference as ref
-from drm_jax.engine.compiled import merge_deltas_jit
+from drm_jax.buffers import ALIGNMENT
+from drm_jax.engine.compiled import _merge_piece, aligned, fused_pieces, merge_deltas_jit
 from drm_jax.errors import MergeInputError
 
 # regmean_plusplus is listed, but it merges blocks in order (drm_jax.regmean_plusplus), not by leaf name
@@ -235,6 +236,49 @@ def test_same_shaped_layers_compile_once_per_group():
     assert merge_deltas_jit._cache_size() == 4
     drm_jax.merge(base, models, method="drm")  # a second merge reuses them
     assert merge_deltas_jit._cache_size() == 4
+
+
+def test_aligned_copies_only_misaligned_numpy_buffers():
+    """XLA's CPU client reads a 64-byte-aligned NumPy buffer in place and copies any other one (slowly):
+    `aligned` hands it an aligned copy of the same values, and everything else as it is."""
+    buffer = np.arange(2**16 + 64, dtype=np.float32)
+    start = (-buffer.ctypes.data % ALIGNMENT) // 4
+    misaligned = buffer[start + 4:start + 4 + 2**16].reshape(256, 256)  # 16 bytes past an aligned address
+    assert misaligned.ctypes.data % ALIGNMENT == 16
+    copy = aligned(misaligned)
+    assert copy.ctypes.data % ALIGNMENT == 0 and not np.shares_memory(copy, misaligned)
+    np.testing.assert_array_equal(copy, misaligned)
+    assert copy.dtype == misaligned.dtype and copy.shape == misaligned.shape
+    in_place = buffer[start:start + 2**16]
+    assert aligned(in_place) is in_place
+    small, device = misaligned[:2, :2], jnp.ones(3)
+    assert aligned(small) is small and aligned(device) is device
+
+
+def test_fused_pieces_are_equal_but_the_last():
+    assert fused_pieces(4) == [(0, 4)]
+    assert fused_pieces(9) == [(0, 3), (3, 6), (6, 9)]
+    assert fused_pieces(10) == [(0, 4), (4, 8), (8, 10)]
+    assert fused_pieces(16) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+
+
+@pytest.mark.parametrize("method, params", [("ties", dict(density=0.3, trim_scope="tensor")),
+                                            ("dare_ties", dict(density=0.3, seed=3))])
+def test_fused_chunk_merges_in_pieces_sharing_one_program(method, params):
+    """16 same-shaped layers: one chunk, merged by one 4-member program called four times (its compile time
+    grows with the members), each layer (its own coefficients, its own random key) as it merges alone."""
+    rng = np.random.default_rng(6)
+    base = {f"layers.{i:02d}.q": rng.standard_normal((8, 8)).astype(np.float32) for i in range(16)}
+    models = [{k: v + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
+              for _ in range(3)]
+    coefficients = rng.uniform(0.5, 2.0, (3, 16)).astype(np.float32)  # (K, layers): per-layer values
+    jax.clear_caches()
+    merged = drm_jax.merge(base, models, method=method, coefficients=coefficients, **params)
+    assert _merge_piece._cache_size() == 1
+    for j, name in enumerate(base):
+        alone = drm_jax.merge({name: base[name]}, [{name: m[name]} for m in models], method=method,
+                              coefficients=coefficients[:, j], **params)
+        np.testing.assert_array_equal(np.asarray(merged[name]), np.asarray(alone[name]))
 
 
 def test_chunked_groups_equal_one_stacked_call():

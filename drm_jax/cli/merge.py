@@ -138,10 +138,10 @@ def _silent(text: str) -> None:
 
 
 def _print_adapter(result: dict, out_dir: Path) -> None:
-    counts = {p: sum(1 for v in result["paths"].values() if v == p) for p in ("factored", "linear", "dense")}
+    counts = {p: sum(1 for v in result["paths"].values() if v == p) for p in ("factored", "concatenated", "dense")}
     worst = max(result["discarded"].values(), default=0.0)
     print(f"drm-jax: wrote a rank-{result['rank']} LoRA adapter of {result['weights']} weights to {out_dir} "
-          f"({counts['factored']} merged in factored form, {counts['linear']} as concatenated factors, "
+          f"({counts['factored']} merged in factored form, {counts['concatenated']} as concatenated factors, "
           f"{counts['dense']} formed and truncated; largest discarded energy {worst:.3g})", file=sys.stderr)
 
 

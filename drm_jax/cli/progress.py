@@ -17,10 +17,10 @@ from tqdm import tqdm
 
 # What each path of the engine means, for the summary.
 PATH_LABELS = {
-    "linear": "merged as linear weights (DRM / the method's linear path)",
+    "matrix": "merged as weight matrices (DRM / the method's matrix rule)",
     "other": "merged on the other path (biases, norms, embeddings, N-D)",
     "ignore": "kept at the base value (ignore patterns)",
-    "keep": "copied from the base (not floating point)",
+    "not_floating": "copied from the base (not floating point)",
 }
 
 

@@ -74,7 +74,7 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
                      rank: int | None = None, warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
     """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output": Path, "rank": int,
     "weights": number of adapted weights, "discarded": {weight: discarded energy}, "paths": {weight:
-    "factored" | "linear" | "dense"}}. Nothing is left at `out_dir` on failure. `warn` receives the notes of
+    "factored" | "concatenated" | "dense"}}. Nothing is left at `out_dir` on failure. `warn` receives the notes of
     the merge (a rank cut that discards more than 1% of a weight's energy)."""
     if rank is not None and rank < 1:
         raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")

@@ -236,8 +236,8 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
 
 def undecomposed_methods(methods: list, counts: dict) -> list[str]:
     """The methods among `methods` whose 2-D weights take a path of their own (DRM's decomposition, the
-    subspace methods') when no leaf took it (`counts["linear"]` is 0): every tensor took their other path."""
-    if counts.get("linear", 0):
+    subspace methods') when no leaf took it (`counts["matrix"]` is 0): every tensor took their other path."""
+    if counts.get("matrix", 0):
         return []
     found = []
     for name in dict.fromkeys(m for m in methods if isinstance(m, str)):
@@ -340,7 +340,7 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
         signatures: dict[tuple, int] = {}
         for part, name, shape, dtype in zip(src.parts, leaves.names, leaves.shapes, leaves.dtypes):
             role = src.roles[part[0]] if isinstance(part, tuple) else "other"  # a Slab: the other path
-            if role not in ("linear", "other"):
+            if role not in ("matrix", "other"):
                 continue
             key = (role, tuple(shape), np.dtype(dtype).name)
             signatures[key] = signatures.get(key, 0) + 1
@@ -353,7 +353,7 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
                           "groups": len(signatures), "programs": len(signatures)})
     stacked = sum((len(seg.sources.models) + 1) * 4 * int(np.prod(shape, dtype=np.int64))
                   for seg in segments for shape, role in zip(seg.sources.info.shapes, seg.sources.roles)
-                  if role in ("linear", "other"))
+                  if role in ("matrix", "other"))
     peak = (max(min(max_memory, stacked * WORKSPACE_FACTOR), largest * WORKSPACE_FACTOR)
             + 2 * min(shard_size, output_bytes(segments, out_dtype)))
     notes = ["values beyond the output dtype's range (e.g. float16's 65504) and non-finite results need the "

@@ -269,7 +269,7 @@ def _sources_of(seg: SegmentDef, recipe, views: Mapping[str, Any], names: Mappin
 
 
 def _merged_mask(sources) -> list[bool]:
-    return [role in ("linear", "other") for role in sources.roles]
+    return [role in ("matrix", "other") for role in sources.roles]
 
 
 # -- the segments -------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ class MergedAdapter(NamedTuple):
       and are left out).
     discarded: name -> the share of the merged delta's squared singular values the rank cut dropped
       (0 where the adapter is exact).
-    paths: name -> "factored", "linear" (concatenated factors) or "dense" (formed and truncated).
+    paths: name -> "factored", "concatenated" (concatenated factors) or "dense" (formed and truncated).
     """
 
     adapter: dict[str, LoraWeight]
@@ -295,21 +295,21 @@ def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank
     merged, discarded, paths = {}, {}, {}
     dense: list[int] = []
     for i, (name, shape, role) in enumerate(zip(names, shapes, roles)):
-        if role.role in ("ignore", "keep"):
+        if role.role in ("ignore", "not_floating"):
             continue
         canonical = shape[::-1] if role.transpose else shape
-        rule = rules.linear if role.role == "linear" else rules.other
+        rule = rules.linear if role.role == "matrix" else rules.other
         hparams = spec.layer_hparams(values, role.role, canonical, k, static)
         key = leaf_key(seed_value, name)
         b, a, scales = _stack([ad.get(name) for ad in adapters], role.transpose, canonical)
-        if role.role == "linear" and rules.factored is not None:
+        if role.role == "matrix" and rules.factored is not None:
             with _x64(rules.factored.x64):
                 prepared = _factored_prepare(rules.factored, b, a, scales)
             out = _factored_merge(rules.factored, prepared, coeffs, key, hparams, rank)
             paths[name] = "factored"
         elif rules.linear_combination:
             out = _linear_merge(rule, b, a, scales, coeffs, key, hparams, rank)
-            paths[name] = "linear"
+            paths[name] = "concatenated"
         else:
             dense.append(i)
             continue
@@ -321,7 +321,7 @@ def merge_adapters(base: Any, adapters: Sequence[Any], method: Any = "drm", rank
         adapted = set(names)
         unadapted = [] if rules.whole_model_trim_param is None else [
             tuple(np.shape(leaf)) for n, leaf in zip(flat.names, flat.leaves)
-            if n not in adapted and role_rules(n, tuple(np.shape(leaf)), _dtype(leaf)).role in ("linear", "other")]
+            if n not in adapted and role_rules(n, tuple(np.shape(leaf)), _dtype(leaf)).role in ("matrix", "other")]
         _merge_dense_leaves(spec, static, traced, values, rules, adapters, names, shapes, dtypes, roles,
                             dense, coeffs, rank, seed_value, traced_mode, merged, discarded, paths, unadapted)
 
@@ -386,7 +386,7 @@ def _merge_dense_leaves(spec: MethodSpec, static, traced, values, rules, adapter
     for i in dense:
         name, role = names[i], roles[i]
         canonical = shapes[i][::-1] if role.transpose else shapes[i]
-        rule = rules.linear if role.role == "linear" else rules.other
+        rule = rules.linear if role.role == "matrix" else rules.other
         deltas = jnp.stack([delta(t, i).T if role.transpose else delta(t, i) for t in range(k)])
         if rule.prepare is None:
             prepared = deltas

@@ -70,7 +70,7 @@ def leaf_data_reader(spec: MethodSpec, given: dict, names: Sequence[str], chunks
     `LeafData.missing`. None for a method without leaf data. MergeInputError naming what is wrong."""
     if not spec.leaf_data:
         return None
-    linear = {names[i]: c.group.shape for c in chunks_ if c.group.role == "linear" for i in c.members}
+    linear = {names[i]: c.group.shape for c in chunks_ if c.group.role == "matrix" for i in c.members}
     tables = []
     for entry in spec.leaf_data:
         what = f"method {spec.name!r}: {entry.name}"

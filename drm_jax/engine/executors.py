@@ -128,7 +128,7 @@ class _Base:
         self.spec, self.rules, self.plan, self.source, self.check_finite = spec, rules, plan, source, check_finite
 
     def rule(self, chunk: Chunk):
-        return self.rules.linear if chunk.group.role == "linear" else self.rules.other
+        return self.rules.linear if chunk.group.role == "matrix" else self.rules.other
 
     def inputs(self, chunk: Chunk) -> tuple[tuple, tuple]:
         """The chunk's base and model leaves as read from the source (on the device)."""
@@ -143,7 +143,7 @@ class _Base:
 
     def has_data(self, chunk: Chunk) -> bool:
         """Whether the chunk's rule reads per-leaf data (`MethodSpec.leaf_data`), stacked with its layers."""
-        return bool(self.spec.leaf_data) and chunk.group.role == "linear"
+        return bool(self.spec.leaf_data) and chunk.group.role == "matrix"
 
     def names(self, chunk: Chunk) -> list[str]:
         return [self.plan.names[i] for i in chunk.members]

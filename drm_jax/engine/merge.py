@@ -107,7 +107,7 @@ def merge_leaves(
     of the model's leaves at a time and checks its patterns against all of them (`RoleRules.check_matched`).
 
     Returns:
-      How many leaves took each path: {"linear": ..., "other": ..., "ignore": ..., "keep": ...}.
+      How many leaves took each path: {"matrix": ..., "other": ..., "ignore": ..., "not_floating": ...}.
     """
     if num_models < 1:
         raise MergeInputError("no models to merge")
@@ -123,10 +123,10 @@ def merge_leaves(
     sink = CallbackSink(put)
     if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
         for i, r in enumerate(leaf_roles):
-            if r.role in ("ignore", "keep"):
+            if r.role in ("ignore", "not_floating"):
                 sink.put(i, get_base(i))
     planner.run(sink, on_chunk, leaf_params=leaf_params)
-    counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
+    counts = {"matrix": 0, "other": 0, "ignore": 0, "not_floating": 0}
     for r in leaf_roles:
         counts[r.role] += 1
     return counts

@@ -105,7 +105,7 @@ def plan_roles(names, shapes, dtypes, options: MergeOptions, every_leaf: bool = 
         rules.check_matched(names)
     leaf_roles = [rules(n, tuple(s), d) for n, s, d in zip(names, shapes, dtypes)]
     canonical = [tuple(s)[::-1] if r.transpose else tuple(s) for r, s in zip(leaf_roles, shapes)]
-    groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("linear", "other")]
+    groups = [g for g in group_leaves([r.role for r in leaf_roles], canonical) if g.role in ("matrix", "other")]
     return leaf_roles, groups
 
 

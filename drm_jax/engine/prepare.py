@@ -372,7 +372,7 @@ def prepare(base: Any, models: Sequence[Any], method: Any = "drm", *, options: M
     spec, static, traced = resolve(method, keywords)
     rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
     flat, base_leaves, model_leaves, chunks_ = plan_trees(base, models, options, seed=static.get("seed", 0))
-    if rules.linear is not rules.other and not any(chunk.group.role == "linear" for chunk in chunks_):
+    if rules.linear is not rules.other and not any(chunk.group.role == "matrix" for chunk in chunks_):
         warnings.warn(f"method {spec.name}: no leaf went through its decomposition (no 2-D weight outside the "
                       "embeddings and LM heads, or none left by include/exclude); every leaf took its other path",
                       UserWarning, stacklevel=2)

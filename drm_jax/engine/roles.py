@@ -18,7 +18,7 @@ from drm_jax.arch import DEFAULT_EXCLUDE, EMBEDDING_AND_HEAD_NAMES
 from drm_jax.errors import MergeInputError, quote
 from drm_jax.numbers import is_floating
 
-Role = Literal["linear", "other", "ignore", "keep"]
+Role = Literal["matrix", "other", "ignore", "not_floating"]
 
 # layout name -> whether a 2-D linear weight is stored (in, out) and must be transposed to (out, in)
 LAYOUTS = {"torch": False, "flax": True}
@@ -79,13 +79,13 @@ class RoleRules:
 
     def __call__(self, name: str, shape: tuple[int, ...], dtype) -> LeafRole:
         if not is_floating(dtype):
-            return LeafRole("keep", False)  # integer buffers (position ids, step counters), RNG keys
+            return LeafRole("not_floating", False)  # integer buffers (position ids, step counters), RNG keys
         if any(p.search(name) for p in self.ignore):
             return LeafRole("ignore", False)
         if len(shape) == 2 and (not self.include or any(p.search(name) for p in self.include)) and not any(
             p.search(name) for p in self.exclude
         ):
-            return LeafRole("linear", bool(self.transposed(name, shape)))
+            return LeafRole("matrix", bool(self.transposed(name, shape)))
         return LeafRole("other", False)
 
     def unmatched(self, names: Sequence[str]) -> list[tuple[str, str]]:

@@ -99,7 +99,7 @@ class CheckpointSources:
         # Slabs merge every piece as a 1-D leaf of the "other" path: the linear role joins only where its
         # merge is elementwise too (then both roles run the same elementwise rule: linear, task arithmetic).
         self.slab_roles = frozenset({"other"} & self.exact_roles) | (
-            frozenset({"linear"}) if {"linear", "other"} <= self.exact_roles else frozenset())
+            frozenset({"matrix"}) if {"matrix", "other"} <= self.exact_roles else frozenset())
         self.parts: list = []  # (i, start, stop): tensor i, or its rows start:stop; or a Slab
         self.finished = 0  # tensors handed to the sink
         self._parts_left: dict[int, int] = {}
@@ -120,7 +120,7 @@ class CheckpointSources:
         rules = roles_lib.RoleRules(**self.role_kwargs)
         self.roles = [rules(n, s, d).role for n, s, d in zip(names, shapes, dtypes)]
         for name, shape, role in zip(names, shapes, self.roles):
-            if role not in ("keep", "ignore") and 0 in shape:
+            if role not in ("not_floating", "ignore") and 0 in shape:
                 # The methods' reductions (max, SVD) have no value on zero elements.
                 raise MergeInputError(f"tensor {quote(name)} has no elements (shape {shape}) in the "
                                       f"{self._reference_label()}; an empty tensor cannot be merged")
@@ -132,7 +132,7 @@ class CheckpointSources:
                     raise MergeInputError(
                         f"tensor {quote(name)} has dtype {np.dtype(model.dtype(name)).name} in {label} but "
                         f"{dtype.name} in the {self._reference_label()}")
-                if role in ("keep", "ignore"):
+                if role in ("not_floating", "ignore"):
                     continue  # read from the reference only
                 if name not in present:
                     raise MergeInputError(f"tensor {quote(name)} is missing from {label}")
@@ -277,7 +277,7 @@ class CheckpointSources:
     # Full tensors are cached while their parts are merged: the base always (the engine holds it for the
     # chunk anyway), a model's tensor only when it is cut into blocks.
     def _full_base(self, i: int) -> np.ndarray:
-        if self.zero_base and self.roles[i] in ("linear", "other"):
+        if self.zero_base and self.roles[i] in ("matrix", "other"):
             # mergekit's linear averages full weights: merge against zeros.
             return np.zeros(self.info.shapes[i], self.info.dtypes[i])
         key = ("base", i)
@@ -385,11 +385,11 @@ class CheckpointSources:
         """Engine leaves (tensors or row blocks) that go through a merge path: the progress bar's total
         (a slabbed tensor counts once, when it is finished)."""
         slabbed = sum(self.roles[i] in self.slab_roles for i in range(len(self.roles)))
-        return slabbed + sum(self.roles[p[0]] in ("linear", "other") for p in self.parts if not isinstance(p, Slab))
+        return slabbed + sum(self.roles[p[0]] in ("matrix", "other") for p in self.parts if not isinstance(p, Slab))
 
     def counts(self) -> dict[str, int]:
         """Tensors per engine path (linear, other, ignore, keep)."""
-        counts = {"linear": 0, "other": 0, "ignore": 0, "keep": 0}
+        counts = {"matrix": 0, "other": 0, "ignore": 0, "not_floating": 0}
         for role in self.roles:
             counts[role] += 1
         return counts

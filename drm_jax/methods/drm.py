@@ -147,7 +147,7 @@ class DrmNumbers(NamedTuple):
 
 def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> DrmNumbers:
     """The numbers of one group (`DrmNumbers`)."""
-    if role != "linear":
+    if role != "matrix":
         return DrmNumbers(scalar(values["lambda_"]))
     q, m = _rows(shape, k, static["direction"])
     counts = prune_counts(one_minus(values["drop_rate"]), (k, q, m), static["prune_scope"], "kthvalue", joint=True)

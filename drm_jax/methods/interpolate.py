@@ -36,7 +36,7 @@ TOL = Param("tol", "nonnegative", 1e-5, "stop once the tangent step is shorter; 
 
 def _rules(merge, *, exact: bool = False, linear_combination: bool = False) -> Rules:
     rule = LayerRule(prepare=None, merge=merge)
-    roles = frozenset({"linear", "other"}) if exact else frozenset()
+    roles = frozenset({"matrix", "other"}) if exact else frozenset()
     return Rules(linear=rule, other=rule, row_separable=roles, linear_combination=linear_combination)
 
 

@@ -24,7 +24,7 @@ TA_RESCALE = Param("rescale", "bool", False, "accepted for mergekit configs; no 
 
 def _build_linear(static: dict) -> Rules:
     rule = chain_rule(weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks()))
-    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}), linear_combination=True,
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"matrix", "other"}), linear_combination=True,
                  shift_equivariant=static["normalize"])
 
 
@@ -33,7 +33,7 @@ def _build_task_arithmetic(static: dict) -> Rules:
     rule = chain_rule(chain(reduce, scale()))
     if static["round_to"] is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
         rule = chain_rule(rounded_task_arithmetic(None, False, static["normalize"], static["round_to"]))
-    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}), linear_combination=True)
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"matrix", "other"}), linear_combination=True)
 
 
 class LinearNumbers(NamedTuple):

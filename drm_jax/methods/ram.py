@@ -36,7 +36,7 @@ def _merge_plus(deltas, ctx: LayerContext):
 
 def _build_ram(static: dict) -> Rules:
     rule = LayerRule(prepare=None, merge=_merge_ram)
-    return Rules(linear=rule, other=rule, row_separable=frozenset({"linear", "other"}))
+    return Rules(linear=rule, other=rule, row_separable=frozenset({"matrix", "other"}))
 
 
 def _build_plus(static: dict) -> Rules:

@@ -27,7 +27,7 @@ SCALE = Param("scale", "float", 1.0, "multiplies the model's weights (mergekit's
 
 def _rules(merge, *, exact: bool = False, linear_combination: bool = False) -> Rules:
     rule = LayerRule(prepare=None, merge=merge)
-    roles = frozenset({"linear", "other"}) if exact else frozenset()
+    roles = frozenset({"matrix", "other"}) if exact else frozenset()
     return Rules(linear=rule, other=rule, row_separable=roles, linear_combination=linear_combination)
 
 

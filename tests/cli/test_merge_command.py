@@ -174,7 +174,7 @@ def test_summary_progress_and_force(llama_family, tmp_path, monkeypatch, capsys)
     captured = capsys.readouterr()
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert "merged 21 tensors" in captured.out and "peak memory" in captured.out and "time" in captured.out
-    assert "14 linear" in captured.out and "7 other" in captured.out
+    assert "14 matrix" in captured.out and "7 other" in captured.out
     assert "tensor" in captured.err and "100%" in captured.err  # the progress bar
     assert main(["merge", str(EXAMPLES / "linear.yaml"), str(out), "--force", "--quiet"]) == 0
     captured = capsys.readouterr()

@@ -231,7 +231,7 @@ def test_default_exclusions_and_orientation(name, family):
     arch = naming.architecture_of([reader])
     roles = RoleRules(layout=naming.layout_for(arch))
     two_d = {n: v for n, v in tensors.items() if v.ndim == 2}
-    out = {n for n, v in two_d.items() if roles(n, v.shape, v.dtype).role != "linear"}
+    out = {n for n, v in two_d.items() if roles(n, v.shape, v.dtype).role != "matrix"}
     assert out == excluded
     transposed = {n for n, v in two_d.items() if roles(n, v.shape, v.dtype).transpose}
     assert transposed == ({n for n in two_d if re.search(r"\.(c_attn|c_proj|c_fc)\.weight$", n)}

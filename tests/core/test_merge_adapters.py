@@ -68,7 +68,7 @@ def test_factored_path_equals_the_materialised_merge(method, params):
     want = materialised(base, adapters, method, coefficients=COEFFICIENTS, **params)
     for name in ("layers.0.q.weight", "layers.1.q.weight"):
         w = result.adapter[name]
-        assert result.paths[name] == ("linear" if (method, params) in LINEAR else "factored")
+        assert result.paths[name] == ("concatenated" if (method, params) in LINEAR else "factored")
         assert w.scale == 1.0 and w.b.shape == (24, K * R) and w.a.shape == (K * R, 16)  # rank K r exactly
         assert result.discarded[name] == 0.0
         assert rel(np.asarray(w.b) @ np.asarray(w.a), want[name]) < 1e-5, name

@@ -660,7 +660,7 @@ def test_lora_profile_writes_peft_adapters_and_merges_them_in_factored_form(tmp_
     assert not np.allclose(q(ft), q(experiment.base))
     assert set(result["rows"]) >= {m.label for m in some} | set(ADAMERGING_LABELS)
     assert set(result["rows"]["DRM-H"]["paths"]) == {"factored"}  # through drm_jax.merge_adapters
-    assert set(result["rows"]["Task arithmetic"]["paths"]) == {"linear"}
+    assert set(result["rows"]["Task arithmetic"]["paths"]) == {"concatenated"}
     assert "paths" not in result["rows"]["TIES"] and "paths" not in result["rows"]["RegMean"]  # through prepare
     grams = experiment.input_grams("sentiment")  # the adapted encoder's inputs: not the base encoder's
     experiment.finetuned["sentiment"], adapted = experiment.base, experiment.finetuned["sentiment"]

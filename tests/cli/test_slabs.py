@@ -58,7 +58,7 @@ def family(shapes, k=3, seed=0, dtype=np.float32):
 def run_stream(base, models, method="task_arithmetic", budget=None, **params):
     readers = [Reader(base)] + [Reader(m) for m in models]
     src = CheckpointSources(readers[0], readers[1:], [f"m{t}" for t in range(len(models))], "base",
-                            role_kwargs={}, exact_roles=frozenset({"linear", "other"}))
+                            role_kwargs={}, exact_roles=frozenset({"matrix", "other"}))
     out = {}
     cached = []
 
@@ -94,7 +94,7 @@ def test_slab_layout():
     base, models = family(shapes)
     readers = [Reader(base)] + [Reader(m) for m in models]
     src = CheckpointSources(readers[0], readers[1:], ["a", "b", "c"], "base", role_kwargs={},
-                            exact_roles=frozenset({"linear", "other"}))
+                            exact_roles=frozenset({"matrix", "other"}))
     src.plan_blocks(3, 200_000)
     slabs = [p for p in src.parts if isinstance(p, Slab)]
     assert len(slabs) == len(src.parts)  # every tensor is merged elementwise here

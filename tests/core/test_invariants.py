@@ -102,7 +102,7 @@ def test_jit_equals_eager_and_stacked_equals_per_layer(seed, k, layers, shape, m
     spec = get_method(method)
     static = static_values(spec, {"precision": "float32"} if "precision" in spec.names else {})
     rule = rules_for(spec, static).linear  # the registry's rule, as the engine runs it (no rank bucket)
-    hparams = spec.layer_hparams(traced_values(spec, {}), "linear", shape, k, static)
+    hparams = spec.layer_hparams(traced_values(spec, {}), "matrix", shape, k, static)
     coeffs = jnp.ones((layers, k))
     keys = jnp.stack([jax.random.PRNGKey(i) for i in range(layers)])
 

@@ -111,7 +111,7 @@ def test_density_on_drm_stays_density():
     static = static_values(spec, {})
     k, shape = 3, (5, 5)  # joint space: q = 5 rows of 5 entries, every task ranked together
     values = traced_values(spec, spec.canonical({"density": 0.3}))
-    counts = np.asarray(spec.layer_hparams(values, "linear", shape, k, static).prune_counts)
+    counts = np.asarray(spec.layer_hparams(values, "matrix", shape, k, static).prune_counts)
     rows, row_size = prune_geometry((k, 5, 5), "joint", joint=True)
     assert row_size == 15  # one valid row of the joint space: N = 15
     np.testing.assert_array_equal(counts, np.asarray(pruning_counts(0.3, rows, row_size)))
@@ -187,7 +187,7 @@ def test_a_rule_reads_its_methods_declared_numbers(method):
     spec, derived = get_method(method), DERIVED.get(method, set())
     static = static_values(spec, {})
     k = spec.max_models or 3
-    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), k, static)
+    numbers = spec.layer_hparams(traced_values(spec, {}), "matrix", (6, 5), k, static)
     traced = {p.name for p in spec.traced} - {"coefficients"}
     assert set(numbers._fields) <= traced | derived and derived <= set(numbers._fields)
     with pytest.raises(ValueError, match="does not declare"):
@@ -198,7 +198,7 @@ def test_a_compositions_numbers_are_its_declared_traced_parameters():
     # like a registered method's: a typed structure holding exactly the composition's traced parameters
     # (coefficients travel apart), and a stage reading a number it does not declare fails naming it
     spec = drm_jax.methods.method_spec(TRIMMED)
-    numbers = spec.layer_hparams(traced_values(spec, {}), "linear", (6, 5), 3, static_values(spec, {}))
+    numbers = spec.layer_hparams(traced_values(spec, {}), "matrix", (6, 5), 3, static_values(spec, {}))
     assert numbers._fields == ("density", "lambda_")
     assert float(number(numbers, "density")) == pytest.approx(spec.param("density").default)
     with pytest.raises(ValueError, match="does not declare"):

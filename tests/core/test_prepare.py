@@ -219,7 +219,7 @@ def test_the_drm_programs_are_batched_over_layers_with_no_loop(layers):
     eigh = [e for e in _all_eqns(prepare_jaxpr.jaxpr) if e.primitive.name in ("eigh", "svd")]
     assert eigh and all(e.invars[0].aval.shape[0] == layers for e in eigh)
     b, prepared, _ = prepare_group(rule, layout, base, models)
-    hparams = spec.layer_hparams({"drop_rate": 0.8, "rank_rtol": 0.01, "lambda_": 1.0}, "linear", shape, k,
+    hparams = spec.layer_hparams({"drop_rate": 0.8, "rank_rtol": 0.01, "lambda_": 1.0}, "matrix", shape, k,
                                  static_values(spec, {}))
     args = (prepared, b, jnp.ones((layers, k)), jnp.zeros((layers, 2), jnp.uint32), None, hparams)
     merge_jaxpr = jax.make_jaxpr(functools.partial(merge_layers_jit, rule, layout))(*args)
@@ -248,7 +248,7 @@ def test_layout_of_the_compiled_merge_does_not_grow_with_layers():
     for layers in (3, 5):
         rule, layout, base, models, spec, k, shape = _drm_chunk(layers)
         b, prepared, _ = prepare_group(rule, layout, base, models)
-        hparams = spec.layer_hparams({"drop_rate": 0.8, "rank_rtol": 0.01, "lambda_": 1.0}, "linear", shape, k,
+        hparams = spec.layer_hparams({"drop_rate": 0.8, "rank_rtol": 0.01, "lambda_": 1.0}, "matrix", shape, k,
                                      static_values(spec, {}))
         hlo = merge_layers_jit.lower(rule, layout, prepared, b, jnp.ones((layers, k)),
                                      jnp.zeros((layers, 2), jnp.uint32), None, hparams).as_text()

@@ -162,7 +162,7 @@ def aligned(x):
     """`x` as an array the CPU backend reads in place: a NumPy array that is not 64-byte aligned becomes
     an aligned copy (NumPy's copy, several times faster than the one XLA's CPU client makes when handed a
     misaligned buffer); anything else (JAX arrays, small or aligned arrays, other backends) is returned as
-    it is. The copy lives as long as the program's inputs, as the client's own copy would."""
+    it is. Every host input reaches the engine's programs through `executors.to_device`, which calls this."""
     if (not isinstance(x, np.ndarray) or x.nbytes < _ALIGN_MIN_BYTES or is_aligned(x)
             or jax.default_backend() != "cpu"):
         return x
@@ -223,9 +223,7 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     outputs, flags = [], []
     for start, stop in fused_pieces(len(layout.transposed)):
         piece = layout._replace(transposed=layout.transposed[start:stop], dtypes=layout.dtypes[start:stop])
-        inputs = (tuple(aligned(x) for x in base[start:stop]),
-                  tuple(tuple(aligned(x) for x in row) for row in models[start:stop]))
-        merged, flag = _merge_piece(rule, piece, *inputs, coefficients,
+        merged, flag = _merge_piece(rule, piece, base[start:stop], models[start:stop], coefficients,
                                     keys, threshold, hparams, np.int32(start), check_inputs=check_inputs,
                                     per_member=per_member)
         outputs.extend(merged)

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from drm_jax.engine import shard
-from drm_jax.engine.compiled import (Layout, combine_jit, finite_flags, merge_deltas_jit, merge_layers_jit, merge_once,
-                                     prepare_group)
+from drm_jax.engine.compiled import (Layout, aligned, combine_jit, finite_flags, merge_deltas_jit, merge_layers_jit,
+                                     merge_once, prepare_group)
 from drm_jax.engine.endpoints import Source
 from drm_jax.engine.plan import Chunk, Plan
 from drm_jax.engine.tree import model_label
@@ -72,9 +72,9 @@ def run_prepare(rule, layout: Layout, base: tuple, models: tuple, check_inputs: 
 
 
 def to_device(x):
-    """A host array as a device array: zero-copy on CPU where numpy's buffer is 64-byte aligned, one copy
-    otherwise (device_put copies several times faster than the implicit conversion of a jit argument)."""
-    return jax.device_put(x) if isinstance(x, np.ndarray) else x
+    """A host array as a device array: zero-copy on CPU where numpy's buffer is 64-byte aligned; otherwise
+    one aligned copy made by NumPy first (`compiled.aligned`), faster than the copy the CPU client makes."""
+    return jax.device_put(aligned(x)) if isinstance(x, np.ndarray) else x
 
 
 def raise_non_finite_inputs(finite: np.ndarray, names: Sequence[str]) -> None:

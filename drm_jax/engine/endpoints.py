@@ -113,10 +113,11 @@ def leaf_data_reader(spec: MethodSpec, given: dict, names: Sequence[str], chunks
 _HIST_SHIFT = 12
 
 
-def _magnitude_bits(source: Source, t: int, i: int) -> np.ndarray:
+def _task_bits(source: Source, i: int, k: int):
+    """(t, the float bits of |model_t - base| of leaf i, flat) for each task t; the base read once."""
     base = np.asarray(source.get_base(i), np.float32)
-    model = np.asarray(source.get_model(t, i), np.float32)
-    return np.abs(model - base).reshape(-1).view(np.int32)
+    for t in range(k):
+        yield t, np.abs(np.asarray(source.get_model(t, i), np.float32) - base).reshape(-1).view(np.int32)
 
 
 def streamed_thresholds(source: Source, plan: Plan, density: np.ndarray) -> jax.Array:
@@ -129,23 +130,22 @@ def streamed_thresholds(source: Source, plan: Plan, density: np.ndarray) -> jax.
     """
     k = plan.num_models
     members = plan.leaves()
-    d = sum(int(np.prod(np.shape(source.get_base(i)))) for i in members) if members else 0
+    d = sum(int(np.prod(c.group.shape)) * len(c.members) for c in plan.chunks)  # from the plan: no read
     kth = d - np.floor(d * density).astype(np.int64)  # (K,)
     if d == 0:
         return jnp.zeros((k,), jnp.float32)
     bins = (0x7F800000 >> _HIST_SHIFT) + 1
     hist = np.zeros((k, bins), np.int64)
     for i in members:
-        for t in range(k):
-            hist[t] += np.bincount(_magnitude_bits(source, t, i) >> _HIST_SHIFT, minlength=bins)
+        for t, bits in _task_bits(source, i, k):
+            hist[t] += np.bincount(bits >> _HIST_SHIFT, minlength=bins)
     cum = np.cumsum(hist, axis=1)
     target = np.maximum(kth, 1)
     chosen = np.array([int(np.searchsorted(cum[t], target[t])) for t in range(k)])
     below = np.array([cum[t, chosen[t] - 1] if chosen[t] > 0 else 0 for t in range(k)])
     inside: list[list[np.ndarray]] = [[] for _ in range(k)]
     for i in members:
-        for t in range(k):
-            bits = _magnitude_bits(source, t, i)
+        for t, bits in _task_bits(source, i, k):
             inside[t].append(bits[(bits >> _HIST_SHIFT) == chosen[t]])
     out = np.zeros(k, np.float32)
     for t in range(k):

@@ -68,3 +68,20 @@ def test_prepared_decompositions_run_one_at_a_time(monkeypatch):
     prepared.merge(drop_rate=0.3)
     assert len(dispatched) >= 4
 
+
+
+def test_streamed_whole_model_thresholds_equal_the_in_memory_merge():
+    """merge_leaves (nothing stored) takes TIES' model-scope thresholds from the streamed statistics passes
+    (`endpoints.streamed_thresholds`); they equal the in-memory thresholds, so the merges agree exactly."""
+    rng = np.random.default_rng(0)
+    names, shapes = ["l0.w", "l1.w", "b"], [(8, 6), (8, 6), (6,)]
+    base = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    models = [[b + 0.1 * rng.standard_normal(b.shape).astype(np.float32) for b in base] for _ in range(3)]
+    out = {}
+    merge_leaves(names, shapes, [np.float32] * 3, get_base=lambda i: base[i], get_model=lambda t, i: models[t][i],
+                 put=lambda i, a: out.__setitem__(i, np.asarray(a)), num_models=3, method="ties", density=0.3,
+                 trim_scope="model")
+    want = drm_jax.merge(dict(zip(names, base)), [dict(zip(names, m)) for m in models], method="ties", density=0.3,
+                         trim_scope="model")
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(out[i], np.asarray(want[name]), err_msg=name)

@@ -154,14 +154,10 @@ class Prepared:
         leaf_params: {leaf name: {traced parameter: value}}, values that replace the others for that leaf
           (mergekit's gradients and filter lists; see `run`).
         """
-        spec = self.spec
         given = dict(hyperparameters)
         if coefficients is not None:
             given["coefficients"] = coefficients
-        static, traced = split_params(spec, method_params(spec, given))
-        if static:
-            raise MergeInputError(f"{sorted(static)} of method {spec.name!r} are structure: give them to "
-                                  f"drm_jax.prepare, not to merge")
+        self._traced(given)
         if self._flat is None:
             raise MergeInputError("this plan streams to a sink: call run(put=...)")
         sink = TreeSink(self._flat)
@@ -180,16 +176,20 @@ class Prepared:
         group whose layers have different values is still one vmapped program, and new values (or new
         leaves given values) compile nothing new. Static parameters cannot vary per leaf (MergeInputError).
         """
-        static, traced = split_params(self.spec, method_params(self.spec, given))
-        if static:
-            raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
-                                  f"drm_jax.prepare, not to merge")
-        values = traced_values(self.spec, {**self.defaults, **traced})
+        values = traced_values(self.spec, {**self.defaults, **self._traced(given)})
         coeffs = values.pop("coefficients", None)  # methods without weights (slerp, ...) have none
         if isinstance(coeffs, (int, float)):  # the default: all ones
             coeffs = None
         sink = put if hasattr(put, "put") else CallbackSink(put)
         self._run(coeffs, values, sink, on_chunk, self._leaf_values(leaf_params))
+
+    def _traced(self, given: dict) -> dict:
+        """The traced parameters of a merge's keywords; MergeInputError where one is static (structure)."""
+        static, traced = split_params(self.spec, method_params(self.spec, given))
+        if static:
+            raise MergeInputError(f"{sorted(static)} of method {self.spec.name!r} are structure: give them to "
+                                  f"drm_jax.prepare, not to merge")
+        return traced
 
     def _leaf_values(self, leaf_params) -> dict[int, dict] | None:
         """leaf_params checked: {leaf index: canonical traced values} (every index of a repeated name)."""

@@ -11,7 +11,7 @@
 
 `prepare_chunk(chunk)` returns what a chunk keeps between merges (a `Stored`, or None where the
 executor prepares nothing); `merge_chunk(...)` returns a `Merged`: the leaves, by leaf index, and their
-finite flags. Checking the flags and naming the leaf is the caller's (`Prepared`).
+finite flags. Checking the flags and naming the leaf is the caller's (`engine/run.py`'s `merge_chunks`).
 
 Scheduling rule (CPU): at most one decomposition program in flight. jaxlib's CPU LAPACK kernels block
 pool threads while a batched call's pieces run; two such programs at once can deadlock the pool

@@ -1,12 +1,13 @@
-"""`drm_jax.merge` and `merge_leaves`: a `Prepared` merge with its two sinks (`engine/endpoints.py`).
+"""`drm_jax.merge` and `merge_leaves`: the two sinks of a merge (`engine/endpoints.py`).
 
 `merge(base, models, method=..., **keywords)` is `prepare(...)` then `Prepared.merge()`: a tree in memory.
-`merge_leaves(names, shapes, dtypes, get_base=..., get_model=..., put=...)` is the same planner over
-leaves read on demand and handed to `put` as they are merged, with nothing kept between chunks: the
-command line streams checkpoints larger than memory through it into its on-disk writer.
+`merge_leaves(names, shapes, dtypes, get_base=..., get_model=..., put=...)` runs the same plan, executor
+and chunk loop (`engine/run.py`'s `merge_chunks`) over leaves read on demand (its `Source`) and handed to
+`put` as they are merged (a `CallbackSink`), with nothing kept between chunks: the command line streams
+checkpoints larger than memory through it into its on-disk writer.
 
 Every form of a method (a registered name, a `MethodSpec` with bound parameters, a `MergeMethod`
-composition of stages) runs through the same planner and programs.
+composition of stages) runs through the same plan, executors and programs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 from drm_jax.engine.endpoints import CallbackSink, Source, leaf_data_reader, split_leaf_data
 from drm_jax.engine.options import DEFAULT_GROUP_BYTES, MergeOptions, split_keywords
 from drm_jax.engine.plan import compute_dtype, leaf_key, make_plan, plan_chunks, plan_roles, resolve_compute_dtype
-from drm_jax.engine.prepare import Prepared, prepare, resolve, rules_for
+from drm_jax.engine.prepare import prepare, resolve, rules_for
+from drm_jax.engine.run import merge_chunks, merge_numbers, plan_executor
 from drm_jax.engine.stack import Group
 from drm_jax.errors import MergeInputError
 
@@ -117,15 +119,19 @@ def merge_leaves(
     chunks_ = plan_chunks(groups, leaf_roles, names, dtypes, num_models, static.get("seed", 0), options)
     data = leaf_data_reader(spec, split_leaf_data(spec, keywords)[0], names, chunks_, num_models)
     mesh = options.mesh
-    planner = Prepared(spec, static, traced, rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1]),
-                       make_plan(names, chunks_, num_models), Source(get_base, get_model, data), mesh=mesh,
-                       store=False, check_finite=check_finite)
+    rules = rules_for(spec, static, resolve_compute_dtype(options.compute_dtype)[1])
+    plan = make_plan(names, chunks_, num_models)
+    source = Source(get_base, get_model, data)
+    executor = plan_executor(spec, rules, plan, source, mesh=mesh, check_finite=check_finite)
+    numbers = merge_numbers(spec, rules, plan, traced, leaf_params)  # checked before anything is put
     sink = CallbackSink(put)
     if mesh is None or jax.process_index() == 0:  # one process passes through the base's own leaves
         for i, r in enumerate(leaf_roles):
             if r.role in ("ignore", "not_floating"):
                 sink.put(i, get_base(i))
-    planner.run(sink, on_chunk, leaf_params=leaf_params)
+    # streaming: nothing stored, each chunk read, prepared, merged and handed over before the next
+    merge_chunks(plan, executor, source, sink, numbers, None, spec=spec, static=static, rules=rules,
+                 check_finite=check_finite, on_chunk=on_chunk)
     counts = {"matrix": 0, "other": 0, "ignore": 0, "not_floating": 0}
     for r in leaf_roles:
         counts[r.role] += 1

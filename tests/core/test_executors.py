@@ -85,3 +85,32 @@ def test_streamed_whole_model_thresholds_equal_the_in_memory_merge():
                          trim_scope="model")
     for i, name in enumerate(names):
         np.testing.assert_array_equal(out[i], np.asarray(want[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("method, numbers", [
+    ("drm", {"drop_rate": 0.5, "coefficients": [0.7, 0.4]}),  # prepares (decompositions), vmapped executor
+    ("linear", {"coefficients": [0.7, 0.3]}),  # prepares nothing, fused executor
+])
+def test_streamed_merge_equals_the_in_memory_merge(method, numbers):
+    """merge_leaves (each chunk read, prepared, merged, handed over, dropped) puts the leaves that
+    drm_jax.merge returns (everything prepared first, then merged), per-leaf numbers included, and passes
+    the ignored and non-floating leaves through."""
+    rng = np.random.default_rng(1)
+    names = ["l0.w", "l1.w", "l2.w", "l0.b", "frozen.w", "step"]
+    base = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3)]
+    base += [rng.standard_normal(5).astype(np.float32), rng.standard_normal((4, 3)).astype(np.float32),
+             np.array([7], np.int32)]
+    models = [[x + (0.1 * rng.standard_normal(x.shape)).astype(x.dtype) for x in base] for _ in range(2)]
+    keywords = dict(method=method, ignore=("frozen",), max_group_bytes=2 * 3 * 6 * 5 * 4,  # chunks of two
+                    leaf_params={"l1.w": {"coefficients": [0.2, 0.9]}}, **numbers)
+    out = {}
+    counts = merge_leaves(names, [x.shape for x in base], [x.dtype for x in base], get_base=lambda i: base[i],
+                          get_model=lambda t, i: models[t][i], put=lambda i, a: out.__setitem__(i, np.asarray(a)),
+                          num_models=2, **keywords)
+    want = drm_jax.merge(dict(zip(names, base)), [dict(zip(names, m)) for m in models], **keywords)
+    assert counts == {"matrix": 3, "other": 1, "ignore": 1, "not_floating": 1}
+    assert sorted(out) == list(range(len(names)))
+    for i, name in enumerate(names):
+        assert out[i].dtype == np.asarray(want[name]).dtype, name
+        np.testing.assert_array_equal(out[i], np.asarray(want[name]), err_msg=name)
+    assert not np.array_equal(out[1], base[1])  # it did merge

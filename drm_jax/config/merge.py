@@ -1,12 +1,13 @@
 """A checked mergekit config in, a merged checkpoint out, streamed (`drm_jax.merge_config`, `drm-jax merge`).
 
 The config is checked first (`drm_jax.config.schema`), translated into engine arguments with mergekit's
-semantics (`drm_jax.config.recipe`), the checkpoints are opened lazily and checked against each other
-(`drm_jax.config.streaming`), then `drm_jax.engine.merge.merge_leaves` merges one chunk of one group of
-same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output shard by
-shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
-groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never
-touches the inputs.
+semantics (`drm_jax.config.recipe`), the checkpoints are opened lazily (`drm_jax.config.streaming`), their
+headers checked against each other and planned into one immutable value (`drm_jax.config.plan`), the plan
+bound to the readers (`drm_jax.config.segments`), then `drm_jax.engine.merge.merge_leaves` merges one chunk
+of one group of same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output
+shard by shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
+groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never touches
+the inputs.
 """
 
 from __future__ import annotations

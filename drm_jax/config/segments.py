@@ -18,6 +18,10 @@ rules stay in one place. Layer naming per architecture is the table of `drm_jax.
 `drm_jax.io.architectures`). A model of several layer stacks (T5's encoder and decoder, CLIP's text and
 vision towers) is sliced stack by stack with the same `layer_range` (each stack must have those layers),
 and a gradient's t is the layer's position within its own stack.
+
+`drm_jax.config.plan.plan_config` decides the segments from the inputs' headers (this module's per-tensor
+values and views); `bind_segments` builds each `Segment` of a plan over the open readers at run time and
+`merge_segments` streams them.
 """
 
 from __future__ import annotations

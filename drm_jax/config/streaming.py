@@ -2,8 +2,10 @@
 
 The command line's part of a streamed merge is only this: resolve the config's model references (paths,
 mergekit's `model+adapter` form, PEFT adapter directories over the base), open them with `drm_jax.io`'s
-lazy readers, put one naming convention over all of them (Hugging Face names and layout, so mixed formats
-merge together), and hand them to `CheckpointSources`. What is merged and how is the engine's.
+lazy readers, and put one naming convention over all of them (Hugging Face names and layout, so mixed
+formats merge together). Their headers make the merge's plan (`drm_jax.config.plan`), which is bound to
+these views to be streamed (`drm_jax.config.segments.bind_segments`). What is merged and how is the
+engine's.
 """
 
 from __future__ import annotations

@@ -36,9 +36,7 @@ def _tiny():
 
 TINY = _tiny()
 SHAPES = dict(sorted(TINY.llama_shapes().items()))  # safetensors files list their tensors sorted
-LAYER = sorted(["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-         "post_attention_layernorm.weight"])
+LAYER = sorted(n[len("model.layers.0."):] for n in SHAPES if n.startswith("model.layers.0."))  # one layer's names
 
 
 def _header(model: str, layers: int = TINY.LAYERS, dtype: str = "float32") -> ModelHeader:

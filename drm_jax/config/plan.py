@@ -7,7 +7,9 @@ then `plan_config(config, headers)` checks them against each other and against t
 `ConfigPlan`: the segments (`drm_jax.config.segments`: one for a `models` config; for a `slices` config
 the tensors before the layers, each slice and the tensors after the layers), each with its output tensors
 (names, shapes, written dtypes, engine roles), every input's own name of each, its method, engine
-parameters and per-tensor `leaf_params`; the output dtype and the frankenmerge's config.json updates.
+parameters and per-tensor `leaf_params`; the output dtype and the frankenmerge's config.json updates;
+the output vocabulary where the config builds one (`drm_jax.config.vocabulary.VocabularyPlan`, frozen too,
+made beforehand from the tokenizer files).
 The merge then binds the plan to the open readers (`drm_jax.config.segments.bind_segments`) and streams
 its segments; a dry run describes it from the headers alone.
 

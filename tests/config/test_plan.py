@@ -20,6 +20,7 @@ from drm_jax.config.plan import Headers, ModelHeader, input_entries, plan_config
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import parse_config
 from drm_jax.config.streaming import open_views
+from drm_jax.config.vocabulary import plan_vocabulary
 from drm_jax.errors import CheckpointError, MergeInputError
 from drm_jax.io import architectures as arch_lib
 
@@ -179,3 +180,29 @@ def test_headers_read_from_files_give_the_same_plan(tmp_path):
         dataclasses.replace(_header(h.model), path=h.path, config_dir=h.config_dir,
                             model_config=h.model_config) for h in headers.models))
     assert plan_config(config, headers) == _plan(config, _headers(config, recipe))
+
+
+def test_vocabulary_plan_is_part_of_the_frozen_plan(tmp_path):
+    assert TINY.main([str(tmp_path / "models")]) == 0
+    raw = {"merge_method": "linear", "models": [{"model": "models/task_a"}, {"model": "models/task_b"}],
+           "dtype": "float32", "tokenizer": {"source": "union", "pad_to_multiple_of": 48}}
+    config = parse_config(raw, tmp_path / "vocab.yml")
+    recipe = build_recipe(config)
+    entries = input_entries(config, recipe)
+    with open_views(config, entries) as (views, arch):
+        headers = read_headers([e.model for e in entries], views, arch)
+    vocabulary = plan_vocabulary(config)
+    plan = _plan(config, headers, recipe=recipe, vocabulary=vocabulary)
+    assert plan.vocabulary is vocabulary and (vocabulary.size, vocabulary.rows) == (TINY.VOCAB, 96)
+    # the vocabulary tensors are planned with the output's rows (padded to a multiple of 48)
+    shapes = dict(zip(plan.segments[0].names, plan.segments[0].shapes))
+    assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (96, TINY.HIDDEN)
+    assert shapes["model.norm.weight"] == (TINY.HIDDEN,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        vocabulary.rows = 64
+    with pytest.raises(ValueError):
+        vocabulary.index["models/task_a"][0] = 5  # read-only arrays
+    with pytest.raises(TypeError):
+        vocabulary.vocab["new"] = 0
+    # a vocabulary planned again from the same files is equal (a new tokenizer object), and so is the plan
+    assert plan == _plan(config, headers, recipe=recipe, vocabulary=plan_vocabulary(config))

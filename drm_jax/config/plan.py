@@ -1,17 +1,21 @@
 """A config's merge plan: one immutable value made from the checked config and the checkpoints' headers,
 opening no file (`plan_config`).
 
-Planning and running are two steps. First the inputs are opened and their headers read (`read_headers`:
-per model, the tensor names, shapes and dtypes under Hugging Face names, and its config.json as text);
-then `plan_config(config, headers)` checks them against each other and against the config and returns a
-`ConfigPlan`: the segments (`drm_jax.config.segments`: one for a `models` config; for a `slices` config
-the tensors before the layers, each slice and the tensors after the layers), each with its output tensors
-(names, shapes, written dtypes, engine roles), every input's own name of each, its method, engine
-parameters and per-tensor `leaf_params`; the output dtype and the frankenmerge's config.json updates;
-the output vocabulary where the config builds one (`drm_jax.config.vocabulary.VocabularyPlan`, frozen too,
-made beforehand from the tokenizer files).
-The merge then binds the plan to the open readers (`drm_jax.config.segments.bind_segments`) and streams
-its segments; a dry run describes it from the headers alone.
+Planning and running are two steps. First the inputs are opened and their headers read (`read_headers`: per
+model, the tensor names, shapes and dtypes under Hugging Face names, and its config.json as text); then
+`plan_config(config, headers)` checks them against each other and against the config and returns a
+`ConfigPlan`: the segments (`drm_jax.config.segments`: one for a `models` config; for a `slices` config the
+tensors before the layers, each slice and the tensors after the layers), each with its output tensors
+(names, shapes, dtypes, engine roles), every input's own name of each, its method, engine parameters and
+per-tensor `leaf_params`; the output dtype and the frankenmerge's config.json updates; the output vocabulary
+where the config builds one (`drm_jax.config.vocabulary.VocabularyPlan`, frozen too, made beforehand from
+the tokenizer files). The merge then binds the plan to the open readers
+(`drm_jax.config.segments.bind_segments`) and streams its segments; a dry run describes it from the headers
+alone.
+
+An input given as a LoRA adapter (a PEFT directory over the base, mergekit's `model+adapter`) is opened
+as the adapted model (`drm_jax.config.streaming`), so its header is the adapted model's: the plan needs
+nothing of its own for it. `--adapter-out` (`drm_jax.config.adapter_out`) is not planned here.
 
 A reader that cannot tell a tensor's shape or dtype, or a config.json that cannot be read, is recorded
 as such in the headers: the plan raises that error where it asks for the value, as the merge did when

@@ -420,5 +420,5 @@ def _config_updates(row: arch_data.Architecture, headers: Headers, reference: st
     return updates
 
 
-__all__ = ["ConfigPlan", "Headers", "ModelHeader", "SegmentPlan", "header_views", "input_entries", "plan_config",
+__all__ = ["ConfigPlan", "Headers", "SegmentPlan", "header_views", "input_entries", "plan_config",
            "read_headers"]

@@ -383,6 +383,6 @@ def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> Non
         edit_model_config(config_path, edit)
 
 
-__all__ = ["Segment", "TensorParams", "bind_segments", "check_patterns", "check_segments", "edit_model_config",
+__all__ = ["TensorParams", "bind_segments", "check_patterns", "check_segments", "edit_model_config",
            "gradient_key", "input_views", "layer_counts", "layer_positions", "merge_segments", "per_tensor_params",
            "require_layer_naming", "segment_sources", "set_layer_count"]

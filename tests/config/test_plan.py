@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import yaml
 
+from drm_jax.config.adapter_out import AdapterHeader, AdapterHeaders, plan_adapter
 from drm_jax.config.plan import Headers, ModelHeader, input_entries, plan_config, read_headers
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import parse_config
 from drm_jax.config.streaming import open_views
 from drm_jax.config.vocabulary import plan_vocabulary
-from drm_jax.errors import CheckpointError, MergeInputError
+from drm_jax.errors import CheckpointError, ConfigError, MergeInputError
 from drm_jax.io import architectures as arch_lib
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "configs"
@@ -206,3 +207,34 @@ def test_vocabulary_plan_is_part_of_the_frozen_plan(tmp_path):
         vocabulary.vocab["new"] = 0
     # a vocabulary planned again from the same files is equal (a new tokenizer object), and so is the plan
     assert plan == _plan(config, headers, recipe=recipe, vocabulary=plan_vocabulary(config))
+
+
+def _adapter_headers(*flags):
+    names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
+    adapters = tuple(AdapterHeader(names[:2], frozenset(names[:1]) if i == 0 else frozenset(),
+                                   json.dumps({"fan_in_fan_out": flag, "task_type": "CAUSAL_LM", "r": 4}))
+                     for i, flag in enumerate(flags))
+    return AdapterHeaders(names, ((64, 32), (32, 32), (32,)), (np.dtype("float16"),) * 3, "llama", adapters)
+
+
+def test_adapter_plan_is_pure_and_frozen():
+    raw = {"merge_method": "ties", "base_model": "base", "parameters": {"density": 0.5},
+           "models": [{"model": "lora_a", "parameters": {"weight": 1.0}},
+                      {"model": "lora_b", "parameters": {"weight": 0.5}}]}
+    config = parse_config(raw, NOWHERE / "adapters.yml")
+    recipe = build_recipe(config)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builtins, "open", _no_file)
+        patch.setattr(io, "open", _no_file)
+        plan = plan_adapter(config, recipe, NOWHERE / "base", _adapter_headers(False, False), rank=8)
+        assert plan == plan_adapter(config, recipe, NOWHERE / "base", _adapter_headers(False, False), rank=8)
+        with pytest.raises(ConfigError, match="the adapters disagree on fan_in_fan_out"):
+            plan_adapter(config, recipe, NOWHERE / "base", _adapter_headers(False, True))
+    # the adapted weights are merged in float32, the others keep the base's dtype
+    assert [d.name for _, _, d in plan.leaves] == ["float32", "float32", "float16"]
+    assert plan.embeddings == {"model.embed_tokens.weight"} and plan.task_type == "CAUSAL_LM"
+    assert plan.base_name == str(NOWHERE / "base") and (plan.rank, plan.out_dtype) == (8, "float32")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.rank = 2
+    with pytest.raises(TypeError):
+        plan.engine_kwargs["density"] = 1.0

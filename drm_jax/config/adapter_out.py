@@ -8,13 +8,22 @@ allows (docs/methods.md#lora-factored), and OUT_DIR becomes a PEFT adapter direc
 adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, OUT_DIR)` loads. `--adapter-rank R`
 sets its rank (default K r: exact where the merge factors; the discarded energy is returned otherwise).
 Without --adapter-out the same config writes the merged model (base + merged delta) instead.
+
+As a model merge, it is planned, then run: the base and the adapters are opened and their headers read
+(`read_adapter_headers`: the base's tensors, each adapter's adapted weights, embeddings and config);
+`plan_adapter` turns them into one frozen `AdapterPlan` (the leaves the merge sees, which are adapted,
+which are embeddings, fan_in_fan_out, the written config's fields), opening no file; then the LoRA factors
+are read and merged.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -70,6 +79,81 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path 
     return base, adapters
 
 
+@dataclass(frozen=True)
+class AdapterHeader:
+    """One LoRA adapter as the planner sees it: its adapted base weights (in its order), which of them are
+    embeddings, and its adapter_config.json as JSON text."""
+
+    names: tuple[str, ...]
+    embeddings: frozenset
+    config: str
+
+    def setting(self, key: str) -> Any:
+        return json.loads(self.config).get(key)
+
+
+@dataclass(frozen=True)
+class AdapterHeaders:
+    """The base model's tensors (names, shapes, dtypes) and architecture, and the header of each
+    merged model that is an adapter (None: the base itself among the merged models)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+    arch: str
+    adapters: tuple[AdapterHeader | None, ...]
+
+
+def read_adapter_headers(base: Any, readers: list[Any]) -> AdapterHeaders:
+    """The headers of the open base reader and of the adapters' `PeftReader`s (None where a merged model is the
+    base itself); reads no tensor data."""
+    names = tuple(base.keys())
+    adapters = tuple(None if r is None else AdapterHeader(tuple(r.keys()), frozenset(filter(r.is_embedding, r.keys())),
+                                                          json.dumps(r.config)) for r in readers)
+    shapes = tuple(tuple(base.shape(n)) for n in names)
+    dtypes = tuple(np.dtype(base.dtype(n)) for n in names)
+    return AdapterHeaders(names, shapes, dtypes, naming.architecture_of([base]), adapters)
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What an --adapter-out merge does: `leaves` (name, shape, dtype) the merge sees (every leaf of the base,
+    the adapted ones float32: TIES' whole-model trim counts the ones no adapter changes), the `embeddings`,
+    `fan_in_fan_out`, the `task_type` and `base_model_name_or_path` written, the architecture, the method,
+    its role and engine parameters (the recipe's), the rank (None: K r) and the written dtype."""
+
+    leaves: tuple[tuple[str, tuple[int, ...], np.dtype], ...]
+    embeddings: frozenset
+    fan_in_fan_out: bool
+    task_type: Any
+    base_name: str
+    arch: str
+    method: str
+    role_kwargs: Mapping[str, Any]
+    engine_kwargs: Mapping[str, Any]
+    rank: int | None
+    out_dtype: str
+
+
+def plan_adapter(config: MergeConfig, recipe: Recipe, base_path: Path, headers: AdapterHeaders,
+                 rank: int | None = None) -> AdapterPlan:
+    """The plan of an --adapter-out merge from its inputs' headers (`read_adapter_headers`); opens no file.
+    Raises ConfigError for adapters that disagree on fan_in_fan_out."""
+    adapters = [a for a in headers.adapters if a is not None]
+    flags = {bool(a.setting("fan_in_fan_out")) for a in adapters}
+    if len(flags) > 1:
+        raise _fail(config, "the adapters disagree on fan_in_fan_out")
+    adapted = {n for a in adapters for n in a.names}
+    leaves = tuple((n, s, np.dtype(np.float32) if n in adapted else d)
+                   for n, s, d in zip(headers.names, headers.shapes, headers.dtypes))
+    first = adapters[0]
+    return AdapterPlan(leaves, frozenset(n for a in adapters for n in a.embeddings), flags.pop() if flags else False,
+                       first.setting("task_type"), first.setting("base_model_name_or_path") or str(base_path),
+                       headers.arch, recipe.method, MappingProxyType(dict(recipe.role_kwargs)),
+                       MappingProxyType(dict(recipe.engine_kwargs)), rank,
+                       config.out_dtype or config.dtype or "float32")
+
+
 def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, force: bool = False,
                      rank: int | None = None, warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
     """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output": Path, "rank": int,
@@ -95,34 +179,27 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
         for path in adapter_dirs:
             if path is not None:
                 adapters.append(PeftReader(path, base))
-        arch = naming.architecture_of([base])
-        flags = {bool(r.config.get("fan_in_fan_out")) for r in adapters}
-        if len(flags) > 1:
-            raise _fail(config, "the adapters disagree on fan_in_fan_out")
+        readers = iter(adapters)
+        plan = plan_adapter(config, recipe, base_path, read_adapter_headers(
+            base, [None if path is None else next(readers) for path in adapter_dirs]), rank)
         readers = iter(adapters)
         weights = [{} if path is None else next(readers).lora_weights() for path in adapter_dirs]
-        adapted = {n for w in weights for n in w}
-        # every leaf of the base (TIES' whole-model trim counts the ones no adapter changes), adapted ones float32
-        shapes = {n: jax.ShapeDtypeStruct(tuple(base.shape(n)), np.float32 if n in adapted else base.dtype(n))
-                  for n in base.keys()}
-        embeddings = {n for r in adapters for n in r.keys() if r.is_embedding(n)}
-        task_type = adapters[0].config.get("task_type")
-        base_name = adapters[0].config.get("base_model_name_or_path") or str(base_path)
     finally:
         for reader in adapters:
             reader.close()  # the adapter's files; the base is closed below
         base.close()
+    shapes = {n: jax.ShapeDtypeStruct(shape, dtype) for n, shape, dtype in plan.leaves}
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        result = merge_adapters(shapes, weights, method=recipe.method, rank=rank, layout=naming.layout_for(arch),
-                                **recipe.role_kwargs, **recipe.engine_kwargs)
+        result = merge_adapters(shapes, weights, method=plan.method, rank=plan.rank,
+                                layout=naming.layout_for(plan.arch), **plan.role_kwargs, **plan.engine_kwargs)
     for note in notes:
         warn(str(note.message))
-    dtype = dtype_from_name(config.out_dtype or config.dtype or "float32")
+    dtype = dtype_from_name(plan.out_dtype)
     with os_errors_named(out_dir):
         output = write_lora_adapter(out_dir, {n: (w.b, w.a, w.transposed) for n, w in result.adapter.items()},
-                                    embeddings=embeddings, fan_in_fan_out=flags.pop() if flags else False,
-                                    base_model_name_or_path=base_name, task_type=task_type, dtype=dtype,
+                                    embeddings=plan.embeddings, fan_in_fan_out=plan.fan_in_fan_out,
+                                    base_model_name_or_path=plan.base_name, task_type=plan.task_type, dtype=dtype,
                                     overwrite=force)
     out_rank = max(int(np.shape(w.b)[1]) for w in result.adapter.values()) if result.adapter else 0
     return {"output": Path(output), "rank": out_rank, "weights": len(result.adapter), "discarded": result.discarded,

@@ -1,12 +1,13 @@
 """A checked mergekit config in, a merged checkpoint out, streamed (`drm_jax.merge_config`, `drm-jax merge`).
 
 The config is checked first (`drm_jax.config.schema`), translated into engine arguments with mergekit's
-semantics (`drm_jax.config.recipe`), the checkpoints are opened lazily and checked against each other
-(`drm_jax.config.streaming`), then `drm_jax.engine.merge.merge_leaves` merges one chunk of one group of
-same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output shard by
-shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
-groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never
-touches the inputs.
+semantics (`drm_jax.config.recipe`), the checkpoints are opened lazily (`drm_jax.config.streaming`), their
+headers checked against each other and planned into one immutable value (`drm_jax.config.plan`), the plan
+bound to the readers (`drm_jax.config.segments`), then `drm_jax.engine.merge.merge_leaves` merges one chunk
+of one group of same-shaped tensors at a time, reading tensors on demand, and the writer flushes the output
+shard by shard into a temporary directory that is renamed to OUT_DIR at the end. Peak memory is a few tensor
+groups (bounded by `--max-memory`), not the models. Any failure leaves no OUT_DIR behind and never touches
+the inputs.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from drm_jax.config.card import referenced_models, write_card_files
 from drm_jax.config.chat_templates import resolve_chat_template
 from drm_jax.config.recipe import Recipe, build_recipe
 from drm_jax.config.schema import MergeConfig
-from drm_jax.config.segments import (Segment, check_patterns, check_segments, edit_model_config, merge_segments,
-                                     open_segments, set_layer_count)
-from drm_jax.config.streaming import input_paths
-from drm_jax.config.vocabulary import align_views, load_tokenizer, model_directory, plan_vocabulary
+from drm_jax.config.plan import ConfigPlan, Headers, SegmentPlan, header_views, input_entries, plan_config, read_headers
+from drm_jax.config.segments import bind_segments, check_segments, edit_model_config, merge_segments, set_layer_count
+from drm_jax.config.streaming import input_paths, open_views
+from drm_jax.config.vocabulary import load_tokenizer, model_directory, plan_vocabulary
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
 from drm_jax.io.base import CONFIG_FILE_NAMES
@@ -276,12 +277,11 @@ def _free_bytes(out_dir: Path) -> int | None:
         return None
 
 
-def output_bytes(segments: Sequence[Segment], out_dtype: np.dtype | None) -> int:
+def output_bytes(segments: Sequence[SegmentPlan], out_dtype: np.dtype | None) -> int:
     """Bytes of tensor data the merge writes: every output tensor's elements times its written dtype."""
     total = 0
     for seg in segments:
-        info = seg.sources.info
-        for shape, dtype in zip(info.shapes, info.dtypes):
+        for shape, dtype in zip(seg.shapes, seg.dtypes):
             written = out_dtype if out_dtype is not None and is_floating(dtype) else np.dtype(dtype)
             total += int(np.prod(shape, dtype=np.int64)) * np.dtype(written).itemsize
     return total
@@ -308,20 +308,20 @@ def format_size(n: int) -> str:
     return f"{n} B"
 
 
-def write_stand_in(directory: Path, segments: Sequence[Segment], out_dtype: np.dtype | None) -> None:
+def write_stand_in(directory: Path, segments: Sequence[SegmentPlan], out_dtype: np.dtype | None) -> None:
     """The output's `model.safetensors` with its names, shapes and written dtypes, and no data (a sparse
     file: `drm_jax.io.safetensors_io.write_header_only`)."""
     tensors = {}
     for seg in segments:
-        info = seg.sources.info
-        for name, shape, dtype in zip(info.names, info.shapes, info.dtypes):
+        for name, shape, dtype in zip(seg.names, seg.shapes, seg.dtypes):
             tensors[name] = (tuple(shape), out_dtype if out_dtype is not None and is_floating(dtype) else dtype)
     write_header_only(directory / "model.safetensors", tensors)
 
 
-def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memory: int, shard_size: int,
-                  out_dtype: np.dtype | None) -> dict[str, Any]:
-    """What a merge will do, from the checkpoints' headers only (`merge_checkpoints(..., dry_run=True)`).
+def describe_plan(plan: ConfigPlan, headers: Headers, config: MergeConfig, *, max_memory: int,
+                  shard_size: int) -> dict[str, Any]:
+    """What a merge will do, from its plan and the checkpoints' headers only (`merge_checkpoints(...,
+    dry_run=True)`): the plan's segments are bound to views of the headers, which hold no tensor data.
 
     Returns {"segments": [{"key", "method", "models", "roles": {role: tensors}, "groups", "programs"}],
     "roles": tensors per role over all segments, "groups": groups of same-shaped leaves the engine stacks,
@@ -331,6 +331,8 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
     WORKSPACE_FACTOR, capped at `max_memory` but never below the largest single leaf's share, which the
     engine cannot cut; plus twice one output shard, serialized as it is written),
     "notes": what was not checked}."""
+    out_dtype = plan.out_numpy_dtype
+    segments, _ = bind_segments(plan, header_views(headers))
     group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
     described, roles, programs, largest = [], Counter(), set(), 0
     groups_total = 0
@@ -355,15 +357,15 @@ def describe_plan(segments: Sequence[Segment], config: MergeConfig, *, max_memor
                   for seg in segments for shape, role in zip(seg.sources.info.shapes, seg.sources.roles)
                   if role in ("matrix", "other"))
     peak = (max(min(max_memory, stacked * WORKSPACE_FACTOR), largest * WORKSPACE_FACTOR)
-            + 2 * min(shard_size, output_bytes(segments, out_dtype)))
+            + 2 * min(shard_size, output_bytes(plan.segments, out_dtype)))
     notes = ["values beyond the output dtype's range (e.g. float16's 65504) and non-finite results need the "
              "tensor data: the merge checks each tensor as it writes it and stops without output"]
     if out_dtype is not None and out_dtype.itemsize < 4 and any(
-            np.dtype(d).itemsize >= 4 for seg in segments for d in seg.sources.info.dtypes if is_floating(d)):
+            np.dtype(d).itemsize >= 4 for seg in plan.segments for d in seg.dtypes if is_floating(d)):
         notes.append(f"out_dtype {out_dtype.name} is narrower than some float32 inputs: values past its range "
                      f"would stop the merge")
     return {"segments": described, "roles": dict(roles), "groups": groups_total, "programs": len(programs),
-            "output_bytes": output_bytes(segments, out_dtype), "peak_memory_bytes": peak, "notes": notes,
+            "output_bytes": output_bytes(plan.segments, out_dtype), "peak_memory_bytes": peak, "notes": notes,
             "method": config.merge_method}
 
 
@@ -401,33 +403,29 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     for note in recipe.warnings:
         warn(note)
 
-    vocabulary, wrap = None, None
+    vocabulary = None
     if config.tokenizer_spec is not None:
         vocabulary = plan_vocabulary(config)
         for note in vocabulary.warnings:
             warn(note)
-        cast = numpy_dtype(config.dtype)
 
-        def aligned(refs, views):
-            return align_views(vocabulary, refs, views, cast)
-
-        wrap = aligned
-
-    # segments: one merge for a `models` config, the tensors before the layers, each slice and the tensors
-    # after the layers for a `slices` config (drm_jax.config.segments)
-    with open_segments(config, recipe, numpy_dtype(out_dtype_name), wrap_views=wrap) as (segments, arch, reference,
-                                                                                         layer_count):
-        check_patterns(segments)
-        needed = output_bytes(segments, numpy_dtype(out_dtype_name))
-        check_disk(out_dir, needed)
+    # the inputs' headers, then the plan (`drm_jax.config.plan`): segments, one for a `models` config; the
+    # tensors before the layers, each slice and the tensors after the layers for a `slices` config
+    entries = input_entries(config, recipe)
+    with open_views(config, entries) as (views, arch):
+        headers = read_headers([e.model for e in entries], views, arch)
+        plan = plan_config(config, headers, recipe=recipe, vocabulary=vocabulary)
+        out_dtype = plan.out_numpy_dtype
+        check_disk(out_dir, output_bytes(plan.segments, out_dtype))
         if dry_run:
             if stand_in is not None:
-                write_stand_in(Path(stand_in), segments, numpy_dtype(out_dtype_name))
-                finish_directory(Path(stand_in), reference.config_dir, out_dtype_name, config=config,
-                                 vocabulary=vocabulary, copy_tokenizer=copy_tokenizer, warn=warn)
-                set_layer_count(Path(stand_in) / "config.json", layer_count)
-            return {"plan": describe_plan(segments, config, max_memory=max_memory, shard_size=shard_size,
-                                          out_dtype=numpy_dtype(out_dtype_name)), "output": out_dir}
+                write_stand_in(Path(stand_in), plan.segments, out_dtype)
+                finish_directory(Path(stand_in), headers.of(plan.reference).config_dir, out_dtype_name,
+                                 config=config, vocabulary=vocabulary, copy_tokenizer=copy_tokenizer, warn=warn)
+                set_layer_count(Path(stand_in) / "config.json", plan.layer_updates)
+            return {"plan": describe_plan(plan, headers, config, max_memory=max_memory, shard_size=shard_size),
+                    "output": out_dir}
+        segments, reference = bind_segments(plan, views)
         group_bytes = max(1, max_memory // WORKSPACE_FACTOR)
         for seg in segments:
             seg.sources.plan_blocks(len(seg.sources.models), max(1, group_bytes // BLOCK_DIVISOR))
@@ -445,7 +443,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                 finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
                                  vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
                                  write_model_card=write_model_card, name=out_dir.resolve().name, warn=warn)
-                set_layer_count(writer.tmp_dir / "config.json", layer_count)
+                set_layer_count(writer.tmp_dir / "config.json", plan.layer_updates)
                 output = writer.close()
     return {"counts": counts, "output": Path(output)}
 

@@ -18,32 +18,32 @@ rules stay in one place. Layer naming per architecture is the table of `drm_jax.
 `drm_jax.io.architectures`). A model of several layer stacks (T5's encoder and decoder, CLIP's text and
 vision towers) is sliced stack by stack with the same `layer_range` (each stack must have those layers),
 and a gradient's t is the layer's position within its own stack.
+
+`drm_jax.config.plan.plan_config` decides the segments from the inputs' headers (this module's per-tensor
+values and views); `bind_segments` builds each `Segment` of a plan over the open readers at run time and
+`merge_segments` streams them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import MergeConfig, ModelEntry, per_model_names
-from drm_jax.config.segment_defs import (SegmentDef, base_policy, models_def, needs_segments, plain_config,
-                                         representative, slice_def)
+from drm_jax.config.segment_defs import SegmentDef, plain_config, representative, slice_def
 from drm_jax.config.settings import FilterList, Gradient, resolve
-from drm_jax.config.streaming import open_sources, open_views
+from drm_jax.config.vocabulary import align_views
 from drm_jax.engine.roles import RoleRules, unmatched_message
 from drm_jax.engine.sources import CheckpointSources, stream_merge
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError, clip, quote
 from drm_jax import arch as arch_data
 from drm_jax.io import architectures as arch_lib
-from drm_jax.io import naming
 from drm_jax.io.base import json_object_or_none
 from drm_jax.io.dtypes import is_floating
 from drm_jax.methods.registry import get_method
@@ -51,7 +51,8 @@ from drm_jax.methods.registry import get_method
 
 @dataclass
 class Segment:
-    """One streamed merge: its checked sources, method, engine parameters and per-tensor values."""
+    """One streamed merge at run time: a planned segment (`drm_jax.config.plan.SegmentPlan`) bound to the
+    open readers (`bind_segments`): its checked sources, method, engine parameters and per-tensor values."""
 
     key: str
     sources: Any  # drm_jax.engine.sources.CheckpointSources
@@ -67,18 +68,17 @@ def check_segments(config: MergeConfig) -> None:
         build_recipe(representative(config, slice_def(config, s)))
 
 
-def check_patterns(segments: Sequence[Segment]) -> None:
+def check_patterns(segments: Sequence[Any]) -> None:
     """A config's include / exclude / ignore pattern that matches no tensor of the segments that take it is
     refused, naming it: a typo would change the merge without a word (`RoleRules.unmatched`; the default
-    exclusions are exempt)."""
+    exclusions are exempt). segments: `drm_jax.config.plan.SegmentPlan`s."""
     missed: list[tuple[str, str]] | None = None
     for seg in segments:
-        here = RoleRules(**seg.sources.role_kwargs).unmatched(seg.sources.info.names)
+        here = RoleRules(**seg.role_kwargs).unmatched(list(seg.names))
         missed = here if missed is None else [m for m in missed if m in here]
     if missed:
         what, pattern = missed[0]
-        raise MergeInputError(unmatched_message(f"parameters.{what}", pattern, segments[0].sources.info.names,
-                                                "tensor"))
+        raise MergeInputError(unmatched_message(f"parameters.{what}", pattern, list(segments[0].names), "tensor"))
 
 
 # -- per-tensor values ---------------------------------------------------------------------------------
@@ -140,7 +140,7 @@ def per_tensor_params(resolver: TensorParams, names: Sequence[str], in_names: Se
     return dict(default), (leaf or None)
 
 
-def _layer_positions(arch: str, names: Sequence[str], counts: Mapping[str, tuple[str, int]]) -> list[float]:
+def layer_positions(arch: str, names: Sequence[str], counts: Mapping[str, tuple[str, int]]) -> list[float]:
     """t of each tensor of a `models` merge: layer i of n (in its stack) -> i / (n - 1) (1 if n = 1); 0
     outside the layers. counts: {stack name: (config.json key, layer count)}."""
     out = []
@@ -158,7 +158,7 @@ def _layer_positions(arch: str, names: Sequence[str], counts: Mapping[str, tuple
     return out
 
 
-def _gradient_key(seg: SegmentDef) -> str | None:
+def gradient_key(seg: SegmentDef) -> str | None:
     """The config key of the first gradient of a segment (a value over layers), or None."""
     def has_gradient(v):
         return isinstance(v, Gradient) or (isinstance(v, FilterList) and any(isinstance(e.value, Gradient)
@@ -174,14 +174,16 @@ def _gradient_key(seg: SegmentDef) -> str | None:
     return None
 
 
-def _layer_counts(arch: str, reference: Any, names: Sequence[str]) -> dict[str, tuple[str, int]]:
+def layer_counts(arch: str, model_config: Callable[[], dict | None], names: Sequence[str]
+                 ) -> dict[str, tuple[str, int]]:
     """{stack name: (config.json key, layer count)}: the count of config.json (e.g. num_hidden_layers), else
     one past the highest layer index of the stack in the tensor names (a config.json without the count
-    must not put every layer at t = 0); stacks with neither are left out."""
+    must not put every layer at t = 0); stacks with neither are left out. model_config(): the reference's
+    config.json (`drm_jax.config.plan.ModelHeader.config`)."""
     row = arch_lib.layer_naming(arch)
     if row is None:
         return {}
-    model_config = naming.read_model_config(reference) or {}
+    model_config = model_config() or {}
     counts = {}
     for stack in row.stacks:
         key = arch_lib.num_layers_key(stack, model_config)
@@ -195,11 +197,12 @@ def _layer_counts(arch: str, reference: Any, names: Sequence[str]) -> dict[str, 
     return counts
 
 
-def _require_layer_naming(arch: str, what: str, reference: Any) -> arch_data.Architecture:
-    """The architecture table's row, or one line naming what is missing for `what` (slices, a gradient)."""
+def require_layer_naming(arch: str, what: str, model_config: Callable[[], dict | None]) -> arch_data.Architecture:
+    """The architecture table's row, or one line naming what is missing for `what` (slices, a gradient);
+    model_config(): the reference's config.json."""
     row = arch_lib.layer_naming(arch)
     if row is None:
-        model_config = naming.read_model_config(reference) or {}
+        model_config = model_config() or {}
         model_type = model_config.get("model_type")
         which = (f"config.json's model_type {clip(str(model_type))!r}" if model_type
                  else "a model without a config.json model_type")
@@ -241,165 +244,50 @@ class RenamedView:
         pass
 
 
-def _sources_of(seg: SegmentDef, recipe, views: Mapping[str, Any], names: Mapping[str, Sequence[str]],
-                out_names: Sequence[str], out_dtype, promote: bool = False):
-    """CheckpointSources of a segment: `names[model]` lists, per output tensor, the model's own name."""
-    by_model = {m.model: m for m in seg.sources}
-
-    def view(ref: str):
-        entry = by_model[ref]
-        present = set(views[ref].keys())
-        mapping = {}
-        for out, own in zip(out_names, names[ref]):
-            if own not in present:
-                raise CheckpointError(f"{entry.key}: tensor {own!r} (output {out!r}) is missing from "
-                                      f"{entry.model}" + (f" (layer_range {list(entry.layer_range)})"
-                                                          if entry.layer_range else ""))
-            mapping[out] = own
-        return RenamedView(views[ref], mapping)
-
-    reference = recipe.reference.model
-    models = [view(m.model) for m in recipe.models]
-    ref_view = PromotedView(view(reference), models) if promote else view(reference)
-    return CheckpointSources(
-        ref_view, models,
-        [f"{by_model[m.model].key} ({m.model})" for m in recipe.models],
-        f"{by_model[reference].key} ({reference})", role_kwargs=recipe.role_kwargs, zero_base=recipe.zero_base,
-        exact_roles=recipe.exact_roles, out_dtype=out_dtype)
+# -- binding a plan to readers -------------------------------------------------------------------------
+def input_views(refs: Sequence[str], views: Sequence[Any], vocabulary: Any, cast: np.dtype | None) -> list[Any]:
+    """The inputs' views as a merge reads them (`refs[i]` is the config reference of `views[i]`): with a
+    vocabulary plan, the vocabulary tensors rewritten to the output vocabulary
+    (`drm_jax.config.vocabulary.align_views`; `cast`: the config's dtype)."""
+    if vocabulary is None:
+        return list(views)
+    return align_views(vocabulary, list(refs), list(views), cast)
 
 
-def _merged_mask(sources) -> list[bool]:
-    return [role in ("matrix", "other") for role in sources.roles]
+def segment_sources(seg: Any, reference: Any, models: Sequence[Any], out_dtype: np.dtype | None
+                    ) -> CheckpointSources:
+    """CheckpointSources of a planned segment (`drm_jax.config.plan.SegmentPlan`) over views of its reference
+    and models: renamed to the output names (`seg.in_names`), the reference's dtypes promoted
+    (`seg.promote`). Reads headers only: over header views it is the plan's own check."""
+    if seg.in_names is not None:
+        reference = RenamedView(reference, dict(zip(seg.names, seg.in_names[seg.reference])))
+        models = [RenamedView(view, dict(zip(seg.names, seg.in_names[ref]))) for view, ref in zip(models, seg.models)]
+    models = list(models)
+    if seg.promote:
+        reference = PromotedView(reference, models)
+    return CheckpointSources(reference, models, list(seg.labels), seg.reference_label,
+                             role_kwargs=dict(seg.role_kwargs), zero_base=seg.zero_base,
+                             exact_roles=seg.exact_roles, out_dtype=out_dtype)
 
 
-# -- the segments -------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def open_segments(config: MergeConfig, recipe, out_dtype: np.dtype | None = None,
-                  wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
-                  ) -> Iterator[tuple[list[Segment], str, Any, dict[str, Any] | None]]:
-    """(segments, architecture name, the reference view whose config.json the output takes, the output's
-    config.json updates of a frankenmerge {dotted key: value} (layer counts, per-layer lists) or None),
-    readers closed on exit."""
-    promote = config.dtype is None and config.out_dtype is None
-    if not config.slices:
-        wrap = promoting(wrap_views) if promote else wrap_views
-        with open_sources(config, recipe, out_dtype, wrap_views=wrap) as (sources, arch, reference):
-            params, leaf = recipe.engine_kwargs, None
-            seg = models_def(config)
-            if needs_segments(config):
-                names = sources.info.names
-                grad = _gradient_key(seg)
-                if grad is not None:
-                    _require_layer_naming(arch, grad, reference)
-                ts = _layer_positions(arch, names, _layer_counts(arch, reference, names))
-                ins = []
-                for m in seg.sources:
-                    ins.append(names)
-                params, leaf = per_tensor_params(TensorParams(config, seg), names, ins, ts, _merged_mask(sources))
-            yield [Segment("models", sources, recipe.method, params, leaf)], arch, reference, None
-        return
-    with open_views(config, config.models, wrap_views) as (views, arch):
-        yield _slice_segments(config, dict(zip([m.model for m in config.models], views)), arch, out_dtype, promote)
+def bind_segments(plan: Any, views: Sequence[Any]) -> tuple[list[Segment], Any]:
+    """(the segments of a plan (`drm_jax.config.plan.ConfigPlan`) over the open views of its inputs, in
+    `plan.entries` order; the reference view whose config.json and writer format the output takes)."""
+    views = input_views(plan.entries, views, plan.vocabulary, plan.cast_dtype)
+    out_dtype = plan.out_numpy_dtype
 
+    def segment(seg, sources) -> Segment:
+        leaf = None if seg.leaf_params is None else {k: dict(v) for k, v in seg.leaf_params.items()}
+        return Segment(seg.key, sources, seg.method, dict(seg.params), leaf)
 
-def _slice_segments(config: MergeConfig, views: Mapping[str, Any], arch: str, out_dtype, promote: bool):
-    key = "slices" if not config.module_parameters else "modules.default.slices"
-    slices = config.slices
-    segments: list[Segment] = []
-
-    def add(seg: SegmentDef, out_names: list[str], own: dict[str, list[str]], ts: list[float]) -> None:
-        if not out_names:
-            return
-        recipe = build_recipe(representative(config, seg))
-        sources = _sources_of(seg, recipe, views, own, out_names, out_dtype, promote)
-        resolver = TensorParams(config, seg)
-        params, leaf = per_tensor_params(resolver, out_names, [own[m.model] for m in seg.sources], ts,
-                                         _merged_mask(sources))
-        segments.append(Segment(seg.key, sources, seg.method, params, leaf))
-
-    def reference_of(seg: SegmentDef) -> ModelEntry:
-        if base_policy(get_method(seg.method)) != "input" and seg.base_model is not None:
-            return next(m for m in seg.sources if m.model == seg.base_model)
-        return seg.sources[0]
-
-    # tensors before the layers: the first slice's sources (mergekit: pre_weights)
-    first = slice_def(config, slices[0])
-    ref_view = views[reference_of(first).model]
-    row = _require_layer_naming(arch, key, ref_view)
-    outside = [n for n in ref_view.keys() if arch_lib.layer_index(arch, n) is None]
-    before = [n for n in outside if arch_lib.before_layers(arch, n)]
-    add(dataclasses.replace(first, key=f"{first.key} (tensors before the layers)"), before,
-        {m.model: list(before) for m in first.sources}, [0.0] * len(before))
-    out_layer = 0
-    origins: dict[str, list[tuple[str, int]]] = {}  # {stack name: (model, layer) of each output layer}
-    for s in slices:
-        seg = slice_def(config, s)
-        ref = reference_of(seg)
-        n = s.num_layers
-        out_names: list[str] = []
-        own: dict[str, list[str]] = {m.model: [] for m in seg.sources}
-        ts: list[float] = []
-        # {stack name: {layer index: the reference's tensor names}}
-        positions: dict[str, dict[int, list[str]]] = {}
-        for name in views[ref.model].keys():
-            stack = arch_lib.layer_stack(arch, name)
-            if stack is not None:
-                positions.setdefault(stack.name, {}).setdefault(arch_lib.layer_index(arch, name), []).append(name)
-        for offset in range(n):
-            t = offset / (n - 1) if n > 1 else 1.0
-            layer = ref.layer_range[0] + offset
-            layer_names = []
-            for stack_name in positions or [""]:  # a reference without layers: "has no layer"
-                if layer not in positions.get(stack_name, {}):
-                    where = f" in its {stack_name} stack" if len(positions) > 1 else ""
-                    raise CheckpointError(f"{ref.key}.layer_range: {ref.model} has no layer {layer}{where} "
-                                          f"(layer_range {list(ref.layer_range)})")
-                layer_names += positions[stack_name][layer]
-                origins.setdefault(stack_name, []).append((ref.model, layer))
-            for name in layer_names:
-                out_names.append(arch_lib.with_layer_index(arch, name, out_layer + offset))
-                for m in seg.sources:
-                    own[m.model].append(arch_lib.with_layer_index(arch, name, m.layer_range[0] + offset))
-                ts.append(t)
-        add(seg, out_names, own, ts)
-        out_layer += n
-    # tensors after the layers: the last slice's sources (mergekit: post_weights, as many sources as the
-    # first slice has)
-    last = slice_def(config, slices[-1])
-    last = dataclasses.replace(last, key=f"{last.key} (tensors after the layers)",
-                               sources=last.sources[:len(first.sources)])
-    ref_view = views[reference_of(last).model]
-    after = [n for n in ref_view.keys()
-             if arch_lib.layer_index(arch, n) is None and not arch_lib.before_layers(arch, n)]
-    add(last, after, {m.model: list(after) for m in last.sources}, [0.0] * len(after))
-    reference = views[reference_of(first).model]
-    return segments, arch, reference, _config_updates(row, views, reference, origins)
-
-
-def _config_updates(row: arch_data.Architecture, views: Mapping[str, Any], reference: Any,
-                    origins: Mapping[str, Sequence[tuple[str, int]]]) -> dict[str, Any]:
-    """{dotted config.json key: value} of a frankenmerge: each stack's layer count, and each per-layer list
-    (`layer_types`) made of the entries of the layers taken, from their own model's config.json (left as
-    it is where a model lacks the list)."""
-    configs: dict[str, dict] = {}
-
-    def config_of(model: str) -> dict:
-        if model not in configs:
-            configs[model] = naming.read_model_config(views[model]) or {}
-        return configs[model]
-
-    updates: dict[str, Any] = {}
-    own = naming.read_model_config(reference) or {}
-    for stack in row.stacks:
-        origin = origins.get(stack.name)
-        if not origin:
-            continue
-        updates[arch_lib.num_layers_key(stack, own)] = len(origin)
-        for key in stack.per_layer_keys:
-            lists = [arch_lib.config_value(config_of(model), key) for model, _ in origin]
-            if all(isinstance(v, list) and layer < len(v) for v, (_, layer) in zip(lists, origin)):
-                updates[key] = [v[layer] for v, (_, layer) in zip(lists, origin)]
-    return updates
+    if plan.kind == "models":
+        seg = plan.segments[0]
+        sources = segment_sources(seg, views[0], views[1:], out_dtype)
+        return [segment(seg, sources)], sources.reference
+    by_ref = dict(zip(plan.entries, views))
+    segments = [segment(seg, segment_sources(seg, by_ref[seg.reference], [by_ref[m] for m in seg.models], out_dtype))
+                for seg in plan.segments]
+    return segments, by_ref[plan.reference]
 
 
 # -- running them ---------------------------------------------------------------------------------------
@@ -450,15 +338,6 @@ class PromotedView:
         pass
 
 
-def promoting(wrap_views):
-    """A `wrap_views` for `open_sources` that also promotes the reference's dtypes (`PromotedView`)."""
-    def wrap(refs, views):
-        views = wrap_views(refs, views) if wrap_views is not None else views
-        return [PromotedView(views[0], views[1:])] + list(views[1:])
-
-    return wrap
-
-
 def merge_segments(segments: Sequence[Segment], add: Callable[[str, np.ndarray], None], *, layout, mesh,
                    max_group_bytes: int | None, block_bytes: int | None, on_chunk=None,
                    compute_dtype: str | None = None) -> dict[str, int]:
@@ -504,5 +383,6 @@ def set_layer_count(config_path: Path, updates: Mapping[str, Any] | None) -> Non
         edit_model_config(config_path, edit)
 
 
-__all__ = ["Segment", "check_patterns", "check_segments", "edit_model_config", "merge_segments", "open_segments",
-           "set_layer_count"]
+__all__ = ["TensorParams", "bind_segments", "check_patterns", "check_segments", "edit_model_config",
+           "gradient_key", "input_views", "layer_counts", "layer_positions", "merge_segments", "per_tensor_params",
+           "require_layer_naming", "segment_sources", "set_layer_count"]

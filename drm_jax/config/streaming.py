@@ -2,8 +2,10 @@
 
 The command line's part of a streamed merge is only this: resolve the config's model references (paths,
 mergekit's `model+adapter` form, PEFT adapter directories over the base), open them with `drm_jax.io`'s
-lazy readers, put one naming convention over all of them (Hugging Face names and layout, so mixed formats
-merge together), and hand them to `CheckpointSources`. What is merged and how is the engine's.
+lazy readers, and put one naming convention over all of them (Hugging Face names and layout, so mixed
+formats merge together). Their headers make the merge's plan (`drm_jax.config.plan`), which is bound to
+these views to be streamed (`drm_jax.config.segments.bind_segments`). What is merged and how is the
+engine's.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ import numpy as np
 
 from drm_jax.io import naming
 from drm_jax.config.schema import MergeConfig, ModelEntry
-from drm_jax.config.recipe import Recipe
-from drm_jax.engine.sources import CheckpointSources
 from drm_jax.errors import CheckpointError, DrmJaxError
 from drm_jax.io import detect
 
@@ -95,14 +95,10 @@ class AdapterOverBase:
 
 
 @contextlib.contextmanager
-def open_views(config: MergeConfig, entries: Sequence[ModelEntry],
-               wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
-               ) -> Iterator[tuple[list[Any], str]]:
+def open_views(config: MergeConfig, entries: Sequence[ModelEntry]) -> Iterator[tuple[list[Any], str]]:
     """(Hugging Face views of the models `entries`, in order; their architecture name), readers closed on
-    exit. An adapter entry is read over the config's base model.
-
-    `wrap_views(refs, views)`, if given, replaces the views (the entries' config references `refs`), e.g.
-    to rewrite vocabulary tensors."""
+    exit. An adapter entry is read over the config's base model. What is merged from them is the plan's
+    (`drm_jax.config.plan`)."""
     base_path = None
     if config.base_model is not None:
         base_path, _ = split_adapter(config, config.base_model)
@@ -111,30 +107,13 @@ def open_views(config: MergeConfig, entries: Sequence[ModelEntry],
         for entry in entries:
             readers.append(open_model(config, entry, base_path))
         arch = naming.architecture_of(readers)
-        views = [naming.HFView(r, arch) for r in readers]
-        if wrap_views is not None:
-            views = wrap_views([e.model for e in entries], views)
-        yield views, arch
+        yield [naming.HFView(r, arch) for r in readers], arch
     finally:
         for reader in readers:
             try:
                 reader.close()
             except Exception:  # closing is best effort; the merge result is already decided
                 pass
-
-
-@contextlib.contextmanager
-def open_sources(config: MergeConfig, recipe: Recipe, out_dtype: np.dtype | None = None,
-                 wrap_views: Callable[[list[str], list[Any]], list[Any]] | None = None
-                 ) -> Iterator[tuple[CheckpointSources, str, Any]]:
-    """(checked sources, architecture name, the reference reader), readers closed on exit.
-
-    `wrap_views`: as `open_views` (the reference first)."""
-    with open_views(config, (recipe.reference, *recipe.models), wrap_views) as (views, arch):
-        yield CheckpointSources(
-            views[0], views[1:], [f"{e.key} ({e.model})" for e in recipe.models],
-            f"{recipe.reference.key} ({recipe.reference.model})", role_kwargs=recipe.role_kwargs,
-            zero_base=recipe.zero_base, exact_roles=recipe.exact_roles, out_dtype=out_dtype), arch, views[0]
 
 
 def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]:
@@ -152,4 +131,4 @@ def input_paths(config: MergeConfig, models: Sequence[ModelEntry]) -> list[Path]
     return paths
 
 
-__all__ = ["input_paths", "open_sources", "open_views", "split_adapter"]
+__all__ = ["input_paths", "open_views", "split_adapter"]

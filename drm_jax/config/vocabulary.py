@@ -32,15 +32,17 @@ tokenizer, then reads its padding rows or fails). Reference: docs/methods.md#out
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
 import sys
 import tempfile
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -69,41 +71,68 @@ class Rule:
     models: tuple[str, ...] = ()
 
 
-@dataclass
-class VocabularyPlan:
-    """The output tokenizer and, per merged model, the source row of every output token.
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.array(array)
+    array.setflags(write=False)
+    return array
 
-    tokenizer: the transformers tokenizer written to the output. vocab: token -> output id.
-    size: output ids (len(vocab)); rows: embedding rows (size padded up to pad_to_multiple_of).
-    order: merged model references in mergekit's order. index: reference -> (size,) int64 source rows,
-    -1 where the model lacks the token. forced: (size,) bool. rules: output id -> default-row rule.
+
+@dataclass(frozen=True, eq=False)
+class VocabularyPlan:
+    """The output tokenizer and, per merged model, the source row of every output token: an immutable
+    value (read-only mappings and arrays), part of the merge's plan (`drm_jax.config.plan.ConfigPlan`).
+
+    tokenizer: the transformers tokenizer written to the output (an object: not compared; the vocabulary
+    and rows it gives are). vocab: token -> output id. size: output ids (len(vocab)); rows: embedding
+    rows (size padded up to pad_to_multiple_of). order: merged model references in mergekit's order.
+    index: reference -> (size,) int64 source rows, -1 where the model lacks the token. forced: (size,)
+    bool. rules: output id -> default-row rule.
     """
 
     tokenizer: Any
-    vocab: dict[str, int]
+    vocab: Mapping[str, int]
     size: int
     rows: int
-    order: list[str]
-    index: dict[str, np.ndarray]
+    order: tuple[str, ...]
+    index: Mapping[str, np.ndarray]
     forced: np.ndarray
-    rules: dict[int, Rule]
-    templates: list[Any] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    settings: dict[str, TokenSetting] = field(default_factory=dict)
-    original: dict[str, dict[str, int]] = field(default_factory=dict)
+    rules: Mapping[int, Rule]
+    templates: tuple[Any, ...] = ()
+    warnings: tuple[str, ...] = ()
+    settings: Mapping[str, TokenSetting] = field(default_factory=lambda: MappingProxyType({}))
+    original: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     base: str | None = None
     config: MergeConfig | None = None
+
+    def __post_init__(self) -> None:
+        freeze = {"vocab": MappingProxyType(dict(self.vocab)), "order": tuple(self.order),
+                  "index": MappingProxyType({k: _read_only(v) for k, v in self.index.items()}),
+                  "forced": _read_only(self.forced), "rules": MappingProxyType(dict(self.rules)),
+                  "templates": tuple(self.templates), "warnings": tuple(self.warnings),
+                  "settings": MappingProxyType(dict(self.settings)),
+                  "original": MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.original.items()})}
+        for name, value in freeze.items():
+            object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VocabularyPlan):
+            return NotImplemented
+        same = [getattr(self, f.name) == getattr(other, f.name) for f in fields(self)
+                if f.name not in ("tokenizer", "index", "forced")]
+        return (all(same) and np.array_equal(self.forced, other.forced) and self.index.keys() == other.index.keys()
+                and all(np.array_equal(v, other.index[k]) for k, v in self.index.items()))
+
+    __hash__ = None
 
     def for_models(self, refs: list[str]) -> "VocabularyPlan":
         """The plan of a merge of only some of the models (one slice of a `slices` config): the default
         rows are made from those models."""
-        order = [r for r in self.order if r in refs]
+        order = tuple(r for r in self.order if r in refs)
         if order == self.order:
             return self
         forced, rules, warnings = _rules(self.config, self.vocab, self.index, self.settings, self.original,
-                                         order, self.base)
-        return VocabularyPlan(self.tokenizer, self.vocab, self.size, self.rows, order, self.index, forced, rules,
-                              self.templates, warnings, self.settings, self.original, self.base, self.config)
+                                         list(order), self.base)
+        return dataclasses.replace(self, order=order, forced=forced, rules=rules, warnings=warnings)
 
 
 # -- tokenizers --------------------------------------------------------------------------------------

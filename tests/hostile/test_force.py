@@ -83,12 +83,12 @@ def test_force_replaces_an_earlier_output(tmp_path, capfd, family, flags):
 
 @pytest.mark.parametrize("command", ["merge", "convert"])
 def test_dangling_link_output_is_refused_before_merging(tmp_path, capfd, family, monkeypatch, command):
-    import drm_jax.config.segments
+    import drm_jax.config.merge
 
     def no_merge(*args, **kwargs):
         raise AssertionError("merged before refusing the output")
 
-    monkeypatch.setattr(drm_jax.config.segments, "open_segments", no_merge)
+    monkeypatch.setattr(drm_jax.config.merge, "open_views", no_merge)
     out = tmp_path / "out"
     os.symlink(tmp_path / "nowhere", out)
     if command == "merge":

@@ -118,7 +118,7 @@ _HIST_BITS = 20
 def _computed(x, dtype: np.dtype, round_to: str | None) -> np.ndarray:
     """A stored leaf as the merge's programs compute with it (`compiled.stack_inputs`): cast to the compute
     dtype, rounded through `round_to` where set, non-finite entries 0 (the merge then reports them)."""
-    x = np.asarray(x).astype(dtype)
+    x = np.asarray(x).astype(dtype, copy=False)
     if round_to is not None:  # NumPy's cast rounds to nearest, ties to even, as `round_to_dtype`
         x = x.astype(jnp.dtype(round_to)).astype(dtype)
     return x if np.all(np.isfinite(x)) else np.where(np.isfinite(x), x, 0)
@@ -133,7 +133,7 @@ def _task_bits(source: Source, chunk, i: int, k: int, wide: bool):
     base = _computed(source.get_base(i), dtype, round_to)
     for t in range(k):
         magnitude = np.abs(_computed(source.get_model(t, i), dtype, round_to) - base).reshape(-1)
-        yield t, magnitude.astype(np.float64 if wide else np.float32).view(np.int64 if wide else np.int32)
+        yield t, magnitude.astype(np.float64 if wide else np.float32, copy=False).view(np.int64 if wide else np.int32)
 
 
 def streamed_thresholds(source: Source, plan: Plan, density: np.ndarray) -> jax.Array:

@@ -19,6 +19,7 @@ import numpy as np
 from drm_jax.engine.plan import Plan
 from drm_jax.engine.tree import like_leaf, unflatten
 from drm_jax.errors import MergeInputError, clip, quote
+from drm_jax.math.select import kth_magnitude_per_task, whole_model_ranks
 from drm_jax.methods.base import MethodSpec
 
 
@@ -109,51 +110,71 @@ def leaf_data_reader(spec: MethodSpec, given: dict, names: Sequence[str], chunks
     return get_data
 
 
-# Float bits of a magnitude, shifted: 2**19 bins per task for the first pass of the streamed threshold.
-_HIST_SHIFT = 12
+# Bins of the first statistics pass: a magnitude's float bits shifted right by the width less this many
+# bits (sign, exponent and the leading mantissa bits; 2**19 bins below +inf for float32 and float64).
+_HIST_BITS = 20
 
 
-def _task_bits(source: Source, i: int, k: int):
-    """(t, the float bits of |model_t - base| of leaf i, flat) for each task t; the base read once."""
-    base = np.asarray(source.get_base(i), np.float32)
+def _computed(x, dtype: np.dtype, round_to: str | None) -> np.ndarray:
+    """A stored leaf as the merge's programs compute with it (`compiled.stack_inputs`): cast to the compute
+    dtype, rounded through `round_to` where set, non-finite entries 0 (the merge then reports them)."""
+    x = np.asarray(x).astype(dtype, copy=False)
+    if round_to is not None:  # NumPy's cast rounds to nearest, ties to even, as `round_to_dtype`
+        x = x.astype(jnp.dtype(round_to)).astype(dtype)
+    return x if np.all(np.isfinite(x)) else np.where(np.isfinite(x), x, 0)
+
+
+def _task_bits(source: Source, chunk, i: int, k: int, wide: bool):
+    """(t, the float bits of |model_t - base| of leaf i, flat) for each task t, computed in the chunk's
+    dtype as the in-memory deltas are, then float64 where any chunk computes in float64 (`wide`: exact,
+    as `kth_smallest_per_task` widens); the base read once. Bits of non-negative floats order as the
+    floats do."""
+    dtype, round_to = np.dtype(chunk.layout.compute), chunk.layout.round_to
+    base = _computed(source.get_base(i), dtype, round_to)
     for t in range(k):
-        yield t, np.abs(np.asarray(source.get_model(t, i), np.float32) - base).reshape(-1).view(np.int32)
+        magnitude = np.abs(_computed(source.get_model(t, i), dtype, round_to) - base).reshape(-1)
+        yield t, magnitude.astype(np.float64 if wide else np.float32, copy=False).view(np.int64 if wide else np.int32)
 
 
 def streamed_thresholds(source: Source, plan: Plan, density: np.ndarray) -> jax.Array:
-    """The whole-model thresholds of `math.select.whole_model_thresholds`, exact, with one tensor in memory
-    at a time, over the merged leaves of `plan` read from `source`.
+    """The whole-model thresholds of `math.select.whole_model_thresholds`, exact in the merge's compute
+    dtype (float64 where a chunk computes in float64), with one tensor in memory at a time, over the merged
+    leaves of `plan` read from `source`.
 
-    Two statistics passes over the inputs: a histogram of the magnitudes' float bits (2**19 bins per task)
-    finds the bin holding each task's k-th smallest magnitude; the second pass keeps only the magnitudes
-    in that bin, whose k'-th smallest is the exact threshold. Then the merge itself streams.
+    Two statistics passes over the inputs: a histogram of the magnitudes' float bits (2**19 bins per task:
+    the bisection's first halvings at once) finds the bin holding each task's k-th smallest magnitude; the
+    second pass keeps only the magnitudes in that bin, and `math.select`'s bisection finds among them the
+    exact threshold. Then the merge itself streams.
     """
     k = plan.num_models
-    members = plan.leaves()
+    wide = any(c.layout.compute == "float64" for c in plan.chunks)
+    float_type, int_type = (np.float64, np.int64) if wide else (np.float32, np.int32)
     d = sum(int(np.prod(c.group.shape)) * len(c.members) for c in plan.chunks)  # from the plan: no read
-    kth = d - np.floor(d * density).astype(np.int64)  # (K,)
+    target, nothing = (np.asarray(x) for x in whole_model_ranks(d, density))  # (K,) ranks >= 1
     if d == 0:
         return jnp.zeros((k,), jnp.float32)
-    bins = (0x7F800000 >> _HIST_SHIFT) + 1
-    hist = np.zeros((k, bins), np.int64)
-    for i in members:
-        for t, bits in _task_bits(source, i, k):
-            hist[t] += np.bincount(bits >> _HIST_SHIFT, minlength=bins)
+    shift = 8 * np.dtype(int_type).itemsize - _HIST_BITS
+    bins = int(np.array(np.inf, float_type).view(int_type)) >> shift
+    hist = np.zeros((k, bins + 1), np.int64)
+    for c in plan.chunks:
+        for i in c.members:
+            for t, bits in _task_bits(source, c, i, k, wide):
+                hist[t] += np.bincount(bits >> shift, minlength=bins + 1)
     cum = np.cumsum(hist, axis=1)
-    target = np.maximum(kth, 1)
     chosen = np.array([int(np.searchsorted(cum[t], target[t])) for t in range(k)])
     below = np.array([cum[t, chosen[t] - 1] if chosen[t] > 0 else 0 for t in range(k)])
     inside: list[list[np.ndarray]] = [[] for _ in range(k)]
-    for i in members:
-        for t, bits in _task_bits(source, i, k):
-            inside[t].append(bits[(bits >> _HIST_SHIFT) == chosen[t]])
-    out = np.zeros(k, np.float32)
-    for t in range(k):
-        if kth[t] <= 0:
-            continue  # nothing to trim: keep everything
-        values = np.concatenate(inside[t])
-        out[t] = np.partition(values, target[t] - below[t] - 1)[target[t] - below[t] - 1].view(np.float32)
-    return jnp.asarray(out)
+    for c in plan.chunks:
+        for i in c.members:
+            for t, bits in _task_bits(source, c, i, k, wide):
+                inside[t].append(bits[(bits >> shift) == chosen[t]])
+    # each task's candidates in one row, padded with its largest (the rank stays among the candidates) to a
+    # power of two: few shapes, few programs
+    rows = [np.concatenate(bits).view(float_type) for bits in inside]
+    width = 1 << int(max(len(r) for r in rows) - 1).bit_length()
+    stack = np.stack([np.pad(r, (0, width - len(r)), constant_values=r.max()) for r in rows])
+    kth = kth_magnitude_per_task((jnp.asarray(stack),), jnp.asarray((target - below).astype(np.int32)))
+    return jnp.where(jnp.asarray(nothing), 0.0, kth)
 
 
 __all__ = ["CallbackSink", "Sink", "Source", "TreeSink", "leaf_data_reader", "split_leaf_data",

@@ -95,8 +95,20 @@ def kth_smallest_per_task(magnitudes: Sequence[Float[Array, "K _"]], k: Int[Arra
 
 
 @jax.jit
-def _kth_magnitude_per_task(deltas: tuple, k):
-    return kth_smallest_per_task(tuple(jnp.abs(x) for x in deltas), k)
+def kth_magnitude_per_task(values: tuple, k) -> Array:
+    """`kth_smallest_per_task` of the magnitudes |x| of (K, N_i) arrays: one program per shapes and dtype."""
+    return kth_smallest_per_task(tuple(jnp.abs(x) for x in values), k)
+
+
+def whole_model_ranks(d: int, density):
+    """(k, nothing) of the TIES paper's whole-model trim over d entries per task: the rank k = d -
+    floor(d density) of each task's threshold (at least 1, int32 (K,)) and where nothing is trimmed
+    (k <= 0 before the clip). density: (K,), concrete (float64 on the host) or traced (float32)."""
+    if isinstance(density, np.ndarray):
+        k = d - np.floor(d * density).astype(np.int64)
+        return jnp.asarray(np.maximum(k, 1).astype(np.int32)), jnp.asarray(k <= 0)
+    k = d - jnp.floor(d * density)
+    return jnp.maximum(k, 1).astype(jnp.int32), k <= 0
 
 
 def whole_model_thresholds(deltas: Sequence[Float[Array, "K _"]], density) -> Array:
@@ -104,16 +116,10 @@ def whole_model_thresholds(deltas: Sequence[Float[Array, "K _"]], density) -> Ar
     over the whole task vector (d entries per task, every merged leaf). deltas: arrays (K, N_i); density:
     (K,), concrete (counted on the host in float64) or traced. 0 where nothing is trimmed."""
     d = sum(int(x.shape[1]) for x in deltas)
-    if isinstance(density, np.ndarray):
-        k = d - np.floor(d * density).astype(np.int64)
-        k = jnp.asarray(np.maximum(k, 1).astype(np.int32))
-        nothing = jnp.asarray(d - np.floor(d * density) <= 0)
-    else:
-        k = jnp.maximum(d - jnp.floor(d * density), 1).astype(jnp.int32)
-        nothing = d - jnp.floor(d * density) <= 0
+    k, nothing = whole_model_ranks(d, density)
     if d == 0:
         return jnp.zeros(k.shape, jnp.float32)
-    return jnp.where(nothing, 0.0, _kth_magnitude_per_task(tuple(deltas), k))
+    return jnp.where(nothing, 0.0, kth_magnitude_per_task(tuple(deltas), k))
 
 
 def keep_at_least_kth(
@@ -192,5 +198,5 @@ def top_variance_mask(values: Float[Array, "K ..."], fraction) -> Bool[Array, ".
     return mask.reshape(var.shape)
 
 
-__all__ = ["keep_at_least_kth", "kth_smallest", "kth_smallest_per_task", "magnitude_bits", "pruning_counts",
-           "task_variance", "top_variance_mask", "whole_model_thresholds"]
+__all__ = ["keep_at_least_kth", "kth_magnitude_per_task", "kth_smallest", "kth_smallest_per_task", "magnitude_bits",
+           "pruning_counts", "task_variance", "top_variance_mask", "whole_model_ranks", "whole_model_thresholds"]

@@ -16,7 +16,8 @@ from jaxtyping import Array, Bool, Float
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, pruning_counts
 from drm_jax.math.space import unit_magnitudes
 from drm_jax.math.arrays import is_traced
-from drm_jax.math.state import MergeState, MergeTransform, broadcast_tasks, hyper, number, reads
+from drm_jax.math.state import (MergeState, MergeTransform, broadcast_tasks, derives, hyper, number, reads,
+                                 stage_reads)
 
 Scope = Literal["joint", "per_task"]
 Rule = Literal["kthvalue", "top_k"]
@@ -107,7 +108,10 @@ def prune(keep: float | None = None, scope: Scope = "joint", rule: Rule = "kthva
         mask = magnitude_mask(unit_magnitudes(state), density, scope, rule, state.valid, counts)
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return apply if keep is not None else reads(apply, "density")
+    def counts(numbers: dict, at: MergeState):  # the host hook: exact counts at the values the stage receives
+        return prune_counts(numbers["density"], at.values.shape, scope, rule, joint=at.valid is not None)
+
+    return apply if keep is not None else derives(reads(apply, "density"), "prune_counts", counts)
 
 
 def prune_counts(density, shape: tuple[int, ...], scope: Scope, rule: Rule, joint: bool):
@@ -143,7 +147,7 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
 
     drop_rate: a fixed p, or None to read it from the merge state: `state.hparams["drop_rate"]`, shape ()
       or (K,) (one per model), with the keep probability 1 - p and the factor 1 / (1 - p) computed exactly
-      on the host where given ("dare_keep", "dare_scale"). p = 1 drops everything.
+      on the host where given ("dare_keep", "dare_scale": the stage's hooks, `state.derives`). p = 1 drops everything.
     rule: with `rescale`, "inverse" divides each survivor by its keep probability 1 - p (the paper), "l1"
       scales each task's tensor back to its L1 norm (mergekit 0.1.5's `rescale`; `l1_rescaled`).
     Uses `MergeState.key`; the engine derives it from the seed and the leaf's path, so the result does
@@ -174,7 +178,16 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
             factor = broadcast_tasks(factor, state.values)
         return state.replace(values=jnp.where(mask, state.values * factor, 0.0))
 
-    return reads(apply, "seed") if drop_rate is not None else reads(apply, "drop_rate", "seed")
+    if drop_rate is not None:
+        return reads(apply, "seed")
+
+    def keep(numbers: dict, at: MergeState):  # the host hooks: `dare_factors` of the drop rates given
+        return dare_factors(numbers["drop_rate"])[0]
+
+    def factor(numbers: dict, at: MergeState):
+        return dare_factors(numbers["drop_rate"])[1]
+
+    return derives(derives(reads(apply, "drop_rate", "seed"), "dare_keep", keep), "dare_scale", factor)
 
 
 def dare_factors(drop_rate):
@@ -217,7 +230,8 @@ def rescale_l1(sparsify: MergeTransform) -> MergeTransform:
         out = sparsify(state)
         return out.replace(values=l1_rescaled(state.values, out.values))
 
-    return apply
+    apply.derived = getattr(sparsify, "derived", ())  # its host hooks: it receives the state this stage does
+    return reads(apply, *stage_reads(sparsify))
 
 
 def band_counts(density, gamma, n: int):

@@ -13,9 +13,10 @@ space; a mean sets `merged`; `recompose` maps `merged` back to weight space.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 
+import jax
 import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float
@@ -81,13 +82,46 @@ def stage_reads(transform: MergeTransform) -> tuple[str, ...]:
     return tuple(getattr(transform, "reads", ()))
 
 
+def derives(transform: MergeTransform, name: str, hook: Callable) -> MergeTransform:
+    """Declare a quantity the stage reads as `name` that is derived on the host from its numbers (pruning's
+    exact counts, DARE's factors): `hook(numbers, at)` with the numbers given to the merge (a dict, concrete
+    on the host or traced inside the caller's jit) and `at`, the abstract `MergeState` the stage receives
+    (shapes and dtypes: `jax.eval_shape` of the stages before it). A method's numbers then carry the
+    quantity (`derived_numbers`); where they do not, the stage derives it itself, in the program. Returns
+    the transform itself."""
+    transform.derived = getattr(transform, "derived", ()) + ((name, hook),)
+    return transform
+
+
 def chain(*transforms: MergeTransform) -> MergeTransform:
-    """Apply transforms left to right, like `optax.chain`; the chain reads what its stages read."""
+    """Apply transforms left to right, like `optax.chain`; the chain reads what its stages read and keeps
+    its stages in order (`stages`: the host hooks of `derives` see the state each one receives)."""
 
     def apply(state: MergeState) -> MergeState:
         return functools.reduce(lambda s, t: t(s), transforms, state)
 
+    apply.stages = tuple(s for t in transforms for s in getattr(t, "stages", (t,)))
     return reads(apply, *dict.fromkeys(n for t in transforms for n in stage_reads(t)))
+
+
+def stage_derives(transform: MergeTransform) -> tuple[str, ...]:
+    """The names of the host-derived quantities a transform's stages read (`derives`), one per stage that
+    derives it, in stage order."""
+    return tuple(name for s in getattr(transform, "stages", (transform,)) for name, _ in getattr(s, "derived", ()))
+
+
+def stage_hooks(transform: MergeTransform, probe: MergeState) -> tuple[tuple[str, Callable, MergeState], ...]:
+    """(name, hook, the abstract state its stage receives) of each host hook of a transform's stages
+    (`derives`). probe: the abstract state the transform receives (`jax.ShapeDtypeStruct` leaves, hparams a
+    dict of the traced numbers), carried through the stages before each hook's by `jax.eval_shape`."""
+    stages = getattr(transform, "stages", (transform,))
+    return tuple((name, hook, jax.eval_shape(chain(*stages[:i]), probe))
+                 for i, stage in enumerate(stages) for name, hook in getattr(stage, "derived", ()))
+
+
+def derived_numbers(hooks: Sequence[tuple[str, Callable, MergeState]], numbers: dict) -> dict:
+    """{name: hook(numbers, at)} of `stage_hooks` at these numbers."""
+    return {name: hook(numbers, at) for name, hook, at in hooks}
 
 
 class MergeMethod(NamedTuple):
@@ -189,6 +223,6 @@ def broadcast_tasks(x: Float[Array, " K"], like: Array) -> Array:
     return x.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "hyper", "init_state", "number",
-           "reads", "stage_reads", "with_number",
+__all__ = ["MergeMethod", "MergeState", "MergeTransform", "broadcast_tasks", "chain", "derived_numbers", "derives",
+           "hyper", "init_state", "number", "reads", "stage_derives", "stage_hooks", "stage_reads", "with_number",
            "merge_deltas", "merged_of", "task_sum"]

@@ -436,15 +436,19 @@ def chain_rule(transform: MergeTransform) -> LayerRule:
     return LayerRule(prepare=None, merge=merge)
 
 
-def traced_numbers(type_name: str, *names: str, counts: tuple[str, ...] = ()):
+def traced_numbers(type_name: str, *names: str, counts: tuple[str, ...] = (), derived: tuple[str, ...] = (),
+                   derive: Callable | None = None):
     """The `layer_hparams` of a method whose numbers are some of its traced parameters as given: a NamedTuple
-    type named `type_name` with exactly those fields (float32 scalars; the ones in `counts` int32).
-    The type is the function's `numbers_type`."""
-    numbers_type = NamedTuple(type_name, [(n, Any) for n in names])
+    type named `type_name` with exactly those fields (float32 scalars; the ones in `counts` int32), then
+    the fields `derived`: what `derive(values, role, shape, k)` returns for them ({name: value}, the host
+    hooks of the stages: `math.state.derives`), None where it returns none. The type is the function's
+    `numbers_type`."""
+    numbers_type = NamedTuple(type_name, [(n, Any) for n in names + derived])
 
     def layer_hparams(values: dict, role: str, shape, k: int, static: dict):
+        extra = derive(values, role, tuple(shape), k) if derive is not None else {}
         return numbers_type(*(jnp.asarray(values[n], jnp.int32) if n in counts else scalar(values[n])
-                              for n in names))
+                              for n in names), *(extra.get(n) for n in derived))
 
     layer_hparams.numbers_type = numbers_type
     return layer_hparams

@@ -7,7 +7,10 @@ built without a number declares the number it reads (`drm_jax.math.state.reads`,
 and each such number is the registry's own parameter of that name (its range and default, declared
 once in the method module that owns it), plus the per-model `coefficients`. The numbers its stages
 receive are a NamedTuple with exactly those traced parameters (`traced_numbers`), as for a registered
-method: a stage reading a number the composition does not declare is an error naming both.
+method: a stage reading a number the composition does not declare is an error naming both. A quantity a
+stage derives on the host from its number (`prune(None)`'s exact counts, `dare_drop(None)`'s factors) is
+its hook's (`drm_jax.math.state.derives`, next to the stage), computed here at the shape the stage
+receives: what a registered method with the same stages computes, in float64 for a concrete number.
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
+import jax.numpy as jnp
+
 from drm_jax.errors import MergeInputError
-from drm_jax.math.state import MergeMethod, stage_reads
+from drm_jax.math.state import MergeMethod, MergeState, derived_numbers, stage_derives, stage_hooks, stage_reads
 from drm_jax.methods.base import COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, traced_numbers
 from drm_jax.methods.dare import DROP_RATE as DARE_DROP_RATE
 from drm_jax.methods.drm import RANK_RTOL
 from drm_jax.methods.ties import DENSITY as TIES_DENSITY
 
 # The numbers a composition can read: the stage's number -> the registry's parameter declaring it. A
-# composition's density is one number shared by the models (the in-program count of `prune(None)`).
+# composition's density is one number shared by the models (`prune(None)` counts from it on the host, in
+# its hook, as the registered methods do).
 _READABLE: dict[str, Param] = {
     "density": dataclasses.replace(TIES_DENSITY, per_model=False, aliases=(), alias_maps=(), mergekit_default=None),
     "drop_rate": dataclasses.replace(DARE_DROP_RATE, aliases=(), alias_maps=(), mergekit_default=None),
@@ -71,12 +78,36 @@ def composed(method: MergeMethod, name: str = "composition") -> MethodSpec:
     whole = "density" if "threshold" in reads_all else None
     traced = tuple(p.name for p in params if p.traced and p.name != "coefficients" and p.name != whole)
 
+    for transform in (method.linear, method.other):
+        twice = [n for i, n in enumerate(stage_derives(transform)) if n in stage_derives(transform)[:i]]
+        if twice:  # one field of the numbers: each stage would read the other's
+            raise MergeInputError(f"two stages of one chain derive {twice[0]!r} from the numbers (two prune(None) or "
+                                  f"dare_drop(None)): build all but one with a number")
+    derived = tuple(dict.fromkeys(stage_derives(method.linear) + stage_derives(method.other)))
+
+    @functools.lru_cache(maxsize=None)
+    def hooks(role: str, shape: tuple[int, ...], k: int):
+        transform = method.linear if role == "matrix" else method.other
+        return stage_hooks(transform, _probe(shape, k, traced)) if stage_derives(transform) else ()
+
+    def derive(values: dict, role: str, shape: tuple[int, ...], k: int) -> dict:
+        return derived_numbers(hooks(role, shape, k), values)
+
     def build(static: dict) -> Rules:
         return Rules(linear=chain_rule(method.linear), other=chain_rule(method.other), whole_model_trim_param=whole)
 
     return MethodSpec(name=name, summary="a composition of drm_jax.math stages", paper="", params=params,
                       needs_base=True, elementwise=False, random="seed" in reads_all, build=build,
-                      layer_hparams=traced_numbers("CompositionNumbers", *traced))
+                      layer_hparams=traced_numbers("CompositionNumbers", *traced, derived=derived, derive=derive))
+
+
+def _probe(shape: tuple[int, ...], k: int, traced: tuple[str, ...]) -> MergeState:
+    """The abstract state a rule's chain receives for K deltas of a group's canonical shape (its numbers
+    float32 scalars), for the host hooks' shapes (`stage_hooks`)."""
+    f32 = jnp.float32
+    return MergeState(values=jax.ShapeDtypeStruct((k,) + shape, f32), coefficients=jax.ShapeDtypeStruct((k,), f32),
+                      key=jax.ShapeDtypeStruct((2,), jnp.uint32), threshold=jax.ShapeDtypeStruct((k,), f32),
+                      hparams={n: jax.ShapeDtypeStruct((), f32) for n in traced})
 
 
 __all__ = ["composed", "composition_params"]

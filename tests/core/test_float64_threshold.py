@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import drm_jax
+from drm_jax.engine.merge import merge_leaves
 from drm_jax.math.select import keep_at_least_kth, kth_smallest, whole_model_thresholds
 from merge_reference import drm_h, relative_error
 
@@ -58,3 +59,44 @@ def test_whole_model_threshold_of_float64_is_exact():
         for t in range(2):
             k = d - int(np.floor(d * density[t]))
             assert got[t] == np.sort(values[t])[k - 1]
+
+
+def _streamed_and_in_memory(base, models, **keywords):
+    names, shapes = list(base), [v.shape for v in base.values()]
+    out = {}
+    merge_leaves(names, shapes, [v.dtype for v in base.values()], get_base=lambda i: base[names[i]],
+                 get_model=lambda t, i: models[t][names[i]], put=lambda i, a: out.__setitem__(names[i], np.asarray(a)),
+                 num_models=len(models), method="ties", trim_scope="model", **keywords)
+    want = drm_jax.merge(base, models, method="ties", trim_scope="model", **keywords)
+    return out, {n: np.asarray(v) for n, v in want.items()}
+
+
+def test_streamed_whole_model_threshold_of_float64_is_exact():
+    # merge_leaves (nothing stored: `endpoints.streamed_thresholds`) used to find the threshold among the
+    # magnitudes rounded to float32: with float64 leaves under x64 the deltas 1 + j 1e-12 all became 1.0, the
+    # threshold 1.0, and every one of them was kept where the in-memory merge keeps those >= the exact k-th
+    rng = np.random.default_rng(2)
+    shapes = {"l0.w": (8, 6), "l1.w": (8, 6), "b": (6,)}
+    base = {n: rng.standard_normal(s) for n, s in shapes.items()}
+    models = [{n: b + rng.choice([-1.0, 1.0], b.shape) * (1.0 + rng.integers(0, 40, b.shape) * 1e-12)
+               for n, b in base.items()} for _ in range(3)]
+    with jax.enable_x64(True):
+        got, want = _streamed_and_in_memory(base, models, density=[0.5, 0.3, 0.7])
+    for name in shapes:
+        assert got[name].dtype == np.float64
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float64", "float16"])
+def test_streamed_whole_model_threshold_in_the_compute_dtype(compute_dtype):
+    # float32 leaves computed in float64 (their deltas not rounded to float32) or rounded to float16 first:
+    # the streamed statistics take each delta as the merge's programs compute it (models far from the base:
+    # their float32 differences round; here the one at a threshold rounds up, so float32 statistics dropped it)
+    rng = np.random.default_rng(0)
+    shapes = {"l0.w": (8, 6), "l1.w": (8, 6), "b": (6,)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    models = [{n: 4 * rng.standard_normal(b.shape).astype(np.float32) for n, b in base.items()} for _ in range(3)]
+    with jax.enable_x64(True):
+        got, want = _streamed_and_in_memory(base, models, density=0.4, compute_dtype=compute_dtype)
+    for name in shapes:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -14,7 +14,7 @@ from drm_jax import math as m
 from drm_jax.engine.merge import merge_leaves
 from drm_jax.errors import MergeInputError
 from drm_jax.math.select import pruning_counts
-from drm_jax.math.sparsify import prune_geometry
+from drm_jax.math.sparsify import prune_geometry, rescale_l1
 from drm_jax.math.state import number
 from drm_jax.methods.registry import get_method, static_values, traced_values
 
@@ -196,10 +196,111 @@ def test_a_rule_reads_its_methods_declared_numbers(method):
 
 def test_a_compositions_numbers_are_its_declared_traced_parameters():
     # like a registered method's: a typed structure holding exactly the composition's traced parameters
-    # (coefficients travel apart), and a stage reading a number it does not declare fails naming it
+    # (coefficients travel apart) and what its stages' host hooks derive from them (prune(None)'s exact
+    # counts, for the (3, 6, 5) deltas it receives), and a stage reading a number it does not declare fails
+    # naming it
     spec = drm_jax.methods.method_spec(TRIMMED)
     numbers = spec.layer_hparams(traced_values(spec, {}), "matrix", (6, 5), 3, static_values(spec, {}))
-    assert numbers._fields == ("density", "lambda_")
+    assert numbers._fields == ("density", "lambda_", "prune_counts")
+    np.testing.assert_array_equal(numbers.prune_counts, pruning_counts(spec.param("density").default, 1, 30))
     assert float(number(numbers, "density")) == pytest.approx(spec.param("density").default)
     with pytest.raises(ValueError, match="does not declare"):
         number(numbers, "drop_rate")
+
+
+# DRM's linear stages and TIES' tensor-scope stages written as compositions: their prune(None) reads the
+# composition's density, and its exact counts come from the stage's host hook (`state.derives`), as the
+# registered methods' do
+DRM_STAGES = drm_jax.MergeMethod(
+    linear=m.chain(m.joint_space("horizontal"), m.renormalize(), m.prune(None, scope="joint", rule="kthvalue"),
+                   m.elect_sign("majority"), m.scale_by_coefficients(), m.disjoint_mean("count"), m.recompose(),
+                   m.scale()),
+    other=m.chain(drm_jax.methods.ties_like(), m.scale()))
+TIES_STAGES = drm_jax.MergeMethod(
+    linear=m.chain(m.prune(None, scope="per_task", rule="top_k"), m.scale_by_coefficients(), m.elect_sign("positive"),
+                   m.disjoint_mean("coefficients"), m.scale()),
+    other=m.chain(m.prune(None, scope="per_task", rule="top_k"), m.scale_by_coefficients(), m.elect_sign("positive"),
+                  m.disjoint_mean("coefficients"), m.scale()))
+
+
+def test_a_compositions_prune_counts_are_the_registered_methods():
+    # at N = 45 entries (3 valid rows of the joint space, 15 entries each) and density 0.7 the host's float64
+    # count keeps round(31.499999999999996) = 31, the program's float32 product rounds to 31.5 and kept 32:
+    # the composition counted in the program, DRM on the host
+    k, shape = 3, (5, 5)
+    counts = {}
+    for name, method in (("composition", DRM_STAGES), ("drm", "drm")):
+        spec = drm_jax.methods.method_spec(method)
+        values = traced_values(spec, spec.canonical({"density": 0.7}))
+        counts[name] = np.asarray(spec.layer_hparams(values, "matrix", shape, k, static_values(spec, {})).prune_counts)
+    np.testing.assert_array_equal(counts["composition"], counts["drm"])
+    assert counts["composition"][3] == 45 - 31 != 45 - np.round(np.float32(45) * np.float32(0.7))
+
+
+def ties_trees(seed=0, k=3):
+    # leaves of 90 entries: density 0.7 keeps floor(62.99999999999999) = 62 on the host, 63 in float32
+    rng = np.random.default_rng(seed)
+    base = {"blocks.0.w": rng.standard_normal((9, 10)).astype(np.float32),
+            "norm": rng.standard_normal(90).astype(np.float32)}
+    models = [{n: v + rng.standard_normal(v.shape).astype(np.float32) for n, v in base.items()} for _ in range(k)]
+    return base, models
+
+
+def test_a_composition_equal_in_stages_to_ties_merges_bit_identically():
+    base, models = ties_trees()
+    got = drm_jax.merge(base, models, method=TIES_STAGES, density=0.7, lambda_=1.5)
+    want = drm_jax.merge(base, models, method="ties", density=0.7, lambda_=1.5)
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+    # the value matters: counted in float32 (a traced density, in the program) the merge differs
+    in_program = jax.jit(lambda d: drm_jax.merge(base, models, method="ties", density=d, lambda_=1.5))(0.7)
+    assert any(not np.array_equal(np.asarray(in_program[n]), np.asarray(want[n])) for n in base)
+
+
+def test_a_composition_with_a_rescaled_trim_equal_in_stages_to_ties_merges_bit_identically():
+    # rescale_l1 wraps the trim: it reads the trim's density and carries its hook
+    trim = m.chain(rescale_l1(m.prune(None, scope="per_task", rule="top_k")), m.scale_by_coefficients(),
+                   m.elect_sign("positive"), m.disjoint_mean("coefficients"), m.scale())
+    base, models = ties_trees(2)
+    got = drm_jax.merge(base, models, method=drm_jax.MergeMethod(linear=trim, other=trim), density=0.7)
+    want = drm_jax.merge(base, models, method="ties", density=0.7, rescale=True)
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+
+def test_a_composition_equal_in_stages_to_ties_merges_bit_identically_under_jit():
+    # a traced density stays traced (counted in the program, float32, by both); a sweep compiles nothing new
+    base, models = ties_trees(1)
+    composed = drm_jax.prepare(base, models, method=TIES_STAGES)
+    registered = drm_jax.prepare(base, models, method="ties")
+    run_composed = jax.jit(lambda d: composed.merge(density=d, lambda_=1.5))
+    run_registered = jax.jit(lambda d: registered.merge(density=d, lambda_=1.5))
+    for density in (0.7, 0.3):
+        got, want = run_composed(density), run_registered(density)
+        for name in base:
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+    with counting_compiles() as count:
+        run_composed(0.5)
+    assert count[0] == 0
+
+
+def test_two_numberless_prune_stages_in_one_chain_are_refused():
+    # both would read the one prune_counts of the numbers, counted for one of them
+    method = drm_jax.MergeMethod(
+        linear=m.chain(m.prune(None, scope="per_task"), m.prune(None, scope="joint"), m.elect_sign(),
+                       m.disjoint_mean(), m.scale()),
+        other=drm_jax.methods.ties_like())
+    base, models = trees()
+    with pytest.raises(MergeInputError, match="two stages of one chain derive 'prune_counts'"):
+        drm_jax.merge(base, models, method=method, density=0.5)
+
+
+def test_a_composition_equal_in_stages_to_dare_linear_merges_bit_identically():
+    # drop rate 0.9: the host's keep probability float32(1 - 0.9) = 0.1 and factor 10, the program's
+    # 1 - 0.9f = 0.100000024 and 9.9999976; the composition's dare_drop(None) now takes the host's (its hooks)
+    dare = m.chain(m.dare_drop(None), m.scale_by_coefficients(), m.sum_tasks(), m.scale())
+    base, models = trees(4)
+    got = drm_jax.merge(base, models, method=drm_jax.MergeMethod(linear=dare, other=dare), drop_rate=0.9, seed=3)
+    want = drm_jax.merge(base, models, method="dare_linear", drop_rate=0.9, seed=3)
+    for name in base:
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)

@@ -43,8 +43,9 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def host_inputs(arrays: Sequence) -> bool:
-    """Whether these arrays are NumPy float32 / float64 arrays a host combination can read as they are."""
-    return all(isinstance(x, np.ndarray) and x.dtype in _HOST_DTYPES for x in arrays)
+    """Whether these are NumPy float32 / float64 arrays (or NumPy scalars) a host combination can read as they
+    are."""
+    return all(isinstance(x, (np.ndarray, np.generic)) and x.dtype in _HOST_DTYPES for x in arrays)
 
 
 @functools.partial(jax.jit, static_argnames=("rule", "k", "dtype", "per_member"))
@@ -91,11 +92,12 @@ def combine(base: Sequence[np.ndarray] | None, models: Sequence[Sequence[np.ndar
     Returns (merged members, (L,) finite flags or None when unchecked)."""
     outputs, jobs = [], []
     for r, xs in enumerate(models):
+        xs = [np.asarray(x) for x in xs]
         like = xs[0]
         out = aligned_empty(like.nbytes).view(like.dtype).reshape(like.shape)
         outputs.append(out)
         flat_out = out.reshape(-1)
-        flat_base = None if base is None else np.ascontiguousarray(base[r]).reshape(-1)
+        flat_base = None if base is None else np.ascontiguousarray(np.asarray(base[r])).reshape(-1)
         flat_models = [np.ascontiguousarray(x).reshape(-1) for x in xs]
         w = weights[r].astype(like.dtype)
         for start in range(0, flat_out.size, JOB):

@@ -194,19 +194,14 @@ def _merge_piece(rule: LayerRule, layout: Layout, base: tuple, models: tuple, co
     program."""
     merged, flags = [], []
     for r, transposed in enumerate(layout.transposed):
-        ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models[r]]
-        i = offset + r
-        if base is None:  # a shift-equivariant rule (a weighted mean) of the models themselves: no base read
-            out = rule.merge(jnp.stack(ms), LayerContext(coefficients[i], keys[i], threshold,
-                                                         member_hparams(hparams, i, per_member), None))
-            merged.append(out.T if transposed else out)
-            continue
         b = _canonical(base[r], transposed, layout.compute, layout.round_to)
+        ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models[r]]
         if check_inputs:
             flags.append(jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms]))
             b, ms = jnp.where(jnp.isfinite(b), b, 0.0), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
         # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
         deltas = jnp.stack([x - b for x in ms])
+        i = offset + r
         delta = rule.merge(deltas, LayerContext(coefficients[i], keys[i], threshold,
                                                 member_hparams(hparams, i, per_member), b))
         merged.append((b + delta).T if transposed else b + delta)
@@ -224,17 +219,13 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     back by the task sums, which XLA folds away, so an elementwise merge reads each input once and writes
     each output once. (Stacking the members on a layer axis first, as the vmapped programs do, would make
     XLA write the whole (L, K, ...) stack.)
-
-    `base` None: the rule is shift-equivariant (a weighted mean, `Rules.shift_equivariant`), so the merge is
-    the rule applied to the models themselves and the base is never read (nor checked: it is not an input).
     """
     outputs, flags = [], []
-    check_inputs = check_inputs and base is not None
     for start, stop in fused_pieces(len(layout.transposed)):
         piece = layout._replace(transposed=layout.transposed[start:stop], dtypes=layout.dtypes[start:stop])
-        merged, flag = _merge_piece(rule, piece, None if base is None else base[start:stop], models[start:stop],
-                                    coefficients, keys, threshold, hparams, np.int32(start),
-                                    check_inputs=check_inputs, per_member=per_member)
+        merged, flag = _merge_piece(rule, piece, base[start:stop], models[start:stop], coefficients,
+                                    keys, threshold, hparams, np.int32(start), check_inputs=check_inputs,
+                                    per_member=per_member)
         outputs.extend(merged)
         flags.append(flag)
     if not check_inputs:

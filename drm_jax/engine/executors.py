@@ -200,15 +200,14 @@ class FusedExecutor(_Base):
 
     def merge_chunk(self, chunk, stored, rows, threshold, hparams, per_member, *, check, cache_key=None) -> Merged:
         rule, layout, k = self.rule(chunk), chunk.layout, self.plan.num_models
-        # a weighted mean is the rule applied to the models themselves: the base is not read
-        base = None if self.rules.shift_equivariant else tuple(self.source.get_base(i) for i in chunk.members)
+        base = tuple(self.source.get_base(i) for i in chunk.members)
         models = tuple(tuple(self.source.get_model(t, i) for t in range(k)) for i in chunk.members)
         if check and self._on_host(layout, base, models):
             weights = np.asarray(combination_weights(rule, rows, hparams, k=k, dtype=layout.compute,
                                                      per_member=per_member))
-            merged, finite = combine(base, models, weights, check=self.check_finite)
+            merged, finite = combine(base, models, weights, np.dtype(layout.compute), check=self.check_finite)
             return Merged(chunk.members, merged, None, finite)
-        base = None if base is None else tuple(to_device(x) for x in base)
+        base = tuple(to_device(x) for x in base)
         models = tuple(tuple(to_device(x) for x in row) for row in models)
         merged, finite_in = merge_once(rule, layout, base, models, rows, chunk.keys, threshold, hparams,
                                        check_inputs=self.check_finite and not self.rules.linear_combination,
@@ -217,10 +216,10 @@ class FusedExecutor(_Base):
 
     def _on_host(self, layout: Layout, base, models) -> bool:
         """Whether a linear combination of these inputs runs on the host (`engine/host.py`): NumPy inputs
-        in the compute dtype on the CPU backend, which XLA could read only after copying them."""
-        return (self.rules.linear_combination and layout.round_to is None and jax.default_backend() == "cpu"
-                and all(np.dtype(d) == np.dtype(layout.compute) for d in layout.dtypes)
-                and host_inputs([x for row in models for x in row] + list(base or ())))
+        on the CPU backend, which XLA could read only after copying them, for a rule that is base + a
+        linear function of the task vectors (not one that reads the base itself: passthrough)."""
+        return (self.rules.linear_combination and not self.spec.reads_base and layout.round_to is None
+                and jax.default_backend() == "cpu" and host_inputs(list(base) + [x for row in models for x in row]))
 
 
 class ShardedExecutor(_Base):

@@ -7,7 +7,7 @@ reads each input once that copy costs more than the merge itself (issue 27: line
 linear, task arithmetic) needs no program for its arithmetic: its weight per model is the rule applied to
 the unit task vectors (one small program per chunk, `combination_weights`), and the combination
 
-    base + sum_t w_t (x_t - base)      (a weighted mean, `Rules.shift_equivariant`: sum_t w_t x_t)
+    base + sum_t w_t (x_t - base)
 
 is computed by NumPy slab by slab (`combine`), each slab of every input read once while it is in cache,
 into a 64-byte aligned output that JAX then holds without a copy. The result equals the compiled program's
@@ -60,51 +60,57 @@ def combination_weights(rule: LayerRule, coefficients, hparams, *, k: int, dtype
     return jax.vmap(one, in_axes=(0, 0 if per_member else None))(jnp.asarray(coefficients, dtype), hparams)
 
 
-def _combine_span(out: np.ndarray, base: np.ndarray | None, models: Sequence[np.ndarray], weights: np.ndarray,
-                  start: int, stop: int, check: bool) -> bool:
-    """out[start:stop] = base + sum_t w_t (x_t - base) (no base: sum_t w_t x_t), slab by slab; whether every
-    value written is finite (True where unchecked)."""
-    scratch = np.empty(min(SLAB, stop - start), out.dtype)
+def _combine_span(out: np.ndarray, base: np.ndarray, models: Sequence[np.ndarray], weights: np.ndarray,
+                  compute: np.dtype, start: int, stop: int, check: bool) -> bool:
+    """out[start:stop] = base + sum_t w_t (x_t - base), slab by slab in the compute dtype (inputs of another
+    dtype rounded to it first, as the compiled programs round them); whether every value is finite."""
+    size = min(SLAB, stop - start)
+    direct = out.dtype == compute  # accumulate in the output itself
+    acc, tmp = (None if direct else np.empty(size, compute)), np.empty(size, compute)
+    b_cast = None if base.dtype == compute else np.empty(size, compute)
+    x_cast = None if all(x.dtype == compute for x in models) else np.empty(size, compute)
     finite = True
     for s in range(start, stop, SLAB):
         e = min(s + SLAB, stop)
-        acc, tmp = out[s:e], scratch[: e - s]
-        b = None if base is None else base[s:e]
-        for t, (x, w) in enumerate(zip(models, weights)):
-            if b is None:
-                np.multiply(x[s:e], w, out=acc if t == 0 else tmp)
-            else:
-                np.subtract(x[s:e], b, out=acc if t == 0 else tmp)
-                np.multiply(acc if t == 0 else tmp, w, out=acc if t == 0 else tmp)
-            if t:
-                np.add(acc, tmp, out=acc)
-        if b is not None:
-            np.add(acc, b, out=acc)
+        a, t = (out[s:e] if direct else acc[: e - s]), tmp[: e - s]
+        b = base[s:e]
+        if b_cast is not None:
+            b = b_cast[: e - s]
+            np.copyto(b, base[s:e], casting="same_kind")
+        for i, (x, w) in enumerate(zip(models, weights)):
+            x = x[s:e]
+            if x.dtype != compute:
+                np.copyto(x_cast[: e - s], x, casting="same_kind")
+                x = x_cast[: e - s]
+            target = a if i == 0 else t
+            np.subtract(x, b, out=target)
+            np.multiply(target, w, out=target)
+            if i:
+                np.add(a, t, out=a)
+        np.add(a, b, out=a)
         if check and finite:
-            finite = bool(np.isfinite(acc).all())
+            finite = bool(np.isfinite(a).all())
+        if not direct:
+            np.copyto(out[s:e], a, casting="same_kind")
     return finite
 
 
-def combine(base: Sequence[np.ndarray] | None, models: Sequence[Sequence[np.ndarray]], weights: np.ndarray,
-            check: bool) -> tuple[list[jax.Array], np.ndarray | None]:
-    """Per member r: base[r] + sum_t weights[r, t] (models[r][t] - base[r]) (base None: the weighted sum of
-    the models), in the inputs' dtype and shape, as JAX arrays on the CPU backend (aligned: no copy).
-    Returns (merged members, (L,) finite flags or None when unchecked)."""
+def combine(base: Sequence[np.ndarray], models: Sequence[Sequence[np.ndarray]], weights: np.ndarray,
+            compute: np.dtype, check: bool) -> tuple[list[jax.Array], np.ndarray | None]:
+    """Per member r: base[r] + sum_t weights[r, t] (models[r][t] - base[r]), computed in `compute` and
+    returned in base[r]'s dtype and shape, as JAX arrays on the CPU backend (aligned: held without a copy).
+    Returns (merged members, (L,) finite flags, None when unchecked)."""
     outputs, jobs = [], []
     for r, xs in enumerate(models):
-        xs = [np.asarray(x) for x in xs]
-        like = xs[0]
-        out = aligned_empty(like.nbytes).view(like.dtype).reshape(like.shape)
+        b = np.ascontiguousarray(np.asarray(base[r]))
+        out = aligned_empty(b.nbytes).view(b.dtype).reshape(b.shape)
         outputs.append(out)
-        flat_out = out.reshape(-1)
-        flat_base = None if base is None else np.ascontiguousarray(np.asarray(base[r])).reshape(-1)
-        flat_models = [np.ascontiguousarray(x).reshape(-1) for x in xs]
-        w = weights[r].astype(like.dtype)
-        for start in range(0, flat_out.size, JOB):
-            jobs.append((r, flat_out, flat_base, flat_models, w, start, min(start + JOB, flat_out.size)))
-    results = _pool().map(lambda j: (j[0], _combine_span(*j[1:], check)), jobs)
+        flat_models = [np.ascontiguousarray(np.asarray(x)).reshape(-1) for x in xs]
+        w = weights[r].astype(compute)
+        for start in range(0, b.size, JOB):
+            jobs.append((r, out.reshape(-1), b.reshape(-1), flat_models, w, compute, start, min(start + JOB, b.size)))
     finite = np.ones(len(outputs), bool)
-    for r, ok in results:
+    for r, ok in _pool().map(lambda j: (j[0], _combine_span(*j[1:], check)), jobs):
         finite[r] &= ok
     return [jax.device_put(x) for x in outputs], (finite if check else None)
 

@@ -13,6 +13,7 @@ layout and dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -186,27 +187,68 @@ def fused_pieces(length: int, most: int = FUSED_MEMBERS) -> list[tuple[int, int]
     return [(start, min(start + size, length)) for start in range(0, length, size)]
 
 
+def _piece_deltas(layout: Layout, r: int, base, models, check_inputs: bool):
+    """(base, deltas (K, ...), input flags (K + 1,) or None) of member r in (out, in) orientation, NaN/Inf
+    zeroed where checked."""
+    transposed = layout.transposed[r]
+    b = _canonical(base, transposed, layout.compute, layout.round_to)
+    ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models]
+    flags = None
+    if check_inputs:
+        flags = jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms])
+        b, ms = jnp.where(jnp.isfinite(b), b, 0.0), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
+    # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
+    return b, jnp.stack([x - b for x in ms]), flags
+
+
 @functools.partial(jax.jit, static_argnames=("rule", "layout", "check_inputs", "per_member"))
 def _merge_piece(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
-                 offset, *, check_inputs: bool, per_member: bool):
+                 offset, row0=0, stats=None, *, check_inputs: bool, per_member: bool):
     """Members offset .. offset + len(base) - 1 of a chunk (`merge_once`); coefficients, keys and per-member
     hparams are the whole chunk's, indexed at a traced offset so that every piece of one size shares this
-    program."""
+    program. row0, stats: a row block's (`merge_block`)."""
     merged, flags = [], []
     for r, transposed in enumerate(layout.transposed):
-        b = _canonical(base[r], transposed, layout.compute, layout.round_to)
-        ms = [_canonical(x, transposed, layout.compute, layout.round_to) for x in models[r]]
-        if check_inputs:
-            flags.append(jnp.stack([jnp.all(jnp.isfinite(x)) for x in [b] + ms]))
-            b, ms = jnp.where(jnp.isfinite(b), b, 0.0), [jnp.where(jnp.isfinite(x), x, 0.0) for x in ms]
-        # each task's delta on its own, then stacked: the task sums' slices of the stack fold back to them
-        deltas = jnp.stack([x - b for x in ms])
+        b, deltas, flag = _piece_deltas(layout, r, base[r], models[r], check_inputs)
+        flags.append(flag)
         i = offset + r
         delta = rule.merge(deltas, LayerContext(coefficients[i], keys[i], threshold,
-                                                member_hparams(hparams, i, per_member), b))
+                                                member_hparams(hparams, i, per_member), b, row0, stats))
         merged.append((b + delta).T if transposed else b + delta)
     outputs = tuple(_rounded(x, layout.round_to).astype(d) for x, d in zip(merged, layout.dtypes))
     return outputs, (jnp.stack(flags) if check_inputs else None)
+
+
+@functools.partial(jax.jit, static_argnames=("rule", "layout", "per_member"))
+def _block_stats(rule: LayerRule, layout: Layout, base, models: tuple, coefficients, keys, hparams, row0, *,
+                 per_member: bool):
+    """A row block's statistics (`RowBlocks.stats`) of the chunk's one member, from its inputs with NaN/Inf
+    zeroed as the merge zeroes them."""
+    b, deltas, _ = _piece_deltas(layout, 0, base, models, True)
+    return rule.rows.stats(deltas, LayerContext(coefficients[0], keys[0], None, member_hparams(hparams, 0, per_member),
+                                                b, row0))
+
+
+def block_stats(rule: LayerRule, layout: Layout, base, models: tuple, coefficients, keys, hparams, row0, *,
+                per_member: bool):
+    """`RowBlocks.stats` of one row block (base (rows, ...), models K such, stored layout) of a one-member
+    chunk, as float64 NumPy arrays (the blocks' sums are added on the host); in float64 where the rule's
+    `RowBlocks.x64` asks for it."""
+    scope = jax.enable_x64(True) if rule.rows.x64 and not jax.config.jax_enable_x64 else contextlib.nullcontext()
+    with scope:
+        out = _block_stats(rule, layout, base, models, coefficients, keys, hparams, row0, per_member=per_member)
+        return jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+
+
+def merge_block(rule: LayerRule, layout: Layout, base, models: tuple, coefficients, keys, threshold, hparams, row0,
+                stats, *, check_inputs: bool, per_member: bool):
+    """Rows row0.. of a one-member chunk's leaf (base (rows, ...), models K such, stored layout), merged
+    with the whole leaf's statistics `stats` (`RowBlocks`). Returns (merged block, input flags (1, K + 1)
+    or None)."""
+    merged, flags = _merge_piece(rule, layout, (base,), (tuple(models),), coefficients, keys, threshold, hparams,
+                                 np.int32(0), np.uint32(row0), stats, check_inputs=check_inputs,
+                                 per_member=per_member)
+    return merged[0], flags
 
 
 def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coefficients, keys, threshold, hparams,
@@ -238,5 +280,5 @@ def merge_once(rule: LayerRule, layout: Layout, base: tuple, models: tuple, coef
     return tuple(outputs), np.concatenate([np.asarray(f) for f in flags])
 
 
-__all__ = ["Layout", "aligned", "combine_jit", "finite_flags", "is_traced", "merge_deltas_jit", "merge_layers_jit",
-           "merge_once", "prepare_group", "under_trace"]
+__all__ = ["Layout", "aligned", "block_stats", "combine_jit", "finite_flags", "is_traced", "merge_deltas_jit", "merge_layers_jit",
+           "merge_block", "merge_once", "prepare_group", "under_trace"]

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from drm_jax.engine import shard
-from drm_jax.engine.compiled import (Layout, aligned, combine_jit, finite_flags, merge_deltas_jit, merge_layers_jit,
-                                     merge_once, prepare_group)
+from drm_jax.buffers import aligned_empty
+from drm_jax.engine.compiled import (Layout, aligned, block_stats, combine_jit, finite_flags, is_traced, merge_block,
+                                     merge_deltas_jit, merge_layers_jit, merge_once, prepare_group, under_trace)
 from drm_jax.engine.endpoints import Source
 from drm_jax.engine.host import combination_weights, combine, host_inputs
 from drm_jax.engine.plan import Chunk, Plan
@@ -191,7 +192,9 @@ class VmappedExecutor(_Base):
 
 
 class FusedExecutor(_Base):
-    """Rules that prepare nothing: one fused program per chunk from the stored inputs, nothing kept."""
+    """Rules that prepare nothing: one fused program per chunk from the stored inputs, nothing kept. A leaf
+    whose stacked inputs exceed the budget (`Chunk.block_rows`) is merged in row blocks where its rule
+    says how (`RowBlocks`): a statistics pass over the blocks, then each block merged with the sums."""
 
     prepares = False
 
@@ -200,6 +203,8 @@ class FusedExecutor(_Base):
 
     def merge_chunk(self, chunk, stored, rows, threshold, hparams, per_member, *, check, cache_key=None) -> Merged:
         rule, layout, k = self.rule(chunk), chunk.layout, self.plan.num_models
+        if chunk.block_rows and rule.rows is not None and not under_trace() and not is_traced(rows, hparams):
+            return self._merge_blocks(chunk, rule, rows, threshold, hparams, per_member, check)
         base = tuple(self.source.get_base(i) for i in chunk.members)
         models = tuple(tuple(self.source.get_model(t, i) for t in range(k)) for i in chunk.members)
         if check and self._on_host(layout, base, models):
@@ -220,6 +225,50 @@ class FusedExecutor(_Base):
         linear function of the task vectors (not one that reads the base itself: passthrough)."""
         return (self.rules.linear_combination and not self.spec.reads_base and layout.round_to is None
                 and jax.default_backend() == "cpu" and host_inputs(list(base) + [x for row in models for x in row]))
+
+    def _merge_blocks(self, chunk: Chunk, rule, rows, threshold, hparams, per_member, check) -> Merged:
+        """The chunk's one leaf in row blocks of `chunk.block_rows` rows (axis 0 in (out, in) orientation):
+        the whole leaf is read once, each block is a view of it; the merged blocks fill one output array."""
+        i, layout = chunk.members[0], chunk.layout
+        transposed = layout.transposed[0]
+        base = self.source.get_base(i)
+        models = [self.source.get_model(t, i) for t in range(self.plan.num_models)]
+        if is_traced(base, models):
+            return self.merge_chunk(chunk._replace(block_rows=0), None, rows, threshold, hparams, per_member,
+                                    check=check)
+        total = np.shape(base)[1 if transposed else 0]
+
+        def block(x, a):
+            x = x[:, a:a + chunk.block_rows] if transposed else x[a:a + chunk.block_rows]
+            return to_device(x)
+
+        starts = range(0, total, chunk.block_rows)
+        stats = None
+        if rule.rows.stats is not None:
+            sums = None
+            for a in starts:
+                part = block_stats(rule, layout, block(base, a), tuple(block(m, a) for m in models), rows,
+                                   chunk.keys, hparams, np.uint32(a), per_member=per_member)
+                sums = part if sums is None else jax.tree.map(np.add, sums, part)
+            own = jax.tree.map(lambda x: x[0], hparams) if per_member else hparams
+            stats = rule.rows.finish(sums, own) if rule.rows.finish is not None else sums
+            stats = jax.tree.map(lambda x: np.asarray(x, layout.compute), stats)
+        check_inputs = self.check_finite and not self.rules.linear_combination
+        out = aligned_empty(int(np.prod(np.shape(base))) * jnp.dtype(layout.dtypes[0]).itemsize)
+        out = out.view(jnp.dtype(layout.dtypes[0])).reshape(np.shape(base))
+        finite_in = np.ones((1, self.plan.num_models + 1), bool)
+        for a in starts:
+            merged, flags = merge_block(rule, layout, block(base, a), tuple(block(m, a) for m in models), rows,
+                                        chunk.keys, threshold, hparams, a, stats, check_inputs=check_inputs,
+                                        per_member=per_member)
+            if transposed:
+                out[:, a:a + chunk.block_rows] = np.asarray(merged)
+            else:
+                out[a:a + chunk.block_rows] = np.asarray(merged)
+            if flags is not None:
+                finite_in &= np.asarray(flags)
+        out = to_device(out)  # aligned: the same buffer, as a JAX array like every other merged leaf
+        return Merged(chunk.members, (out,), finite_in if check_inputs else None, self.checked((out,), check))
 
 
 class ShardedExecutor(_Base):

@@ -60,7 +60,10 @@ def compute_dtype(dtype) -> str:
 
 class Chunk(NamedTuple):
     """Members of one call: leaf indices, their static layout, keys, their positions in
-    `Plan.layer_names` (`layer_rows`) and the padded length of a chunk split over a mesh."""
+    `Plan.layer_names` (`layer_rows`) and the padded length of a chunk split over a mesh.
+
+    block_rows: 0, or, for a chunk of one leaf whose stacked inputs exceed the memory budget, the rows
+    (axis 0 in (out, in) orientation) of each row block a rule with `RowBlocks` merges it in."""
 
     group: Group
     members: tuple[int, ...]
@@ -68,6 +71,7 @@ class Chunk(NamedTuple):
     keys: np.ndarray
     length: int = 0
     layer_rows: np.ndarray | None = None
+    block_rows: int = 0
 
     @property
     def role(self) -> str:
@@ -109,15 +113,33 @@ def plan_roles(names, shapes, dtypes, options: MergeOptions, every_leaf: bool = 
     return leaf_roles, groups
 
 
+# A leaf cut into row blocks stays in memory whole while its blocks are merged (its inputs are read
+# once), so each block's stacked inputs are kept to this fraction of the budget.
+ROW_BLOCK_DIVISOR = 4
+
+
+def block_rows(shape: tuple[int, ...], num_models: int, max_group_bytes: int | None) -> int:
+    """Rows per block of a leaf of this canonical shape whose stacked float32 inputs (base and K models)
+    exceed `max_group_bytes`: blocks of at most max_group_bytes / ROW_BLOCK_DIVISOR (at least one row);
+    0 where the leaf fits, has fewer than 2 axes, or would be one block."""
+    row_bytes = (num_models + 1) * math.prod(shape[1:]) * 4
+    if max_group_bytes is None or len(shape) < 2 or shape[0] * row_bytes <= max_group_bytes:
+        return 0
+    rows = max(1, max_group_bytes // ROW_BLOCK_DIVISOR // max(1, row_bytes))
+    return rows if rows < shape[0] else 0
+
+
 def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, options: MergeOptions) -> list[Chunk]:
     """Every group cut into chunks of at most `options.max_group_bytes` of stacked float32 inputs (padded
-    to the device count of `options.mesh`), computed in `options.compute_dtype` (`resolve_compute_dtype`)."""
+    to the device count of `options.mesh`), computed in `options.compute_dtype` (`resolve_compute_dtype`);
+    a leaf that exceeds it alone gets its row blocks (`block_rows`, without a mesh)."""
     compute, round_to = resolve_compute_dtype(options.compute_dtype)
     max_group_bytes, mesh = options.max_group_bytes, options.mesh
     out = []
     for group in groups:
         layer_bytes = (num_models + 1) * math.prod(group.shape) * 4
         length = chunk_length(len(group.members), layer_bytes, max_group_bytes)
+        rows = block_rows(group.shape, num_models, max_group_bytes) if mesh is None else 0
         if mesh is not None:
             length = shard.padded_length(length, mesh)
         for members in chunks(group.members, length):
@@ -126,7 +148,7 @@ def plan_chunks(groups, leaf_roles, names, dtypes, num_models, seed, options: Me
                             compute or compute_dtype(dtypes[members[0]]), round_to)
             with jax.ensure_compile_time_eval():  # concrete keys inside the caller's jax.jit too
                 keys = np.stack([np.asarray(leaf_key(seed, names[i])) for i in members])
-            out.append(Chunk(group, tuple(members), layout, keys, length=length))
+            out.append(Chunk(group, tuple(members), layout, keys, length=length, block_rows=rows))
     return out
 
 
@@ -147,5 +169,5 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
                                                         options)
 
 
-__all__ = ["Chunk", "Plan", "compute_dtype", "leaf_key", "make_plan", "plan_chunks", "plan_roles", "plan_trees",
+__all__ = ["Chunk", "Plan", "ROW_BLOCK_DIVISOR", "block_rows", "compute_dtype", "leaf_key", "make_plan", "plan_chunks", "plan_roles", "plan_trees",
            "resolve_compute_dtype"]

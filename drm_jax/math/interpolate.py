@@ -1,7 +1,7 @@
 """Interpolation and selection on weights: spherical interpolation, spherical means, model stock's ratio,
 near-swap and Arcee fusion's importance mask (docs/methods.md#slerp and the sections after it).
 
-Every function is pure jax.numpy, traced in every number (t, weights, tolerances, iteration limits), with
+Every function but `karcher_coefficients` (float64 NumPy on the host) is pure jax.numpy, traced in every number (t, weights, tolerances, iteration limits), with
 no Python control flow on array values, so the engine can jit and vmap it over stacked layers. Inputs are
 one leaf's arrays: `v0`, `v1`, `base` of the leaf's shape, `tensors` / `deltas` stacked on a leading model
 axis (K, ...). Computation stays in the inputs' dtype (float32, or float64 under jax_enable_x64).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 # -- slerp -----------------------------------------------------------------------------------------------
@@ -197,6 +198,62 @@ def karcher_mean(tensors: Float[Array, "K ..."], alphas: Float[Array, " K"], max
     return out.reshape(tensors.shape[1:])
 
 
+def karcher_gram(tensors: Float[Array, "K ..."]) -> Float[Array, "K K"]:
+    """The Gram matrix <x_i, x_j> of K tensors (or of one row block of them: summed over the blocks it is
+    the whole tensors'), in float64 where enabled: all `karcher_coefficients` needs."""
+    x = tensors.reshape(tensors.shape[0], -1).astype(jnp.float64)
+    return x @ x.T
+
+
+def karcher_coefficients(gram, alphas, max_iter=10, tol=1e-5):
+    """a (K,) with `karcher_mean(tensors, alphas, max_iter, tol)` = sum_k a_k tensors_k, from their Gram
+    matrix alone (`karcher_gram`), in float64 NumPy on the host.
+
+    The mean never leaves the span of the unit vectors u_k = x_k / ||x_k||: it is held as coefficients c
+    over them (mean = sum_k c_k u_k), dot products and norms come from the Gram matrix of the units, and
+    every step of `karcher_mean` (the same start, tangent, step, renormalisation, stopping rule and
+    fallbacks) is taken on c. So a tensor too large for memory is merged in row blocks: one pass sums the
+    Gram matrix over the blocks, a second forms sum_k a_k x_k block by block.
+    """
+    g = np.asarray(gram, np.float64)
+    k = g.shape[0]
+    if k == 1:
+        return np.ones(1)
+    alphas = np.broadcast_to(np.asarray(alphas, np.float64), (k,))
+    tol = float(tol)
+    norms = np.sqrt(np.maximum(np.diag(g), 0.0))
+    inv = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0)  # a zero tensor's unit vector is 0
+    units = g * inv[:, None] * inv[None, :]  # <u_i, u_j>
+
+    def norm(c):
+        return float(np.sqrt(max(c @ units @ c, 0.0)))
+
+    valid = norms > tol
+    valid_sum = float(np.sum(np.where(valid, alphas, 0.0)))
+    weights = np.where(valid, alphas, 0.0) / (valid_sum if valid_sum != 0 else 1.0)
+    start_norm = norm(weights)
+    if start_norm < tol:
+        mean = np.eye(k)[int(np.argmax(valid))]
+    else:
+        mean = weights / start_norm
+    for _ in range(int(max_iter)):
+        cos = np.clip(units @ mean, -1.0, 1.0)
+        theta = np.arccos(cos)
+        active = valid & (theta >= tol)
+        sin = np.sin(theta)
+        factor = np.where(active, weights * theta / np.where(active, sin, 1.0), 0.0)
+        tangent = factor - np.sum(factor * cos) * mean
+        tangent_norm = norm(tangent)
+        if tangent_norm < tol:
+            break
+        moved = np.cos(tangent_norm) * mean + np.sin(tangent_norm) * (tangent / tangent_norm)
+        moved_norm = norm(moved)
+        mean = moved / moved_norm if moved_norm > tol else moved
+    if not np.any(valid):
+        return np.zeros(k)
+    return float(np.sum(alphas * norms)) * mean * inv
+
+
 # -- model stock -----------------------------------------------------------------------------------------
 def model_stock_ratio(deltas: Float[Array, "K ..."], filter_wise: bool = False) -> Float[Array, "..."]:
     """Model stock's interpolation ratio t = K cos / (1 + (K - 1) cos) from the offsets of K >= 2 models.
@@ -312,5 +369,5 @@ def fusion_delta(base: Float[Array, "..."], delta: Float[Array, "..."]) -> Float
 
 
 __all__ = ["FUSION_EPS", "NUSLERP_EPS", "SLERP_DOT_THRESHOLD", "SLERP_EPS", "fusion_delta", "fusion_importance",
-           "fusion_kl", "fusion_mask", "karcher_mean", "model_stock_delta", "model_stock_ratio", "multislerp", "nearswap_weight",
+           "fusion_kl", "fusion_mask", "karcher_coefficients", "karcher_gram", "karcher_mean", "model_stock_delta", "model_stock_ratio", "multislerp", "nearswap_weight",
            "nuslerp", "nuslerp_t", "slerp", "slerp_coefficients"]

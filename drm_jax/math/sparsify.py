@@ -136,6 +136,19 @@ def prune_by_threshold() -> MergeTransform:
     return reads(apply, "threshold")  # the engine's whole-model thresholds of a traced density
 
 
+def row_uniform(key: Array, shape: tuple[int, ...], row0=0) -> Float[Array, "..."]:
+    """Uniform float32 draws in [0, 1) for values of shape (K, rows, ...): row r of the leaf (axis 1 of
+    the values) draws its (K, ...) numbers from its own key, `fold_in(key, row0 + r)`, so a block of rows
+    starting at row0 draws exactly what those rows draw in the whole leaf, however the leaf is cut.
+    Values of a 0-D or 1-D leaf, (K,) or (K, n), are one row: drawn from `key` itself."""
+    if len(shape) < 3:
+        return jax.random.uniform(key, shape, jnp.float32)
+    rows = jnp.asarray(row0, jnp.uint32) + jnp.arange(shape[1], dtype=jnp.uint32)
+    draws = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (shape[0],) + tuple(shape[2:]),
+                                                  jnp.float32))(rows)
+    return jnp.moveaxis(draws, 0, 1)
+
+
 def random_drop_mask(key: Array, shape: tuple[int, ...], drop_rate) -> Bool[Array, "..."]:
     """Bernoulli keep-mask with P(keep) = 1 - drop_rate; drop_rate () or (K,) for shape (K, ...)."""
     keep = 1.0 - jnp.asarray(drop_rate, jnp.float32)
@@ -150,34 +163,43 @@ def dare_drop(drop_rate: float | None = None, rescale: bool = True, rule: Rescal
       on the host where given ("dare_keep", "dare_scale": the stage's hooks, `state.derives`). p = 1 drops everything.
     rule: with `rescale`, "inverse" divides each survivor by its keep probability 1 - p (the paper), "l1"
       scales each task's tensor back to its L1 norm (mergekit 0.1.5's `rescale`; `l1_rescaled`).
-    Uses `MergeState.key`; the engine derives it from the seed and the leaf's path, so the result does
-    not depend on how leaves are grouped, chunked or sharded.
+    Uses `MergeState.key`; the engine derives it from the seed and the leaf's path, and the draws are
+    keyed per row of the leaf (`row_uniform`), so the result does not depend on how leaves are grouped,
+    chunked, sharded or cut into row blocks.
     """
     if drop_rate is not None:
         drop_rate = check_fraction("drop rate", drop_rate)
     if rule not in ("inverse", "l1"):
         raise ValueError(f"unknown rescale rule {rule!r}; expected 'inverse' or 'l1'")
 
-    def apply(state: MergeState) -> MergeState:
+    def factors(state: MergeState):
+        if drop_rate is not None:
+            return dare_factors(drop_rate)
+        if number(state.hparams, "dare_keep", required=False) is not None:  # `dare_factors` on the host
+            return number(state.hparams, "dare_keep"), number(state.hparams, "dare_scale")
+        return dare_factors(hyper(state, None, "drop_rate"))
+
+    def masked(state: MergeState):
         if state.key is None:
             raise ValueError("dare_drop() needs a PRNG key in MergeState.key")
-        if drop_rate is not None:
-            keep_p, factor = dare_factors(drop_rate)
-        elif number(state.hparams, "dare_keep", required=False) is not None:  # `dare_factors` on the host
-            keep_p, factor = number(state.hparams, "dare_keep"), number(state.hparams, "dare_scale")
-        else:
-            keep_p, factor = dare_factors(hyper(state, None, "drop_rate"))
+        keep_p, factor = factors(state)
         keep_p = jnp.asarray(keep_p, jnp.float32)
         if keep_p.ndim:  # one probability per model
             keep_p = broadcast_tasks(keep_p, state.values)
-        mask = jax.random.bernoulli(state.key, keep_p, state.values.shape)
+        mask = row_uniform(state.key, state.values.shape, state.row0) < keep_p
+        return mask, factor
+
+    def apply(state: MergeState) -> MergeState:
+        mask, factor = masked(state)
         if rescale and rule == "l1":
-            return state.replace(values=l1_rescaled(state.values, jnp.where(mask, state.values, 0.0)))
+            return state.replace(values=l1_rescaled(state.values, jnp.where(mask, state.values, 0.0), state.stats))
         factor = jnp.asarray(factor if rescale else 1.0, state.values.dtype)
         if factor.ndim:
             factor = broadcast_tasks(factor, state.values)
         return state.replace(values=jnp.where(mask, state.values * factor, 0.0))
 
+    if rescale and rule == "l1":
+        apply.row_sums = lambda state: l1_sums(state.values, jnp.where(masked(state)[0], state.values, 0.0))
     if drop_rate is not None:
         return reads(apply, "seed")
 
@@ -207,16 +229,25 @@ def dare_factors(drop_rate):
 L1_FLOOR = 1e-7
 
 
-def l1_rescaled(original: Float[Array, "K ..."], masked: Float[Array, "K ..."]) -> Float[Array, "K ..."]:
+def l1_sums(original: Float[Array, "K ..."], masked: Float[Array, "K ..."]) -> tuple[Array, Array]:
+    """(||original_t||_1, ||masked_t||_1), each (K,): the statistics of `l1_rescaled`, which a leaf cut into
+    row blocks sums over its blocks (`RowBlocks`)."""
+    axes = tuple(range(1, original.ndim))
+    return jnp.sum(jnp.abs(original), axis=axes), jnp.sum(jnp.abs(masked), axis=axes)
+
+
+def l1_rescaled(original: Float[Array, "K ..."], masked: Float[Array, "K ..."], sums=None) -> Float[Array, "K ..."]:
     """Each task's sparsified tensor scaled back to the L1 norm of its original (docs/methods.md#rescale).
 
     masked_t * (||original_t||_1 / ||masked_t||_1), per task t over all entries of its tensor; masked_t is
     returned unscaled where either norm is below 1e-7 (mergekit's `rescaled_masked_tensor` with the l1
-    norm). Shapes (K, ...) in, (K, ...) out.
+    norm). Shapes (K, ...) in, (K, ...) out. sums: None, or the two norms (K,) of the whole tensor when
+    `original` and `masked` are one row block of it (`l1_sums` summed over the blocks).
     """
-    axes = tuple(range(1, original.ndim))
-    before = jnp.sum(jnp.abs(original), axis=axes, keepdims=True)
-    after = jnp.sum(jnp.abs(masked), axis=axes, keepdims=True)
+    before, after = l1_sums(original, masked) if sums is None else sums
+    shape = (original.shape[0],) + (1,) * (original.ndim - 1)
+    before = jnp.asarray(before, original.dtype).reshape(shape)
+    after = jnp.asarray(after, original.dtype).reshape(shape)
     floor = jnp.asarray(L1_FLOOR, before.dtype)
     ok = (before >= floor) & (after >= floor)
     return jnp.where(ok, masked * (before / jnp.where(ok, after, 1.0)), masked)
@@ -322,24 +353,31 @@ def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransfor
     if rule not in ("inverse", "l1"):
         raise ValueError(f"unknown rescale rule {rule!r}; expected 'inverse' or 'l1'")
 
-    def apply(state: MergeState) -> MergeState:
+    def drawn(state: MergeState):
         if state.key is None:
             raise ValueError("ranked_drop() needs a PRNG key in MergeState.key")
         x = state.values
         p = ranked_keep_probabilities(jnp.abs(x), hyper(state, None, "della_density"),
                                       hyper(state, None, "della_epsilon"))
-        mask = jax.random.uniform(state.key, x.shape, jnp.float32) < p
+        mask = row_uniform(state.key, x.shape, state.row0) < p
+        return mask, p
+
+    def apply(state: MergeState) -> MergeState:
+        x = state.values
+        mask, p = drawn(state)
         masked = jnp.where(mask, x, 0.0)
         if rescale and rule == "l1":
-            masked = l1_rescaled(x, masked)
+            masked = l1_rescaled(x, masked, state.stats)
         elif rescale:
             masked = jnp.where(mask, x / jnp.where(mask, p, 1.0).astype(x.dtype), 0.0)
         return state.replace(values=masked)
 
+    if rescale and rule == "l1":
+        apply.row_sums = lambda state: l1_sums(state.values, jnp.where(drawn(state)[0], state.values, 0.0))
     return reads(apply, "della_density", "della_epsilon", "seed")
 
 
 __all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",
-           "l1_rescaled", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
+           "l1_rescaled", "l1_sums", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
            "prune_counts", "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities",
-           "rescale_l1"]
+           "rescale_l1", "row_uniform"]

@@ -41,6 +41,10 @@ class MergeState:
       parameters and what the stages' host hooks derive from them, e.g. exact pruning counts), or a dict
       for a composition; see `number` and `hyper`.
     transposed: static; the joint space was built on transposed deltas (DRM-V).
+    row0: the leaf row where `values`' rows (their axis 1) start: 0 for a whole leaf, the block's first row
+      when a leaf is merged in row blocks (random draws are keyed per row of the leaf).
+    stats: None, or, for a row block, the statistics of the whole leaf a stage reads instead of computing
+      them from the block (the L1 norms of `drm_jax.math.sparsify.l1_rescaled`; `RowBlocks`).
     """
 
     values: Float[Array, "K ..."]
@@ -53,6 +57,8 @@ class MergeState:
     merged: Float[Array, "..."] | None = None
     hparams: Any = struct.field(default_factory=dict)
     transposed: bool = struct.field(pytree_node=False, default=False)
+    row0: Any = 0
+    stats: Any = None
 
     @property
     def num_tasks(self) -> int:
@@ -148,12 +154,15 @@ def init_state(
     key: Array | None = None,
     threshold: Float[Array, " K"] | None = None,
     hparams: dict | None = None,
+    row0: Any = 0,
+    stats: Any = None,
 ) -> MergeState:
-    """A weight-space state for deltas (K, ...); coefficients default to ones."""
+    """A weight-space state for deltas (K, ...); coefficients default to ones. row0, stats: a row block's
+    (`MergeState`)."""
     if coefficients is None:
         coefficients = jnp.ones((deltas.shape[0],), deltas.dtype)
     return MergeState(values=deltas, coefficients=jnp.asarray(coefficients, deltas.dtype), key=key,
-                      threshold=threshold, hparams={} if hparams is None else hparams)
+                      threshold=threshold, hparams={} if hparams is None else hparams, row0=row0, stats=stats)
 
 
 def merge_deltas(

@@ -129,6 +129,12 @@ class LayerContext(NamedTuple):
     layers of a group (`MethodSpec.layer_hparams`: a NamedTuple the method declares, or a dict). base: the base model's
     weights of this layer, (out, in) orientation and the compute dtype, for the methods that work on
     weights rather than task vectors (slerp, model stock, ...): the model weights are base + delta_t.
+    row0: where the rows of this call start in their leaf: 0 for a whole leaf; a leaf larger than the
+    memory budget is merged in row blocks (`RowBlocks`), and random draws are keyed per row of the leaf
+    (`drm_jax.math.sparsify.row_uniform`), so a block draws what its rows draw in the whole leaf.
+    stats: None for a whole leaf; for a row block, the statistics of the whole leaf its rule's
+    `RowBlocks` computed (summed over the blocks, then finished), which the merge reads instead of
+    computing them from the block.
     """
 
     coefficients: Any
@@ -136,6 +142,26 @@ class LayerContext(NamedTuple):
     threshold: Any
     hparams: dict
     base: Any = None
+    row0: Any = 0
+    stats: Any = None
+
+
+class RowBlocks(NamedTuple):
+    """How a rule whose merge is not elementwise still merges a leaf in row blocks (axis 0 of the leaf in
+    (out, in) orientation) with the result of the whole leaf: its draws are keyed per row (`LayerContext.row0`)
+    and whatever it reads of the whole leaf is a statistic summed over the blocks first.
+
+    stats: (deltas of a block (K, rows, ...), LayerContext) -> a pytree of arrays whose sum over the blocks
+      is the statistic of the whole leaf (mergekit's L1 norms for DARE and DELLA, the Gram matrix for
+      karcher); None: the merge reads nothing of the whole leaf.
+    finish: (the summed statistics as float64 NumPy, the leaf's hparams) -> what the merge of each block
+      reads in `LayerContext.stats` (computed on the host); None: the sums themselves.
+    x64: compute `stats` in float64 (the sums of a Gram matrix).
+    """
+
+    stats: Callable[[Any, LayerContext], Any] | None = None
+    finish: Callable[[Any, Any], Any] | None = None
+    x64: bool = False
 
 
 class LayerRule(NamedTuple):
@@ -147,12 +173,16 @@ class LayerRule(NamedTuple):
       truncated to the rows that matter (DRM's rank buckets: one row count for the group, chosen on the
       host outside the vmap, so the vmapped program stays batched over layers).
     x64: run `prepare` in float64 (its outputs are cast back: the merge stays float32).
+    rows: how a leaf too large for the memory budget is merged in row blocks (`RowBlocks`), for a rule
+      that prepares nothing; None: such a leaf is merged whole (the rules that are elementwise are cut
+      into blocks by the command line's reader instead, `Rules.row_separable`).
     """
 
     prepare: Callable[[Any], Any] | None
     merge: Callable[[Any, LayerContext], Any]
     shrink: Callable[[Any], Any] | None = None
     x64: bool = False
+    rows: RowBlocks | None = None
 
 
 class Rules(NamedTuple):
@@ -428,12 +458,25 @@ INT8_MASK = Param("int8_mask", "bool", False, "mergekit's memory option for its 
                   "configs, no effect on the result (masks here are boolean)")
 
 
-def chain_rule(transform: MergeTransform) -> LayerRule:
-    """A rule that prepares nothing (the deltas themselves) and merges with one chain of stages."""
-    def merge(deltas, ctx: LayerContext):
-        return merged_of(transform(init_state(deltas, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams)))
+def _state(deltas, ctx: LayerContext):
+    return init_state(deltas, ctx.coefficients, ctx.key, ctx.threshold, ctx.hparams, row0=ctx.row0, stats=ctx.stats)
 
-    return LayerRule(prepare=None, merge=merge)
+
+def chain_rule(transform: MergeTransform, rows_after: MergeTransform | None = None) -> LayerRule:
+    """A rule that prepares nothing (the deltas themselves) and merges with one chain of stages.
+
+    rows_after: the chain's first stage, where it is the only one that reads more of a leaf than a row
+    of it (DARE's and DELLA's drops: their draws are keyed per row, their rescaling reads the whole
+    leaf's L1 norms, `row_sums`) and every later stage is elementwise: the rule then merges a leaf in
+    row blocks (`RowBlocks`) with the whole leaf's result."""
+    def merge(deltas, ctx: LayerContext):
+        return merged_of(transform(_state(deltas, ctx)))
+
+    rows = None
+    if rows_after is not None:
+        sums = getattr(rows_after, "row_sums", None)
+        rows = RowBlocks(stats=None if sums is None else lambda deltas, ctx: sums(_state(deltas, ctx)))
+    return LayerRule(prepare=None, merge=merge, rows=rows)
 
 
 def traced_numbers(type_name: str, *names: str, counts: tuple[str, ...] = (), derived: tuple[str, ...] = (),
@@ -460,5 +503,5 @@ def scalar(value) -> Any:
 
 
 __all__ = ["COEFFICIENTS", "Complement", "FactoredRule", "INT8_MASK", "LAMBDA", "LayerContext", "LayerRule", "LeafData",
-           "MethodSpec", "Param", "ROUND_TO", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value",
+           "MethodSpec", "Param", "ROUND_TO", "RowBlocks", "Rules", "SEED", "UnknownParameter", "chain_rule", "check_value",
            "one_minus", "per_model_numbers", "per_model_values", "scalar", "traced_numbers"]

@@ -1,8 +1,9 @@
 """DARE: random drop and rescale, then task arithmetic or TIES' sign consensus (docs/methods.md#dare).
 
 The drop probability (one for all models or one per model) is traced; the masks are drawn from each
-tensor's own key (the seed folded with a hash of the tensor's name), so they do not depend on grouping,
-chunking or sharding, and a new drop rate reuses the compiled program. `rescale_rule` picks the paper's
+tensor's own key (the seed folded with a hash of the tensor's name), one key per row of the tensor, so
+they do not depend on grouping, chunking, sharding or a cut into row blocks, and a new drop rate reuses
+the compiled program. `rescale_rule` picks the paper's
 rescaling (1 / (1 - p), the Python default) or mergekit 0.1.5's (each task tensor keeps its L1 norm, the
 command line's default).
 """
@@ -30,17 +31,19 @@ TIES_NORMALIZE = Param("normalize", "bool", True, "divide by the weighted count 
                        mergekit_default=False)
 
 
+# After the drop every stage is elementwise (sums, sign election and means over the tasks of one entry):
+# a leaf larger than the memory budget is merged in row blocks (`chain_rule`'s rows_after).
 def _build_linear(static: dict) -> Rules:
     drop = dare_drop(None, static["rescale"], static["rescale_rule"])
     reduce = weighted_mean() if static["normalize"] else chain(scale_by_coefficients(), sum_tasks())
-    rule = chain_rule(chain(drop, reduce, scale()))
+    rule = chain_rule(chain(drop, reduce, scale()), rows_after=drop)
     return Rules(linear=rule, other=rule)
 
 
 def _build_ties(static: dict) -> Rules:
+    drop = dare_drop(None, static["rescale"], static["rescale_rule"])
     reduce = disjoint_mean("coefficients") if static["normalize"] else sum_tasks()
-    rule = chain_rule(chain(dare_drop(None, static["rescale"], static["rescale_rule"]), scale_by_coefficients(),
-                            elect_sign("positive"), reduce, scale()))
+    rule = chain_rule(chain(drop, scale_by_coefficients(), elect_sign("positive"), reduce, scale()), rows_after=drop)
     return Rules(linear=rule, other=rule)
 
 

@@ -3,7 +3,7 @@ arithmetic (`della_linear`), as mergekit 0.1.5 does (docs/methods.md#della).
 
 Each entry is kept with a probability that grows linearly with its magnitude rank in its row, from
 density - epsilon to density + epsilon; the draws come from each tensor's own key (the seed folded with
-its name). density and epsilon (per model), the weights and lambda are traced; the rule that density +-
+its name), one key per row, so a tensor cut into row blocks draws what it draws whole. density and epsilon (per model), the weights and lambda are traced; the rule that density +-
 epsilon lie in (0, 1) is checked on the host where the values are concrete.
 """
 
@@ -36,7 +36,8 @@ def _normalize(default: bool) -> Param:
 def _builder(consensus: bool):
     def build(static: dict) -> Rules:
         drop = ranked_drop(static["rescale"], static["rescale_rule"])
-        rule = chain_rule(chain(drop, generalized_reduce(consensus, static["normalize"]), scale()))
+        # the ranks are per row and the reduction elementwise: a large leaf is merged in row blocks
+        rule = chain_rule(chain(drop, generalized_reduce(consensus, static["normalize"]), scale()), rows_after=drop)
         return Rules(linear=rule, other=rule)
 
     return build

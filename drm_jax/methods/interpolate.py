@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 
 from drm_jax.math import interpolate as ip
-from drm_jax.methods.base import COEFFICIENTS, LayerRule, MethodSpec, Param, Rules, traced_numbers
+from drm_jax.methods.base import COEFFICIENTS, LayerRule, MethodSpec, Param, RowBlocks, Rules, traced_numbers
 
 T = Param("t", "float", 0.5, "interpolation factor: 0 gives the base model, 1 the other model (mergekit: "
           "required)", traced=True, required=True)
@@ -120,10 +121,20 @@ def _build_karcher(static: dict) -> Rules:
     def merge(deltas, ctx):
         k = deltas.shape[0]
         models = ctx.base + deltas
+        if ctx.stats is not None:  # a row block: the whole leaf's coefficients (`karcher_coefficients`)
+            return jnp.tensordot(jnp.asarray(ctx.stats, models.dtype), models, axes=1) - ctx.base
         alphas = jnp.full((k,), 1.0 / k, deltas.dtype)
         return ip.karcher_mean(models, alphas, ctx.hparams.max_iter, ctx.hparams.tol) - ctx.base
 
-    return _rules(merge)
+    def coefficients(gram, hparams):
+        k = gram.shape[0]
+        return ip.karcher_coefficients(gram, np.full(k, 1.0 / k), np.asarray(hparams.max_iter),
+                                       np.asarray(hparams.tol))
+
+    # a leaf larger than the memory budget: the Gram matrix summed over row blocks, then sum_k a_k W_k
+    rows = RowBlocks(stats=lambda deltas, ctx: ip.karcher_gram(ctx.base + deltas), finish=coefficients, x64=True)
+    rule = LayerRule(prepare=None, merge=merge, rows=rows)
+    return Rules(linear=rule, other=rule)
 
 
 _karcher_hparams = traced_numbers("KarcherNumbers", "max_iter", "tol", counts=("max_iter",))

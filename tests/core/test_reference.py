@@ -124,8 +124,11 @@ def test_dare_drop_rescale_then_consensus(method):
     base, deltas = make_models(9, k=3, shape=(20, 10))
     p = 0.7
     got = merged_delta(base, deltas, method=method, drop_rate=p, seed=3)
-    # DARE's mask is drawn from the leaf's key over the (K, ...) stack: rebuild it
-    keep = np.asarray(jax.random.bernoulli(leaf_key(3, "w"), 1 - p, deltas.shape))
+    # DARE's mask is drawn from the leaf's key, one key per row of the leaf (fold_in of the row index), each
+    # row drawing its (K, in) numbers: rebuild it
+    keys = [jax.random.fold_in(leaf_key(3, "w"), r) for r in range(deltas.shape[1])]
+    keep = np.stack([np.asarray(jax.random.uniform(key, (deltas.shape[0], deltas.shape[2]))) for key in keys],
+                    axis=1) < np.float32(1 - p)
     dropped = np.where(keep, _fp32_deltas(base, deltas) / (1 - p), 0.0)
     want = ref.task_arithmetic(dropped) if method == "dare_linear" else ref.ties_mergekit(dropped, 1.0)
     assert ref.relative_error(got, want) < 1e-6

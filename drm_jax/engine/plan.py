@@ -169,5 +169,5 @@ def plan_trees(base, models, options: MergeOptions, seed: int):
                                                         options)
 
 
-__all__ = ["Chunk", "Plan", "ROW_BLOCK_DIVISOR", "block_rows", "compute_dtype", "leaf_key", "make_plan", "plan_chunks", "plan_roles", "plan_trees",
+__all__ = ["Chunk", "Plan", "block_rows", "compute_dtype", "leaf_key", "make_plan", "plan_chunks", "plan_roles", "plan_trees",
            "resolve_compute_dtype"]

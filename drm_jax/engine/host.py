@@ -102,10 +102,10 @@ def combine(base: Sequence[np.ndarray], models: Sequence[Sequence[np.ndarray]], 
     Returns (merged members, (L,) finite flags, None when unchecked)."""
     outputs, jobs = [], []
     for r, xs in enumerate(models):
-        b = np.ascontiguousarray(np.asarray(base[r]))
+        b = np.asarray(base[r], order="C")  # (ascontiguousarray would make a 0-d leaf 1-d)
         out = aligned_empty(b.nbytes).view(b.dtype).reshape(b.shape)
         outputs.append(out)
-        flat_models = [np.ascontiguousarray(np.asarray(x)).reshape(-1) for x in xs]
+        flat_models = [np.asarray(x, order="C").reshape(-1) for x in xs]
         w = weights[r].astype(compute)
         for start in range(0, b.size, JOB):
             jobs.append((r, out.reshape(-1), b.reshape(-1), flat_models, w, compute, start, min(start + JOB, b.size)))

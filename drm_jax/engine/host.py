@@ -88,10 +88,10 @@ def _combine_span(out: np.ndarray, base: np.ndarray, models: Sequence[np.ndarray
             if i:
                 np.add(a, t, out=a)
         np.add(a, b, out=a)
-        if check and finite:
-            finite = bool(np.isfinite(a).all())
         if not direct:
             np.copyto(out[s:e], a, casting="same_kind")
+        if check and finite:  # the output as stored: a cast to a narrower dtype can overflow too
+            finite = bool(np.isfinite(out[s:e]).all())
     return finite
 
 

@@ -78,3 +78,13 @@ def test_a_rule_that_reads_the_base_stays_compiled(monkeypatch):
     monkeypatch.setattr("drm_jax.engine.executors.combine", lambda *a, **k: pytest.fail("combined on the host"))
     out = drm_jax.merge(base, models, method="passthrough", scale=0.5)
     np.testing.assert_allclose(np.asarray(out["a"]), 0.5 * models[0]["a"], rtol=1e-6, atol=1e-6)
+
+
+def test_an_overflow_in_the_cast_to_the_stored_dtype_is_refused():
+    # float32 leaves merged in float64 (compute_dtype): the sum fits float64 but not the stored float32
+    big = np.float32(3e38)
+    base = {"a": np.zeros((4, 4), np.float32)}
+    models = [{"a": np.full((4, 4), big, np.float32)} for _ in range(2)]
+    with jax.enable_x64(True):
+        with pytest.raises(MergeInputError, match="'a'"):
+            drm_jax.merge(base, models, method="task_arithmetic", compute_dtype="float64")

@@ -163,7 +163,7 @@ def main() -> int:
                 "drm_jax GB/s", "mergekit GB/s", "agreement"], rows, "lrrrrrrl"),
         "",
         "Ratio and bandwidth use drm_jax with JAX arrays (each library on its own array type, converted "
-        "once outside the timings); the numpy column adds the host-to-device copy of misaligned numpy buffers.",
+        "once outside the timings); the numpy column is drm_jax on the numpy arrays themselves (linear combinations are computed on the host, engine/host.py).",
         "",
         "Goals (issue 12):",
         *goal_lines,

@@ -112,7 +112,7 @@ def combine(base: Sequence[np.ndarray], models: Sequence[Sequence[np.ndarray]], 
     finite = np.ones(len(outputs), bool)
     for r, ok in _pool().map(lambda j: (j[0], _combine_span(*j[1:], check)), jobs):
         finite[r] &= ok
-    return [jax.device_put(x) for x in outputs], (finite if check else None)
+    return list(jax.device_put(outputs)), (finite if check else None)  # one batched call for the chunk
 
 
 __all__ = ["combination_weights", "combine", "host_inputs"]

@@ -310,55 +310,121 @@ def magnitude_band_mask(magnitudes: Float[Array, "K ..."], low, count) -> Bool[A
     return jax.vmap(one)(flat, low, count).reshape(magnitudes.shape)
 
 
-def magnitude_band() -> MergeTransform:
-    """Model Breadcrumbs' sparsifier: keep each task's magnitude band (`magnitude_band_mask`), reading the
-    traced counts `state.hparams["band_low"]`, `["band_count"]` ((K,) int32, from `band_counts`)."""
+def magnitude_band(density: float | None = None, gamma: float | None = None) -> MergeTransform:
+    """Model Breadcrumbs' sparsifier: keep each task's magnitude band (`magnitude_band_mask`) of
+    `band_counts` at the stage's tensor size.
+
+    density, gamma: fixed fractions (the band counted on the host when the program is traced), or both
+      None to read the traced `state.hparams["density"]` and `["gamma"]` (() or (K,)): the counts
+      `["band_low"]`, `["band_count"]` ((K,) int32) are then the stage's host hooks' (`band_counts` in
+      float64 where the numbers are concrete, `state.derives`), else counted in the program.
+    """
+    if (density is None) != (gamma is None):
+        raise ValueError("magnitude_band() takes both density and gamma, or neither (read from the merge state)")
+    if density is not None:
+        density, gamma = check_fraction("density", density), check_fraction("gamma", gamma)
+
+    def counts(state: MergeState):
+        n = int(math.prod(state.values.shape[1:]))
+        if density is not None:
+            return band_counts(density, gamma, n)
+        if number(state.hparams, "band_low", required=False) is not None:  # the hooks' counts
+            return number(state.hparams, "band_low"), number(state.hparams, "band_count")
+        return band_counts(hyper(state, None, "density"), hyper(state, None, "gamma"), n)
 
     def apply(state: MergeState) -> MergeState:
-        mask = magnitude_band_mask(jnp.abs(state.values), hyper(state, None, "band_low"),
-                                   hyper(state, None, "band_count"))
+        mask = magnitude_band_mask(jnp.abs(state.values), *counts(state))
         return state.replace(values=jnp.where(mask, state.values, 0.0))
 
-    return reads(apply, "band_low", "band_count")
+    if density is not None:
+        return apply
+
+    def low(numbers: dict, at: MergeState):  # the host hooks: `band_counts` at the stage's tensor size
+        return band_counts(numbers["density"], numbers["gamma"], int(math.prod(at.values.shape[1:])))[0]
+
+    def count(numbers: dict, at: MergeState):
+        return band_counts(numbers["density"], numbers["gamma"], int(math.prod(at.values.shape[1:])))[1]
+
+    return derives(derives(reads(apply, "density", "gamma"), "band_low", low), "band_count", count)
 
 
-def ranked_keep_probabilities(magnitudes: Float[Array, "K ..."], density, epsilon) -> Float[Array, "K ..."]:
-    """DELLA's keep probability of each entry from its magnitude rank (docs/methods.md#della).
+def ranked_width(shape: tuple[int, ...]) -> int:
+    """n, the length of the rows DELLA ranks in values of shape (K, ...): axis 2 of (K, rows, n, ...) (the
+    input axis of an (out, in) weight), or every entry of a 0-D or 1-D leaf's (K,) or (K, n) (one row)."""
+    return int(shape[2]) if len(shape) > 2 else int(math.prod(shape[1:]))
 
-    magnitudes: (K, ...). density, epsilon: (K,). A task's tensor is ranked along its axis 1 (the input
-    axis of an (out, in) weight; a 1-D tensor is one row), ranks r = 1..n by ascending magnitude (ties
-    broken by position), and p = density - epsilon + 2 epsilon (r - 1) / (n - 1): from density - epsilon
-    for the smallest to density + epsilon for the largest. A row of one entry (n = 1) gets p = density.
-    density >= 1 gives p = 1 (nothing dropped), density <= 0 gives p = 0.
+
+def rank_probabilities(density, epsilon, shape: tuple[int, ...]) -> Float[Array, "K n"]:
+    """DELLA's keep probability of each magnitude rank (docs/methods.md#della), for values of shape (K, ...).
+
+    density, epsilon: () or (K,). Returns (K, n) float32, n = `ranked_width(shape)`: for rank r = 0..n-1
+    (ascending magnitude) p = density - epsilon + 2 epsilon r / (n - 1), from density - epsilon for the
+    smallest to density + epsilon for the largest; a row of one entry (n = 1) gets p = density; density
+    >= 1 gives p = 1 (nothing dropped), density <= 0 gives p = 0. Concrete values are computed on the
+    host in float64 and rounded once (the host hook of `ranked_drop(None)`); traced ones in the program in
+    float32.
+    """
+    k, n = shape[0], ranked_width(shape)
+    if is_traced(density, epsilon):
+        d = jnp.broadcast_to(jnp.asarray(density, jnp.float32), (k,))[:, None]
+        e = jnp.broadcast_to(jnp.asarray(epsilon, jnp.float32), (k,))[:, None]
+        norm = jnp.arange(n, dtype=jnp.float32) / (n - 1) if n > 1 else jnp.full((n,), 0.5, jnp.float32)
+        p = (d - e) + norm * 2.0 * e
+        return jnp.where(d >= 1, 1.0, jnp.where(d <= 0, 0.0, p))
+    d = np.broadcast_to(np.asarray(density, np.float64), (k,))[:, None]
+    e = np.broadcast_to(np.asarray(epsilon, np.float64), (k,))[:, None]
+    norm = np.arange(n, dtype=np.float64) / (n - 1) if n > 1 else np.full((n,), 0.5)
+    p = np.where(d >= 1, 1.0, np.where(d <= 0, 0.0, (d - e) + norm * 2.0 * e))
+    return jnp.asarray(p.astype(np.float32))
+
+
+def ranked_keep_probabilities(magnitudes: Float[Array, "K ..."], table: Float[Array, "K n"]) -> Float[Array, "K ..."]:
+    """Each entry's keep probability from its magnitude rank in its row: `table[t, rank]`.
+
+    magnitudes: (K, ...). A task's tensor is ranked along its axis 1 (the input axis of an (out, in)
+    weight; a 1-D tensor is one row), ranks 0..n-1 by ascending magnitude, ties broken by position.
+    table: (K, n) probabilities per rank (`rank_probabilities`).
     """
     k = magnitudes.shape[0]
     per_task = magnitudes.reshape(k, 1, -1) if magnitudes.ndim <= 2 else magnitudes
     n = per_task.shape[2]
-    ranks = jnp.argsort(jnp.argsort(per_task, axis=2, stable=True), axis=2, stable=True).astype(jnp.float32)
-    norm = ranks / (n - 1) if n > 1 else jnp.full(per_task.shape, 0.5, jnp.float32)
-    d = broadcast_tasks(jnp.asarray(density, jnp.float32), per_task)
-    e = broadcast_tasks(jnp.asarray(epsilon, jnp.float32), per_task)
-    p = (d - e) + norm * 2.0 * e
-    p = jnp.where(d >= 1, 1.0, jnp.where(d <= 0, 0.0, p))
+    if table.shape != (k, n):
+        raise ValueError(f"ranked_drop(): {table.shape} rank probabilities for {k} tasks of rows of {n} entries")
+    ranks = jnp.argsort(jnp.argsort(per_task, axis=2, stable=True), axis=2, stable=True)
+    p = jax.vmap(lambda row, r: row[r])(table, ranks)
     return p.reshape(magnitudes.shape)
 
 
-def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransform:
+def ranked_drop(density: float | None = None, epsilon: float | None = None, rescale: bool = True,
+                rule: RescaleRule = "l1") -> MergeTransform:
     """DELLA's MagPrune: drop each entry with probability 1 - p (`ranked_keep_probabilities`), then rescale.
 
-    Reads `state.hparams["della_density"]` and `["della_epsilon"]` ((K,) each) and draws from
-    `MergeState.key`. rule: with `rescale`, "l1" scales each task's tensor back to its L1 norm (mergekit),
-    "inverse" divides each survivor by its own p (the paper). A task with density >= 1 is left as it is.
+    density, epsilon: fixed numbers, or both None to read the traced `state.hparams["density"]` and
+    `["epsilon"]` (() or (K,)): the probabilities per rank `["della_probabilities"]` ((K, n)) are then the
+    stage's host hook's (`rank_probabilities` in float64 where the numbers are concrete, `state.derives`),
+    else computed in the program. Draws from `MergeState.key`. rule: with `rescale`, "l1" scales each
+    task's tensor back to its L1 norm (mergekit), "inverse" divides each survivor by its own p (the
+    paper). A task with density >= 1 is left as it is.
     """
     if rule not in ("inverse", "l1"):
         raise ValueError(f"unknown rescale rule {rule!r}; expected 'inverse' or 'l1'")
+    if (density is None) != (epsilon is None):
+        raise ValueError("ranked_drop() takes both density and epsilon, or neither (read from the merge state)")
+    if density is not None:
+        density, epsilon = check_fraction("density", density), float(epsilon)
+
+    def table(state: MergeState):
+        if density is not None:
+            return rank_probabilities(density, epsilon, state.values.shape)
+        if number(state.hparams, "della_probabilities", required=False) is not None:  # the hook's
+            return jnp.asarray(number(state.hparams, "della_probabilities"), jnp.float32)
+        return rank_probabilities(hyper(state, None, "density"), hyper(state, None, "epsilon"), state.values.shape)
 
     def drawn(state: MergeState):
         if state.key is None:
             raise ValueError("ranked_drop() needs a PRNG key in MergeState.key")
         x = state.values
-        p = ranked_keep_probabilities(jnp.abs(x), hyper(state, None, "della_density"),
-                                      hyper(state, None, "della_epsilon"))
+        p = ranked_keep_probabilities(jnp.abs(x), table(state))
         mask = row_uniform(state.key, x.shape, state.row0) < p
         return mask, p
 
@@ -374,10 +440,17 @@ def ranked_drop(rescale: bool = True, rule: RescaleRule = "l1") -> MergeTransfor
 
     if rescale and rule == "l1":
         apply.row_sums = lambda state: l1_sums(state.values, jnp.where(drawn(state)[0], state.values, 0.0))
-    return reads(apply, "della_density", "della_epsilon", "seed")
+    if density is not None:
+        return reads(apply, "seed")
+
+    def probabilities(numbers: dict, at: MergeState):  # the host hook: `rank_probabilities` at the stage's shape
+        return rank_probabilities(numbers["density"], numbers["epsilon"], at.values.shape)
+
+    return derives(reads(apply, "density", "epsilon", "seed"), "della_probabilities", probabilities)
 
 
 __all__ = ["L1_FLOOR", "RescaleRule", "Rule", "Scope", "band_counts", "check_fraction", "dare_drop", "dare_factors",
            "l1_rescaled", "l1_sums", "magnitude_band", "magnitude_band_mask", "magnitude_mask", "prune", "prune_by_threshold",
-           "prune_counts", "prune_geometry", "random_drop_mask", "ranked_drop", "ranked_keep_probabilities",
+           "prune_counts", "prune_geometry", "random_drop_mask", "rank_probabilities", "ranked_drop",
+           "ranked_keep_probabilities", "ranked_width",
            "rescale_l1", "row_uniform"]

@@ -31,7 +31,7 @@ NORMALIZE = Param("normalize", "bool", False, "divide by the sum of the weights 
 
 def _builder(consensus: bool):
     def build(static: dict) -> Rules:
-        sparsify = rescale_l1(magnitude_band()) if static["rescale"] else magnitude_band()
+        sparsify = rescale_l1(magnitude_band(None, None)) if static["rescale"] else magnitude_band(None, None)
         rule = chain_rule(chain(sparsify, generalized_reduce(consensus, static["normalize"]), scale()))
         return Rules(linear=rule, other=rule)
 
@@ -40,7 +40,7 @@ def _builder(consensus: bool):
 
 class BreadcrumbsNumbers(NamedTuple):
     """The numbers Breadcrumbs' rule reads: lambda_, and each model's magnitude band (K,) that `band_counts`,
-    the hook of `magnitude_band()`, derives from density and gamma."""
+    the hook of `magnitude_band(None, None)`, derives from density and gamma."""
 
     lambda_: Any
     band_low: Any

@@ -3,8 +3,11 @@ arithmetic (`della_linear`), as mergekit 0.1.5 does (docs/methods.md#della).
 
 Each entry is kept with a probability that grows linearly with its magnitude rank in its row, from
 density - epsilon to density + epsilon; the draws come from each tensor's own key (the seed folded with
-its name), one key per row, so a tensor cut into row blocks draws what it draws whole. density and epsilon (per model), the weights and lambda are traced; the rule that density +-
-epsilon lie in (0, 1) is checked on the host where the values are concrete.
+its name), one key per row, so a tensor cut into row blocks draws what it draws whole. density and
+epsilon (per model), the weights and lambda are traced: the probability of each rank is computed on the
+host in float64 where they are concrete (`rank_probabilities`, the hook of the stage) and reaches the
+program as a (K, n) array, so a new value never compiles again; there the rule that density +- epsilon
+lie in (0, 1) is checked too.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from drm_jax.errors import MergeInputError
 from drm_jax.math.mean import generalized_reduce, scale
-from drm_jax.math.sparsify import ranked_drop
+from drm_jax.math.sparsify import rank_probabilities, ranked_drop
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule,
                                   per_model_numbers, scalar)
@@ -35,7 +38,7 @@ def _normalize(default: bool) -> Param:
 
 def _builder(consensus: bool):
     def build(static: dict) -> Rules:
-        drop = ranked_drop(static["rescale"], static["rescale_rule"])
+        drop = ranked_drop(None, None, static["rescale"], static["rescale_rule"])
         # the ranks are per row and the reduction elementwise: a large leaf is merged in row blocks
         rule = chain_rule(chain(drop, generalized_reduce(consensus, static["normalize"]), scale()), rows_after=drop)
         return Rules(linear=rule, other=rule)
@@ -54,18 +57,18 @@ def check_band(density, epsilon) -> None:
 
 
 class DellaNumbers(NamedTuple):
-    """The numbers DELLA's rule reads: lambda_, and each model's density and epsilon (K,) for `ranked_drop`."""
+    """The numbers DELLA's rule reads: lambda_, and each model's keep probability of each magnitude rank
+    (K, n) that `rank_probabilities`, the hook of `ranked_drop(None, None)`, derives from density and epsilon."""
 
     lambda_: Any
-    della_density: Any
-    della_epsilon: Any
+    della_probabilities: Any
 
 
 def layer_hparams(values: dict, role: str, shape: tuple[int, ...], k: int, static: dict) -> DellaNumbers:
     density = per_model_numbers(values["density"], k, "density")
     epsilon = per_model_numbers(values["epsilon"], k, "epsilon")
     check_band(density, epsilon)
-    return DellaNumbers(scalar(values["lambda_"]), scalar(density), scalar(epsilon))
+    return DellaNumbers(scalar(values["lambda_"]), rank_probabilities(density, epsilon, (k,) + tuple(shape)))
 
 
 _PAPER = ("Deep, Bhardwaj and Poria, DELLA-Merging: Reducing Interference in Model Merging through "

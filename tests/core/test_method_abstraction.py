@@ -177,7 +177,7 @@ def test_the_readme_composition_runs():
 DERIVED = {"drm": {"prune_counts"}, "knots_ties": {"prune_counts"}, "ties": {"prune_counts"},
            "dare_ties": {"dare_keep", "dare_scale"}, "dare_linear": {"dare_keep", "dare_scale"},
            "breadcrumbs": {"band_low", "band_count"}, "breadcrumbs_ties": {"band_low", "band_count"},
-           "della": {"della_density", "della_epsilon"}, "della_linear": {"della_density", "della_epsilon"}}
+           "della": {"della_probabilities"}, "della_linear": {"della_probabilities"}}
 
 
 @pytest.mark.parametrize("method", sorted(drm_jax.methods.METHODS))

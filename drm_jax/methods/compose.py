@@ -8,7 +8,8 @@ and each such number is the registry's own parameter of that name (its range and
 once in the method module that owns it), plus the per-model `coefficients`. The numbers its stages
 receive are a NamedTuple with exactly those traced parameters (`traced_numbers`), as for a registered
 method: a stage reading a number the composition does not declare is an error naming both. A quantity a
-stage derives on the host from its number (`prune(None)`'s exact counts, `dare_drop(None)`'s factors) is
+stage derives on the host from its numbers (`prune(None)`'s exact counts, `dare_drop(None)`'s factors,
+`magnitude_band(None, None)`'s band, `ranked_drop(None, None)`'s probabilities per rank) is
 its hook's (`drm_jax.math.state.derives`, next to the stage), computed here at the shape the stage
 receives: what a registered method with the same stages computes, in float64 for a concrete number.
 """
@@ -24,16 +25,21 @@ import jax.numpy as jnp
 from drm_jax.errors import MergeInputError
 from drm_jax.math.state import MergeMethod, MergeState, derived_numbers, stage_derives, stage_hooks, stage_reads
 from drm_jax.methods.base import COEFFICIENTS, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, traced_numbers
+from drm_jax.methods.breadcrumbs import GAMMA
 from drm_jax.methods.dare import DROP_RATE as DARE_DROP_RATE
+from drm_jax.methods.della import EPSILON
 from drm_jax.methods.drm import RANK_RTOL
 from drm_jax.methods.ties import DENSITY as TIES_DENSITY
 
 # The numbers a composition can read: the stage's number -> the registry's parameter declaring it. A
-# composition's density is one number shared by the models (`prune(None)` counts from it on the host, in
-# its hook, as the registered methods do).
+# composition's density, gamma and epsilon are each one number shared by the models (`prune(None)`,
+# `magnitude_band(None, None)` and `ranked_drop(None, None)` derive their counts and probabilities from
+# them on the host, in their hooks, as the registered methods do).
 _READABLE: dict[str, Param] = {
     "density": dataclasses.replace(TIES_DENSITY, per_model=False, aliases=(), alias_maps=(), mergekit_default=None),
     "drop_rate": dataclasses.replace(DARE_DROP_RATE, aliases=(), alias_maps=(), mergekit_default=None),
+    "epsilon": dataclasses.replace(EPSILON, per_model=False),
+    "gamma": dataclasses.replace(GAMMA, per_model=False),
     "lambda_": LAMBDA,
     "rank_rtol": RANK_RTOL,
     "seed": SEED,
@@ -44,8 +50,8 @@ def composition_params(method: MergeMethod) -> tuple[Param, ...]:
     """The parameters of a composition: coefficients, then each number its stages read, in first-use order.
 
     A stage reading "threshold" (`prune_by_threshold`) makes `density` the whole-model trim's density,
-    defaulting to `MergeMethod.global_density`. Raises MergeInputError for a number only a registered
-    method computes (Breadcrumbs' bands, DELLA's probabilities).
+    defaulting to `MergeMethod.global_density`. Raises MergeInputError for a number no registered parameter
+    declares (a stage of one's own reading a name of its own).
     """
     names = list(dict.fromkeys(stage_reads(method.linear) + stage_reads(method.other)))
     params: list[Param] = [COEFFICIENTS]
@@ -61,8 +67,8 @@ def composition_params(method: MergeMethod) -> tuple[Param, ...]:
         elif name in _READABLE:
             params.append(_READABLE[name])
         else:
-            raise MergeInputError(f"a composition's stage reads {name!r}, which only its registered method computes; "
-                                  f"build the stage with a number or use that method")
+            raise MergeInputError(f"a composition's stage reads {name!r}, which no parameter of a composition "
+                                  f"declares; build the stage with a number")
     return tuple(params)
 
 
@@ -81,8 +87,8 @@ def composed(method: MergeMethod, name: str = "composition") -> MethodSpec:
     for transform in (method.linear, method.other):
         twice = [n for i, n in enumerate(stage_derives(transform)) if n in stage_derives(transform)[:i]]
         if twice:  # one field of the numbers: each stage would read the other's
-            raise MergeInputError(f"two stages of one chain derive {twice[0]!r} from the numbers (two prune(None) or "
-                                  f"dare_drop(None)): build all but one with a number")
+            raise MergeInputError(f"two stages of one chain derive {twice[0]!r} from the numbers (two numberless "
+                                  f"stages of one kind): build all but one with a number")
     derived = tuple(dict.fromkeys(stage_derives(method.linear) + stage_derives(method.other)))
 
     @functools.lru_cache(maxsize=None)

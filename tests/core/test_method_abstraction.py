@@ -14,7 +14,7 @@ from drm_jax import math as m
 from drm_jax.engine.merge import merge_leaves
 from drm_jax.errors import MergeInputError
 from drm_jax.math.select import pruning_counts
-from drm_jax.math.sparsify import prune_geometry, rescale_l1
+from drm_jax.math.sparsify import band_counts, prune_geometry, rank_probabilities, rescale_l1
 from drm_jax.math.state import number
 from drm_jax.methods.registry import get_method, static_values, traced_values
 
@@ -304,3 +304,100 @@ def test_a_composition_equal_in_stages_to_dare_linear_merges_bit_identically():
     want = drm_jax.merge(base, models, method="dare_linear", drop_rate=0.9, seed=3)
     for name in base:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+
+# Breadcrumbs' and DELLA's sparsifiers built without numbers: their band counts and probabilities per rank come
+# from the stages' host hooks (`state.derives`), as the registered methods' do
+def _crumbs(consensus, rescale=False):
+    band = rescale_l1(m.magnitude_band(None, None)) if rescale else m.magnitude_band(None, None)
+    stages = m.chain(band, m.generalized_reduce(consensus, False), m.scale())
+    return drm_jax.MergeMethod(linear=stages, other=stages)
+
+
+def _della(consensus, normalize, rule):
+    stages = m.chain(m.ranked_drop(None, None, True, rule), m.generalized_reduce(consensus, normalize), m.scale())
+    return drm_jax.MergeMethod(linear=stages, other=stages)
+
+
+@pytest.mark.parametrize("name, composition, rescale", [("breadcrumbs", _crumbs(False), False),
+                                                        ("breadcrumbs_ties", _crumbs(True), False),
+                                                        ("breadcrumbs", _crumbs(False, True), True)])
+def test_a_composition_equal_in_stages_to_breadcrumbs_merges_bit_identically(name, composition, rescale):
+    # leaves of 90 entries at density 0.7 and gamma 0.1: the host keeps floor(62.99999999999999) = 62 from
+    # rank 90 - 62 - 9 = 19 on, float32 would keep 63 from rank 18 (failed before: the composition could not
+    # read the band's counts, "only its registered method computes")
+    assert np.floor(np.float32(0.7) * np.float32(90)) == 63
+    np.testing.assert_array_equal(np.stack(band_counts(0.7, 0.1, 90)), [19, 62])
+    base, models = ties_trees(5)
+    got = drm_jax.merge(base, models, method=composition, density=0.7, gamma=0.1, lambda_=1.5)
+    want = drm_jax.merge(base, models, method=name, density=0.7, gamma=0.1, lambda_=1.5, rescale=rescale)
+    for leaf in base:
+        np.testing.assert_array_equal(np.asarray(got[leaf]), np.asarray(want[leaf]), err_msg=leaf)
+    # the value matters: counted in float32 (a traced density, in the program) the merge differs
+    in_program = jax.jit(lambda d: drm_jax.merge(base, models, method=name, density=d, gamma=0.1, lambda_=1.5,
+                                                 rescale=rescale))(0.7)
+    assert any(not np.array_equal(np.asarray(in_program[n]), np.asarray(want[n])) for n in base)
+
+
+@pytest.mark.parametrize("name, consensus, normalize", [("della", True, True), ("della_linear", False, False)])
+@pytest.mark.parametrize("rule", ["l1", "inverse"])
+def test_a_composition_equal_in_stages_to_della_merges_bit_identically(name, consensus, normalize, rule):
+    # density 0.6, epsilon 0.2: the host's float64 probabilities of the ranks of rows of 10 and 90 entries,
+    # rounded once, are not all the float32 program's (failed before: the composition could not read
+    # DELLA's probabilities, "only its registered method computes"); with the paper's rescale each survivor
+    # is divided by its own probability, so the merge shows every one of them
+    for shape in ((3, 9, 10), (3, 90)):
+        in_program = jax.jit(lambda d, e: rank_probabilities(d, e, shape))(0.6, 0.2)
+        assert not np.array_equal(np.asarray(in_program), np.asarray(rank_probabilities(0.6, 0.2, shape)))
+    base, models = ties_trees(6)
+    got = drm_jax.merge(base, models, method=_della(consensus, normalize, rule), density=0.6, epsilon=0.2, seed=3,
+                        lambda_=1.5)
+    want = drm_jax.merge(base, models, method=name, density=0.6, epsilon=0.2, seed=3, lambda_=1.5, rescale_rule=rule)
+    for leaf in base:
+        np.testing.assert_array_equal(np.asarray(got[leaf]), np.asarray(want[leaf]), err_msg=leaf)
+
+
+def test_a_della_composition_under_jit_equals_the_registered_method():
+    # traced numbers stay traced: the probabilities are computed in the program (float32) by both
+    base, models = ties_trees(7)
+    composed = drm_jax.prepare(base, models, method=_della(False, False, "inverse"), seed=3)
+    registered = drm_jax.prepare(base, models, method="della_linear", seed=3, rescale_rule="inverse")
+    got = jax.jit(lambda d, e: composed.merge(density=d, epsilon=e))(0.6, 0.2)
+    want = jax.jit(lambda d, e: registered.merge(density=d, epsilon=e))(0.6, 0.2)
+    for leaf in base:
+        np.testing.assert_array_equal(np.asarray(got[leaf]), np.asarray(want[leaf]), err_msg=leaf)
+
+
+def test_a_compositions_band_and_probabilities_are_its_stages_hooks():
+    # the composition's numbers carry what the hooks derive at the (3, 9, 10) deltas the stages receive
+    k, shape = 3, (9, 10)
+    crumbs = drm_jax.methods.method_spec(_crumbs(False))
+    values = traced_values(crumbs, crumbs.canonical({"density": 0.7, "gamma": 0.1}))
+    numbers = crumbs.layer_hparams(values, "matrix", shape, k, static_values(crumbs, {}))
+    assert numbers._fields == ("density", "gamma", "lambda_", "band_low", "band_count")
+    np.testing.assert_array_equal([numbers.band_low, numbers.band_count], band_counts(0.7, 0.1, 90))
+    della = drm_jax.methods.method_spec(_della(True, True, "l1"))
+    values = traced_values(della, della.canonical({"density": 0.7, "epsilon": 0.2}))
+    numbers = della.layer_hparams(values, "matrix", shape, k, static_values(della, {}))
+    assert numbers._fields == ("density", "epsilon", "lambda_", "della_probabilities")
+    np.testing.assert_array_equal(numbers.della_probabilities, rank_probabilities(0.7, 0.2, (k,) + shape))
+    assert numbers.della_probabilities.shape == (k, 10)  # one per rank of a row (the input axis)
+
+
+def test_fixed_numbers_band_and_probabilities_equal_the_numberless_stages():
+    # magnitude_band(density, gamma) and ranked_drop(density, epsilon) count on the host when traced
+    base, models = ties_trees(8)
+    fixed = m.chain(m.magnitude_band(0.7, 0.1), m.generalized_reduce(False, False), m.scale())
+    got = drm_jax.merge(base, models, method=drm_jax.MergeMethod(linear=fixed, other=fixed), lambda_=1.5)
+    want = drm_jax.merge(base, models, method="breadcrumbs", density=0.7, gamma=0.1, lambda_=1.5)
+    for leaf in base:
+        np.testing.assert_array_equal(np.asarray(got[leaf]), np.asarray(want[leaf]), err_msg=leaf)
+    fixed = m.chain(m.ranked_drop(0.7, 0.2, True, "inverse"), m.generalized_reduce(False, False), m.scale())
+    got = drm_jax.merge(base, models, method=drm_jax.MergeMethod(linear=fixed, other=fixed), seed=3)
+    want = drm_jax.merge(base, models, method="della_linear", density=0.7, epsilon=0.2, seed=3, rescale_rule="inverse")
+    for leaf in base:
+        np.testing.assert_array_equal(np.asarray(got[leaf]), np.asarray(want[leaf]), err_msg=leaf)
+    with pytest.raises(ValueError, match="both density and gamma"):
+        m.magnitude_band(0.7)
+    with pytest.raises(ValueError, match="both density and epsilon"):
+        m.ranked_drop(0.7)

@@ -32,7 +32,7 @@ from drm_jax.config.schema import MergeConfig
 from drm_jax.config.plan import ConfigPlan, Headers, SegmentPlan, header_views, input_entries, plan_config, read_headers
 from drm_jax.config.segments import bind_segments, check_segments, edit_model_config, merge_segments, set_layer_count
 from drm_jax.config.streaming import input_paths, open_views
-from drm_jax.config.vocabulary import load_tokenizer, model_directory, plan_vocabulary
+from drm_jax.config.vocabulary import build_tokenizer, load_tokenizer, model_directory, read_tokenizers
 from drm_jax.errors import CheckpointError, ConfigError, UnsafeFileError, quote
 from drm_jax.io import naming
 from drm_jax.io.base import CONFIG_FILE_NAMES
@@ -197,14 +197,16 @@ def _save_tokenizer(tokenizer, directory: Path, config: MergeConfig, templates) 
 
 
 def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str | None, *,
-                     config: MergeConfig | None = None, vocabulary=None, copy_tokenizer: bool = True,
+                     config: MergeConfig | None = None, vocabulary=None, tokenizer=None,
+                     copy_tokenizer: bool = True,
                      write_model_card: bool = False, name: str | None = None,
                      warn: Callable[[str], None] = python_warning) -> None:
     """Inside the not-yet-renamed output, the files beside the weights, as mergekit writes them:
 
     - config.json (the reference's, with the output dtype and, when the vocabulary was rebuilt, its
       size), generation_config.json and processor files of the reference;
-    - the tokenizer: the one built for `tokenizer_source` / the `tokenizer` block (`vocabulary`), else,
+    - the tokenizer: the one built for `tokenizer_source` / the `tokenizer` block (`tokenizer`, built from
+      the plan's `vocabulary`: `drm_jax.config.vocabulary.build_tokenizer`), else,
       with `copy_tokenizer`, the reference's tokenizer files (loaded and saved again when a
       `chat_template` is set, which is written into it);
     - with `write_model_card`: README.md (`drm_jax.config.card`) and mergekit_config.yml.
@@ -216,7 +218,7 @@ def finish_directory(directory: Path, config_dir: Path | None, dtype_name: str |
                          vocabulary.rows if vocabulary is not None else None)
     chat_template = config.chat_template if config is not None else None
     if vocabulary is not None:
-        _save_tokenizer(vocabulary.tokenizer, directory, config, vocabulary.templates)
+        _save_tokenizer(tokenizer, directory, config, vocabulary.templates)
     elif copy_tokenizer and config_dir is not None and chat_template:
         try:
             tokenizer = load_tokenizer(Path(config_dir), "chat_template")
@@ -403,10 +405,10 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     for note in recipe.warnings:
         warn(note)
 
-    vocabulary = None
+    tokenizers = None
     if config.tokenizer_spec is not None:
-        vocabulary = plan_vocabulary(config)
-        for note in vocabulary.warnings:
+        tokenizers = read_tokenizers(config)
+        for note in tokenizers.warnings:
             warn(note)
 
     # the inputs' headers, then the plan (`drm_jax.config.plan`): segments, one for a `models` config; the
@@ -414,14 +416,20 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
     entries = input_entries(config, recipe)
     with open_views(config, entries) as (views, arch):
         headers = read_headers([e.model for e in entries], views, arch)
-        plan = plan_config(config, headers, recipe=recipe, vocabulary=vocabulary)
+        plan = plan_config(config, headers, recipe=recipe, tokenizers=tokenizers)
+        vocabulary, tokenizer = plan.vocabulary, None
+        if vocabulary is not None:
+            for note in vocabulary.warnings:
+                warn(note)
+            tokenizer = build_tokenizer(vocabulary, tokenizers)
         out_dtype = plan.out_numpy_dtype
         check_disk(out_dir, output_bytes(plan.segments, out_dtype))
         if dry_run:
             if stand_in is not None:
                 write_stand_in(Path(stand_in), plan.segments, out_dtype)
                 finish_directory(Path(stand_in), headers.of(plan.reference).config_dir, out_dtype_name,
-                                 config=config, vocabulary=vocabulary, copy_tokenizer=copy_tokenizer, warn=warn)
+                                 config=config, vocabulary=vocabulary, tokenizer=tokenizer,
+                                 copy_tokenizer=copy_tokenizer, warn=warn)
                 set_layer_count(Path(stand_in) / "config.json", plan.layer_updates)
             return {"plan": describe_plan(plan, headers, config, max_memory=max_memory, shard_size=shard_size),
                     "output": out_dir}
@@ -441,7 +449,7 @@ def merge_checkpoints(config: MergeConfig, out_dir: Path, *, force: bool = False
                     warn(f"merge_method {method}: no tensor went through its decomposition (no 2-D weight "
                          f"outside the embeddings and LM heads); every tensor took its other path")
                 finish_directory(writer.tmp_dir, reference.config_dir, out_dtype_name, config=config,
-                                 vocabulary=vocabulary, copy_tokenizer=copy_tokenizer,
+                                 vocabulary=vocabulary, tokenizer=tokenizer, copy_tokenizer=copy_tokenizer,
                                  write_model_card=write_model_card, name=out_dir.resolve().name, warn=warn)
                 set_layer_count(writer.tmp_dir / "config.json", plan.layer_updates)
                 output = writer.close()

@@ -8,10 +8,11 @@ model, the tensor names, shapes and dtypes under Hugging Face names, and its con
 tensors before the layers, each slice and the tensors after the layers), each with its output tensors
 (names, shapes, dtypes, engine roles), every input's own name of each, its method, engine parameters and
 per-tensor `leaf_params`; the output dtype and the frankenmerge's config.json updates; the output vocabulary
-where the config builds one (`drm_jax.config.vocabulary.VocabularyPlan`, frozen too, made beforehand from
-the tokenizer files). The merge then binds the plan to the open readers
-(`drm_jax.config.segments.bind_segments`) and streams its segments; a dry run describes it from the headers
-alone.
+where the config builds one (`drm_jax.config.vocabulary.VocabularyPlan`, frozen too, planned here from the
+tokenizers' data, which `drm_jax.config.vocabulary.read_tokenizers` reads beforehand as the headers are
+read). The merge then builds the output tokenizer (`drm_jax.config.vocabulary.build_tokenizer`), binds the
+plan to the open readers (`drm_jax.config.segments.bind_segments`) and streams its segments; a dry run
+describes it from the headers alone.
 
 An input given as a LoRA adapter (a PEFT directory over the base, mergekit's `model+adapter`) is opened
 as the adapted model (`drm_jax.config.streaming`), so its header is the adapted model's: the plan needs
@@ -39,6 +40,7 @@ from drm_jax.config.schema import MergeConfig, ModelEntry
 from drm_jax.config.segment_defs import SegmentDef, base_policy, models_def, needs_segments, representative, slice_def
 from drm_jax.config.segments import (TensorParams, check_patterns, gradient_key, input_views, layer_counts,
                                      layer_positions, per_tensor_params, require_layer_naming, segment_sources)
+from drm_jax.config.vocabulary import Tokenizers, VocabularyPlan, plan_vocabulary
 from drm_jax.errors import CheckpointError, quote
 from drm_jax.io import architectures as arch_lib
 from drm_jax.io import naming
@@ -209,8 +211,7 @@ class ConfigPlan:
     reference: the input whose config.json, tokenizer and writer format the output takes. out_dtype: the
     written floating dtype's name (None: each tensor's own), cast: the config's `dtype` (inputs are cast
     to it). layer_updates: the output config.json's {dotted key: value} of a frankenmerge, else None.
-    vocabulary: the output vocabulary (`drm_jax.config.vocabulary.VocabularyPlan`, made from the
-    tokenizers before this plan) or None.
+    vocabulary: the output vocabulary (`drm_jax.config.vocabulary.VocabularyPlan`) or None.
     """
 
     kind: str
@@ -221,7 +222,7 @@ class ConfigPlan:
     out_dtype: str | None
     cast: str | None
     layer_updates: Mapping[str, Any] | None = None
-    vocabulary: Any = None
+    vocabulary: VocabularyPlan | None = None
 
     @property
     def out_numpy_dtype(self) -> np.dtype | None:
@@ -241,17 +242,25 @@ def _planned(draft: SegmentPlan, sources, params: Mapping, leaf: Mapping | None)
 
 
 def plan_config(config: MergeConfig, headers: Headers, *, recipe: Recipe | None = None,
-                vocabulary: Any = None) -> ConfigPlan:
+                tokenizers: Tokenizers | None = None) -> ConfigPlan:
     """The merge plan of a checked config over its inputs' headers (`read_headers`); opens no file.
 
-    vocabulary: the config's output vocabulary plan (`drm_jax.config.vocabulary.plan_vocabulary`), when it
-    has a tokenizer source or block: the vocabulary tensors are planned with the output's rows.
+    tokenizers: the data of the inputs' tokenizers (`drm_jax.config.vocabulary.read_tokenizers`), needed when
+    the config has a tokenizer source or block: the output vocabulary is planned from it
+    (`drm_jax.config.vocabulary.plan_vocabulary`) and the vocabulary tensors with the output's rows.
 
-    Raises the errors the merge raises before reading any tensor: a tensor missing from a model or of
-    another shape or kind of dtype, a slice's missing layer, a per-tensor value that does not translate,
-    a pattern that matches no tensor (ConfigError, CheckpointError, MergeInputError).
+    Raises the errors the merge raises before reading any tensor: a vocabulary the config leaves undefined,
+    a tensor missing from a model or of another shape or kind of dtype, a slice's missing layer, a
+    per-tensor value that does not translate, a pattern that matches no tensor (ConfigError,
+    CheckpointError, MergeInputError).
     """
     recipe = recipe or build_recipe(config)
+    vocabulary = None
+    if config.tokenizer_spec is not None:
+        if tokenizers is None:
+            raise ValueError("plan_config: the config builds an output vocabulary; pass its tokenizers "
+                             "(drm_jax.config.vocabulary.read_tokenizers)")
+        vocabulary = plan_vocabulary(config, tokenizers)
     out_dtype = config.out_dtype or config.dtype
     promote = config.dtype is None and config.out_dtype is None
     entries = tuple(h.model for h in headers.models)

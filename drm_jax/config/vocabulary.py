@@ -79,17 +79,19 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class VocabularyPlan:
-    """The output tokenizer and, per merged model, the source row of every output token: an immutable
-    value (read-only mappings and arrays), part of the merge's plan (`drm_jax.config.plan.ConfigPlan`).
+    """The output vocabulary and, per merged model, the source row of every output token: an immutable
+    value (read-only mappings and arrays), part of the merge's plan (`drm_jax.config.plan.ConfigPlan`),
+    made from the tokenizers' data alone (`plan_vocabulary`).
 
-    tokenizer: the transformers tokenizer written to the output (an object: not compared; the vocabulary
-    and rows it gives are). vocab: token -> output id. size: output ids (len(vocab)); rows: embedding
-    rows (size padded up to pad_to_multiple_of). order: merged model references in mergekit's order.
-    index: reference -> (size,) int64 source rows, -1 where the model lacks the token. forced: (size,)
-    bool. rules: output id -> default-row rule.
+    vocab: token -> output id. size: output ids (len(vocab)); rows: embedding rows (size padded up to
+    pad_to_multiple_of). order: merged model references in mergekit's order. index: reference -> (size,)
+    int64 source rows, -1 where the model lacks the token. forced: (size,) bool. rules: output id ->
+    default-row rule. templates: the loaded tokenizers' chat templates (base first). warnings: what the
+    plan found (tokens no model has). source: the tokenizer source ("base", "union" or a model reference)
+    and added: the `tokens` block's tokens the source lacks, in the order they are added: how the output
+    tokenizer is built (`build_tokenizer`).
     """
 
-    tokenizer: Any
     vocab: Mapping[str, int]
     size: int
     rows: int
@@ -103,6 +105,8 @@ class VocabularyPlan:
     original: Mapping[str, Mapping[str, int]] = field(default_factory=lambda: MappingProxyType({}))
     base: str | None = None
     config: MergeConfig | None = None
+    source: str = "base"
+    added: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         freeze = {"vocab": MappingProxyType(dict(self.vocab)), "order": tuple(self.order),
@@ -110,7 +114,8 @@ class VocabularyPlan:
                   "forced": _read_only(self.forced), "rules": MappingProxyType(dict(self.rules)),
                   "templates": tuple(self.templates), "warnings": tuple(self.warnings),
                   "settings": MappingProxyType(dict(self.settings)),
-                  "original": MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.original.items()})}
+                  "original": MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.original.items()}),
+                  "added": tuple(self.added)}
         for name, value in freeze.items():
             object.__setattr__(self, name, value)
 
@@ -118,7 +123,7 @@ class VocabularyPlan:
         if not isinstance(other, VocabularyPlan):
             return NotImplemented
         same = [getattr(self, f.name) == getattr(other, f.name) for f in fields(self)
-                if f.name not in ("tokenizer", "index", "forced")]
+                if f.name not in ("index", "forced")]
         return (all(same) and np.array_equal(self.forced, other.forced) and self.index.keys() == other.index.keys()
                 and all(np.array_equal(v, other.index[k]) for k, v in self.index.items()))
 
@@ -321,13 +326,82 @@ def _fail(config: MergeConfig, message: str) -> ConfigError:
     return ConfigError((f"{config.source}: " if config.source is not None else "") + message)
 
 
-def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> VocabularyPlan:
-    """Build the output tokenizer and the rows plan of `config.tokenizer_spec` (see the module doc).
+@dataclass(frozen=True)
+class TokenizerHeader:
+    """One model's tokenizer as the vocabulary plan sees it (`read_tokenizers`).
+
+    model: its config reference. vocab: token -> id (the tokenizer's `get_vocab()`: its model's tokens and
+    its added tokens), None where the tokenizer could not be loaded (the model is taken to share the
+    base's). added: its added tokens as (id, content), in id order. own_size: the tokenizer's own
+    `vocab_size` (its model's tokens, without the added ones). size: config.json's `vocab_size` (None:
+    absent). chat_template: the tokenizer's. tokenizer: the loaded transformers tokenizer, which the output
+    tokenizer is built from after planning (`build_tokenizer`); not compared, and never read by the plan.
+    """
+
+    model: str
+    vocab: Mapping[str, int] | None
+    added: tuple[tuple[int, str], ...] = ()
+    own_size: int = 0
+    size: int | None = None
+    chat_template: Any = None
+    tokenizer: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.vocab is not None:
+            object.__setattr__(self, "vocab", MappingProxyType(dict(self.vocab)))
+        object.__setattr__(self, "added", tuple((int(i), str(c)) for i, c in self.added))
+
+    @property
+    def loaded(self) -> bool:
+        return self.vocab is not None
+
+
+@dataclass(frozen=True)
+class Tokenizers:
+    """What the vocabulary plan reads of the tokenizer files (`read_tokenizers`), as data.
+
+    base: the base model's tokenizer (cut to its config's `vocab_size`). models: every other merged model's,
+    in mergekit's order (`merge_order`), one that could not be loaded with vocab None. source: a model
+    `tokenizer_source`'s own tokenizer (loaded again, uncut), else None. warnings: the models whose
+    tokenizer could not be loaded.
+    """
+
+    base: TokenizerHeader
+    models: tuple[TokenizerHeader, ...] = ()
+    source: TokenizerHeader | None = None
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "warnings", tuple(self.warnings))
+
+    def loaded(self) -> dict[str, TokenizerHeader]:
+        """{reference: header} of the tokenizers that loaded, the base's first."""
+        found = {self.base.model: self.base}
+        found.update((h.model, h) for h in self.models if h.loaded and h.model not in found)
+        return found
+
+    def of(self, model: str) -> TokenizerHeader:
+        """A merged model's tokenizer (the base's for one that could not be loaded)."""
+        header = self.loaded().get(model)
+        return header if header is not None else self.base
+
+
+def tokenizer_header(model: str, tokenizer, size: int | None) -> TokenizerHeader:
+    """The data the plan reads of a loaded tokenizer."""
+    added = sorted((int(i), info.content) for i, info in tokenizer.added_tokens_decoder.items())
+    return TokenizerHeader(model, tokenizer.get_vocab(), tuple(added), int(tokenizer.vocab_size), size,
+                           tokenizer.chat_template, tokenizer)
+
+
+def read_tokenizers(config: MergeConfig, spec: TokenizerSpec | None = None) -> Tokenizers:
+    """Load the tokenizers the output vocabulary of `config.tokenizer_spec` is planned from: the base's (cut
+    to its config's `vocab_size`, `strip_unused`), every other merged model's (one that cannot be loaded is
+    a warning: it is taken to share the base's) and a model tokenizer source's.
 
     Raises:
-      CheckpointError: a tokenizer that must be read cannot be loaded.
-      ConfigError: a `tokens` entry names a model that is not merged, a token the model lacks, or leaves
-        a needed row undefined.
+      CheckpointError: the base's or the source's tokenizer cannot be loaded, or the base's cannot be cut.
+      UnsafeFileError: a tokenizer needs the checkpoint's own code, or a file links out of its directory.
     """
     spec = spec or config.tokenizer_spec
     if spec is None:
@@ -340,43 +414,89 @@ def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> V
     base_tok = load_tokenizer(base_dir, "base_model" if config.base_model is not None else "models[0]")
     base_tok = strip_unused(base_tok, base_size, base_ref) if base_size is not None else base_tok
 
-    tokenizers: dict[str, Any] = {base_ref: base_tok}
-    sizes: dict[str, int | None] = {base_ref: base_size}
+    models: list[TokenizerHeader] = []
     for ref in order:
-        if ref in tokenizers:
+        if ref == base_ref:
             continue
         directory = model_directory(config, ref)
-        sizes[ref] = config_vocab_size(directory)
+        size = config_vocab_size(directory)
         try:
-            tokenizers[ref] = load_tokenizer(directory, ref)
+            models.append(tokenizer_header(ref, load_tokenizer(directory, ref), size))
         except UnsafeFileError:
             raise
         except CheckpointError as err:
             warnings.append(f"{err}; taking it to be the base model's tokenizer")
+            models.append(TokenizerHeader(ref, None, size=size))
+    source = None
+    if spec.source not in ("base", "union"):
+        source = tokenizer_header(spec.source, load_tokenizer(model_directory(config, spec.source),
+                                                              "tokenizer source"), None)
+    return Tokenizers(tokenizer_header(base_ref, base_tok, base_size), tuple(models), source, tuple(warnings))
 
+
+def _with_tokens(vocab: dict[str, int], tokens) -> dict[str, int]:
+    """`vocab` with each token it lacks appended at the next id, in order, as a tokenizer adds tokens."""
+    next_id = max(vocab.values(), default=-1) + 1
+    for token in tokens:
+        if token and token not in vocab:
+            vocab[token] = next_id
+            next_id += 1
+    return vocab
+
+
+def union_vocab(base: Mapping[str, int], others: list[tuple[TokenizerHeader, int]]) -> dict[str, int]:
+    """The vocabulary `union_tokenizer` builds, from the tokenizers' data: the base's, then every ordinary
+    token of `others` ((header, vocab_size) pairs, the base's first) it lacks, in tokenizer order then id
+    order, then every added token of any of them; ids at or past a tokenizer's vocab_size are skipped."""
+    added: dict[str, None] = {}
+    for header, size in others:
+        for idx, content in header.added:
+            if idx < size:
+                added.setdefault(content, None)
+    ordinary: dict[str, None] = {}
+    for header, size in others:
+        for tok, idx in sorted(header.vocab.items(), key=lambda item: item[1]):
+            if idx < size and tok not in added:
+                ordinary.setdefault(tok, None)
+    return _with_tokens(dict(base), [*ordinary, *added])
+
+
+def _union_sizes(tokenizers: Tokenizers) -> list[tuple[TokenizerHeader, int]]:
+    return [(h, h.size if h.size is not None else h.own_size) for h in tokenizers.loaded().values()]
+
+
+def plan_vocabulary(config: MergeConfig, tokenizers: Tokenizers, spec: TokenizerSpec | None = None) -> VocabularyPlan:
+    """The output vocabulary and rows plan of `config.tokenizer_spec` (see the module doc), from the
+    tokenizers' data (`read_tokenizers`); opens no file.
+
+    Raises:
+      CheckpointError: the output vocabulary's ids are not 0..size-1.
+      ConfigError: a `tokens` entry names a model that is not merged, a token the model lacks, or leaves
+        a needed row undefined.
+    """
+    spec = spec or config.tokenizer_spec
+    if spec is None:
+        raise ValueError("no tokenizer settings in the config")
+    order = merge_order(config)
     if spec.source == "base":
-        out = base_tok
+        vocab = dict(tokenizers.base.vocab)
     elif spec.source == "union":
-        out = union_tokenizer(base_tok, [(tok, sizes[ref] if sizes[ref] is not None else tok.vocab_size)
-                                         for ref, tok in tokenizers.items()])
+        vocab = union_vocab(tokenizers.base.vocab, _union_sizes(tokenizers))
     else:
-        out = load_tokenizer(model_directory(config, spec.source), "tokenizer source")
-    present = set(out.get_vocab())
-    missing = list(dict.fromkeys(token for token, _ in spec.tokens if token not in present))
-    if missing:
-        out.add_tokens(missing)  # one call: a call per token rebuilds the added-token index each time
+        vocab = dict(tokenizers.source.vocab)
+    added = [t for t in dict.fromkeys(token for token, _ in spec.tokens) if t not in vocab]
+    vocab = _with_tokens(vocab, added)
 
-    vocab = out.get_vocab()
     size = len(vocab)
     pad = spec.pad_to_multiple_of
     rows = size if not pad or size % pad == 0 else size + pad - size % pad
-    by_id = sorted(vocab.items(), key=lambda item: item[1])
-    if [i for _, i in by_id] != list(range(size)):
+    if sorted(vocab.values()) != list(range(size)):
         raise CheckpointError(f"the output tokenizer's ids are not 0..{size - 1}; cannot lay out embedding rows")
 
+    sizes = {h.model: h.size for h in (tokenizers.base, *tokenizers.models)}
     index: dict[str, np.ndarray] = {}
     for ref in order:
-        own = tokenizers.get(ref, base_tok).get_vocab()
+        own = tokenizers.of(ref).vocab
         limit = sizes.get(ref)
         limit = limit if limit is not None else len(own)
         rows_of = np.full(size, -1, np.int64)
@@ -387,11 +507,35 @@ def plan_vocabulary(config: MergeConfig, spec: TokenizerSpec | None = None) -> V
         index[ref] = rows_of
 
     settings: dict[str, TokenSetting] = dict(spec.tokens)
-    original = {ref: tok.get_vocab() for ref, tok in tokenizers.items()}
-    forced, rules, more = _rules(config, vocab, index, settings, original, order, config.base_model)
-    templates = [tok.chat_template for tok in tokenizers.values()]
-    return VocabularyPlan(out, vocab, size, rows, order, index, forced, rules, templates, warnings + more,
-                          settings, original, config.base_model, config)
+    loaded = tokenizers.loaded()
+    original = {ref: h.vocab for ref, h in loaded.items()}
+    forced, rules, warnings = _rules(config, vocab, index, settings, original, order, config.base_model)
+    templates = [h.chat_template for h in loaded.values()]
+    return VocabularyPlan(vocab, size, rows, order, index, forced, rules, templates, warnings, settings, original,
+                          config.base_model, config, spec.source, tuple(added))
+
+
+def build_tokenizer(plan: VocabularyPlan, tokenizers: Tokenizers):
+    """The output tokenizer of a vocabulary plan, built from the loaded tokenizers (the base's or the
+    source's, with the plan's added tokens added to it in place; a union's is a new one).
+
+    Raises CheckpointError if its vocabulary is not the plan's (a tokenizer that numbers added tokens in a
+    way the plan does not foresee): the embedding rows would not match its ids."""
+    if plan.source == "base":
+        out = tokenizers.base.tokenizer
+    elif plan.source == "union":
+        out = union_tokenizer(tokenizers.base.tokenizer, [(h.tokenizer, size) for h, size in _union_sizes(tokenizers)])
+    else:
+        out = tokenizers.source.tokenizer
+    if plan.added:
+        present = set(out.get_vocab())
+        missing = [t for t in plan.added if t not in present]
+        if missing:
+            out.add_tokens(missing)  # one call: a call per token rebuilds the added-token index each time
+    if out.get_vocab() != dict(plan.vocab):
+        raise CheckpointError(f"the output tokenizer (source {plan.source!r}) numbers its tokens otherwise than "
+                              f"the planned vocabulary of {plan.size} tokens; cannot lay out embedding rows")
+    return out
 
 
 def _rules(config: MergeConfig, vocab: dict[str, int], index: dict[str, np.ndarray],
@@ -588,4 +732,5 @@ def print_warnings(plan: VocabularyPlan) -> None:
         print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
-__all__ = ["Rule", "align_views", "plan_vocabulary"]
+__all__ = ["Rule", "TokenizerHeader", "Tokenizers", "VocabularyPlan", "align_views", "build_tokenizer",
+           "plan_vocabulary", "read_tokenizers"]

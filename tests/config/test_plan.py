@@ -21,7 +21,7 @@ from drm_jax.config.plan import Headers, ModelHeader, input_entries, plan_config
 from drm_jax.config.recipe import build_recipe
 from drm_jax.config.schema import parse_config
 from drm_jax.config.streaming import open_views
-from drm_jax.config.vocabulary import plan_vocabulary
+from drm_jax.config.vocabulary import TokenizerHeader, Tokenizers, build_tokenizer, read_tokenizers
 from drm_jax.errors import CheckpointError, ConfigError, MergeInputError
 from drm_jax.io import architectures as arch_lib
 
@@ -58,8 +58,8 @@ def _headers(config, recipe, **layers) -> Headers:
 
 
 def _example(name: str, **changes):
-    """An example config, its models under NOWHERE (no tokenizer_source: the vocabulary is planned from
-    tokenizer files, before the plan)."""
+    """An example config, its models under NOWHERE (no tokenizer_source: its vocabulary is planned from
+    tokenizers' data, `test_vocabulary_plan_*`)."""
     raw = yaml.safe_load((EXAMPLES / name).read_text())
     raw.pop("tokenizer_source", None)
     raw.update(changes)
@@ -192,9 +192,10 @@ def test_vocabulary_plan_is_part_of_the_frozen_plan(tmp_path):
     entries = input_entries(config, recipe)
     with open_views(config, entries) as (views, arch):
         headers = read_headers([e.model for e in entries], views, arch)
-    vocabulary = plan_vocabulary(config)
-    plan = _plan(config, headers, recipe=recipe, vocabulary=vocabulary)
-    assert plan.vocabulary is vocabulary and (vocabulary.size, vocabulary.rows) == (TINY.VOCAB, 96)
+    tokenizers = read_tokenizers(config)  # the I/O step: the plan below opens no file
+    plan = _plan(config, headers, recipe=recipe, tokenizers=tokenizers)
+    vocabulary = plan.vocabulary
+    assert (vocabulary.size, vocabulary.rows) == (TINY.VOCAB, 96)
     # the vocabulary tensors are planned with the output's rows (padded to a multiple of 48)
     shapes = dict(zip(plan.segments[0].names, plan.segments[0].shapes))
     assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (96, TINY.HIDDEN)
@@ -205,8 +206,50 @@ def test_vocabulary_plan_is_part_of_the_frozen_plan(tmp_path):
         vocabulary.index["models/task_a"][0] = 5  # read-only arrays
     with pytest.raises(TypeError):
         vocabulary.vocab["new"] = 0
-    # a vocabulary planned again from the same files is equal (a new tokenizer object), and so is the plan
-    assert plan == _plan(config, headers, recipe=recipe, vocabulary=plan_vocabulary(config))
+    with pytest.raises(TypeError):
+        tokenizers.base.vocab["new"] = 0
+    # tokenizers read again from the same files are equal (new tokenizer objects), and so is the plan
+    assert read_tokenizers(config) == tokenizers
+    assert plan == _plan(config, headers, recipe=recipe, tokenizers=read_tokenizers(config))
+    # the output tokenizer, built after the plan from the loaded tokenizers, has the planned vocabulary
+    assert build_tokenizer(vocabulary, tokenizers).get_vocab() == dict(vocabulary.vocab)
+    with pytest.raises(ValueError, match="read_tokenizers"):
+        plan_config(config, headers, recipe=recipe)
+
+
+def _tokenizer(model: str, tokens, added=(), size=None) -> TokenizerHeader:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    vocab.update({t: len(tokens) + i for i, t in enumerate(added)})
+    return TokenizerHeader(model, vocab, tuple((len(tokens) + i, t) for i, t in enumerate(added)), len(tokens), size)
+
+
+def test_vocabulary_is_planned_from_tokenizer_data_alone():
+    """Tokenizers written by hand for models under NOWHERE: the union, the `tokens` block and the rows."""
+    config, recipe = _example("ties.yaml", tokenizer={"source": "union", "pad_to_multiple_of": 8, "tokens": {
+        "<new>": {"source": {"kind": "zero"}}, "y1": {"source": "models/task_b", "force": True}}})
+    words = [f"w{i}" for i in range(TINY.VOCAB - 1)]
+    tokenizers = Tokenizers(_tokenizer("models/base", ["<unk>"] + words),
+                            (_tokenizer("models/task_a", ["<unk>"] + words[:-2] + ["y1", "y2"], added=["<tool>"],
+                                        size=TINY.VOCAB + 1),
+                             _tokenizer("models/task_b", ["<unk>"] + words[:-1] + ["y1"], size=TINY.VOCAB)))
+    plan = _plan(config, _headers(config, recipe), recipe=recipe, tokenizers=tokenizers)
+    vocab = plan.vocabulary
+    # the base's 64 tokens, task_a's ordinary tokens it lacks, then the added tokens, then the tokens block's
+    assert [t for t, i in sorted(vocab.vocab.items(), key=lambda item: item[1])][TINY.VOCAB:] == [
+        "y1", "y2", "<tool>", "<new>"]
+    assert (vocab.size, vocab.rows, vocab.added) == (68, 72, ("<new>",))
+    assert vocab.order == ("models/task_a", "models/task_b", "models/base")
+    assert vocab.index["models/task_b"][vocab.vocab["y1"]] == TINY.VOCAB - 1 and vocab.forced[vocab.vocab["y1"]]
+    assert vocab.index["models/base"][vocab.vocab["y2"]] == -1
+    assert vocab.rules[vocab.vocab["<new>"]].kind == "zero"
+    shapes = dict(zip(plan.segments[0].names, plan.segments[0].shapes))
+    assert shapes["model.embed_tokens.weight"] == (72, TINY.HIDDEN)
+    assert plan == _plan(config, _headers(config, recipe), recipe=recipe, tokenizers=tokenizers)
+    # a token the config takes from a model that lacks it: the plan's own error, from the data
+    config, recipe = _example("ties.yaml", tokenizer={"source": "base", "tokens": {"y2": {"source": "models/task_b"}}})
+    with pytest.raises(ConfigError, match=r"tokenizer\.tokens\.y2\.source: 'models/task_b' does not have the "
+                                          r"token 'y2'"):
+        _plan(config, _headers(config, recipe), recipe=recipe, tokenizers=tokenizers)
 
 
 def _adapter_headers(*flags):

@@ -161,8 +161,16 @@ def input_entries(config: MergeConfig, recipe: Recipe) -> tuple[ModelEntry, ...]
 
 
 # -- the plan ---------------------------------------------------------------------------------------------
+def _frozen_value(value: Any) -> Any:
+    """A parameter's value with its lists (per-model values, gradients) as tuples, nested ones too."""
+    if type(value) in (list, tuple):  # not a named tuple
+        return tuple(_frozen_value(v) for v in value)
+    return value
+
+
 def _frozen(mapping: Mapping | None) -> Mapping | None:
-    return None if mapping is None else MappingProxyType(dict(mapping))
+    """A read-only copy of a mapping of parameters, its list values as tuples (`_frozen_value`)."""
+    return None if mapping is None else MappingProxyType({k: _frozen_value(v) for k, v in mapping.items()})
 
 
 @dataclass(frozen=True)

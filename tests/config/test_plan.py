@@ -92,6 +92,9 @@ def test_plan_is_pure_and_frozen():
         seg.method = "linear"
     with pytest.raises(TypeError):
         seg.params["lambda_"] = 2.0  # a read-only mapping
+    # per-model values are tuples, not lists: nothing in the plan can be changed in place
+    assert seg.params["coefficients"] == (0.6, 0.4) and seg.params["density"] == (0.5, 0.7)
+    assert recipe.engine_kwargs["coefficients"] == [0.6, 0.4]  # the recipe's own list, as it was
     assert not NOWHERE.exists()
 
 
@@ -110,7 +113,7 @@ def test_models_config_plans_one_segment_of_every_tensor():
     roles = dict(zip(seg.names, seg.roles))
     assert roles["model.layers.1.mlp.up_proj.weight"] == "matrix" and roles["model.norm.weight"] == "other"
     assert roles["lm_head.weight"] == "other" and roles["model.embed_tokens.weight"] == "other"
-    assert seg.params["coefficients"] == recipe.engine_kwargs["coefficients"] and seg.leaf_params is None
+    assert seg.params["coefficients"] == tuple(recipe.engine_kwargs["coefficients"]) and seg.leaf_params is None
 
 
 def test_gradient_gives_per_tensor_values():
@@ -119,6 +122,14 @@ def test_gradient_gives_per_tensor_values():
     # t of layer i of 2 is i / 1; the tensors outside the layers take t = 0 (the segment's value)
     assert seg.params["t"] == 0.0
     assert seg.leaf_params["model.layers.1.self_attn.q_proj.weight"]["t"] == 1.0
+    # a per-model gradient: each tensor's values as a tuple
+    config, recipe = _example("ties.yaml", models=[
+        {"model": "models/task_a", "parameters": {"weight": [0.2, 0.4], "density": 0.5}},
+        {"model": "models/task_b", "parameters": {"weight": 0.4, "density": 0.7}}])
+    (seg,) = _plan(config, _headers(config, recipe)).segments
+    assert type(seg.params["coefficients"]) is tuple
+    assert all(type(v["coefficients"]) is tuple for v in seg.leaf_params.values())
+    assert seg.leaf_params["model.layers.1.self_attn.q_proj.weight"]["coefficients"] == (0.4, 0.4)
     assert "model.layers.0.self_attn.q_proj.weight" not in seg.leaf_params
 
 

@@ -145,11 +145,25 @@ def _print_adapter(result: dict, out_dir: Path) -> None:
           f"{counts['dense']} formed and truncated; largest discarded energy {worst:.3g})", file=sys.stderr)
 
 
+def _print_adapter_plan(plan: dict, where: Path) -> None:
+    """The plan of `--adapter-out --dry-run`: the merged adapter's weights and ranks, and its files."""
+    embeddings = sum(w["embedding"] for w in plan["weights"])
+    print(f"{where}: {plan['method']} of {plan['models']} models into one rank-{plan['rank']} LoRA adapter of "
+          f"{len(plan['weights'])} weights ({embeddings} embeddings), {plan['dtype']}; files "
+          f"{', '.join(plan['files'])}")
+    for w in plan["weights"]:
+        print(f"  {w['name']}: ranks {' + '.join(map(str, w['ranks']))} -> {w['rank']}"
+              + (" (embedding)" if w["embedding"] else ""))
+
+
 def print_plan(result: dict, out_dir: Path) -> None:
     """The plan of `--dry-run` on stdout: per stage and segment, tensors per role, groups, programs."""
     for stage in result.get("stages", [{"name": None, **result}]):
         plan, where = stage["plan"], stage["output"]
         title = f"stage {stage['name']}: " if stage.get("name") is not None else ""
+        if plan.get("adapter"):
+            _print_adapter_plan(plan, where)
+            continue
         if "segments" not in plan:
             print(f"{title}{where}: {plan['checked']}")
             continue

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -35,11 +35,12 @@ from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapte
 from drm_jax.engine.adapters import adapter_method_problem
 from drm_jax.engine.adapters import merge_adapters
 from drm_jax.engine.prepare import rules_for
-from drm_jax.errors import ConfigError, os_errors_named
+from drm_jax.errors import CheckpointError, ConfigError, os_errors_named
 from drm_jax.io import naming
 from drm_jax.io.detect import open_checkpoint
 from drm_jax.io.dtypes import dtype_from_name
-from drm_jax.io.peft_io import PeftReader, write_lora_adapter
+from drm_jax.io.peft_io import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PeftReader, check_lora_factors,
+                                write_lora_adapter)
 from drm_jax.methods.registry import get_method, static_values
 
 
@@ -82,11 +83,16 @@ def adapter_paths(config: MergeConfig, recipe: Recipe) -> tuple[Path, list[Path 
 @dataclass(frozen=True)
 class AdapterHeader:
     """One LoRA adapter as the planner sees it: its adapted base weights (in its order), which of them are
-    embeddings, and its adapter_config.json as JSON text."""
+    embeddings, its adapter_config.json as JSON text, and, per adapted weight, (name, kind, key, A's shape,
+    B's shape) from its weights file's header (`drm_jax.io.peft_io.PeftReader.factors`); how errors name it
+    (`path`) and its weights file (`file`)."""
 
     names: tuple[str, ...]
     embeddings: frozenset
     config: str
+    factors: tuple[tuple[str, str, str, tuple[int, ...], tuple[int, ...]], ...] = ()
+    path: str = ""
+    file: str = ""
 
     def setting(self, key: str) -> Any:
         return json.loads(self.config).get(key)
@@ -108,8 +114,10 @@ def read_adapter_headers(base: Any, readers: list[Any]) -> AdapterHeaders:
     """The headers of the open base reader and of the adapters' `PeftReader`s (None where a merged model is the
     base itself); reads no tensor data."""
     names = tuple(base.keys())
-    adapters = tuple(None if r is None else AdapterHeader(tuple(r.keys()), frozenset(filter(r.is_embedding, r.keys())),
-                                                          json.dumps(r.config)) for r in readers)
+    adapters = tuple(None if r is None else AdapterHeader(
+        tuple(r.keys()), frozenset(filter(r.is_embedding, r.keys())), json.dumps(r.config),
+        tuple((n, kind, key, a, b) for n, (kind, key, a, b) in r.factors().items()), str(r.path),
+        str(r.adapter.path)) for r in readers)
     shapes = tuple(tuple(base.shape(n)) for n in names)
     dtypes = tuple(np.dtype(base.dtype(n)) for n in names)
     return AdapterHeaders(names, shapes, dtypes, naming.architecture_of([base]), adapters)
@@ -120,7 +128,9 @@ class AdapterPlan:
     """What an --adapter-out merge does: `leaves` (name, shape, dtype) the merge sees (every leaf of the base,
     the adapted ones float32: TIES' whole-model trim counts the ones no adapter changes), the `embeddings`,
     `fan_in_fan_out`, the `task_type` and `base_model_name_or_path` written, the architecture, the method,
-    its role and engine parameters (the recipe's), the rank (None: K r) and the written dtype."""
+    its role and engine parameters (the recipe's), the rank (None: K r) and the written dtype; `ranks`:
+    per adapted weight, in the base's order, each merged model's rank of it (0: it does not adapt it; the
+    base itself among the merged models adapts nothing)."""
 
     leaves: tuple[tuple[str, tuple[int, ...], np.dtype], ...]
     embeddings: frozenset
@@ -133,17 +143,49 @@ class AdapterPlan:
     engine_kwargs: Mapping[str, Any]
     rank: int | None
     out_dtype: str
+    ranks: Mapping[str, tuple[int, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+    def out_rank(self, name: str) -> int:
+        """The merged adapter's rank of weight `name`: --adapter-rank, else K r (K merged models, r the
+        largest rank of the weight among them)."""
+        ranks = self.ranks[name]
+        return self.rank if self.rank is not None else len(ranks) * max(ranks)
+
+
+def _check_factors(adapter: AdapterHeader, base_shapes: Mapping[str, tuple[int, ...]], fan_in_fan_out: bool) -> None:
+    """Each adapted weight of `adapter` has LoRA factors (no bias, no tensor saved whole), 2-D and of one
+    rank, whose update has the base weight's shape (stored transposed for embeddings and fan_in_fan_out)."""
+    for name, kind, key, a, b in adapter.factors:
+        check_lora_factors(adapter.path, adapter.file, name, kind, key, a, b)
+        stored = (b[0], a[1])
+        if name in adapter.embeddings or fan_in_fan_out:
+            stored = stored[::-1]
+        if stored != tuple(base_shapes[name]):
+            raise CheckpointError(f"{adapter.file}: module {key!r}: LoRA factors A {tuple(a)} and B {tuple(b)} make "
+                                  f"an update of shape {stored}, but the base weight {name!r} has shape "
+                                  f"{tuple(base_shapes[name])}")
 
 
 def plan_adapter(config: MergeConfig, recipe: Recipe, base_path: Path, headers: AdapterHeaders,
                  rank: int | None = None) -> AdapterPlan:
     """The plan of an --adapter-out merge from its inputs' headers (`read_adapter_headers`); opens no file.
-    Raises ConfigError for adapters that disagree on fan_in_fan_out."""
+    Raises ConfigError for adapters that disagree on fan_in_fan_out or a rank past every adapted weight's
+    smaller side, CheckpointError (naming the adapter's file and module) for a weight without LoRA factors
+    or with factors that are not 2-D, of one rank and of the base weight's shape."""
     adapters = [a for a in headers.adapters if a is not None]
     flags = {bool(a.setting("fan_in_fan_out")) for a in adapters}
     if len(flags) > 1:
         raise _fail(config, "the adapters disagree on fan_in_fan_out")
+    base_shapes = dict(zip(headers.names, headers.shapes))
+    for adapter in adapters:
+        _check_factors(adapter, base_shapes, bool(adapter.setting("fan_in_fan_out")))
     adapted = {n for a in adapters for n in a.names}
+    own = [{n: int(a[0]) for n, _, _, a, _ in ([] if h is None else h.factors)} for h in headers.adapters]
+    ranks = {n: tuple(r.get(n, 0) for r in own) for n in headers.names if n in adapted}
+    largest = max((min(base_shapes[n]) for n in ranks), default=0)
+    if rank is not None and ranks and rank > largest:
+        raise _fail(config, f"--adapter-rank {rank} is larger than any adapted weight's rank can be (at most "
+                            f"{largest}, the smaller side of the largest weight)")
     leaves = tuple((n, s, np.dtype(np.float32) if n in adapted else d)
                    for n, s, d in zip(headers.names, headers.shapes, headers.dtypes))
     first = adapters[0]
@@ -151,15 +193,31 @@ def plan_adapter(config: MergeConfig, recipe: Recipe, base_path: Path, headers: 
                        first.setting("task_type"), first.setting("base_model_name_or_path") or str(base_path),
                        headers.arch, recipe.method, MappingProxyType(dict(recipe.role_kwargs)),
                        MappingProxyType(dict(recipe.engine_kwargs)), rank,
-                       config.out_dtype or config.dtype or "float32")
+                       config.out_dtype or config.dtype or "float32", MappingProxyType(ranks))
+
+
+def describe_adapter(plan: AdapterPlan) -> dict[str, Any]:
+    """What an --adapter-out merge will write, from its plan (`merge_to_adapter(..., dry_run=True)`):
+    {"adapter": True, "method", "models": merged models, "weights": [{"name", "ranks": each model's rank
+    of it, "rank": the merged adapter's, "embedding"}], "rank": the written rank (the largest), "files":
+    the files written, "dtype"}."""
+    weights = [{"name": n, "ranks": list(r), "rank": plan.out_rank(n), "embedding": n in plan.embeddings}
+               for n, r in plan.ranks.items()]
+    return {"adapter": True, "method": plan.method, "models": len(next(iter(plan.ranks.values()), ())),
+            "weights": weights, "rank": max((w["rank"] for w in weights), default=0),
+            "files": [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME], "dtype": plan.out_dtype}
 
 
 def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, force: bool = False,
-                     rank: int | None = None, warn: Callable[[str], None] = python_warning) -> dict[str, Any]:
+                     rank: int | None = None, warn: Callable[[str], None] = python_warning,
+                     dry_run: bool = False) -> dict[str, Any]:
     """Merge the config's adapters into one PEFT adapter at `out_dir`; returns {"output": Path, "rank": int,
     "weights": number of adapted weights, "discarded": {weight: discarded energy}, "paths": {weight:
     "factored" | "concatenated" | "dense"}}. Nothing is left at `out_dir` on failure. `warn` receives the notes of
-    the merge (a rank cut that discards more than 1% of a weight's energy)."""
+    the merge (a rank cut that discards more than 1% of a weight's energy).
+
+    dry_run: stop after the plan (every check of the headers: the adapters, their factors' kinds and shapes)
+    and return {"plan": `describe_adapter`'s dict, "output": Path}; no factor is read and nothing is written."""
     if rank is not None and rank < 1:
         raise _fail(config, f"--adapter-rank must be at least 1, got {rank}")
     spec = get_method(recipe.method)
@@ -182,6 +240,8 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
         readers = iter(adapters)
         plan = plan_adapter(config, recipe, base_path, read_adapter_headers(
             base, [None if path is None else next(readers) for path in adapter_dirs]), rank)
+        if dry_run:
+            return {"plan": describe_adapter(plan), "output": Path(out_dir)}
         readers = iter(adapters)
         weights = [{} if path is None else next(readers).lora_weights() for path in adapter_dirs]
     finally:
@@ -206,4 +266,4 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
             "paths": result.paths}
 
 
-__all__ = ["merge_to_adapter"]
+__all__ = ["AdapterPlan", "describe_adapter", "merge_to_adapter", "plan_adapter", "read_adapter_headers"]

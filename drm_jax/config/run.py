@@ -114,7 +114,7 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
       intermediate_dir: where a multi-stage config's named stages are written (`<dir>/<name>`, kept);
         default: a temporary folder beside `out_dir`, removed at the end.
       dry_run: check everything that needs no tensor data and return the plan; nothing is written
-        (`drm_jax.config.merge.describe_plan`).
+        (`drm_jax.config.merge.describe_plan`; with adapter_out `drm_jax.config.adapter_out.describe_adapter`).
       progress: progress(total) -> a context manager whose value has on_chunk(group, n_layers) (the
         command line's bar, `drm_jax.cli.progress.MergeProgress`); None: silent. Called once per stage.
       warn: receives each note for the user (default: a UserWarning).
@@ -161,9 +161,8 @@ def merge_config(config: str | os.PathLike | Mapping | MergeConfig, out_dir: str
     if adapter_out or adapter_rank is not None:
         if not adapter_out:
             raise ConfigError("--adapter-rank needs --adapter-out")
-        if dry_run:
-            raise ConfigError("--dry-run plans model merges; it does not cover --adapter-out yet")
-        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank, warn=warn)
+        return merge_to_adapter(config, out_dir, recipe=recipe, force=force, rank=adapter_rank, warn=warn,
+                                dry_run=dry_run)
     return _merge_one(config, out_dir, recipe=recipe, devices=list(devices), **options)
 
 

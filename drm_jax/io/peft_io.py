@@ -28,6 +28,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,23 @@ def _pattern_value(config_path: Path, field: str, patterns: dict, module: str, d
             raise CheckpointError(f"{config_path}: {field}: key {quote(key)} against module {quote(module)}: "
                                   f"{err}") from None
     return default
+
+
+def check_lora_factors(path: Any, file: Any, name: str, kind: str, key: str, a_shape: tuple[int, ...] | None = None,
+                       b_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse a changed weight that has no LoRA factors a merged adapter can carry (`kind` "bias" or
+    "whole": `PeftReader.factors`) or, given their shapes, factors that are not a linear layer's or an
+    embedding's (2-D, A's rows B's columns). `path`: the adapter, `file`: its weights file."""
+    if kind != "lora":
+        what = "a LoRA bias (lora_bias)" if kind == "bias" else "a tensor saved whole (modules_to_save)"
+        raise CheckpointError(f"{path}: {name!r} is {what}, which has no LoRA factors; merge the "
+                              f"adapted models instead (drm-jax merge without --adapter-out)")
+    if a_shape is None or b_shape is None:
+        return
+    a_shape, b_shape = tuple(a_shape), tuple(b_shape)
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise CheckpointError(f"{file}: module {key!r}: LoRA factors A {a_shape} and B {b_shape} "
+                              f"are not a linear layer's or an embedding's")
 
 
 class PeftReader(IndexedReader):
@@ -244,18 +262,27 @@ class PeftReader(IndexedReader):
         """
         out = {}
         for name, (kind, key) in self._by_name.items():
-            if kind != "lora":
-                what = "a LoRA bias (lora_bias)" if kind == "bias" else "a tensor saved whole (modules_to_save)"
-                raise CheckpointError(f"{self.path}: {name!r} is {what}, which has no LoRA factors; merge the "
-                                      f"adapted models instead (drm-jax merge without --adapter-out)")
+            check_lora_factors(self.path, self.adapter.path, name, kind, key)
             entry = self._modules[key]
             a = self.adapter.get(entry.a).astype(np.float32)
             b = self.adapter.get(entry.b).astype(np.float32)
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise CheckpointError(f"{self.adapter.path}: module {key!r}: LoRA factors A {a.shape} and B {b.shape} "
-                                      f"are not a linear layer's or an embedding's")
+            check_lora_factors(self.path, self.adapter.path, name, kind, key, a.shape, b.shape)
             transposed = entry.embedding or bool(self.config.get("fan_in_fan_out"))
             out[name] = LoraWeight(b, a, self.scaling(key), transposed)
+        return out
+
+    def factors(self) -> dict[str, tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
+        """Every changed base weight's (kind, key, A's shape, B's shape), from the adapter file's header
+        (no tensor data): kind "lora" (key: its module; the shapes of lora_A and lora_B, or of
+        lora_embedding_A and _B), "bias" (a LoRA bias; key: its module) or "whole" (a tensor saved whole;
+        key: its adapter name); the last two have no factors (shapes ())."""
+        out = {}
+        for name, (kind, key) in self._by_name.items():
+            if kind == "lora":
+                entry = self._modules[key]
+                out[name] = (kind, key, tuple(self.adapter.shape(entry.a)), tuple(self.adapter.shape(entry.b)))
+            else:
+                out[name] = (kind, key, (), ())
         return out
 
     # -- the reader interface ---------------------------------------------------------------------------

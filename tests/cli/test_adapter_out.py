@@ -105,3 +105,63 @@ def test_adapter_out_refuses_inputs_that_are_not_adapters_of_the_base(adapters, 
     config = _config(tmp_path / "ok.yaml", "ties", base, [str(root / "a0"), str(root / "a1")], "density: 0.5")
     assert main(["merge", str(config), str(tmp_path / "out"), "--quiet", "--adapter-rank", "2"]) == 2
     assert "--adapter-rank needs --adapter-out" in capsys.readouterr().err
+
+
+def test_adapter_out_dry_run_prints_the_plan_and_writes_nothing(adapters, tmp_path, capsys):
+    base, root = adapters
+    config = _config(tmp_path / "ties.yaml", "ties", base, [str(root / "a0"), str(root / "a1")], "density: 0.5")
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out), "--adapter-out", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # 2 adapters of rank 2: K r = 4; one line per adapted weight (2 layers x 3 target modules)
+    assert printed[0] == (f"{out}: ties of 2 models into one rank-4 LoRA adapter of 6 weights (0 embeddings), "
+                          f"float32; files adapter_config.json, adapter_model.safetensors")
+    assert "  model.layers.0.self_attn.q_proj.weight: ranks 2 + 2 -> 4" in printed
+    assert len([line for line in printed if line.startswith("  model.layers.")]) == 6
+    assert printed[-1] == f"drm-jax: dry run: no problem found; nothing was written to {out}"
+    assert main(["merge", str(config), str(out), "--adapter-out", "--adapter-rank", "3", "--dry-run"]) == 0
+    assert "  model.layers.1.mlp.down_proj.weight: ranks 2 + 2 -> 3" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def _broken_adapter(root, tmp_path, change):
+    """A copy of adapter a0 with one factor replaced: change(tensors) edits its tensors in place."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "a0", broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    return broken
+
+
+KEY = "base_model.model.model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("change, message", [
+    # A of another input size: 2-D and of one rank, but its update is not the base weight's shape
+    (lambda t: t.update({f"{KEY}.lora_A.weight": np.zeros((2, 31), np.float32)}),
+     "make an update of shape (32, 31), but the base weight 'model.layers.1.self_attn.v_proj.weight' has shape "
+     "(32, 32)"),
+    # A of rank 3 against B of rank 2
+    (lambda t: t.update({f"{KEY}.lora_A.weight": np.zeros((3, 32), np.float32)}),
+     "LoRA factors A (3, 32) and B (32, 2) are not a linear layer's or an embedding's"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_adapter_out_checks_the_factors_from_the_headers(adapters, tmp_path, capsys, change, message, dry_run):
+    """Factors of the wrong kind of shape are refused at plan time, before any factor is read: one line naming
+    the adapter's file and module, exit 2, no output (a dry run says the same)."""
+    base, root = adapters
+    broken = _broken_adapter(root, tmp_path, change)
+    config = _config(tmp_path / "ta.yaml", "task_arithmetic", base, [str(root / "a1"), str(broken)], "lambda: 1.0")
+    out = tmp_path / "out"
+    assert main(["merge", str(config), str(out), "--quiet", "--adapter-out"] + ["--dry-run"] * dry_run) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and not captured.out
+    assert f"{broken / 'adapter_model.safetensors'}: module 'model.layers.1.self_attn.v_proj': " in err
+    assert message in err
+    assert not out.exists()

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -263,10 +264,22 @@ def test_vocabulary_is_planned_from_tokenizer_data_alone():
         _plan(config, _headers(config, recipe), recipe=recipe, tokenizers=tokenizers)
 
 
-def _adapter_headers(*flags):
-    names = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
+ADAPTED = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight")
+
+
+def _factors(i: int, q_a=(4, 32)):
+    """Adapter i's (name, kind, key, A's shape, B's shape): adapter 0 adapts the embeddings as an embedding
+    (its update stored transposed), adapter 1 as a linear layer; both q_proj, of rank 4 (A `q_a`)."""
+    embed = ((4, 64), (32, 4)) if i == 0 else ((4, 32), (64, 4))
+    return ((ADAPTED[0], "lora", "model.embed_tokens") + embed,
+            (ADAPTED[1], "lora", "model.layers.0.self_attn.q_proj", q_a, (32, 4)))
+
+
+def _adapter_headers(*flags, factors=_factors):
+    names = ADAPTED + ("model.norm.weight",)
     adapters = tuple(AdapterHeader(names[:2], frozenset(names[:1]) if i == 0 else frozenset(),
-                                   json.dumps({"fan_in_fan_out": flag, "task_type": "CAUSAL_LM", "r": 4}))
+                                   json.dumps({"fan_in_fan_out": flag, "task_type": "CAUSAL_LM", "r": 4}),
+                                   factors(i), f"lora_{i}", f"lora_{i}/adapter_model.safetensors")
                      for i, flag in enumerate(flags))
     return AdapterHeaders(names, ((64, 32), (32, 32), (32,)), (np.dtype("float16"),) * 3, "llama", adapters)
 
@@ -292,3 +305,37 @@ def test_adapter_plan_is_pure_and_frozen():
         plan.rank = 2
     with pytest.raises(TypeError):
         plan.engine_kwargs["density"] = 1.0
+    assert plan.ranks == {ADAPTED[0]: (4, 4), ADAPTED[1]: (4, 4)} and plan.out_rank(ADAPTED[1]) == 8
+
+
+def test_adapter_plan_checks_the_factors_from_the_headers():
+    """The LoRA factors' kinds and shapes, refused from the headers alone: one error naming the file and module."""
+    raw = {"merge_method": "task_arithmetic", "base_model": "base",
+           "models": [{"model": "lora_a", "parameters": {"weight": 1.0}},
+                      {"model": "lora_b", "parameters": {"weight": 0.5}}]}
+    config = parse_config(raw, NOWHERE / "adapters.yml")
+    recipe = build_recipe(config)
+
+    def plan(**kwargs):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(builtins, "open", _no_file)
+            patch.setattr(io, "open", _no_file)
+            return plan_adapter(config, recipe, NOWHERE / "base", _adapter_headers(False, False, **kwargs))
+
+    assert plan().out_rank(ADAPTED[1]) == 8  # K r: 2 adapters of rank 4
+    q = "lora_1/adapter_model.safetensors: module 'model.layers.0.self_attn.q_proj': LoRA factors A "
+    cases = [((4, 31), re.escape(q + "(4, 31) and B (32, 4) make an update of shape (32, 31), but the base "
+                                     "weight 'model.layers.0.self_attn.q_proj.weight' has shape (32, 32)")),
+             ((2, 32), re.escape(q + "(2, 32) and B (32, 4) are not a linear layer's or an embedding's")),
+             ((4, 32, 1), re.escape(q + "(4, 32, 1) and B (32, 4) are not a linear layer's or an embedding's"))]
+    for q_a, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            plan(factors=lambda i, q_a=q_a: _factors(i, q_a if i == 1 else (4, 32)))
+    # a weight the adapter changes without LoRA factors (a tensor saved whole) has nothing to merge
+    whole = lambda i: _factors(i)[:1] + (("model.layers.0.self_attn.q_proj.weight", "whole", "q", (), ()),)
+    with pytest.raises(CheckpointError, match=r"lora_0: 'model.layers.0.self_attn.q_proj.weight' is a tensor "
+                                              r"saved whole \(modules_to_save\), which has no LoRA factors"):
+        plan(factors=whole)
+    with pytest.raises(ConfigError, match=r"--adapter-rank 33 is larger than any adapted weight's rank can be "
+                                          r"\(at most 32"):
+        plan_adapter(config, recipe, NOWHERE / "base", _adapter_headers(False, False), rank=33)

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from drm_jax.config.merge import check_output, python_warning
+from drm_jax.config.plan import frozen_params
 from drm_jax.config.recipe import Recipe
 from drm_jax.config.schema import MergeConfig
 from drm_jax.config.streaming import PEFT_CONFIG_NAME, input_paths, split_adapter
@@ -191,8 +192,8 @@ def plan_adapter(config: MergeConfig, recipe: Recipe, base_path: Path, headers: 
     first = adapters[0]
     return AdapterPlan(leaves, frozenset(n for a in adapters for n in a.embeddings), flags.pop() if flags else False,
                        first.setting("task_type"), first.setting("base_model_name_or_path") or str(base_path),
-                       headers.arch, recipe.method, MappingProxyType(dict(recipe.role_kwargs)),
-                       MappingProxyType(dict(recipe.engine_kwargs)), rank,
+                       headers.arch, recipe.method, frozen_params(recipe.role_kwargs),
+                       frozen_params(recipe.engine_kwargs), rank,
                        config.out_dtype or config.dtype or "float32", MappingProxyType(ranks))
 
 

@@ -168,7 +168,7 @@ def _frozen_value(value: Any) -> Any:
     return value
 
 
-def _frozen(mapping: Mapping | None) -> Mapping | None:
+def frozen_params(mapping: Mapping | None) -> Mapping | None:
     """A read-only copy of a mapping of parameters, its list values as tuples (`_frozen_value`)."""
     return None if mapping is None else MappingProxyType({k: _frozen_value(v) for k, v in mapping.items()})
 
@@ -245,8 +245,8 @@ def _planned(draft: SegmentPlan, sources, params: Mapping, leaf: Mapping | None)
     info = sources.info
     return dataclasses.replace(
         draft, names=tuple(info.names), shapes=tuple(tuple(s) for s in info.shapes),
-        dtypes=tuple(np.dtype(d) for d in info.dtypes), roles=tuple(sources.roles), params=_frozen(params),
-        leaf_params=None if leaf is None else MappingProxyType({k: _frozen(v) for k, v in leaf.items()}))
+        dtypes=tuple(np.dtype(d) for d in info.dtypes), roles=tuple(sources.roles), params=frozen_params(params),
+        leaf_params=None if leaf is None else MappingProxyType({k: frozen_params(v) for k, v in leaf.items()}))
 
 
 def plan_config(config: MergeConfig, headers: Headers, *, recipe: Recipe | None = None,
@@ -284,14 +284,14 @@ def plan_config(config: MergeConfig, headers: Headers, *, recipe: Recipe | None 
         segments, reference, updates = _slice_segments(config, headers, dict(zip(entries, views)), out, promote)
     check_patterns(segments)
     return ConfigPlan("slices" if config.slices else "models", arch, entries, tuple(segments), reference,
-                      out_dtype, config.dtype, None if updates is None else _frozen(updates), vocabulary)
+                      out_dtype, config.dtype, None if updates is None else frozen_params(updates), vocabulary)
 
 
 def _models_segment(config: MergeConfig, recipe: Recipe, headers: Headers, views: list, out_dtype,
                     promote: bool) -> SegmentPlan:
     draft = SegmentPlan("models", recipe.method, recipe.reference.model,
                         f"{recipe.reference.key} ({recipe.reference.model})", tuple(m.model for m in recipe.models),
-                        tuple(f"{e.key} ({e.model})" for e in recipe.models), _frozen(recipe.role_kwargs),
+                        tuple(f"{e.key} ({e.model})" for e in recipe.models), frozen_params(recipe.role_kwargs),
                         recipe.zero_base, frozenset(recipe.exact_roles), promote)
     sources = segment_sources(draft, views[0], views[1:], out_dtype)
     params, leaf = recipe.engine_kwargs, None
@@ -338,7 +338,7 @@ def _slice_segment(config: MergeConfig, seg: SegmentDef, views: Mapping[str, Any
     draft = SegmentPlan(seg.key, seg.method, reference, f"{by_model[reference].key} ({reference})",
                         tuple(m.model for m in recipe.models),
                         tuple(f"{by_model[m.model].key} ({m.model})" for m in recipe.models),
-                        _frozen(recipe.role_kwargs), recipe.zero_base, frozenset(recipe.exact_roles), promote,
+                        frozen_params(recipe.role_kwargs), recipe.zero_base, frozenset(recipe.exact_roles), promote,
                         MappingProxyType({m: tuple(own[m]) for m in own}), tuple(out_names))
     sources = segment_sources(draft, views[reference], [views[m.model] for m in recipe.models], out_dtype)
     params, leaf = per_tensor_params(TensorParams(config, seg), out_names, [own[m.model] for m in seg.sources], ts,
@@ -437,5 +437,5 @@ def _config_updates(row: arch_data.Architecture, headers: Headers, reference: st
     return updates
 
 
-__all__ = ["ConfigPlan", "Headers", "SegmentPlan", "header_views", "input_entries", "plan_config",
-           "read_headers"]
+__all__ = ["ConfigPlan", "Headers", "SegmentPlan", "frozen_params", "header_views", "input_entries",
+           "plan_config", "read_headers"]

@@ -305,6 +305,7 @@ def test_adapter_plan_is_pure_and_frozen():
         plan.rank = 2
     with pytest.raises(TypeError):
         plan.engine_kwargs["density"] = 1.0
+    assert plan.engine_kwargs["coefficients"] == (1.0, 0.5)  # per-model values as a tuple
     assert plan.ranks == {ADAPTED[0]: (4, 4), ADAPTED[1]: (4, 4)} and plan.out_rank(ADAPTED[1]) == 8
 
 

@@ -206,18 +206,14 @@ class FusedExecutor(_Base):
         if chunk.block_rows and rule.rows is not None and not under_trace() and not is_traced(rows, hparams):
             return self._merge_blocks(chunk, rule, rows, threshold, hparams, per_member, check)
         models = tuple(tuple(self.source.get_model(t, i) for t in range(k)) for i in chunk.members)
-        weights = None  # (L, K) weights of a linear combination with concrete numbers
-        if (self.rules.linear_combination and not self.spec.reads_base and not under_trace()
-                and not is_traced(rows, hparams)):
-            weights = np.asarray(combination_weights(rule, rows, hparams, k=k, dtype=layout.compute,
-                                                     per_member=per_member))
-        against_zero = self._against_zero(weights)
-        if against_zero:
+        if self._against_zero():
             base = tuple(np.zeros((), jnp.dtype(d)) for d in layout.dtypes)
         else:
             base = tuple(self.source.get_base(i) for i in chunk.members)
-        if check and weights is not None and self._on_host(layout, base, models):
-            merged, finite = combine(None if against_zero else base, models, weights, layout.dtypes,
+        if check and self._on_host(layout, base, models):
+            weights = np.asarray(combination_weights(rule, rows, hparams, k=k, dtype=layout.compute,
+                                                     per_member=per_member))
+            merged, finite = combine(None if self._against_zero() else base, models, weights, layout.dtypes,
                                      np.dtype(layout.compute), check=self.check_finite)
             return Merged(chunk.members, merged, None, finite)
         base = tuple(to_device(x) for x in base)
@@ -227,15 +223,11 @@ class FusedExecutor(_Base):
                                        per_member=per_member)
         return Merged(chunk.members, merged, finite_in, self.checked(merged, check))
 
-    def _against_zero(self, weights: np.ndarray | None) -> bool:
-        """Whether to merge the models themselves, never reading the base: a shift-equivariant rule (a
-        weighted mean, `Rules.shift_equivariant`) whose weights (concrete, (L, K)) sum to 1 gives
-        base + sum_t w_t (x_t - base) = sum_t w_t x_t for any base, as mergekit's linear computes it (one
-        input fewer to stream through memory). Weights that do not sum to 1 (coefficients summing to 0,
-        where the mean divides by 1) keep the base."""
-        if weights is None or not self.rules.shift_equivariant:
-            return False
-        return bool(np.all(np.abs(weights.sum(axis=-1, dtype=np.float64) - 1.0) <= 1e-5))
+    def _against_zero(self) -> bool:
+        """A shift-equivariant rule (a weighted mean, `Rules.shift_equivariant`) that does not read the base
+        gives base + merge(x_t - base) = merge(x_t) for any base: it merges the models themselves, as
+        mergekit's linear does, and the base is never read (one input fewer to stream through memory)."""
+        return self.rules.shift_equivariant and not self.spec.reads_base
 
     def _on_host(self, layout: Layout, base, models) -> bool:
         """Whether a linear combination of these inputs runs on the host (`engine/host.py`): NumPy inputs

@@ -102,17 +102,3 @@ def test_an_overflow_in_the_cast_to_the_stored_dtype_is_refused():
     with jax.enable_x64(True):
         with pytest.raises(MergeInputError, match="'a'"):
             drm_jax.merge(base, models, method="task_arithmetic", compute_dtype="float64")
-
-
-@pytest.mark.parametrize("as_jax", [False, True])
-def test_linear_with_coefficients_summing_to_zero_keeps_the_base(as_jax):
-    # the mean divides by 1 where the coefficients sum to 0 (docs/methods.md#linear): base + sum_t c_t delta_t,
-    # which depends on the base, so the base is read there
-    base, models = _trees()
-    coefficients = [1.0, -1.0, 0.0]
-    wrap = (lambda t: jax.tree.map(jnp.asarray, t)) if as_jax else (lambda t: t)
-    out = drm_jax.merge(wrap(base), [wrap(m) for m in models], method="linear", coefficients=coefficients)
-    for name in base:
-        b = base[name].astype(np.float64)
-        want = b + sum(c * (m[name].astype(np.float64) - b) for c, m in zip(coefficients, models))
-        np.testing.assert_allclose(np.asarray(out[name]), want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -205,16 +205,12 @@ class FusedExecutor(_Base):
         rule, layout, k = self.rule(chunk), chunk.layout, self.plan.num_models
         if chunk.block_rows and rule.rows is not None and not under_trace() and not is_traced(rows, hparams):
             return self._merge_blocks(chunk, rule, rows, threshold, hparams, per_member, check)
+        base = tuple(self.source.get_base(i) for i in chunk.members)
         models = tuple(tuple(self.source.get_model(t, i) for t in range(k)) for i in chunk.members)
-        if self._against_zero():
-            base = tuple(np.zeros((), jnp.dtype(d)) for d in layout.dtypes)
-        else:
-            base = tuple(self.source.get_base(i) for i in chunk.members)
         if check and self._on_host(layout, base, models):
             weights = np.asarray(combination_weights(rule, rows, hparams, k=k, dtype=layout.compute,
                                                      per_member=per_member))
-            merged, finite = combine(None if self._against_zero() else base, models, weights, layout.dtypes,
-                                     np.dtype(layout.compute), check=self.check_finite)
+            merged, finite = combine(base, models, weights, np.dtype(layout.compute), check=self.check_finite)
             return Merged(chunk.members, merged, None, finite)
         base = tuple(to_device(x) for x in base)
         models = tuple(tuple(to_device(x) for x in row) for row in models)
@@ -222,12 +218,6 @@ class FusedExecutor(_Base):
                                        check_inputs=self.check_finite and not self.rules.linear_combination,
                                        per_member=per_member)
         return Merged(chunk.members, merged, finite_in, self.checked(merged, check))
-
-    def _against_zero(self) -> bool:
-        """A shift-equivariant rule (a weighted mean, `Rules.shift_equivariant`) that does not read the base
-        gives base + merge(x_t - base) = merge(x_t) for any base: it merges the models themselves, as
-        mergekit's linear does, and the base is never read (one input fewer to stream through memory)."""
-        return self.rules.shift_equivariant and not self.spec.reads_base
 
     def _on_host(self, layout: Layout, base, models) -> bool:
         """Whether a linear combination of these inputs runs on the host (`engine/host.py`): NumPy inputs

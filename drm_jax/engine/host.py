@@ -17,7 +17,6 @@ up to the order of float32 roundings (a few units in the last place).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -61,21 +60,20 @@ def combination_weights(rule: LayerRule, coefficients, hparams, *, k: int, dtype
     return jax.vmap(one, in_axes=(0, 0 if per_member else None))(jnp.asarray(coefficients, dtype), hparams)
 
 
-def _combine_span(out: np.ndarray, base: np.ndarray | None, models: Sequence[np.ndarray], weights: np.ndarray,
+def _combine_span(out: np.ndarray, base: np.ndarray, models: Sequence[np.ndarray], weights: np.ndarray,
                   compute: np.dtype, start: int, stop: int, check: bool) -> bool:
-    """out[start:stop] = base + sum_t w_t (x_t - base) (base None: sum_t w_t x_t), slab by slab in the compute
-    dtype (inputs of another dtype rounded to it first, as the compiled programs round them); whether every
-    value is finite."""
+    """out[start:stop] = base + sum_t w_t (x_t - base), slab by slab in the compute dtype (inputs of another
+    dtype rounded to it first, as the compiled programs round them); whether every value is finite."""
     size = min(SLAB, stop - start)
     direct = out.dtype == compute  # accumulate in the output itself
     acc, tmp = (None if direct else np.empty(size, compute)), np.empty(size, compute)
-    b_cast = None if base is None or base.dtype == compute else np.empty(size, compute)
+    b_cast = None if base.dtype == compute else np.empty(size, compute)
     x_cast = None if all(x.dtype == compute for x in models) else np.empty(size, compute)
     finite = True
     for s in range(start, stop, SLAB):
         e = min(s + SLAB, stop)
         a, t = (out[s:e] if direct else acc[: e - s]), tmp[: e - s]
-        b = None if base is None else base[s:e]
+        b = base[s:e]
         if b_cast is not None:
             b = b_cast[: e - s]
             np.copyto(b, base[s:e], casting="same_kind")
@@ -85,15 +83,11 @@ def _combine_span(out: np.ndarray, base: np.ndarray | None, models: Sequence[np.
                 np.copyto(x_cast[: e - s], x, casting="same_kind")
                 x = x_cast[: e - s]
             target = a if i == 0 else t
-            if b is None:
-                np.multiply(x, w, out=target)
-            else:
-                np.subtract(x, b, out=target)
-                np.multiply(target, w, out=target)
+            np.subtract(x, b, out=target)
+            np.multiply(target, w, out=target)
             if i:
                 np.add(a, t, out=a)
-        if b is not None:
-            np.add(a, b, out=a)
+        np.add(a, b, out=a)
         if not direct:
             np.copyto(out[s:e], a, casting="same_kind")
         if check and finite:  # the output as stored: a cast to a narrower dtype can overflow too
@@ -101,23 +95,20 @@ def _combine_span(out: np.ndarray, base: np.ndarray | None, models: Sequence[np.
     return finite
 
 
-def combine(base: Sequence[np.ndarray] | None, models: Sequence[Sequence[np.ndarray]], weights: np.ndarray,
-            dtypes: Sequence[str], compute: np.dtype, check: bool) -> tuple[list[jax.Array], np.ndarray | None]:
-    """Per member r: base[r] + sum_t weights[r, t] (models[r][t] - base[r]) (base None: the models' weighted
-    sum, for a rule whose weights sum to 1), computed in `compute` and returned in dtypes[r] and the models'
-    shape, as JAX arrays on the CPU backend (aligned: held without a copy).
+def combine(base: Sequence[np.ndarray], models: Sequence[Sequence[np.ndarray]], weights: np.ndarray,
+            compute: np.dtype, check: bool) -> tuple[list[jax.Array], np.ndarray | None]:
+    """Per member r: base[r] + sum_t weights[r, t] (models[r][t] - base[r]), computed in `compute` and
+    returned in base[r]'s dtype and shape, as JAX arrays on the CPU backend (aligned: held without a copy).
     Returns (merged members, (L,) finite flags, None when unchecked)."""
     outputs, jobs = [], []
     for r, xs in enumerate(models):
-        flat_models = [np.asarray(x, order="C").reshape(-1) for x in xs]
-        shape, dtype = np.shape(xs[0]), np.dtype(dtypes[r])
-        out = aligned_empty(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+        b = np.asarray(base[r], order="C")  # (ascontiguousarray would make a 0-d leaf 1-d)
+        out = aligned_empty(b.nbytes).view(b.dtype).reshape(b.shape)
         outputs.append(out)
-        b = None if base is None else np.asarray(base[r], order="C").reshape(-1)  # (ascontiguousarray: 0-d -> 1-d)
+        flat_models = [np.asarray(x, order="C").reshape(-1) for x in xs]
         w = weights[r].astype(compute)
-        size = out.size
-        for start in range(0, size, JOB):
-            jobs.append((r, out.reshape(-1), b, flat_models, w, compute, start, min(start + JOB, size)))
+        for start in range(0, b.size, JOB):
+            jobs.append((r, out.reshape(-1), b.reshape(-1), flat_models, w, compute, start, min(start + JOB, b.size)))
     finite = np.ones(len(outputs), bool)
     for r, ok in _pool().map(lambda j: (j[0], _combine_span(*j[1:], check)), jobs):
         finite[r] &= ok

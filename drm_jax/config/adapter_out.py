@@ -267,4 +267,4 @@ def merge_to_adapter(config: MergeConfig, out_dir: Path, *, recipe: Recipe, forc
             "paths": result.paths}
 
 
-__all__ = ["AdapterPlan", "describe_adapter", "merge_to_adapter", "plan_adapter", "read_adapter_headers"]
+__all__ = ["describe_adapter", "merge_to_adapter"]

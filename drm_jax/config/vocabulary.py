@@ -732,5 +732,5 @@ def print_warnings(plan: VocabularyPlan) -> None:
         print(f"drm-jax: warning: {one_line(note)}", file=sys.stderr)
 
 
-__all__ = ["Rule", "TokenizerHeader", "Tokenizers", "VocabularyPlan", "align_views", "build_tokenizer",
+__all__ = ["Rule", "Tokenizers", "VocabularyPlan", "align_views", "build_tokenizer",
            "plan_vocabulary", "read_tokenizers"]

@@ -52,13 +52,20 @@ def leaf_key(seed: int, name: str) -> jax.Array:
 
 
 def leaf_keys(seed: int, names: Sequence[str]) -> np.ndarray:
-    """(N, 2) uint32: `leaf_key` of each name, bit for bit, from one batched fold (a key per leaf, one
-    dispatch each, cost a merge of a hundred small leaves more than its arithmetic). Concrete inside the
-    caller's jax.jit too."""
-    data = np.array([_name_hash(n) for n in names], np.uint32)
+    """(N, 2) uint32: `leaf_key` of each name, bit for bit, folded in batches of `_KEY_BATCH` names (a key
+    per leaf, one dispatch each, cost a merge of a hundred small leaves more than its arithmetic; a fixed
+    batch keeps one program whatever the number of leaves). Concrete inside the caller's jax.jit too."""
+    count = len(names)
+    data = np.zeros(-(-count // _KEY_BATCH) * _KEY_BATCH, np.uint32)
+    data[:count] = [_name_hash(n) for n in names]
     with jax.ensure_compile_time_eval():
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), data)
-        return np.asarray(keys)
+        root = jax.random.PRNGKey(seed)
+        batches = [np.asarray(_fold_batch(root, data[i:i + _KEY_BATCH])) for i in range(0, data.size, _KEY_BATCH)]
+    return np.concatenate(batches)[:count] if batches else np.zeros((0, 2), np.uint32)
+
+
+_KEY_BATCH = 64
+_fold_batch = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
 
 
 def _name_hash(name: str) -> int:

@@ -46,15 +46,17 @@ def resolve_compute_dtype(name: str | None) -> tuple[str | None, str | None]:
     return compute, round_to
 
 
-def leaf_key(seed: int, name: str) -> jax.Array:
-    """PRNG key of one leaf: the seed folded with a stable hash of its name (independent of grouping)."""
-    return jax.random.fold_in(jax.random.PRNGKey(seed), _name_hash(name))
+def leaf_key(seed: int, name: str) -> np.ndarray:
+    """PRNG key (2,) uint32 of one leaf: the seed folded with a stable hash of its name (independent of
+    grouping); `leaf_keys` of that one name."""
+    return leaf_keys(seed, [name])[0]
 
 
 def leaf_keys(seed: int, names: Sequence[str]) -> np.ndarray:
-    """(N, 2) uint32: `leaf_key` of each name, bit for bit, folded in batches of `_KEY_BATCH` names (a key
-    per leaf, one dispatch each, cost a merge of a hundred small leaves more than its arithmetic; a fixed
-    batch keeps one program whatever the number of leaves). Concrete inside the caller's jax.jit too."""
+    """(N, 2) uint32: the PRNG key of each leaf, the seed folded with a stable hash of its name, folded in
+    batches of `_KEY_BATCH` names (a key per leaf, one dispatch each, cost a merge of a hundred small
+    leaves more than its arithmetic; a fixed batch keeps one program whatever the number of leaves).
+    Concrete inside the caller's jax.jit too."""
     count = len(names)
     data = np.zeros(-(-count // _KEY_BATCH) * _KEY_BATCH, np.uint32)
     data[:count] = [_name_hash(n) for n in names]

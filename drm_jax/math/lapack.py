@@ -22,6 +22,10 @@ after the previous one has finished, on CPU, whatever `check_finite` is (`drm_ja
 decompose`, the scheduling rule tested in tests/core/test_executors.py), so one runs at a time and the
 rest of the pool is free for its pieces.
 
+On CPU the SVD of a matrix on which LAPACK's divide and conquer (gesdd) fails, which jaxlib reports as
+NaN in every output, is computed again by the QR iteration (gesvd): a finite matrix gets a finite SVD
+(docs/methods.md#cpu-lapack).
+
 Reverse-mode derivatives do not pass through these functions (a custom batching rule is not
 transposable): they are called on primal values only, by the custom JVPs of `drm_jax.math.linalg` and
 by code that is not differentiated.
@@ -36,9 +40,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
-def _one_at_a_time(matrix_fn):
-    """`matrix_fn` on (..., n, m): on CPU a sequential loop over the leading axes and over any vmap."""
-    looped = jax.custom_batching.sequential_vmap(matrix_fn)
+def _one_at_a_time(matrix_fn, cpu_matrix_fn=None):
+    """`matrix_fn` on (..., n, m): on CPU a sequential loop over the leading axes and over any vmap, each
+    step `cpu_matrix_fn` (default `matrix_fn`) on one matrix."""
+    looped = jax.custom_batching.sequential_vmap(cpu_matrix_fn or matrix_fn)
 
     def on_cpu(a):
         fn = looped
@@ -53,10 +58,29 @@ def _one_at_a_time(matrix_fn):
     return decomposition
 
 
-@_one_at_a_time
-def svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
-    """Thin SVD: U (..., n, r), S (..., r) descending, Vh (..., r, m), r = min(n, m)."""
+def _divide_and_conquer(a):
     return tuple(jnp.linalg.svd(a, full_matrices=False))
+
+
+def _svd_one_matrix(a):
+    """gesdd, and gesvd where gesdd failed: LAPACK's divide and conquer does not converge on some matrices
+    (a well-conditioned float32 384 x 384 among them, docs/methods.md#cpu-lapack) and jaxlib then returns
+    NaN in every output. One matrix, so the predicate is a scalar and the QR iteration runs only then."""
+    u, s, vh = _divide_and_conquer(a)
+    return jax.lax.cond(jnp.all(jnp.isfinite(s)), lambda: (u, s, vh),
+                        lambda: tuple(jax.lax.linalg.svd(a, full_matrices=False,
+                                                         algorithm=jax.lax.linalg.SvdAlgorithm.QR)))
+
+
+def svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
+    """Thin SVD: U (..., n, r), S (..., r) descending, Vh (..., r, m), r = min(n, m).
+
+    On CPU a matrix on which divide and conquer fails is decomposed again by the QR iteration (a finite
+    input then gives a finite SVD); elsewhere `jnp.linalg.svd`."""
+    return _svd(a)
+
+
+_svd = _one_at_a_time(_divide_and_conquer, _svd_one_matrix)
 
 
 @_one_at_a_time

@@ -81,3 +81,35 @@ def test_iso_cts_on_stacked_layers_finishes():
     done = subprocess.run([sys.executable, "-c", _HANG], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0 and "merged" in done.stdout, done.stderr[-2000:]
+
+
+def _failing_divide_and_conquer(a):
+    """What jaxlib returns where LAPACK's gesdd does not converge: NaN in every output."""
+    u, s, vh = jnp.linalg.svd(a, full_matrices=False)
+    return tuple(jnp.full_like(x, jnp.nan) for x in (u, s, vh))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fallback is part of the CPU loop")
+@pytest.mark.parametrize("jit", [False, True])
+def test_svd_falls_back_to_the_qr_iteration_where_divide_and_conquer_fails(monkeypatch, jit):
+    a = _batch((3, 12, 9), seed=2)
+    monkeypatch.setattr(lapack, "_divide_and_conquer", _failing_divide_and_conquer)
+    svd = jax.jit(lambda x: lapack.svd(x)) if jit else lapack.svd
+    u, s, vh = svd(a)
+    assert all(bool(jnp.isfinite(x).all()) for x in (u, s, vh))
+    np.testing.assert_allclose(s, np.linalg.svd(np.asarray(a), compute_uv=False), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose((u * s[..., None, :]) @ vh, a, atol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(u, -1, -2) @ u, np.broadcast_to(np.eye(9), (3, 9, 9)), atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fallback is part of the CPU loop")
+def test_iso_cts_is_finite_where_divide_and_conquer_fails(monkeypatch):
+    # the full text-tasks profile's seed 1 hit this: gesdd failed on Iso-CTS's U* (384 x 384, float32)
+    # inside the jitted merge, and the merge was refused as non-finite
+    from drm_jax.math import subspace
+
+    deltas = _batch((4, 16, 12), seed=3)
+    expected = subspace.iso_cts(deltas, 1.5, 0.5)
+    monkeypatch.setattr(lapack, "_divide_and_conquer", _failing_divide_and_conquer)
+    merged = jax.jit(lambda d: subspace.iso_cts(d, 1.5, 0.5))(deltas)
+    np.testing.assert_allclose(merged, expected, rtol=1e-4, atol=1e-5)

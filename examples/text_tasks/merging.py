@@ -284,6 +284,7 @@ class Trial:
     val: dict
     score: float
     stage: int = 0  # the index of the search stage that first tried it (Selection.stages names its axis)
+    refused: str | None = None  # the library's one-line refusal where the merge was refused (score -inf)
 
 
 @dataclasses.dataclass
@@ -316,7 +317,8 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
     axes, each is then searched again around its choice (its last step either side, extended past an
     edge, not refined) until a round moves neither, at most `grid.rounds` rounds. Every candidate is
     validated once (a repeated one is looked up); ties keep the earlier candidate, so the outcome does not
-    depend on float noise in later ones. Selection.grids gives, per axis, the values tried at the chosen
+    depend on float noise in later ones. A candidate the library refuses (drm_jax.MergeInputError, e.g. a
+    non-finite merge) scores -inf and keeps its message in Trial.refused; it is not counted as tried. Selection.grids gives, per axis, the values tried at the chosen
     values of the other axes, and whether the chosen value is at an edge of them.
     """
     start, axes = search_plan(spec, grid)
@@ -331,8 +333,13 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
             return seen[key]
         if progress:
             progress(f"{spec.label} {params}")
-        val = validate(dict(params))
-        trial = Trial(dict(params), val, normalized(val, ft_val), stage)
+        try:
+            val = validate(dict(params))
+            trial = Trial(dict(params), val, normalized(val, ft_val), stage)
+        except drm_jax.MergeInputError as error:  # one refused candidate loses; the search goes on
+            trial = Trial(dict(params), {}, float("-inf"), stage, refused=str(error))
+            if progress:
+                progress(f"{spec.label} {params} refused: {error}")
         seen[key] = trial
         trials.append(trial)
         if not best or trial.score > best[0].score:
@@ -363,8 +370,8 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
     grids = {}
     for axis in axes:
         others = {k: v for k, v in chosen.params.items() if k != axis.param}
-        tried = sorted({t.params[axis.param] for t in trials
-                        if {k: v for k, v in t.params.items() if k != axis.param} == others})
+        tried = sorted({t.params[axis.param] for t in trials if t.refused is None
+                        and {k: v for k, v in t.params.items() if k != axis.param} == others})
         value = chosen.params[axis.param]
         grids[axis.param] = {"tried": tried, "chosen": value, "at_edge": at_edge(axis, value, tried)}
     return Selection(spec.label, dict(chosen.params), trials, stages, grids)

@@ -573,13 +573,18 @@ class Experiment:
             rows[spec.label] = {"val": selection.chosen_val, "test": test["acc"], "test_correct": test["correct"],
                                 "chosen": selection.chosen, "at_edge": selection.at_edge, "search": selection.grids,
                                 "evaluations": len(selection.trials),
-                                "trials": [{"params": t.params, "val_norm": t.score} for t in selection.trials]}
+                                "trials": [{"params": t.params, "val_norm": t.score} if t.refused is None else
+                                           {"params": t.params, "val_norm": None, "refused": t.refused}
+                                           for t in selection.trials]}
             if uniform:
                 both = (test if spec.method in OTHER_LEAVES_BY_TASK_ARITHMETIC
                         else plan.outcome(selection.chosen, "test", uniform_other=True))
                 uniform_rows[spec.label] = {"test": both["acc"], "test_correct": both["correct"],
                                             "chosen": selection.chosen}
             selections[spec.label] = selection
+            for trial in selection.trials:
+                if trial.refused is not None:
+                    log(f"{spec.label:16s} {trial.params} refused, scored as failed: {trial.refused}")
             log(f"{spec.label:16s} {selection.chosen} test: {_fmt(test['acc'])} normalized "
                 f"{100 * normalized(test['acc'], ft['test']):.1f} ({len(selection.trials)} tried, "
                 f"{plan.merges} merged)")
@@ -620,7 +625,7 @@ class Experiment:
         stage = selection.stages.index("drop_rate")
         lam = next(t.params.get("lambda") for t in selection.trials if t.stage == stage)
         points = []
-        for trial in sorted((t for t in selection.trials if t.params.get("lambda") == lam),
+        for trial in sorted((t for t in selection.trials if t.params.get("lambda") == lam and t.refused is None),
                             key=lambda t: t.params["drop_rate"]):
             test = chosen_test if trial.params == selection.chosen else plan.evaluate(trial.params, "test")
             points.append({"drop_rate": trial.params["drop_rate"], "lambda": lam, "val_norm": trial.score,

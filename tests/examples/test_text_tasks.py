@@ -320,6 +320,25 @@ def test_selection_uses_validation_only_and_reports_a_fine_lambda():
     assert min(sel.grids["lambda"]["tried"]) < sel.chosen["lambda"] < max(sel.grids["lambda"]["tried"])
 
 
+def test_a_refused_candidate_scores_as_failed_and_the_search_goes_on():
+    """The full profile's seed 1 died on one Iso-CTS candidate the library refused: a refused merge now
+    loses (score -inf, its message kept) and the search chooses among the others."""
+    import drm_jax
+
+    def validate(params):
+        if params["lambda"] >= 1.25:
+            raise drm_jax.MergeInputError("leaf 'w': the merged value overflows (Inf or NaN)")
+        return {n: 1.0 - abs(params["lambda"] - 1.1) for n in ("a", "b")}
+
+    grid = Grid(disjoint_lambdas=(0.75, 1.0, 1.25), refine=1)
+    sel = select_on_validation(MethodSpec("TA", "task_arithmetic"), grid, validate, {"a": 1.0, "b": 1.0})
+    refused = [t for t in sel.trials if t.refused is not None]
+    assert refused and all(t.score == float("-inf") and "overflows" in t.refused for t in refused)
+    assert all(t.params["lambda"] >= 1.25 for t in refused)
+    assert sel.chosen["lambda"] < 1.25 and sel.chosen_val["a"] > 0.8
+    assert 1.25 not in sel.grids["lambda"]["tried"]
+
+
 def _distance_loss(target):
     """loss_fn for learn_coefficients: squared distance of the merged tree to `target` (the batch unused)."""
     import jax

@@ -27,6 +27,7 @@ from typing import Callable, Literal, NamedTuple
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from drm_jax.math import lapack
 from drm_jax.math.arrays import mm
 
 Route = Literal["auto", "dense", "gram", "qr"]
@@ -92,7 +93,7 @@ def factorize(m: Float[Array, "n c"], route: str) -> Factors:
     """Factors of M by one route ("dense", "gram" or "qr"; see the module docstring)."""
     n, c = m.shape
     if route == "dense":
-        u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+        u, s, vh = lapack.batched_svd(m)
         return Factors(s, lambda b: (u[:, :b], s[:b, None] * vh[:b]))
     if route == "gram":
         if n <= c:
@@ -111,10 +112,10 @@ def factorize(m: Float[Array, "n c"], route: str) -> Factors:
     if route == "qr":
         if n <= c:
             q, r = jnp.linalg.qr(m.T)  # M = R^T Q^T, R^T is (n, n)
-            u, s, wh = jnp.linalg.svd(r.T)
+            u, s, wh = lapack.batched_svd(r.T)
             return Factors(s, lambda b: (u[:, :b], s[:b, None] * mm(wh[:b], q.T)))
         q, r = jnp.linalg.qr(m)  # M = Q R, R is (c, c)
-        ur, s, vh = jnp.linalg.svd(r)
+        ur, s, vh = lapack.batched_svd(r)
         return Factors(s, lambda b: (mm(q, ur[:, :b]), s[:b, None] * vh[:b]))
     raise ValueError(f"unknown SVD route {route!r}; expected one of {ROUTES}")
 

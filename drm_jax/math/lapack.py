@@ -24,7 +24,7 @@ rest of the pool is free for its pieces.
 
 On CPU the SVD of a matrix on which LAPACK's divide and conquer (gesdd) fails, which jaxlib reports as
 NaN in every output, is computed again by the QR iteration (gesvd): a finite matrix gets a finite SVD
-(docs/methods.md#cpu-lapack).
+(docs/methods.md#cpu-lapack). `batched_svd`, DRM's one batched call, does the same for a whole batch.
 
 Reverse-mode derivatives do not pass through these functions (a custom batching rule is not
 transposable): they are called on primal values only, by the custom JVPs of `drm_jax.math.linalg` and
@@ -62,10 +62,11 @@ def _divide_and_conquer(a):
     return tuple(jnp.linalg.svd(a, full_matrices=False))
 
 
-def _svd_one_matrix(a):
+def _svd_checked(a):
     """gesdd, and gesvd where gesdd failed: LAPACK's divide and conquer does not converge on some matrices
     (a well-conditioned float32 384 x 384 among them, docs/methods.md#cpu-lapack) and jaxlib then returns
-    NaN in every output. One matrix, so the predicate is a scalar and the QR iteration runs only then."""
+    NaN in every output. The predicate covers every matrix of `a` and is a scalar, so the QR iteration
+    runs only then (on the whole of `a`)."""
     u, s, vh = _divide_and_conquer(a)
     return jax.lax.cond(jnp.all(jnp.isfinite(s)), lambda: (u, s, vh),
                         lambda: tuple(jax.lax.linalg.svd(a, full_matrices=False,
@@ -80,7 +81,35 @@ def svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
     return _svd(a)
 
 
-_svd = _one_at_a_time(_divide_and_conquer, _svd_one_matrix)
+_svd = _one_at_a_time(_divide_and_conquer, _svd_checked)
+
+
+@jax.custom_batching.custom_vmap
+def _svd_checked_batch(a):
+    return _svd_checked(a)
+
+
+@_svd_checked_batch.def_vmap
+def _svd_checked_batch_vmap(axis_size, in_batched, a):
+    # a vmap adds a leading axis to the one batched call, and the check still covers the whole batch
+    # (a lax.cond under a plain vmap would become a select that runs the QR iteration every time)
+    if not in_batched[0]:
+        a = jnp.broadcast_to(a, (axis_size, *a.shape))
+    return _svd_checked_batch(a), (True, True, True)
+
+
+@jax.custom_jvp
+def batched_svd(a: Float[Array, "... n m"]) -> tuple[Array, Array, Array]:
+    """`jnp.linalg.svd(a, full_matrices=False)` as one batched call over the leading axes and any vmap,
+    for the programs that keep a batched decomposition (DRM's joint space: one decomposition program in
+    flight, module docstring). On CPU, where divide and conquer fails on any matrix of the batch, the
+    whole batch is decomposed again by the QR iteration. Derivatives: `jnp.linalg.svd`'s."""
+    return jax.lax.platform_dependent(a, cpu=_svd_checked_batch, default=_divide_and_conquer)
+
+
+@batched_svd.defjvp
+def _batched_svd_jvp(primals, tangents):
+    return jax.jvp(_divide_and_conquer, primals, tangents)
 
 
 @_one_at_a_time
@@ -89,4 +118,4 @@ def qr(a: Float[Array, "... n m"]) -> tuple[Array, Array]:
     return tuple(jnp.linalg.qr(a))
 
 
-__all__ = ["qr", "svd"]
+__all__ = ["batched_svd", "qr", "svd"]

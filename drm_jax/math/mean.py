@@ -24,7 +24,11 @@ def scale_by_coefficients() -> MergeTransform:
     """X_t *= lambda_t."""
 
     def apply(state: MergeState) -> MergeState:
-        return state.replace(values=state.values * broadcast_tasks(state.coefficients, state.values))
+        # task by task, then stacked (as the engine stacks the deltas): a later task sum's slices of the stack
+        # fold back to these products and the merge stays one fused pass; a multiply of the whole stack by
+        # broadcast coefficients made XLA write the (K, ...) product first (task arithmetic 3x slower)
+        values, c = state.values, state.coefficients
+        return state.replace(values=jnp.stack([values[t] * c[t] for t in range(values.shape[0])]))
 
     return apply
 

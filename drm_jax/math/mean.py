@@ -24,11 +24,7 @@ def scale_by_coefficients() -> MergeTransform:
     """X_t *= lambda_t."""
 
     def apply(state: MergeState) -> MergeState:
-        # task by task, then stacked (as the engine stacks the deltas): a later task sum's slices of the stack
-        # fold back to these products and the merge stays one fused pass; a multiply of the whole stack by
-        # broadcast coefficients made XLA write the (K, ...) product first (task arithmetic 3x slower)
-        values, c = state.values, state.coefficients
-        return state.replace(values=jnp.stack([values[t] * c[t] for t in range(values.shape[0])]))
+        return state.replace(values=state.values * broadcast_tasks(state.coefficients, state.values))
 
     return apply
 
@@ -59,6 +55,21 @@ def sum_tasks() -> MergeTransform:
 
     def apply(state: MergeState) -> MergeState:
         return state.replace(merged=task_sum(state.values))
+
+    return apply
+
+
+def weighted_sum() -> MergeTransform:
+    """merged = sum_t lambda_t X_t: `scale_by_coefficients()` then `sum_tasks()` in one stage, same value.
+
+    The products are taken slice by slice inside the sum, so an elementwise merge stays one fused pass over
+    the inputs; multiplying the whole (K, ...) stack first makes XLA write that product (task arithmetic
+    on the MiniLM tree: 0.28 s against 0.07 s). The stage leaves `values` unscaled: put it last before
+    `scale()`, where nothing reads the scaled values again.
+    """
+
+    def apply(state: MergeState) -> MergeState:
+        return state.replace(merged=task_sum(state.values, state.coefficients))
 
     return apply
 
@@ -111,7 +122,7 @@ def generalized_reduce(consensus: bool, normalize: bool) -> MergeTransform:
     if consensus:
         return chain(scale_by_coefficients(), elect_sign("positive"),
                      disjoint_mean("coefficients") if normalize else sum_tasks())
-    return weighted_mean() if normalize else chain(scale_by_coefficients(), sum_tasks())
+    return weighted_mean() if normalize else weighted_sum()
 
 
 # SCE's floor of a sum of weights (mergekit: `abs(sum) < 1e-6` in float64 of a float32 value, which is
@@ -184,4 +195,4 @@ def overlap_mean_plus(values: Float[Array, "K ..."], epsilon, r, alpha) -> Float
 
 __all__ = ["disjoint_mean", "disjoint_mean_of", "energy_weighted_mean", "energy_weights", "generalized_reduce",
            "mean_tasks", "overlap_counts", "overlap_mean", "overlap_mean_plus", "scale", "scale_by_coefficients",
-           "sum_tasks", "weighted_mean"]
+           "sum_tasks", "weighted_mean", "weighted_sum"]

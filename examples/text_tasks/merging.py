@@ -318,8 +318,9 @@ def select_on_validation(spec: MethodSpec, grid: Grid, validate: Callable[[dict]
     edge, not refined) until a round moves neither, at most `grid.rounds` rounds. Every candidate is
     validated once (a repeated one is looked up); ties keep the earlier candidate, so the outcome does not
     depend on float noise in later ones. A candidate the library refuses (drm_jax.MergeInputError, e.g. a
-    non-finite merge) scores -inf and keeps its message in Trial.refused; it is not counted as tried. Selection.grids gives, per axis, the values tried at the chosen
-    values of the other axes, and whether the chosen value is at an edge of them.
+    non-finite merge) scores -inf and keeps its message in Trial.refused; it is not counted as tried.
+    Selection.grids gives, per axis, the values tried at the chosen values of the other axes, and whether
+    the chosen value is at an edge of them.
     """
     start, axes = search_plan(spec, grid)
     seen: dict[tuple, Trial] = {}

@@ -8,14 +8,15 @@ step). Both run Adam at learning rate 1e-5 (FusionBench's fixed value) from sum_
   * --real: the main job's fine-tuned MiniLM encoders (benchmarks/real_deltas.py; K = 6 wanted, the
     default profile makes 4: the K used is printed), all 36 encoder weights, 400 steps;
   * --llama: one Llama-3.1-8B layer, q, o (4096 x 4096), k, v (1024 x 4096), gate, up (14336 x 4096),
-    down (4096 x 14336), random task vectors, 400 steps (tens of GB of memory in the full run).
+    down (4096 x 14336), random task vectors, 400 steps; one weight at a time, since FusionBench's loop
+    alone peaks at about 13 GB on gate_proj (K = 4).
 FusionBench's loop is too slow to run in full on the large cases (64 s for one MiniLM layer, K = 4, 50
 steps, on a 2-core machine). There it is timed on a measured subset -- the first `--fb-layers` layers'
 weights (real MiniLM), at two small step counts `--fb-steps` -- and extrapolated linearly: time(S) =
 a + b S fitted through the two points (a: per-weight setup, b: per step), times (all weights / measured
 weights), which is exact in the weights because every MiniLM layer has the same six shapes. The Llama
-layer is one layer: measured in full in its weights, extrapolated in steps, on both sides unless
---ours-full. Every extrapolated number is marked so.
+layer is measured in full in its weights, at `--llama-fb-steps` (1 and 3) and extrapolated in steps, on
+both sides unless --ours-full. Every extrapolated number is marked so.
 
 Agreement: on what both ran (the subset, at the larger measured step count), max |ours - FusionBench|,
 and each side's distance from the same Adam run in float64 (drm_jax.math.wudi under jax.enable_x64, which
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import os
@@ -142,17 +144,66 @@ def linear_fit(times: dict[int, float], steps: int) -> float:
     return max(t1 - slope * s1, 0.0) + slope * steps
 
 
-def measured(fn, results: dict, key, steps: int) -> Callable:
+def measured(fn, results: dict, key: str | None, steps: int) -> Callable:
+    """A timed run of fn(steps); its output kept under `key` (None: dropped at once, to save memory)."""
     def run():
-        results[key] = fn(steps)
+        out = fn(steps)
+        if key is not None:
+            results[key] = out
     return run
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One WUDI comparison: times (s), the agreement on what both ran and whether the results are equal."""
+
+    label: str
+    k: int
+    steps: int
+    t_fb: float
+    t_ours: float
+    compile_s: float
+    diff: float  # max |ours - FusionBench|
+    ours_err: float  # max |ours - float64 Adam|
+    fb_err: float  # max |FusionBench - float64 Adam|
+    move: float  # lr * steps compared: the furthest Adam can move an entry
+    equal: bool
+    fb_extrapolated: bool
+    ours_extrapolated: bool
+    notes: list[str]
+
+    @property
+    def ratio(self) -> float:
+        return self.t_ours / self.t_fb
+
+    @property
+    def goal(self) -> bool:
+        return self.equal and self.ratio <= 0.1
+
+    def row(self) -> list[object]:
+        def cell(t, extrapolated, digits):
+            return f"{t:.1f} (extrapolated)" if extrapolated else f"{t:.{digits}f}"
+
+        return [self.label, self.k, self.steps, cell(self.t_fb, self.fb_extrapolated, 2),
+                cell(self.t_ours, self.ours_extrapolated, 3), f"{self.compile_s:.2f}", f"{self.ratio:.4f}",
+                f"{self.diff / self.move:.1e}", f"{self.ours_err / self.move:.1e}",
+                f"{self.fb_err / self.move:.1e}", "yes" if self.equal else "NO"]
+
+
+def combined(label: str, parts: list[Comparison]) -> Comparison:
+    """Weights compared one part at a time, as one: times summed, differences their maximum."""
+    return Comparison(label, parts[0].k, parts[0].steps, sum(p.t_fb for p in parts), sum(p.t_ours for p in parts),
+                      sum(p.compile_s for p in parts), max(p.diff for p in parts),
+                      max(p.ours_err for p in parts), max(p.fb_err for p in parts), parts[0].move,
+                      all(p.equal for p in parts), any(p.fb_extrapolated for p in parts),
+                      any(p.ours_extrapolated for p in parts), [n for p in parts for n in p.notes])
 
 
 def compare(label: str, task_vectors: dict[str, np.ndarray], steps: int, repeats: int, fb, *,
             subset: list[str] | None = None, fb_steps: tuple[int, int] | None = None,
-            ours_full: bool = True) -> tuple[list[object], list[str], bool]:
-    """One table row, its notes and whether the goal holds. subset / fb_steps: FusionBench (and, where
-    not ours_full, drm_jax) timed on these weights at these two step counts and extrapolated."""
+            ours_full: bool = True) -> Comparison:
+    """One comparison. subset / fb_steps: FusionBench (and, where not ours_full, drm_jax) timed on these
+    weights at these two step counts and extrapolated."""
     k = next(iter(task_vectors.values())).shape[0]
     subset = subset or list(task_vectors)
     sub = {n: task_vectors[n] for n in subset}
@@ -168,15 +219,14 @@ def compare(label: str, task_vectors: dict[str, np.ndarray], steps: int, repeats
                                  "ours": measured(ours_all, results, "ours", steps)}, repeats)
         t_fb, t_ours, compare_steps = best["fb"], best["ours"], steps
         compile_s = ours_all.compile_s
-        fb_cell, ours_cell = f"{t_fb:.2f}", f"{t_ours:.3f}"
         ours_out, fb_out = results["ours"], results["fb"]
     else:
         s1, s2 = fb_steps
         runners = {}
-        for s in (s1, s2):
-            runners[f"fb{s}"] = measured(theirs, results, f"fb{s}", s)
+        for s in (s1, s2):  # only the longer runs' outputs are compared
+            runners[f"fb{s}"] = measured(theirs, results, f"fb{s}" if s == s2 else None, s)
             if not ours_full:
-                runners[f"ours{s}"] = measured(ours_sub, results, f"ours{s}", s)
+                runners[f"ours{s}"] = measured(ours_sub, results, f"ours{s}" if s == s2 else None, s)
         ours_sub(s2)  # compile (the same shapes as the full run)
         best = interleaved_best(runners, repeats)
         t_fb = weight_factor * linear_fit({s1: best[f"fb{s1}"], s2: best[f"fb{s2}"]}, steps)
@@ -184,18 +234,15 @@ def compare(label: str, task_vectors: dict[str, np.ndarray], steps: int, repeats
         notes.append(f"{label}: FusionBench measured on {where} at {s1} and {s2} steps "
                      f"({best[f'fb{s1}']:.2f} s, {best[f'fb{s2}']:.2f} s), extrapolated linearly to {steps} steps"
                      + (f" and x{weight_factor:g} in weights" if weight_factor != 1 else "") + f": {t_fb:.1f} s.")
-        fb_cell = f"{t_fb:.1f} (extrapolated)"
         if ours_full:
             ours_all(steps)  # compile
-            t_ours = interleaved_best({"ours": measured(ours_all, results, "ours_full", steps)}, repeats)["ours"]
+            t_ours = interleaved_best({"ours": measured(ours_all, results, None, steps)}, repeats)["ours"]
             compile_s = ours_all.compile_s
-            ours_cell = f"{t_ours:.3f}"
         else:
             t_ours = weight_factor * linear_fit({s1: best[f"ours{s1}"], s2: best[f"ours{s2}"]}, steps)
             compile_s = ours_sub.compile_s
             notes.append(f"{label}: drm_jax measured the same way ({best[f'ours{s1}']:.2f} s, "
                          f"{best[f'ours{s2}']:.2f} s): {t_ours:.1f} s.")
-            ours_cell = f"{t_ours:.1f} (extrapolated)"
         for side in ("fb", "ours"):
             if f"{side}{s2}" in best and best[f"{side}{s2}"] < best[f"{side}{s1}"]:
                 notes.append(f"{label}: {'FusionBench' if side == 'fb' else 'drm_jax'} ran {s2} steps faster than "
@@ -204,17 +251,16 @@ def compare(label: str, task_vectors: dict[str, np.ndarray], steps: int, repeats
         compare_steps = s2
         fb_out = results[f"fb{s2}"]
         ours_out = results[f"ours{s2}"] if not ours_full else ours_sub(s2)
+    del ours_all, ours_sub, results  # their device copies, before the float64 run
     exact = float64_adam({n: task_vectors[n] for n in fb_out}, compare_steps)
     diff, ours_err, fb_err = max_diff(ours_out, fb_out), max_diff(ours_out, exact), max_diff(fb_out, exact)
     scale = max(float(np.abs(v).max()) for v in fb_out.values())
-    ok = ours_err <= 2 * fb_err + 4 * float(np.spacing(np.float32(scale)))
-    move = LEARNING_RATE * compare_steps
+    equal = ours_err <= 2 * fb_err + 4 * float(np.spacing(np.float32(scale)))
     if compare_steps != steps or len(fb_out) != len(task_vectors):
         notes.append(f"{label}: agreement on what both ran: {len(fb_out)} weights, {compare_steps} steps.")
-    ratio = t_ours / t_fb
-    row = [label, k, steps, fb_cell, ours_cell, f"{compile_s:.2f}", f"{ratio:.4f}", f"{diff / move:.1e}",
-           f"{ours_err / move:.1e}", f"{fb_err / move:.1e}", "yes" if ok else "NO"]
-    return row, notes, ok and ratio <= 0.1
+    return Comparison(label, k, steps, t_fb, t_ours, compile_s, diff, ours_err, fb_err,
+                      LEARNING_RATE * compare_steps, equal, fb_steps is not None,
+                      fb_steps is not None and not ours_full, notes)
 
 
 # ------------------------------------------------------------------------------------ RegMean agreement
@@ -284,7 +330,9 @@ def main() -> None:
     parser.add_argument("--regmean", action="store_true", help="RegMean agreement with FusionBench")
     parser.add_argument("--big-steps", type=int, default=400, help="steps of --real and --llama (default 400)")
     parser.add_argument("--fb-steps", type=int, nargs=2, default=(5, 25), metavar=("S1", "S2"),
-                        help="step counts FusionBench is measured at for --real and --llama (default 5 25)")
+                        help="step counts FusionBench is measured at for --real (default 5 25)")
+    parser.add_argument("--llama-fb-steps", type=int, nargs=2, default=(1, 3), metavar=("S1", "S2"),
+                        help="the same for --llama (default 1 3: about 3 min per step of FusionBench's loop)")
     parser.add_argument("--fb-layers", type=int, default=1, help="MiniLM layers FusionBench runs for --real")
     parser.add_argument("--ours-full", action="store_true", help="--llama: time drm_jax at --big-steps in full")
     parser.add_argument("--llama-shrink", type=int, default=1, metavar="N",
@@ -299,11 +347,11 @@ def main() -> None:
         sys.exit(f"bench_learned: FusionBench's functions cannot be loaded ({err})")
     fb.torch.set_grad_enabled(True)
     load = os.getloadavg()
-    rows, notes, goals, real = [], [], [], None
+    comparisons, parts, real = [], [], None
     if not args.no_layer:
-        row, extra, ok = compare("MiniLM layer, random (6 weights)", random_task_vectors(MINILM, args.k),
-                                 args.steps, args.repeats, fb)
-        rows.append(row), notes.extend(extra), goals.append(ok)
+        comparisons.append(compare("MiniLM layer, random (6 weights)", random_task_vectors(MINILM, args.k),
+                                   args.steps, args.repeats, fb))
+    notes = []
     if args.real or args.regmean:
         try:
             base, models, names = load_real(args.real_k)
@@ -316,16 +364,30 @@ def main() -> None:
             notes.append(f"real deltas: only {len(names)} fine-tuned checkpoints cached ({', '.join(names)}), "
                          f"so K = {len(names)}, not {args.real_k}.")
         subset = [n for n in deltas if any(n.startswith(f"encoder.layer.{i}.") for i in range(args.fb_layers))]
-        row, extra, ok = compare(f"MiniLM, real deltas ({len(deltas)} weights)", deltas, args.big_steps,
-                                 args.repeats, fb, subset=subset, fb_steps=tuple(args.fb_steps))
-        rows.append(row), notes.extend(extra), goals.append(ok)
+        comparisons.append(compare(f"MiniLM, real deltas ({len(deltas)} weights)", deltas, args.big_steps,
+                                   args.repeats, fb, subset=subset, fb_steps=tuple(args.fb_steps)))
     if args.llama:
+        # One weight at a time: FusionBench's loop holds K out x out products and their gradients (about
+        # 13 GB on gate_proj, K = 4), more than this machine has room for beside the whole layer.
         n = args.llama_shrink
-        shapes = {name: (a // n, b // n) for name, (a, b) in LLAMA_8B.items()}
-        label = "Llama-3.1-8B layer, random (7 weights)" + (f", every side / {n}" if n > 1 else "")
-        row, extra, ok = compare(label, random_task_vectors(shapes, args.k), args.big_steps, args.repeats, fb,
-                                 fb_steps=tuple(args.fb_steps), ours_full=args.ours_full)
-        rows.append(row), notes.extend(extra), goals.append(ok)
+        label = "Llama-3.1-8B layer, random (7 weights" + (f", every side / {n})" if n > 1 else ")")
+        for i, (name, (rows_, cols)) in enumerate(LLAMA_8B.items()):
+            parts.append(compare(f"{name} ({rows_ // n} x {cols // n})",
+                                 random_task_vectors({name: (rows_ // n, cols // n)}, args.k, seed=i),
+                                 args.big_steps, 1, fb, fb_steps=tuple(args.llama_fb_steps),
+                                 ours_full=args.ours_full))
+            print(" | ".join(map(str, parts[-1].row())), flush=True)
+        comparisons.append(combined(label, parts))
+        s1, s2 = args.llama_fb_steps
+        how = "drm_jax and FusionBench" if not args.ours_full else "FusionBench"
+        notes.append(f"{label}: each weight compared on its own (memory), {how} timed at {s1} and {s2} steps and "
+                     f"extrapolated linearly to {args.big_steps} steps; the row sums the weights' times, the rows "
+                     f"above it are the weights, run once each (minutes per run: timing noise is small); "
+                     f"agreement on what both ran (all weights, {s2} steps).")
+    rows = [c.row() for c in comparisons[:-1]] + [p.row() for p in parts] + [comparisons[-1].row()] if parts else \
+        [c.row() for c in comparisons]
+    notes = [n for c in comparisons for n in c.notes if not c.label.startswith("Llama")] + notes
+    goals = [c.goal for c in comparisons]
     lines = table(HEADER, rows, "lrrrrrrrrrl") if rows else []
     if rows:
         lines += ["", "Differences in units of lr * steps (the furthest Adam can move an entry); float64: the same "

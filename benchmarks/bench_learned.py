@@ -9,7 +9,7 @@ step). Both run Adam at learning rate 1e-5 (FusionBench's fixed value) from sum_
     default profile makes 4: the K used is printed), all 36 encoder weights, 400 steps;
   * --llama: one Llama-3.1-8B layer, q, o (4096 x 4096), k, v (1024 x 4096), gate, up (14336 x 4096),
     down (4096 x 14336), random task vectors, 400 steps; one weight at a time, since FusionBench's loop
-    alone peaks at about 13 GB on gate_proj (K = 4).
+    alone adds about 17 GB on gate_proj (K = 4; measured).
 FusionBench's loop is too slow to run in full on the large cases (64 s for one MiniLM layer, K = 4, 50
 steps, on a 2-core machine). There it is timed on a measured subset -- the first `--fb-layers` layers'
 weights (real MiniLM), at two small step counts `--fb-steps` -- and extrapolated linearly: time(S) =
@@ -368,7 +368,8 @@ def main() -> None:
                                    args.repeats, fb, subset=subset, fb_steps=tuple(args.fb_steps)))
     if args.llama:
         # One weight at a time: FusionBench's loop holds K out x out products and their gradients (about
-        # 13 GB on gate_proj, K = 4), more than this machine has room for beside the whole layer.
+        # 17 GB on gate_proj, K = 4). So compared, the run peaks at 21.7 GB; the whole layer at once would
+        # not fit in the 23 GB of the machine it was measured on.
         n = args.llama_shrink
         label = "Llama-3.1-8B layer, random (7 weights" + (f", every side / {n})" if n > 1 else ")")
         for i, (name, (rows_, cols)) in enumerate(LLAMA_8B.items()):

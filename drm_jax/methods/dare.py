@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from drm_jax.math.elect import elect_sign
-from drm_jax.math.mean import disjoint_mean, scale, scale_by_coefficients, sum_tasks, weighted_mean, weighted_sum
+from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.sparsify import dare_drop, dare_factors
 from drm_jax.math.state import chain
 from drm_jax.methods.base import (COEFFICIENTS, INT8_MASK, LAMBDA, SEED, MethodSpec, Param, Rules, chain_rule, one_minus,
@@ -35,15 +34,13 @@ TIES_NORMALIZE = Param("normalize", "bool", True, "divide by the weighted count 
 # a leaf larger than the memory budget is merged in row blocks (`chain_rule`'s rows_after).
 def _build_linear(static: dict) -> Rules:
     drop = dare_drop(None, static["rescale"], static["rescale_rule"])
-    reduce = weighted_mean() if static["normalize"] else weighted_sum()
-    rule = chain_rule(chain(drop, reduce, scale()), rows_after=drop)
+    rule = chain_rule(chain(drop, generalized_reduce(False, static["normalize"]), scale()), rows_after=drop)
     return Rules(linear=rule, other=rule)
 
 
 def _build_ties(static: dict) -> Rules:
     drop = dare_drop(None, static["rescale"], static["rescale_rule"])
-    reduce = disjoint_mean("coefficients") if static["normalize"] else sum_tasks()
-    rule = chain_rule(chain(drop, scale_by_coefficients(), elect_sign("positive"), reduce, scale()), rows_after=drop)
+    rule = chain_rule(chain(drop, generalized_reduce(True, static["normalize"]), scale()), rows_after=drop)
     return Rules(linear=rule, other=rule)
 
 

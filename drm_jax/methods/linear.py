@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from drm_jax.math.mean import scale, weighted_mean, weighted_sum
+from drm_jax.math.mean import generalized_reduce, scale
 from drm_jax.math.rounding import rounded_task_arithmetic
 from drm_jax.math.state import chain
 from drm_jax.methods.base import COEFFICIENTS, INT8_MASK, LAMBDA, ROUND_TO, MethodSpec, Param, Rules, chain_rule, scalar
@@ -23,14 +23,13 @@ TA_RESCALE = Param("rescale", "bool", False, "accepted for mergekit configs; no 
 
 
 def _build_linear(static: dict) -> Rules:
-    rule = chain_rule(weighted_mean() if static["normalize"] else weighted_sum())
+    rule = chain_rule(generalized_reduce(False, static["normalize"]))
     return Rules(linear=rule, other=rule, row_separable=frozenset({"matrix", "other"}), linear_combination=True,
                  shift_equivariant=static["normalize"])
 
 
 def _build_task_arithmetic(static: dict) -> Rules:
-    reduce = weighted_mean() if static["normalize"] else weighted_sum()
-    rule = chain_rule(chain(reduce, scale()))
+    rule = chain_rule(chain(generalized_reduce(False, static["normalize"]), scale()))
     if static["round_to"] is not None:  # mergekit's dtype: its float16 arithmetic (linear: float32)
         rule = chain_rule(rounded_task_arithmetic(None, False, static["normalize"], static["round_to"]))
     return Rules(linear=rule, other=rule, row_separable=frozenset({"matrix", "other"}), linear_combination=True)

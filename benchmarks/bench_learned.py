@@ -171,6 +171,7 @@ class Comparison:
     fb_extrapolated: bool
     ours_extrapolated: bool
     notes: list[str]
+    parts: list[Comparison] = dataclasses.field(default_factory=list)  # combined(): the rows summed
 
     @property
     def ratio(self) -> float:
@@ -179,6 +180,10 @@ class Comparison:
     @property
     def goal(self) -> bool:
         return self.equal and self.ratio <= 0.1
+
+    def rows(self) -> list[list[object]]:
+        """Its table rows: the parts it sums, then itself."""
+        return [row for part in self.parts for row in part.rows()] + [self.row()]
 
     def row(self) -> list[object]:
         def cell(t, extrapolated, digits):
@@ -190,13 +195,14 @@ class Comparison:
                 f"{self.fb_err / self.move:.1e}", "yes" if self.equal else "NO"]
 
 
-def combined(label: str, parts: list[Comparison]) -> Comparison:
-    """Weights compared one part at a time, as one: times summed, differences their maximum."""
+def combined(label: str, parts: list[Comparison], note: str) -> Comparison:
+    """Weights compared one part at a time, as one: times summed, differences their maximum; `note` says
+    how (the parts' own notes are left out)."""
     return Comparison(label, parts[0].k, parts[0].steps, sum(p.t_fb for p in parts), sum(p.t_ours for p in parts),
                       sum(p.compile_s for p in parts), max(p.diff for p in parts),
                       max(p.ours_err for p in parts), max(p.fb_err for p in parts), parts[0].move,
                       all(p.equal for p in parts), any(p.fb_extrapolated for p in parts),
-                      any(p.ours_extrapolated for p in parts), [n for p in parts for n in p.notes])
+                      any(p.ours_extrapolated for p in parts), [note], parts)
 
 
 def compare(label: str, task_vectors: dict[str, np.ndarray], steps: int, repeats: int, fb, *,
@@ -347,7 +353,7 @@ def main() -> None:
         sys.exit(f"bench_learned: FusionBench's functions cannot be loaded ({err})")
     fb.torch.set_grad_enabled(True)
     load = os.getloadavg()
-    comparisons, parts, real = [], [], None
+    comparisons, real = [], None
     if not args.no_layer:
         comparisons.append(compare("MiniLM layer, random (6 weights)", random_task_vectors(MINILM, args.k),
                                    args.steps, args.repeats, fb))
@@ -372,22 +378,22 @@ def main() -> None:
         # not fit in the 23 GB of the machine it was measured on.
         n = args.llama_shrink
         label = "Llama-3.1-8B layer, random (7 weights" + (f", every side / {n})" if n > 1 else ")")
+        parts = []
         for i, (name, (rows_, cols)) in enumerate(LLAMA_8B.items()):
             parts.append(compare(f"{name} ({rows_ // n} x {cols // n})",
                                  random_task_vectors({name: (rows_ // n, cols // n)}, args.k, seed=i),
                                  args.big_steps, 1, fb, fb_steps=tuple(args.llama_fb_steps),
                                  ours_full=args.ours_full))
             print(" | ".join(map(str, parts[-1].row())), flush=True)
-        comparisons.append(combined(label, parts))
         s1, s2 = args.llama_fb_steps
         how = "drm_jax and FusionBench" if not args.ours_full else "FusionBench"
-        notes.append(f"{label}: each weight compared on its own (memory), {how} timed at {s1} and {s2} steps and "
-                     f"extrapolated linearly to {args.big_steps} steps; the row sums the weights' times, the rows "
-                     f"above it are the weights, run once each (minutes per run: timing noise is small); "
-                     f"agreement on what both ran (all weights, {s2} steps).")
-    rows = [c.row() for c in comparisons[:-1]] + [p.row() for p in parts] + [comparisons[-1].row()] if parts else \
-        [c.row() for c in comparisons]
-    notes = [n for c in comparisons for n in c.notes if not c.label.startswith("Llama")] + notes
+        comparisons.append(combined(label, parts, (
+            f"{label}: each weight compared on its own (memory), {how} timed at {s1} and {s2} steps and "
+            f"extrapolated linearly to {args.big_steps} steps; the row sums the weights' times, the rows "
+            f"above it are the weights, run once each (minutes per run: timing noise is small); "
+            f"agreement on what both ran (all weights, {s2} steps).")))
+    rows = [row for c in comparisons for row in c.rows()]
+    notes = [n for c in comparisons for n in c.notes] + notes
     goals = [c.goal for c in comparisons]
     lines = table(HEADER, rows, "lrrrrrrrrrl") if rows else []
     if rows:

@@ -48,14 +48,15 @@ def test_wudi_rows_full_and_extrapolated_agree_with_fusion_bench(fusion_bench):
     row = both.row()
     assert row[3].endswith("(extrapolated)") and row[4].endswith("(extrapolated)") and row[-1] == "yes"
     # Weights compared one part at a time (the Llama layer): times add up, the worst difference is kept.
-    total = bench_learned.combined("layer", [subset, both])
+    total = bench_learned.combined("layer", [subset, both], "how")
     assert total.t_fb == pytest.approx(subset.t_fb + both.t_fb)
     assert total.t_ours == pytest.approx(subset.t_ours + both.t_ours)
     assert total.ratio == pytest.approx(total.t_ours / total.t_fb)
     assert total.diff == max(subset.diff, both.diff) and total.equal
     row = total.row()
     assert row[0] == "layer" and row[3].endswith("(extrapolated)") and row[4].endswith("(extrapolated)")
-    assert not bench_learned.combined("layer", [subset, dataclasses.replace(both, equal=False)]).goal
+    assert total.rows() == [subset.row(), both.row(), row] and total.notes == ["how"]
+    assert not bench_learned.combined("layer", [subset, dataclasses.replace(both, equal=False)], "how").goal
 
 
 def test_regmean_line_agrees_with_fusion_bench(fusion_bench):

@@ -7,6 +7,7 @@ product first, and task arithmetic ran 3 to 4x slower than the linear average on
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from drm_jax.math import mean
@@ -32,8 +33,6 @@ def test_elementwise_merges_write_no_stack_of_the_tasks(name, transform):
 
 
 def test_weighted_sum_equals_scale_then_sum_bit_for_bit():
-    import numpy as np
-
     deltas = jnp.asarray(np.random.default_rng(0).standard_normal((K, 8, 5)), jnp.float32)
     c = jnp.asarray([0.3, -1.2, 0.7, 2.0, 0.0, 1e-3], jnp.float32)
     np.testing.assert_array_equal(merge_deltas(mean.weighted_sum(), deltas, c),

@@ -1,4 +1,5 @@
-"""drm_jax.math.lapack: jnp.linalg's values, no batched LAPACK call on CPU, and the hang it prevents."""
+"""drm_jax.math.lapack: jnp.linalg's values, no batched LAPACK call on CPU (but DRM's one `batched_svd`), the
+hang that prevents, and the QR-iteration fallback where divide and conquer fails."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from drm_jax.math import lapack
+from drm_jax.math import decompose, lapack, subspace
 
 
 def _batch(shape, seed=0):
@@ -113,8 +114,6 @@ def test_svd_falls_back_to_the_qr_iteration_where_divide_and_conquer_fails(jit, 
 def test_iso_cts_is_finite_where_divide_and_conquer_fails(request):
     # the full text-tasks profile's seed 1 hit this: gesdd failed on Iso-CTS's U* (384 x 384, float32)
     # inside the jitted merge, and the merge was refused as non-finite
-    from drm_jax.math import subspace
-
     deltas = _batch((4, 16, 12), seed=3)
     expected = subspace.iso_cts(deltas, 1.5, 0.5)
     request.getfixturevalue("gesdd_fails")
@@ -151,8 +150,6 @@ def test_batched_svd_stays_one_batched_call_and_falls_back_as_a_batch(request):
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the fallback is CPU only")
 @pytest.mark.parametrize("route", ["dense", "qr"])
 def test_drm_joint_space_is_finite_where_divide_and_conquer_fails(route, request):
-    from drm_jax.math import decompose
-
     layers = _batch((2, 3, 12, 8), seed=7)  # two stacked layers of three tasks' (12, 8) deltas
     space = jax.jit(jax.vmap(lambda d: decompose.joint_space(d, 0.01, route)))
     expected = space(layers)
